@@ -1,0 +1,282 @@
+//! Public data types of the engine: mappings, events, transmits, stats.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use pcp_wire::{Filter, Nonce, ResultCode};
+
+use crate::alloc::Block;
+
+/// Milliseconds of wall-clock time (Unix epoch), supplied by the caller.
+pub type Millis = u64;
+
+/// Lifetime reported for static mappings (RFC 6887 §11.3 item 2: 2^32-1).
+pub const STATIC_LIFETIME: u32 = u32::MAX;
+
+/// A stable handle on a mapping within one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct MappingId {
+    /// Shard that owns the mapping.
+    pub shard: u16,
+    /// Slot in the shard's table.
+    pub slot: u32,
+    /// Generation of the slot, so a reused slot is a different id.
+    pub generation: u32,
+}
+
+/// What created a mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum MappingKind {
+    /// Inbound, created by MAP or NAT-PMP (RFC 6887 §11).
+    Map,
+    /// Outbound to one remote peer, created by PEER (RFC 6887 §12).
+    Peer {
+        /// Remote peer address.
+        remote_addr: IpAddr,
+        /// Remote peer port.
+        remote_port: u16,
+    },
+    /// Created by the operator, not by PCP (RFC 6887 §11.3 item 2).
+    Static,
+}
+
+/// Rarely used per-mapping data, boxed so the common mapping stays small.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct MappingExtra {
+    /// Remote-peer filters (RFC 6887 §13.3); empty: no filtering.
+    #[serde(serialize_with = "ser_filters")]
+    pub filters: Vec<Filter>,
+    /// DESCRIPTION (RFC 7220).
+    pub description: Option<String>,
+    /// The request carried THIRD_PARTY (§13.1): updates must carry it too.
+    pub third_party: bool,
+    /// The request carried PREFER_FAILURE (§13.2).
+    pub prefer_failure: bool,
+}
+
+fn ser_filters<S: serde::Serializer>(f: &[Filter], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(f.len()))?;
+    for x in f {
+        seq.serialize_element(&format!(
+            "{}/{}:{}",
+            x.remote_addr,
+            x.family_prefix_len(),
+            x.remote_port
+        ))?;
+    }
+    seq.end()
+}
+
+/// One mapping.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Mapping {
+    /// Handle.
+    pub id: MappingId,
+    /// What created it.
+    pub kind: MappingKind,
+    /// The subscriber: the internal address the mapping forwards to.
+    pub internal_addr: IpAddr,
+    /// Internal port (first of the set for PORT_SET).
+    pub internal_port: u16,
+    /// IANA protocol number.
+    pub protocol: u8,
+    /// External address.
+    pub external_addr: Ipv4Addr,
+    /// External port (first of the set for PORT_SET).
+    pub external_port: u16,
+    /// Ports in the mapping (RFC 7753 PORT_SET; 1 otherwise).
+    pub port_count: u16,
+    /// Mapping nonce (§11.1); zero for NAT-PMP and static mappings.
+    #[serde(skip)]
+    pub nonce: Nonce,
+    /// When the mapping was created.
+    pub created_ms: Millis,
+    /// When it expires; `Millis::MAX` for static mappings.
+    pub expires_ms: Millis,
+    /// Where the request came from, for unsolicited updates (§14.2).
+    pub client: SocketAddr,
+    /// Created through NAT-PMP (RFC 6886).
+    pub natpmp: bool,
+    /// Options data, if any.
+    pub extra: Option<Box<MappingExtra>>,
+}
+
+impl Mapping {
+    /// Filters of the mapping.
+    pub fn filters(&self) -> &[Filter] {
+        self.extra.as_deref().map_or(&[], |e| &e.filters)
+    }
+
+    /// Seconds of lifetime left at `now`, as a PCP lifetime.
+    pub fn remaining_secs(&self, now: Millis) -> u32 {
+        if self.kind == MappingKind::Static {
+            return STATIC_LIFETIME;
+        }
+        let ms = self.expires_ms.saturating_sub(now);
+        u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX)
+    }
+}
+
+/// Why a mapping went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeleteReason {
+    /// The client asked (lifetime 0).
+    Client,
+    /// Its lifetime ran out.
+    Expired,
+    /// The operator removed it.
+    Operator,
+    /// Its external address was drained and it could not move (§14.2, PREFER_FAILURE).
+    Drained,
+}
+
+/// What the engine did, in order; the daemon turns each into journal
+/// records, dataplane changes and NAT event log lines (RFC 8158 vocabulary).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A mapping was created.
+    MappingCreated(Mapping),
+    /// A mapping's lifetime, filters or description changed.
+    MappingRenewed(Mapping),
+    /// A mapping was deleted.
+    MappingDeleted {
+        /// The mapping as it was.
+        mapping: Mapping,
+        /// Why.
+        reason: DeleteReason,
+    },
+    /// A mapping got a new external endpoint (drain, §14.2).
+    MappingMoved {
+        /// Before.
+        old: Mapping,
+        /// After.
+        new: Mapping,
+    },
+    /// A port block was handed to a subscriber.
+    BlockAllocated {
+        /// The subscriber.
+        subscriber: IpAddr,
+        /// The block.
+        block: Block,
+    },
+    /// A port block came back.
+    BlockReleased {
+        /// The subscriber.
+        subscriber: IpAddr,
+        /// The block.
+        block: Block,
+    },
+    /// A request was refused for quota (USER_EX_QUOTA).
+    QuotaExceeded {
+        /// The subscriber.
+        subscriber: IpAddr,
+    },
+    /// A pool ran out of blocks (NO_RESOURCES).
+    PoolExhausted {
+        /// Pool name.
+        pool: String,
+    },
+}
+
+/// An unsolicited datagram to send (RFC 6887 §14).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Destination.
+    pub dst: SocketAddr,
+    /// The datagram.
+    pub payload: Vec<u8>,
+}
+
+/// Engine counters: plain numbers, exported by the daemon.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Answered requests by opcode row (see [`Stats::ROWS`]) and result code.
+    pub responses: [[u64; 14]; 4],
+    /// Datagrams dropped without an answer, by reason.
+    pub drops: std::collections::BTreeMap<&'static str, u64>,
+    /// Requests refused for quota (USER_EX_QUOTA).
+    pub quota_refusals: u64,
+    /// Requests refused by the rate limiter.
+    pub rate_limited: u64,
+    /// THIRD_PARTY requests refused (UNSUPP_OPTION, NOT_AUTHORIZED or MALFORMED_REQUEST).
+    pub third_party_refusals: u64,
+    /// Unsolicited datagrams produced.
+    pub unsolicited: u64,
+}
+
+impl Stats {
+    /// Names of the rows of [`Stats::responses`].
+    pub const ROWS: [&'static str; 4] = ["announce", "map", "peer", "natpmp"];
+
+    pub(crate) fn count(&mut self, row: usize, code: ResultCode) {
+        let c = usize::from(u8::from(code));
+        if let Some(slot) = self.responses.get_mut(row).and_then(|r| r.get_mut(c)) {
+            *slot += 1;
+        }
+    }
+
+    pub(crate) fn drop(&mut self, reason: &'static str) {
+        *self.drops.entry(reason).or_insert(0) += 1;
+    }
+
+    /// Adds another shard's counters.
+    pub fn merge(&mut self, other: &Stats) {
+        for (a, b) in self.responses.iter_mut().zip(other.responses.iter()) {
+            for (x, y) in a.iter_mut().zip(b.iter()) {
+                *x += y;
+            }
+        }
+        for (k, v) in &other.drops {
+            *self.drops.entry(k).or_insert(0) += v;
+        }
+        self.quota_refusals += other.quota_refusals;
+        self.rate_limited += other.rate_limited;
+        self.third_party_refusals += other.third_party_refusals;
+        self.unsolicited += other.unsolicited;
+    }
+}
+
+/// A subscriber's usage, for the admin API.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SubscriberUsage {
+    /// Internal address.
+    pub internal_addr: IpAddr,
+    /// Pool name.
+    pub pool: String,
+    /// Profile name.
+    pub profile: String,
+    /// External address, once one is assigned.
+    pub external_addr: Option<Ipv4Addr>,
+    /// Port blocks held.
+    pub blocks: Vec<Block>,
+    /// Explicit mappings (ports) counted against the quota.
+    pub mappings: u32,
+    /// The quota.
+    pub max_mappings: u32,
+}
+
+/// Who held an external port at some time.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Holder {
+    /// The subscriber (internal address).
+    pub internal_addr: IpAddr,
+    /// The block or deterministic range that covered the port.
+    pub block: Block,
+    /// Since when (None: deterministic, always).
+    pub from_ms: Option<Millis>,
+    /// Until when (None: still held, or deterministic).
+    pub to_ms: Option<Millis>,
+}
+
+impl serde::Serialize for Block {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Block", 3)?;
+        st.serialize_field("addr", &self.addr)?;
+        st.serialize_field("first_port", &self.first)?;
+        st.serialize_field("last_port", &self.last())?;
+        st.end()
+    }
+}

@@ -1,0 +1,1127 @@
+//! Scenario tests: one per RFC rule, on a virtual clock.
+#![allow(missing_docs)]
+
+mod harness;
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use harness::*;
+use pcp_engine::{DeleteReason, Event, MappingKind};
+use pcp_wire::{natpmp, Filter, NatPmpResult, OpData, PcpOption, PortSet, Prefix64, ResultCode};
+
+const POOL: [Ipv4Addr; 4] = [
+    Ipv4Addr::new(192, 0, 2, 0),
+    Ipv4Addr::new(192, 0, 2, 1),
+    Ipv4Addr::new(192, 0, 2, 2),
+    Ipv4Addr::new(192, 0, 2, 3),
+];
+
+fn in_pool(a: IpAddr) -> bool {
+    matches!(a, IpAddr::V4(v4) if POOL.contains(&v4))
+}
+
+#[test]
+fn map_create_renew_delete_section_11_3_and_15_1() {
+    let mut h = H::default();
+    let r = h.map(sub(1), nonce(1), 8080, 0, 3600);
+    assert_eq!(r.result, ResultCode::Success);
+    assert_eq!(r.lifetime, 3600);
+    assert!(in_pool(r.ext().0));
+    assert!(matches!(
+        h.take_events()[..],
+        [Event::BlockAllocated { .. }, Event::MappingCreated(_)]
+    ));
+
+    // Renewal with the same nonce keeps the external endpoint (§11.3 item 3).
+    h.advance(10_000);
+    let again = h.map(sub(1), nonce(1), 8080, 0, 7200);
+    assert_eq!((again.result, again.ext()), (ResultCode::Success, r.ext()));
+    assert_eq!(again.lifetime, 7200);
+    assert!(matches!(h.take_events()[..], [Event::MappingRenewed(_)]));
+
+    // Delete with lifetime 0 (§15.1); the response copies the suggestion fields.
+    let del = h.map(sub(1), nonce(1), 8080, 0, 0);
+    assert_eq!(
+        (del.result, del.lifetime, del.ext_port()),
+        (ResultCode::Success, 0, 0)
+    );
+    assert!(matches!(
+        h.take_events()[..],
+        [Event::MappingDeleted {
+            reason: DeleteReason::Client,
+            ..
+        }]
+    ));
+    // Idempotent: deleting again is SUCCESS (§15.1).
+    assert_eq!(
+        h.map(sub(1), nonce(1), 8080, 0, 0).result,
+        ResultCode::Success
+    );
+    assert!(h.take_events().is_empty());
+    assert_eq!(h.engine.mapping_count(), 0);
+}
+
+#[test]
+fn wrong_nonce_is_not_authorized_with_remaining_lifetime_section_11_3() {
+    let mut h = H::default();
+    h.map(sub(1), nonce(1), 8080, 0, 3600);
+    h.advance(600_000);
+    for lifetime in [3600, 0] {
+        let r = h.map(sub(1), nonce(2), 8080, 0, lifetime);
+        assert_eq!(r.result, ResultCode::NotAuthorized);
+        assert_eq!(r.lifetime, 3000, "lifetime of the existing mapping");
+    }
+    assert_eq!(h.engine.mapping_count(), 1);
+}
+
+#[test]
+fn suggested_port_honoured_inside_the_port_set_section_11_3() {
+    let mut h = H::default();
+    let first = h.map(sub(1), nonce(1), 1000, 0, 3600);
+    let usage = h.engine.subscriber(sub(1)).unwrap();
+    let block = usage.blocks[0];
+    // A free port of the subscriber's own block is honoured.
+    let want = if first.ext_port() == block.first {
+        block.first + 1
+    } else {
+        block.first
+    };
+    let r = h.map(sub(1), nonce(1), 2000, want, 3600);
+    assert_eq!(r.ext_port(), want);
+    // A port outside the set is only a hint: another port is given (§11.3).
+    let outside = if block.first > 2000 { 1024 } else { 65000 };
+    let r = h.map(sub(1), nonce(1), 3000, outside, 3600);
+    assert_eq!(r.result, ResultCode::Success);
+    assert!(block.contains(r.ext_port()));
+    // A port already taken is a hint too.
+    let r = h.map(sub(1), nonce(1), 4000, want, 3600);
+    assert_eq!(r.result, ResultCode::Success);
+    assert_ne!(r.ext_port(), want);
+}
+
+#[test]
+fn prefer_failure_section_13_2() {
+    let mut h = H::default();
+    let taken = h.map(sub(1), nonce(1), 1000, 0, 3600).ext_port();
+    let pf = [PcpOption::PreferFailure];
+    // The suggestion cannot be provided: CANNOT_PROVIDE_EXTERNAL, no state.
+    let r = h.map_opts(sub(1), nonce(1), 6, 2000, taken, 3600, &pf);
+    assert_eq!(r.result, ResultCode::CannotProvideExternal);
+    assert_eq!(h.engine.mapping_count(), 1);
+    // It can: granted exactly, and the option is echoed.
+    let free = if taken % 2 == 0 { taken + 1 } else { taken - 1 };
+    let r = h.map_opts(sub(1), nonce(1), 6, 2000, free, 3600, &pf);
+    assert_eq!((r.result, r.ext_port()), (ResultCode::Success, free));
+    assert_eq!(r.options, vec!["PreferFailure".to_string()]);
+    // Renewal suggesting another port: CANNOT_PROVIDE_EXTERNAL (§11.3 item 1).
+    let r = h.map_opts(sub(1), nonce(1), 6, 2000, taken, 3600, &pf);
+    assert_eq!(r.result, ResultCode::CannotProvideExternal);
+    // Suggested port 0: MALFORMED_OPTION (§13.2); lifetime 0: MALFORMED_OPTION (§11.3).
+    assert_eq!(
+        h.map_opts(sub(1), nonce(1), 6, 3000, 0, 3600, &pf).result,
+        ResultCode::MalformedOption
+    );
+    assert_eq!(
+        h.map_opts(sub(1), nonce(1), 6, 3000, free, 0, &pf).result,
+        ResultCode::MalformedOption
+    );
+}
+
+#[test]
+fn protocol_and_port_zero_rules_section_11_3() {
+    let mut h = H::default();
+    // Protocol 0 with a port: MALFORMED_REQUEST, for create and delete.
+    assert_eq!(
+        h.map_opts(sub(1), nonce(1), 0, 80, 0, 3600, &[]).result,
+        ResultCode::MalformedRequest
+    );
+    assert_eq!(
+        h.map_opts(sub(1), nonce(1), 0, 80, 0, 0, &[]).result,
+        ResultCode::MalformedRequest
+    );
+    // All-ports and DMZ mappings cannot be given inside a port set.
+    assert_eq!(
+        h.map_opts(sub(1), nonce(1), 6, 0, 0, 3600, &[]).result,
+        ResultCode::UnsuppProtocol
+    );
+    assert_eq!(
+        h.map_opts(sub(1), nonce(1), 0, 0, 0, 3600, &[]).result,
+        ResultCode::UnsuppProtocol
+    );
+    // A protocol the NAT does not handle.
+    assert_eq!(
+        h.map_opts(sub(1), nonce(1), 132, 80, 0, 3600, &[]).result,
+        ResultCode::UnsuppProtocol
+    );
+    // Deleting a wildcard that does not exist is SUCCESS.
+    assert_eq!(
+        h.map_opts(sub(1), nonce(1), 6, 0, 0, 0, &[]).result,
+        ResultCode::Success
+    );
+    assert_eq!(h.engine.mapping_count(), 0);
+}
+
+#[test]
+fn lifetimes_are_clamped_section_15() {
+    let mut h = H::default();
+    assert_eq!(h.map(sub(1), nonce(1), 1, 0, 5).lifetime, 120);
+    assert_eq!(h.map(sub(1), nonce(1), 2, 0, u32::MAX).lifetime, 86_400);
+    assert_eq!(h.map(sub(1), nonce(1), 3, 0, 600).lifetime, 600);
+}
+
+#[test]
+fn error_lifetimes_short_and_long_section_7_4() {
+    let mut cfg = test_config();
+    cfg.lifetimes.short_error = 7;
+    cfg.lifetimes.long_error = 777;
+    let mut h = H::new(cfg);
+    // Long: MALFORMED_REQUEST.
+    assert_eq!(
+        h.map_opts(sub(1), nonce(1), 0, 80, 0, 3600, &[]).lifetime,
+        777
+    );
+    // Short: NO_RESOURCES from the rate limiter is sized to the wait; fill
+    // the pool instead to see the configured value.
+    let r = h.map_opts(
+        sub(1),
+        nonce(1),
+        6,
+        80,
+        0,
+        3600,
+        &[PcpOption::Unknown { code: 5, data: &[] }],
+    );
+    assert_eq!((r.result, r.lifetime), (ResultCode::UnsuppOption, 777));
+}
+
+#[test]
+fn peer_section_12_3_and_endpoint_independence() {
+    let mut h = H::default();
+    let peer1: IpAddr = "203.0.113.9".parse().unwrap();
+    let peer2: IpAddr = "198.51.100.20".parse().unwrap();
+    let a = h.peer(sub(1), nonce(1), 5000, peer1, 443, 0, 600);
+    assert_eq!(a.result, ResultCode::Success);
+    // Remote peer fields are echoed.
+    match a.data {
+        OpData::Peer(p) => assert_eq!((p.remote_addr, p.remote_port), (peer1, 443)),
+        _ => panic!("PEER reply"),
+    }
+    // Same internal endpoint, other peer: same external port (RFC 4787 EIM).
+    let b = h.peer(sub(1), nonce(2), 5000, peer2, 80, 0, 600);
+    assert_eq!((b.result, b.ext()), (ResultCode::Success, a.ext()));
+    // Renewal keeps it; another nonce is NOT_AUTHORIZED.
+    assert_eq!(
+        h.peer(sub(1), nonce(1), 5000, peer1, 443, 0, 900).ext(),
+        a.ext()
+    );
+    assert_eq!(
+        h.peer(sub(1), nonce(9), 5000, peer1, 443, 0, 900).result,
+        ResultCode::NotAuthorized
+    );
+    // A suggestion that cannot be honoured: CANNOT_PROVIDE_EXTERNAL (§12.3).
+    let other = if a.ext_port() % 2 == 0 {
+        a.ext_port() + 1
+    } else {
+        a.ext_port() - 1
+    };
+    let peer3: IpAddr = "198.51.100.30".parse().unwrap();
+    assert_eq!(
+        h.peer(sub(1), nonce(3), 5000, peer3, 80, other, 600).result,
+        ResultCode::CannotProvideExternal
+    );
+    // MAP for the same endpoint replicates the outbound port (§11.3 item 4)...
+    let m = h.map(sub(1), nonce(4), 5000, 0, 600);
+    assert_eq!(m.ext(), a.ext());
+    // ...and MAP cannot delete an outbound mapping (§15.1) once the MAP is gone.
+    h.map(sub(1), nonce(4), 5000, 0, 0);
+    assert_eq!(
+        h.map(sub(1), nonce(4), 5000, 0, 0).result,
+        ResultCode::NotAuthorized
+    );
+    // Invalid remote peers: MALFORMED_REQUEST (§12.3).
+    for bad in ["127.0.0.1", "0.0.0.0", "224.0.0.1"] {
+        let r = h.peer(sub(1), nonce(5), 6000, bad.parse().unwrap(), 80, 0, 600);
+        assert_eq!(r.result, ResultCode::MalformedRequest, "{bad}");
+    }
+    // PEER delete.
+    assert_eq!(
+        h.peer(sub(1), nonce(1), 5000, peer1, 443, 0, 0).result,
+        ResultCode::Success
+    );
+    assert_eq!(h.engine.mapping_count(), 1);
+}
+
+#[test]
+fn announce_section_14_1() {
+    let mut h = H::default();
+    let req = pcp_wire::Request {
+        lifetime: 0,
+        client_addr: sub(1),
+        data: OpData::Announce,
+        options: pcp_wire::Options::NONE,
+    };
+    h.advance(5_000);
+    let r = h.pcp(from(sub(1)), &req);
+    assert_eq!((r.result, r.lifetime, r.epoch), (ResultCode::Success, 0, 5));
+    assert!(
+        h.take_events().is_empty(),
+        "solicited ANNOUNCE changes no state"
+    );
+    // Even from a non-subscriber: ANNOUNCE only reports the epoch.
+    let outsider: IpAddr = "198.18.0.1".parse().unwrap();
+    let req = pcp_wire::Request {
+        client_addr: outsider,
+        ..req
+    };
+    assert_eq!(h.pcp(from(outsider), &req).result, ResultCode::Success);
+}
+
+#[test]
+fn unsolicited_announce_schedule_section_14_1_3() {
+    let mut h = H::default();
+    let client: std::net::SocketAddr = "100.64.0.1:5350".parse().unwrap();
+    h.engine.announce_restart(h.now, &[client]);
+    let start = h.now;
+    let mut seen = Vec::new();
+    for tx in h.advance(10_000) {
+        let r = pcp_wire::Response::parse(&tx.payload).unwrap();
+        assert_eq!(
+            (r.result, r.opcode()),
+            (ResultCode::Success, pcp_wire::Opcode::Announce)
+        );
+        seen.push((tx.dst, r.epoch));
+    }
+    // 3 destinations (224.0.0.1, ff02::1, the client) x 4 sends.
+    assert_eq!(seen.len(), 12);
+    assert!(seen.iter().any(|(d, _)| d.to_string() == "224.0.0.1:5350"));
+    assert!(seen.iter().any(|(d, _)| d.to_string() == "[ff02::1]:5350"));
+    // Intervals at least 250 ms, then doubling: sends at 0, 250, 750, 1750 ms.
+    let _ = start;
+    let epochs: Vec<u32> = seen
+        .iter()
+        .filter(|(d, _)| *d == client)
+        .map(|(_, e)| *e)
+        .collect();
+    assert_eq!(epochs, vec![0, 0, 0, 1]);
+}
+
+#[test]
+fn filters_section_13_3() {
+    let mut h = H::default();
+    let f = |last: u8| {
+        PcpOption::Filter(Filter {
+            prefix_len: 128,
+            remote_port: 0,
+            remote_addr: IpAddr::V4(Ipv4Addr::new(203, 0, 113, last)),
+        })
+    };
+    let clear = PcpOption::Filter(Filter {
+        prefix_len: 0,
+        remote_port: 0,
+        remote_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    });
+    let r = h.map_opts(sub(1), nonce(1), 6, 22, 0, 3600, &[f(1)]);
+    assert_eq!(r.result, ResultCode::Success);
+    assert_eq!(r.options.len(), 1, "FILTER echoed");
+    let filters = |h: &H| h.engine.mappings().next().unwrap().filters().to_vec();
+    assert_eq!(filters(&h).len(), 1);
+    // Renewal adds filters (§13.3: "added to any existing filters").
+    h.map_opts(sub(1), nonce(1), 6, 22, 0, 3600, &[f(2)]);
+    assert_eq!(filters(&h).len(), 2);
+    // Over the limit of 2: EXCESSIVE_REMOTE_PEERS and nothing changes.
+    let r = h.map_opts(sub(1), nonce(1), 6, 22, 0, 3600, &[f(3)]);
+    assert_eq!(r.result, ResultCode::ExcessiveRemotePeers);
+    assert_eq!(filters(&h).len(), 2);
+    // Prefix length 0 first clears, then the new one is added.
+    h.map_opts(sub(1), nonce(1), 6, 22, 0, 3600, &[clear, f(3)]);
+    assert_eq!(filters(&h).len(), 1);
+    assert_eq!(
+        filters(&h)[0].remote_addr,
+        IpAddr::V4(Ipv4Addr::new(203, 0, 113, 3))
+    );
+    // New mapping with too many filters: refused, no state.
+    let r = h.map_opts(sub(1), nonce(1), 6, 23, 0, 3600, &[f(1), f(2), f(3)]);
+    assert_eq!(r.result, ResultCode::ExcessiveRemotePeers);
+    assert_eq!(h.engine.mapping_count(), 1);
+    // FILTER with lifetime 0: MALFORMED_OPTION; FILTER on PEER: UNSUPP_OPTION.
+    assert_eq!(
+        h.map_opts(sub(1), nonce(1), 6, 22, 0, 0, &[f(1)]).result,
+        ResultCode::MalformedOption
+    );
+    let mut buf = [0u8; 1100];
+    let req = pcp_wire::Request {
+        lifetime: 600,
+        client_addr: sub(1),
+        data: OpData::Peer(pcp_wire::PeerData {
+            map: pcp_wire::MapData {
+                nonce: nonce(1),
+                protocol: 6,
+                internal_port: 22,
+                external_port: 0,
+                external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            },
+            remote_port: 80,
+            remote_addr: "203.0.113.1".parse().unwrap(),
+        }),
+        options: pcp_wire::Options::List(&[f(1)]),
+    };
+    let n = req.emit(&mut buf).unwrap();
+    let reply = h.raw(from(sub(1)), &buf[..n]).unwrap();
+    assert_eq!(reply[3], u8::from(ResultCode::UnsuppOption));
+}
+
+#[test]
+fn filter_disabled_is_unsupp_option_section_7_3() {
+    let mut cfg = test_config();
+    cfg.options.filter = false;
+    let mut h = H::new(cfg);
+    let f = PcpOption::Filter(Filter {
+        prefix_len: 128,
+        remote_port: 0,
+        remote_addr: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1)),
+    });
+    assert_eq!(
+        h.map_opts(sub(1), nonce(1), 6, 22, 0, 3600, &[f]).result,
+        ResultCode::UnsuppOption
+    );
+}
+
+#[test]
+fn description_rfc7220_is_stored_and_echoed() {
+    let mut h = H::default();
+    let r = h.map_opts(
+        sub(1),
+        nonce(1),
+        6,
+        80,
+        0,
+        3600,
+        &[PcpOption::Description("web server")],
+    );
+    assert_eq!(r.options, vec![r#"Description("web server")"#.to_string()]);
+    let m = h.engine.mappings().next().unwrap();
+    assert_eq!(
+        m.extra.as_ref().unwrap().description.as_deref(),
+        Some("web server")
+    );
+
+    let mut cfg = test_config();
+    cfg.options.description = false;
+    let mut h = H::new(cfg);
+    let r = h.map_opts(
+        sub(1),
+        nonce(1),
+        6,
+        80,
+        0,
+        3600,
+        &[PcpOption::Description("x")],
+    );
+    assert_eq!(r.result, ResultCode::Success);
+    assert!(
+        r.options.is_empty(),
+        "unprocessed optional options are not echoed (§7.3)"
+    );
+}
+
+#[test]
+fn port_set_rfc7753_is_contiguous() {
+    let mut h = H::default();
+    let ps = [PcpOption::PortSet(PortSet {
+        size: 4,
+        first_internal_port: 6000,
+        parity: true,
+    })];
+    let r = h.map_opts(sub(1), nonce(1), 17, 6000, 0, 3600, &ps);
+    assert_eq!(r.result, ResultCode::Success);
+    assert_eq!(r.ext_port() % 2, 0, "parity of internal port 6000 kept");
+    assert!(r.options[0].contains("size: 4"), "{:?}", r.options);
+    let m = h.engine.mappings().next().unwrap();
+    assert_eq!(m.port_count, 4);
+    // Each of the 4 ports is held; they count against the quota of 8.
+    for i in 0..4 {
+        assert!(h
+            .engine
+            .mapping_at(m.external_addr, 17, m.external_port + i)
+            .is_some());
+    }
+    assert_eq!(h.engine.subscriber(sub(1)).unwrap().mappings, 4);
+    // A set of 1 is a plain mapping: no PORT_SET in the response.
+    let one = [PcpOption::PortSet(PortSet {
+        size: 1,
+        first_internal_port: 7000,
+        parity: false,
+    })];
+    let r = h.map_opts(sub(1), nonce(1), 17, 7000, 0, 3600, &one);
+    assert!(r.options.is_empty());
+    // PORT_SET with PREFER_FAILURE: MALFORMED_OPTION (RFC 7753 §4.2).
+    let both = [
+        PcpOption::PortSet(PortSet {
+            size: 2,
+            first_internal_port: 8000,
+            parity: false,
+        }),
+        PcpOption::PreferFailure,
+    ];
+    assert_eq!(
+        h.map_opts(sub(1), nonce(1), 17, 8000, 9000, 3600, &both)
+            .result,
+        ResultCode::MalformedOption
+    );
+    // Quota caps the set: 3 ports left of 8.
+    let big = [PcpOption::PortSet(PortSet {
+        size: 50,
+        first_internal_port: 9000,
+        parity: false,
+    })];
+    let r = h.map_opts(sub(1), nonce(1), 17, 9000, 0, 3600, &big);
+    assert!(r.options[0].contains("size: 3"), "{:?}", r.options);
+}
+
+#[test]
+fn prefix64_rfc7225_answered_from_config() {
+    let mut h = H::default();
+    let req_opt = [PcpOption::Prefix64(Prefix64 {
+        prefix_len: 12,
+        prefix_and_suffix: [0; 12],
+        ipv4_prefixes: None,
+    })];
+    let r = h.map_opts(sub(1), nonce(1), 6, 80, 0, 3600, &req_opt);
+    assert_eq!(r.result, ResultCode::Success);
+    assert_eq!(r.options.len(), 1);
+    assert!(
+        r.options[0].contains("prefix_and_suffix: [0, 100, 255, 155, 0"),
+        "{:?}",
+        r.options
+    );
+    // Not configured: never sent (RFC 7225 §4.2).
+    let mut cfg = test_config();
+    cfg.options.prefix64 = None;
+    let mut h = H::new(cfg);
+    assert!(h
+        .map_opts(sub(1), nonce(1), 6, 80, 0, 3600, &req_opt)
+        .options
+        .is_empty());
+}
+
+#[test]
+fn address_mismatch_section_8_2() {
+    let mut h = H::default();
+    let req = pcp_wire::Request {
+        lifetime: 3600,
+        client_addr: sub(2),
+        data: OpData::Announce,
+        options: pcp_wire::Options::NONE,
+    };
+    let r = h.pcp(from(sub(1)), &req);
+    assert_eq!((r.result, r.lifetime), (ResultCode::AddressMismatch, 1800));
+}
+
+#[test]
+fn epoch_counts_seconds_from_its_start_section_8_5() {
+    let mut h = H::default();
+    assert_eq!(h.map(sub(1), nonce(1), 1, 0, 600).epoch, 0);
+    h.advance(90_500);
+    assert_eq!(h.map(sub(1), nonce(1), 1, 0, 600).epoch, 90);
+    // A shard started with a recovered epoch start continues it.
+    assert_eq!(h.engine.epoch(h.now + 1000), 91);
+}
+
+#[test]
+fn natpmp_rfc6886_shares_state_with_pcp() {
+    let mut h = H::default();
+    let pa = h.natpmp(sub(1), natpmp::Request::PublicAddress);
+    let natpmp::Response::PublicAddress { result, addr, .. } = pa else {
+        panic!()
+    };
+    assert_eq!(result, NatPmpResult::Success);
+    assert!(POOL.contains(&addr));
+    let m = natpmp::Mapping {
+        protocol: natpmp::Protocol::Tcp,
+        internal_port: 8080,
+        external_port: 0,
+        lifetime: 7200,
+    };
+    let natpmp::Response::Map {
+        result, mapping, ..
+    } = h.natpmp(sub(1), natpmp::Request::Map(m))
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (result, mapping.internal_port, mapping.lifetime),
+        (NatPmpResult::Success, 8080, 7200)
+    );
+    // The same mapping is what PCP sees (§11.3: an existing mapping's port);
+    // a NAT-PMP mapping has no nonce, so PCP from the same host adopts it.
+    let pcp = h.map(sub(1), nonce(1), 8080, 0, 600);
+    assert_eq!(pcp.ext_port(), mapping.external_port);
+    assert_eq!(pcp.ext().0, IpAddr::V4(addr));
+    assert_eq!(
+        h.map(sub(1), nonce(2), 8080, 0, 600).result,
+        ResultCode::NotAuthorized,
+        "adopted nonce holds"
+    );
+    // Delete all TCP mappings (§3.4).
+    let all = natpmp::Mapping {
+        internal_port: 0,
+        external_port: 0,
+        lifetime: 0,
+        ..m
+    };
+    let natpmp::Response::Map { result, .. } = h.natpmp(sub(1), natpmp::Request::Map(all)) else {
+        panic!()
+    };
+    assert_eq!(result, NatPmpResult::Success);
+    assert_eq!(h.engine.mapping_count(), 0);
+    // A non-subscriber is refused.
+    let outsider: IpAddr = "198.18.0.1".parse().unwrap();
+    let natpmp::Response::Map {
+        result, mapping, ..
+    } = h.natpmp(outsider, natpmp::Request::Map(m))
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (result, mapping.external_port, mapping.lifetime),
+        (NatPmpResult::NotAuthorized, 0, 0)
+    );
+}
+
+#[test]
+fn natpmp_disabled_answers_unsupp_version_section_9() {
+    let mut cfg = test_config();
+    cfg.natpmp = false;
+    let mut h = H::new(cfg);
+    let reply = h.raw(from(sub(1)), &[0, 0]).unwrap();
+    assert_eq!(&reply[..4], &[2, 0x80, 0, 1]);
+}
+
+#[test]
+fn paired_pooling_and_block_growth_rfc6888() {
+    let mut cfg = test_config();
+    cfg.pools.get_mut("cgnat").unwrap().block_size = 4;
+    cfg.pools.get_mut("cgnat").unwrap().ports = pcp_engine::config::PortRange {
+        first: 1024,
+        last: 1039,
+    };
+    cfg.profiles.get_mut("home").unwrap().max_mappings = 100;
+    let mut h = H::new(cfg);
+    // Quota of 2 blocks x 4 ports = 8 mappings; all on one address.
+    let mut addrs = std::collections::HashSet::new();
+    for p in 0..8 {
+        let r = h.map(sub(1), nonce(1), 1000 + p, 0, 3600);
+        assert_eq!(r.result, ResultCode::Success, "mapping {p}");
+        addrs.insert(r.ext().0);
+    }
+    assert_eq!(addrs.len(), 1, "paired pooling: one external address");
+    assert_eq!(h.engine.subscriber(sub(1)).unwrap().blocks.len(), 2);
+    // A third block would exceed max_blocks: USER_EX_QUOTA.
+    assert_eq!(
+        h.map(sub(1), nonce(1), 2000, 0, 3600).result,
+        ResultCode::UserExQuota
+    );
+    assert!(h
+        .take_events()
+        .iter()
+        .any(|e| matches!(e, Event::QuotaExceeded { .. })));
+    // 4 addresses x 4 blocks = 16 blocks: fill the pool with other subscribers.
+    let mut n = 2u8;
+    loop {
+        let r = h.map(sub(n), nonce(1), 1, 0, 3600);
+        if r.result != ResultCode::Success {
+            assert_eq!(r.result, ResultCode::NoResources);
+            assert_eq!(r.lifetime, 30, "short lifetime error");
+            break;
+        }
+        n += 1;
+    }
+    assert_eq!(n, 2 + 14, "16 blocks, 2 taken by the first subscriber");
+    assert!(h
+        .take_events()
+        .iter()
+        .any(|e| matches!(e, Event::PoolExhausted { .. })));
+}
+
+#[test]
+fn deterministic_pool_rfc7422() {
+    let yaml = r#"
+pools:
+  det:
+    prefixes: [198.51.100.0/30]
+    ports: { first: 1024, last: 2047 }
+    block_size: 256
+    mode: deterministic
+profiles:
+  p: { max_mappings: 10 }
+subscribers:
+  - prefixes: [100.64.0.0/28]
+    pool: det
+    profile: p
+"#;
+    let mut h = H::new(serde_yaml::from_str(yaml).unwrap());
+    // Subscriber index i: address i / 4, range (i % 4) * 256.
+    let r = h.map(
+        IpAddr::V4(Ipv4Addr::new(100, 64, 0, 6)),
+        nonce(1),
+        80,
+        0,
+        600,
+    );
+    assert_eq!(r.result, ResultCode::Success);
+    assert_eq!(r.ext().0, IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)));
+    assert!((1024 + 2 * 256..1024 + 3 * 256).contains(&r.ext_port()));
+    // "Who held 198.51.100.3:1800?" is computed: index 3*4 + 3 = 15.
+    let who = h
+        .engine
+        .lookup(Ipv4Addr::new(198, 51, 100, 3), 1800, T0)
+        .unwrap();
+    assert_eq!(who.internal_addr, IpAddr::V4(Ipv4Addr::new(100, 64, 0, 15)));
+    assert_eq!(who.block.first, 1792);
+}
+
+#[test]
+fn ports_are_unpredictable_rfc6888_req13() {
+    // The same request from 20 subscribers lands on different offsets
+    // within their blocks, and one subscriber's successive ports are not
+    // sequential.
+    let mut h = H::default();
+    let mut offsets = std::collections::HashSet::new();
+    for n in 1..=20u8 {
+        let r = h.map(sub(n), nonce(1), 80, 0, 600);
+        let block = h.engine.subscriber(sub(n)).unwrap().blocks[0];
+        offsets.insert(r.ext_port() - block.first);
+    }
+    assert!(
+        offsets.len() >= 15,
+        "offsets within blocks vary: {offsets:?}"
+    );
+    let ports: Vec<u16> = (0..6)
+        .map(|i| h.map(sub(1), nonce(1), 100 + i, 0, 600).ext_port())
+        .collect();
+    let sequential = ports.windows(2).filter(|w| w[1] == w[0] + 1).count();
+    assert!(sequential <= 1, "{ports:?}");
+}
+
+#[test]
+fn reuse_delay_rfc6888_req8_and_section_15() {
+    let mut cfg = test_config();
+    cfg.pools.get_mut("cgnat").unwrap().block_size = 2;
+    cfg.pools.get_mut("cgnat").unwrap().ports = pcp_engine::config::PortRange {
+        first: 1024,
+        last: 1025,
+    };
+    cfg.profiles.get_mut("home").unwrap().max_blocks = 1;
+    let mut h = H::new(cfg);
+    let a = h.map(sub(1), nonce(1), 10, 0, 600).ext_port();
+    let b = h.map(sub(1), nonce(1), 11, 0, 600).ext_port();
+    assert_ne!(a, b);
+    h.map(sub(1), nonce(1), 10, 0, 0); // release port a
+                                       // Another internal port cannot take `a` during the reuse delay.
+    assert_eq!(
+        h.map(sub(1), nonce(1), 12, 0, 600).result,
+        ResultCode::UserExQuota
+    );
+    // The same client (address, port, nonce) may reclaim it (§15).
+    assert_eq!(h.map(sub(1), nonce(1), 10, a, 600).ext_port(), a);
+    h.map(sub(1), nonce(1), 10, 0, 0);
+    h.advance(120_000);
+    assert_eq!(
+        h.map(sub(1), nonce(1), 12, 0, 600).ext_port(),
+        a,
+        "free after 120 s"
+    );
+}
+
+#[test]
+fn quota_user_ex_quota_section_7_4() {
+    let mut h = H::default();
+    for p in 0..8 {
+        assert_eq!(
+            h.map(sub(1), nonce(1), 100 + p, 0, 600).result,
+            ResultCode::Success
+        );
+    }
+    let r = h.map(sub(1), nonce(1), 200, 0, 600);
+    assert_eq!(r.result, ResultCode::UserExQuota);
+    assert!(r.lifetime >= 1 && r.lifetime <= 30);
+    // Renewing existing ones still works.
+    assert_eq!(
+        h.map(sub(1), nonce(1), 100, 0, 600).result,
+        ResultCode::Success
+    );
+    assert_eq!(h.engine.stats().quota_refusals, 1);
+}
+
+#[test]
+fn rate_limit_answers_no_resources_section_8_2() {
+    let mut cfg = test_config();
+    let p = cfg.profiles.get_mut("home").unwrap();
+    p.rate_per_sec = 1;
+    p.burst = 3;
+    let mut h = H::new(cfg);
+    for _ in 0..3 {
+        assert_eq!(
+            h.map(sub(1), nonce(1), 80, 0, 600).result,
+            ResultCode::Success
+        );
+    }
+    let r = h.map(sub(1), nonce(1), 80, 0, 600);
+    assert_eq!((r.result, r.lifetime), (ResultCode::NoResources, 1));
+    h.advance(1000);
+    assert_eq!(
+        h.map(sub(1), nonce(1), 80, 0, 600).result,
+        ResultCode::Success
+    );
+    assert_eq!(h.engine.stats().rate_limited, 1);
+}
+
+#[test]
+fn non_subscribers_are_not_authorized() {
+    let mut h = H::default();
+    let outsider: IpAddr = "198.18.0.1".parse().unwrap();
+    let r = h.map(outsider, nonce(1), 80, 0, 600);
+    assert_eq!((r.result, r.lifetime), (ResultCode::NotAuthorized, 1800));
+}
+
+#[test]
+fn third_party_section_13_1() {
+    let tp = |a: IpAddr| [PcpOption::ThirdParty(a)];
+    let manager: IpAddr = "10.99.0.5".parse().unwrap();
+    // Disabled: UNSUPP_OPTION.
+    let mut cfg = test_config();
+    cfg.third_party.clear();
+    let mut h = H::new(cfg);
+    assert_eq!(
+        h.map_opts(manager, nonce(1), 6, 80, 0, 600, &tp(sub(1)))
+            .result,
+        ResultCode::UnsuppOption
+    );
+
+    let mut h = H::default();
+    // Unauthorized source: UNSUPP_OPTION.
+    assert_eq!(
+        h.map_opts(sub(7), nonce(1), 6, 80, 0, 600, &tp(sub(1)))
+            .result,
+        ResultCode::UnsuppOption
+    );
+    // The sender's own address: MALFORMED_REQUEST.
+    assert_eq!(
+        h.map_opts(manager, nonce(1), 6, 80, 0, 600, &tp(manager))
+            .result,
+        ResultCode::MalformedRequest
+    );
+    // Authorized source, target outside its `for` prefixes: NOT_AUTHORIZED.
+    let far: IpAddr = "100.65.0.1".parse().unwrap();
+    assert_eq!(
+        h.map_opts(manager, nonce(1), 6, 80, 0, 600, &tp(far))
+            .result,
+        ResultCode::NotAuthorized
+    );
+    assert_eq!(h.engine.stats().third_party_refusals, 3);
+    // Authorized: the mapping belongs to the target, the option is echoed.
+    let r = h.map_opts(manager, nonce(1), 6, 80, 0, 600, &tp(sub(1)));
+    assert_eq!(r.result, ResultCode::Success);
+    assert_eq!(r.options.len(), 1);
+    let m = h.engine.mappings().next().unwrap();
+    assert_eq!(m.internal_addr, sub(1));
+    // The target itself renewing with the same nonce sees the same mapping.
+    assert_eq!(h.map(sub(1), nonce(1), 80, 0, 600).ext(), r.ext());
+}
+
+#[test]
+fn unknown_options_section_7_3() {
+    let mut h = H::default();
+    let mandatory = [PcpOption::Unknown {
+        code: 99,
+        data: &[1, 2],
+    }];
+    assert_eq!(
+        h.map_opts(sub(1), nonce(1), 6, 80, 0, 600, &mandatory)
+            .result,
+        ResultCode::UnsuppOption
+    );
+    let optional = [PcpOption::Unknown {
+        code: 200,
+        data: &[1, 2],
+    }];
+    let r = h.map_opts(sub(1), nonce(1), 6, 80, 0, 600, &optional);
+    assert_eq!(r.result, ResultCode::Success);
+    assert!(r.options.is_empty());
+}
+
+#[test]
+fn error_response_is_a_copy_of_the_request_section_7_2() {
+    let mut h = H::default();
+    let r = h.map_opts(
+        sub(1),
+        nonce(3),
+        6,
+        80,
+        0,
+        600,
+        &[PcpOption::Unknown {
+            code: 99,
+            data: &[1, 2],
+        }],
+    );
+    let mut req = [0u8; 1100];
+    let n = pcp_wire::Request {
+        lifetime: 600,
+        client_addr: sub(1),
+        data: OpData::Map(pcp_wire::MapData {
+            nonce: nonce(3),
+            protocol: 6,
+            internal_port: 80,
+            external_port: 0,
+            external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        }),
+        options: pcp_wire::Options::List(&[PcpOption::Unknown {
+            code: 99,
+            data: &[1, 2],
+        }]),
+    }
+    .emit(&mut req)
+    .unwrap();
+    assert_eq!(r.bytes.len(), n);
+    assert_eq!(
+        &r.bytes[24..n],
+        &req[24..n],
+        "opcode data and options copied"
+    );
+}
+
+#[test]
+fn expiry_on_the_virtual_clock() {
+    let mut h = H::default();
+    h.map(sub(1), nonce(1), 80, 0, 120);
+    h.take_events();
+    h.advance(119_000);
+    assert_eq!(h.engine.mapping_count(), 1);
+    h.advance(1_000);
+    assert_eq!(h.engine.mapping_count(), 0);
+    assert!(matches!(
+        h.take_events()[..],
+        [Event::MappingDeleted {
+            reason: DeleteReason::Expired,
+            ..
+        }]
+    ));
+    // The idle block goes back after block_hold (300 s) and is in history.
+    let block = h.engine.subscriber(sub(1)).unwrap().blocks[0];
+    h.advance(300_000);
+    assert!(h.engine.subscriber(sub(1)).is_none());
+    assert!(h
+        .take_events()
+        .iter()
+        .any(|e| matches!(e, Event::BlockReleased { .. })));
+    assert_eq!(h.shared.block_owner(block.addr, block.first), None);
+    let who = h
+        .engine
+        .lookup(block.addr, block.first + 3, T0 + 60_000)
+        .unwrap();
+    assert_eq!(who.internal_addr, sub(1));
+    assert!(h
+        .engine
+        .lookup(block.addr, block.first + 3, h.now)
+        .is_none());
+}
+
+#[test]
+fn drain_moves_mappings_and_sends_updates_section_14_2() {
+    let mut h = H::default();
+    let r = h.map_opts(
+        sub(1),
+        nonce(1),
+        6,
+        80,
+        0,
+        3600,
+        &[PcpOption::Filter(Filter {
+            prefix_len: 120,
+            remote_port: 0,
+            remote_addr: "203.0.113.0".parse().unwrap(),
+        })],
+    );
+    let IpAddr::V4(old) = r.ext().0 else { panic!() };
+    let pf_port = h.map(sub(1), nonce(1), 81, 0, 3600).ext_port();
+    let pf = h.map_opts(
+        sub(1),
+        nonce(1),
+        6,
+        82,
+        pf_port + 1,
+        3600,
+        &[PcpOption::PreferFailure],
+    );
+    assert_eq!(pf.result, ResultCode::Success);
+    h.take_events();
+    assert!(h.shared.set_draining(old, true));
+    let moved = h.engine.drain(h.now, old);
+    assert_eq!(moved, 2, "the PREFER_FAILURE mapping cannot move");
+    let events = h.take_events();
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::MappingMoved { .. })));
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::MappingDeleted {
+            reason: DeleteReason::Drained,
+            ..
+        }
+    )));
+    let m = h
+        .engine
+        .mappings_of(sub(1))
+        .into_iter()
+        .find(|m| m.internal_port == 80)
+        .unwrap()
+        .clone();
+    assert_ne!(m.external_addr, old);
+    assert_eq!(m.filters().len(), 1, "filters move with the mapping");
+    // Updates at 0, 250 and 750 ms (§14.2), three each.
+    let sent = h.advance(100);
+    assert_eq!(sent.len(), 3);
+    for tx in &sent {
+        assert_eq!(tx.dst, from(sub(1)));
+    }
+    let upd: Vec<_> = sent
+        .iter()
+        .map(|t| pcp_wire::Response::parse(&t.payload).unwrap())
+        .collect();
+    let ok = upd
+        .iter()
+        .find(|r| r.result == ResultCode::Success && r.data.map_data().unwrap().internal_port == 80)
+        .unwrap();
+    assert_eq!(
+        ok.data.map_data().unwrap().external_addr,
+        IpAddr::V4(m.external_addr)
+    );
+    assert_eq!(ok.options.iter().count(), 1, "FILTER sent in the update");
+    assert!(upd
+        .iter()
+        .any(|r| r.result == ResultCode::CannotProvideExternal));
+    assert_eq!(h.advance(100).len(), 0, "nothing at 200 ms");
+    assert_eq!(h.advance(100).len(), 3, "second send at 250 ms");
+    // The client refreshes mapping 80: its third send is cancelled.
+    h.map(sub(1), nonce(1), 80, 0, 3600);
+    assert_eq!(h.advance(1000).len(), 2, "third send only for the others");
+    // New blocks never land on the drained address.
+    assert!(h
+        .engine
+        .subscriber(sub(1))
+        .unwrap()
+        .blocks
+        .iter()
+        .all(|b| b.addr != old));
+}
+
+#[test]
+fn static_mappings_section_11_3_item_2() {
+    let mut h = H::default();
+    let s = h.engine.create_static(h.now, sub(1), 6, 443, 0).unwrap();
+    assert_eq!(s.kind, MappingKind::Static);
+    let r = h.map(sub(1), nonce(1), 443, 0, 600);
+    assert_eq!((r.result, r.lifetime), (ResultCode::Success, u32::MAX));
+    assert_eq!(r.ext_port(), s.external_port);
+    assert_eq!(
+        h.map(sub(1), nonce(1), 443, 0, 0).result,
+        ResultCode::NotAuthorized
+    );
+    // Operators delete it by id.
+    assert!(h.engine.delete(h.now, s.id).is_some());
+    assert_eq!(h.engine.mapping_count(), 0);
+    assert!(h.engine.delete(h.now, s.id).is_none(), "ids are not reused");
+}
+
+#[test]
+fn bad_datagrams_are_dropped_or_answered_section_8_2() {
+    let mut h = H::default();
+    assert!(h.raw(from(sub(1)), &[2]).is_none());
+    let mut resp = vec![2u8, 0x81];
+    resp.resize(60, 0);
+    assert!(h.raw(from(sub(1)), &resp).is_none());
+    let r = h.raw(from(sub(1)), &[3, 1, 0, 0]).unwrap();
+    assert_eq!(
+        (r.len(), r[0], r[3]),
+        (24, 2, u8::from(ResultCode::UnsuppVersion))
+    );
+    let mut unknown_op = vec![2u8, 9];
+    unknown_op.resize(28, 7);
+    let r = h.raw(from(sub(1)), &unknown_op).unwrap();
+    assert_eq!(
+        (r.len(), r[1], r[3]),
+        (28, 0x89, u8::from(ResultCode::UnsuppOpcode))
+    );
+    assert_eq!(&r[24..], &[7, 7, 7, 7], "payload copied (§8.2)");
+    let drops = &h.engine.stats().drops;
+    assert_eq!(drops.get("too_short"), Some(&1));
+    assert_eq!(drops.get("not_request"), Some(&1));
+}
+
+#[test]
+fn sharding_is_a_pure_function_and_blocks_never_overlap() {
+    use pcp_engine::{shard_of, subscriber_key, Compiled, Engine};
+    use std::sync::Arc;
+    assert_eq!(shard_of(sub(1), 4), shard_of(sub(1), 4));
+    let mut counts = [0u32; 4];
+    for i in 0..4000u32 {
+        counts[shard_of(IpAddr::V4(Ipv4Addr::from(0x6440_0000 + i)), 4)] += 1;
+    }
+    assert!(counts.iter().all(|c| (800..1200).contains(c)), "{counts:?}");
+    // THIRD_PARTY requests are steered to the target's shard.
+    let mut buf = [0u8; 1100];
+    let tp = [PcpOption::ThirdParty(sub(9))];
+    let n = pcp_wire::Request {
+        lifetime: 1,
+        client_addr: "10.99.0.5".parse().unwrap(),
+        data: OpData::Announce,
+        options: pcp_wire::Options::List(&tp),
+    }
+    .emit(&mut buf)
+    .unwrap();
+    assert_eq!(
+        subscriber_key(&buf[..n], "10.99.0.5".parse().unwrap()),
+        sub(9)
+    );
+
+    // Two shards share one allocator: no block is handed out twice.
+    let cfg = test_config();
+    let shared = Arc::new(pcp_engine::Shared::new(&cfg));
+    let compiled = Arc::new(Compiled::new(cfg, &shared).unwrap());
+    let mut shards: Vec<Engine> = (0..2)
+        .map(|i| Engine::new(compiled.clone(), shared.clone(), i, T0, i as u64))
+        .collect();
+    let mut blocks = std::collections::HashSet::new();
+    for i in 1..=200u8 {
+        let s = sub(i);
+        let e = &mut shards[shard_of(s, 2)];
+        let mut out = [0u8; 1100];
+        let req = pcp_wire::Request {
+            lifetime: 600,
+            client_addr: s,
+            data: OpData::Map(pcp_wire::MapData {
+                nonce: nonce(1),
+                protocol: 6,
+                internal_port: 80,
+                external_port: 0,
+                external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            }),
+            options: pcp_wire::Options::NONE,
+        };
+        let mut b = [0u8; 1100];
+        let len = req.emit(&mut b).unwrap();
+        let n = e.handle(T0, from(s), &b[..len], &mut out).unwrap();
+        if out[3] == 0 {
+            let u = e.subscriber(s).unwrap();
+            assert!(
+                blocks.insert((u.blocks[0].addr, u.blocks[0].first)),
+                "block reused"
+            );
+        } else {
+            assert_eq!(out[3], u8::from(ResultCode::NoResources));
+        }
+        let _ = n;
+    }
+    assert_eq!(blocks.len(), 200, "every subscriber got its own block");
+}
