@@ -474,9 +474,10 @@ impl EngineConfig {
         p
     }
 
-    /// A small configuration on loopback-friendly documentation prefixes:
-    /// subscribers 127.0.0.0/8 and 100.64.0.0/10 mapped onto 192.0.2.0/24.
-    pub fn example() -> Self {
+    /// A small configuration for unit tests: subscribers 127.0.0.0/8 and
+    /// 100.64.0.0/10 mapped onto 192.0.2.0/24.
+    #[cfg(test)]
+    pub(crate) fn example() -> Self {
         let mut pools = BTreeMap::new();
         pools.insert(
             "default".to_string(),

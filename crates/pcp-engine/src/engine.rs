@@ -1408,7 +1408,12 @@ impl Engine {
             let run_free = |e: &Self, first: u16, n: u16| -> bool {
                 blocks.iter().any(|b| {
                     b.contains(first) && u32::from(first) + u32::from(n) - 1 <= u32::from(b.last())
-                }) && (0..n).all(|i| e.port_free(now, addr, proto, first + i, who))
+                }) && (0..n).all(|i| {
+                    // §15 "same client" is per port: the internal port this
+                    // external port will forward to.
+                    let client = (who.0, who.1.wrapping_add(i), who.2);
+                    e.port_free(now, addr, proto, first + i, client)
+                })
             };
             // The suggestion (§11.3: honored when free and ours).
             let addr_ok = suggested.0.is_unspecified() || suggested.0 == IpAddr::V4(addr);
@@ -1858,7 +1863,7 @@ impl Engine {
     /// in [`Shared::set_draining`]) and tells clients with unsolicited
     /// MAP/PEER responses (RFC 6887 §14.2). Returns how many mappings moved.
     pub fn drain(&mut self, now: Millis, addr: Ipv4Addr) -> usize {
-        let affected: Vec<IpAddr> = self
+        let mut affected: Vec<IpAddr> = self
             .subscribers
             .iter()
             .filter(|(_, s)| {
@@ -1867,6 +1872,8 @@ impl Engine {
             })
             .map(|(k, _)| *k)
             .collect();
+        // A stable order, so a drain is reproducible.
+        affected.sort_unstable();
         let mut moved = 0;
         for subscriber in affected {
             moved += self.move_subscriber(now, subscriber);

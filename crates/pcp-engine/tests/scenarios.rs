@@ -1125,3 +1125,43 @@ fn sharding_is_a_pure_function_and_blocks_never_overlap() {
     }
     assert_eq!(blocks.len(), 200, "every subscriber got its own block");
 }
+
+#[test]
+fn reuse_delay_same_client_is_per_port_for_port_sets() {
+    // Found by the invariants property test: a PORT_SET run could reclaim a
+    // cooling port for a different internal port of the same client.
+    let mut cfg = test_config();
+    cfg.pools.get_mut("cgnat").unwrap().block_size = 4;
+    cfg.pools.get_mut("cgnat").unwrap().ports = pcp_engine::config::PortRange {
+        first: 1024,
+        last: 1027,
+    };
+    cfg.profiles.get_mut("home").unwrap().max_blocks = 1;
+    let mut h = H::new(cfg);
+    let set = |n| {
+        [PcpOption::PortSet(PortSet {
+            size: n,
+            first_internal_port: 11,
+            parity: false,
+        })]
+    };
+    let r = h.map_opts(sub(1), nonce(1), 6, 11, 1025, 600, &set(2));
+    assert_eq!(r.ext_port(), 1025, "1025->11, 1026->12");
+    h.map(sub(1), nonce(1), 11, 0, 0);
+    // Shifted by one, 1025 would forward to 12 and 1026 to 13: not the same client.
+    let r = h.map_opts(sub(1), nonce(1), 6, 11, 1024, 600, &set(3));
+    assert_eq!(r.result, ResultCode::Success);
+    let m = h.engine.mappings().next().unwrap().clone();
+    for i in 0..m.port_count {
+        let (ext, int) = (m.external_port + i, m.internal_port + i);
+        // A cooling port may only come back forwarding where it did: 1025->11, 1026->12.
+        if ext == 1025 || ext == 1026 {
+            assert_eq!(int, ext - 1014, "{m:?}");
+        }
+    }
+    assert_ne!(m.external_port, 1024, "1024.. would send 1025 to 12: {m:?}");
+    h.map(sub(1), nonce(1), 11, 0, 0);
+    // The exact same client and ports may reclaim them (§15).
+    let r = h.map_opts(sub(1), nonce(1), 6, 11, 1025, 600, &set(2));
+    assert_eq!(r.ext_port(), 1025);
+}
