@@ -300,6 +300,7 @@ pub struct Engine {
     by_map: HashMap<(IpAddr, u8, u16), u32>,
     by_peer: HashMap<PeerKey, u32>,
     ports: HashMap<(Ipv4Addr, u8, u16), PortUse>,
+    /// External port of each outbound (PEER) internal endpoint (RFC 4787 EIM).
     endpoints: HashMap<(IpAddr, u8, u16), u16>,
     cooling: HashMap<(Ipv4Addr, u8, u16), Cooling>,
     subscribers: HashMap<IpAddr, Subscriber>,
@@ -741,7 +742,7 @@ impl Engine {
         }
         let lifetime = self.clamp_lifetime(requested);
         if let Some(slot) = existing {
-            return self.map_renew(now, slot, lifetime, m, opts, natpmp);
+            return self.map_renew(now, client, slot, lifetime, m, opts, natpmp);
         }
         if opts.filters.len() > self.cfg.cfg.options.max_filters {
             return Err(ResultCode::ExcessiveRemotePeers.into());
@@ -793,7 +794,7 @@ impl Engine {
                     .filter(|f| f.prefix_len != 0)
                     .collect(),
                 description: opts.description.map(str::to_string),
-                third_party: opts.third_party.is_some(),
+                manager: opts.third_party.map(|_| client.ip()),
                 prefer_failure: opts.prefer_failure,
             }));
         }
@@ -813,7 +814,7 @@ impl Engine {
             nonce: if natpmp { Nonce::default() } else { m.nonce },
             created_ms: now,
             expires_ms: now + u64::from(lifetime) * 1000,
-            client,
+            client_port: client.port(),
             natpmp,
             extra,
         };
@@ -874,9 +875,11 @@ impl Engine {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn map_renew(
         &mut self,
         now: Millis,
+        client: SocketAddr,
         slot: u32,
         lifetime: u32,
         m: &MapData,
@@ -935,6 +938,8 @@ impl Engine {
         let mapping = self.get_mut(slot).ok_or(ResultCode::NoResources)?;
         let old_expires = mapping.expires_ms;
         mapping.expires_ms = now + u64::from(lifetime) * 1000;
+        // §14.2: updates go where the last response went.
+        mapping.client_port = client.port();
         if adopt {
             mapping.natpmp = false;
             mapping.nonce = m.nonce;
@@ -1040,6 +1045,7 @@ impl Engine {
             let mapping = self.get_mut(slot).ok_or(ResultCode::NoResources)?;
             let old = mapping.expires_ms;
             mapping.expires_ms = now + u64::from(lifetime) * 1000;
+            mapping.client_port = client.port();
             let snapshot = mapping.clone();
             self.slots[slot as usize].refreshed_ms = now;
             if snapshot.expires_ms > old {
@@ -1062,7 +1068,14 @@ impl Engine {
         self.quota_check(now, subscriber, 1)?;
         let suggested = (m.external_addr, m.external_port);
         let endpoint_key = (subscriber, m.protocol, m.internal_port);
-        let (ext_addr, ext_port) = match self.endpoints.get(&endpoint_key).copied() {
+        let endpoint = self
+            .by_map
+            .get(&endpoint_key)
+            .and_then(|slot| self.get(*slot))
+            .filter(|m| m.port_count == 1)
+            .map(|m| m.external_port)
+            .or_else(|| self.endpoints.get(&endpoint_key).copied());
+        let (ext_addr, ext_port) = match endpoint {
             // Endpoint-independent mapping (RFC 4787 REQ-1, RFC 6888 REQ-1):
             // the same internal endpoint keeps its external port for every peer.
             Some(port) => {
@@ -1089,7 +1102,7 @@ impl Engine {
             Box::new(MappingExtra {
                 filters: Vec::new(),
                 description: opts.description.map(str::to_string),
-                third_party: opts.third_party.is_some(),
+                manager: opts.third_party.map(|_| client.ip()),
                 prefer_failure: false,
             })
         });
@@ -1112,7 +1125,7 @@ impl Engine {
             nonce: m.nonce,
             created_ms: now,
             expires_ms: now + u64::from(lifetime) * 1000,
-            client,
+            client_port: client.port(),
             natpmp: false,
             extra,
         };
@@ -1523,7 +1536,9 @@ impl Engine {
                 });
             use_.refs += 1;
         }
-        if mapping.port_count == 1 {
+        // Outbound endpoints (PEER) are indexed apart; a MAP mapping's port is
+        // found through `by_map`.
+        if matches!(mapping.kind, MappingKind::Peer { .. }) {
             self.endpoints
                 .entry((sub, mapping.protocol, mapping.internal_port))
                 .or_insert(mapping.external_port);
@@ -1971,7 +1986,7 @@ impl Engine {
                     left: updates - 1,
                     interval_ms: 250,
                     payload,
-                    dst: m.client,
+                    dst: m.client(),
                 },
             );
         }
@@ -2007,7 +2022,7 @@ impl Engine {
             _ => OpData::Map(map),
         };
         let mut opts: Vec<PcpOption<'_>> = Vec::new();
-        if m.extra.as_ref().is_some_and(|e| e.third_party) {
+        if m.extra.as_ref().is_some_and(|e| e.manager.is_some()) {
             opts.push(PcpOption::ThirdParty(m.internal_addr));
         }
         if m.extra.as_ref().is_some_and(|e| e.prefer_failure) {
@@ -2095,7 +2110,7 @@ impl Engine {
             nonce: Nonce::default(),
             created_ms: now,
             expires_ms: Millis::MAX,
-            client: SocketAddr::new(internal_addr, 0),
+            client_port: 0,
             natpmp: false,
             extra: None,
         };

@@ -48,8 +48,9 @@ pub struct MappingExtra {
     pub filters: Vec<Filter>,
     /// DESCRIPTION (RFC 7220).
     pub description: Option<String>,
-    /// The request carried THIRD_PARTY (§13.1): updates must carry it too.
-    pub third_party: bool,
+    /// The THIRD_PARTY client that made the mapping (§13.1); updates go to
+    /// it and carry the option too (§14.2).
+    pub manager: Option<IpAddr>,
     /// The request carried PREFER_FAILURE (§13.2).
     pub prefer_failure: bool,
 }
@@ -94,8 +95,9 @@ pub struct Mapping {
     pub created_ms: Millis,
     /// When it expires; `Millis::MAX` for static mappings.
     pub expires_ms: Millis,
-    /// Where the request came from, for unsolicited updates (§14.2).
-    pub client: SocketAddr,
+    /// The client's UDP port, for unsolicited updates (§14.2); the client's
+    /// address is the subscriber's, or the THIRD_PARTY manager's.
+    pub client_port: u16,
     /// Created through NAT-PMP (RFC 6886).
     pub natpmp: bool,
     /// Options data, if any.
@@ -103,6 +105,17 @@ pub struct Mapping {
 }
 
 impl Mapping {
+    /// Where the last request for this mapping came from (§14.2 sends
+    /// updates there).
+    pub fn client(&self) -> SocketAddr {
+        let ip = self
+            .extra
+            .as_deref()
+            .and_then(|e| e.manager)
+            .unwrap_or(self.internal_addr);
+        SocketAddr::new(ip, self.client_port)
+    }
+
     /// Filters of the mapping.
     pub fn filters(&self) -> &[Filter] {
         self.extra.as_deref().map_or(&[], |e| &e.filters)
