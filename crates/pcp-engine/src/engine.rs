@@ -380,6 +380,14 @@ impl Engine {
         &self.cfg
     }
 
+    /// Swaps in a new configuration (reload). The caller guarantees pools
+    /// and subscriber classes are unchanged, so every live mapping and block
+    /// stays valid; lifetimes, quotas, THIRD_PARTY and options take effect
+    /// for the next request.
+    pub fn reconfigure(&mut self, cfg: Arc<Compiled>) {
+        self.cfg = cfg;
+    }
+
     fn next_random(&mut self) -> u64 {
         // SplitMix64: seeded by the caller; the engine has no entropy source.
         self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);

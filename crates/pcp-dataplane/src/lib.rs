@@ -1,0 +1,343 @@
+//! # pcp-dataplane: make mappings real
+//!
+//! The [`Dataplane`] trait takes batches of [`Change`]s derived from the
+//! engine's events and reports, per change, whether it was applied; it can
+//! list what is installed (for reconcile on start).
+//!
+//! ```text
+//!  engine events ──Change::from_event──▶ batch ──apply──▶ backend
+//!                                                    └──▶ per-change result
+//! ```
+//!
+//! Backends: [`MemoryDataplane`] (tests, dry runs, unprivileged default).
+//! The nftables backend (kernel NAT maps) is the next one to land.
+//! What this crate does not do: decide anything. It installs what the
+//! engine decided.
+
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use pcp_engine::{Block, Event, Mapping, MappingKind, Millis};
+
+/// What one installed mapping looks like to the dataplane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// DNAT (MAP, static) or SNAT (PEER).
+    pub kind: MappingKind,
+    /// External address.
+    pub external_addr: Ipv4Addr,
+    /// First external port.
+    pub external_port: u16,
+    /// Ports in the entry.
+    pub port_count: u16,
+    /// IANA protocol.
+    pub protocol: u8,
+    /// Internal address.
+    pub internal_addr: IpAddr,
+    /// First internal port.
+    pub internal_port: u16,
+    /// Remote prefixes allowed in (RFC 6887 §13.3) as (address, family prefix length, port).
+    pub filters: Vec<(IpAddr, u8, u16)>,
+    /// When the kernel should drop it by itself (`Millis::MAX`: never).
+    pub expires_ms: Millis,
+}
+
+impl Entry {
+    fn from_mapping(m: &Mapping) -> Self {
+        Entry {
+            kind: m.kind,
+            external_addr: m.external_addr,
+            external_port: m.external_port,
+            port_count: m.port_count,
+            protocol: m.protocol,
+            internal_addr: m.internal_addr,
+            internal_port: m.internal_port,
+            filters: m
+                .filters()
+                .iter()
+                .map(|f| (f.remote_addr, f.family_prefix_len(), f.remote_port))
+                .collect(),
+            expires_ms: m.expires_ms,
+        }
+    }
+
+    /// The key an entry is installed under: (protocol, external address, port).
+    pub fn key(&self) -> Key {
+        match self.kind {
+            MappingKind::Peer {
+                remote_addr,
+                remote_port,
+            } => Key::Peer {
+                protocol: self.protocol,
+                internal_addr: self.internal_addr,
+                internal_port: self.internal_port,
+                remote_addr,
+                remote_port,
+            },
+            _ => Key::Inbound {
+                protocol: self.protocol,
+                external_addr: self.external_addr,
+                external_port: self.external_port,
+            },
+        }
+    }
+}
+
+/// Identity of an installed entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Key {
+    /// A DNAT entry: inbound to (protocol, external address, port).
+    Inbound {
+        /// IANA protocol.
+        protocol: u8,
+        /// External address.
+        external_addr: Ipv4Addr,
+        /// External port.
+        external_port: u16,
+    },
+    /// An SNAT entry for one outbound five-tuple.
+    Peer {
+        /// IANA protocol.
+        protocol: u8,
+        /// Internal address.
+        internal_addr: IpAddr,
+        /// Internal port.
+        internal_port: u16,
+        /// Remote address.
+        remote_addr: IpAddr,
+        /// Remote port.
+        remote_port: u16,
+    },
+    /// A subscriber's port block (SNAT of its ordinary outbound traffic).
+    PortSet {
+        /// The subscriber.
+        subscriber: IpAddr,
+        /// External address.
+        external_addr: Ipv4Addr,
+        /// First port of the block.
+        first_port: u16,
+    },
+}
+
+/// One change to the dataplane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Install or replace a mapping (new lifetime, filters).
+    Upsert(Entry),
+    /// Remove a mapping.
+    Remove(Key),
+    /// Give a subscriber a port block.
+    AddPortSet {
+        /// The subscriber.
+        subscriber: IpAddr,
+        /// The block.
+        block: Block,
+    },
+    /// Take a port block away.
+    RemovePortSet {
+        /// The subscriber.
+        subscriber: IpAddr,
+        /// The block.
+        block: Block,
+    },
+}
+
+impl Change {
+    /// The changes an engine event implies (none for pure log events).
+    pub fn from_event(event: &Event, out: &mut Vec<Change>) {
+        match event {
+            Event::MappingCreated(m) | Event::MappingRenewed(m) => {
+                out.push(Change::Upsert(Entry::from_mapping(m)));
+            }
+            Event::MappingDeleted { mapping, .. } => {
+                out.push(Change::Remove(Entry::from_mapping(mapping).key()));
+            }
+            Event::MappingMoved { old, new } => {
+                out.push(Change::Remove(Entry::from_mapping(old).key()));
+                out.push(Change::Upsert(Entry::from_mapping(new)));
+            }
+            Event::BlockAllocated { subscriber, block } => out.push(Change::AddPortSet {
+                subscriber: *subscriber,
+                block: *block,
+            }),
+            Event::BlockReleased { subscriber, block } => out.push(Change::RemovePortSet {
+                subscriber: *subscriber,
+                block: *block,
+            }),
+            Event::QuotaExceeded { .. } | Event::PoolExhausted { .. } => {}
+        }
+    }
+}
+
+/// Why a change was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApplyError {
+    /// The backend refused the change.
+    #[error("dataplane refused the change: {0}")]
+    Refused(String),
+    /// The backend could not be reached.
+    #[error("dataplane unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A backend that makes mappings forward traffic.
+pub trait Dataplane: Send {
+    /// Applies a batch; returns one result per change, in order.
+    fn apply(&mut self, changes: &[Change]) -> Vec<Result<(), ApplyError>>;
+    /// What is installed now.
+    fn installed(&self) -> Vec<(Key, Option<Entry>)>;
+    /// Backend name, for logs and metrics.
+    fn name(&self) -> &'static str;
+}
+
+/// The in-memory backend: keeps what would be installed.
+#[derive(Debug, Default)]
+pub struct MemoryDataplane {
+    entries: BTreeMap<Key, Option<Entry>>,
+}
+
+impl MemoryDataplane {
+    /// An empty dataplane.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Installed entries (mappings only).
+    pub fn len(&self) -> usize {
+        self.entries.values().filter(|e| e.is_some()).count()
+    }
+
+    /// True when no mapping is installed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// One installed entry.
+    pub fn get(&self, key: &Key) -> Option<&Entry> {
+        self.entries.get(key).and_then(|e| e.as_ref())
+    }
+}
+
+impl Dataplane for MemoryDataplane {
+    fn apply(&mut self, changes: &[Change]) -> Vec<Result<(), ApplyError>> {
+        changes
+            .iter()
+            .map(|c| {
+                match c {
+                    Change::Upsert(e) => {
+                        self.entries.insert(e.key(), Some(e.clone()));
+                    }
+                    Change::Remove(k) => {
+                        self.entries.remove(k);
+                    }
+                    Change::AddPortSet { subscriber, block } => {
+                        self.entries.insert(port_set_key(*subscriber, block), None);
+                    }
+                    Change::RemovePortSet { subscriber, block } => {
+                        self.entries.remove(&port_set_key(*subscriber, block));
+                    }
+                }
+                Ok(())
+            })
+            .collect()
+    }
+
+    fn installed(&self) -> Vec<(Key, Option<Entry>)> {
+        self.entries.iter().map(|(k, v)| (*k, v.clone())).collect()
+    }
+
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+}
+
+fn port_set_key(subscriber: IpAddr, block: &Block) -> Key {
+    Key::PortSet {
+        subscriber,
+        external_addr: block.addr,
+        first_port: block.first,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcp_engine::{DeleteReason, MappingId};
+    use pcp_wire::Nonce;
+
+    fn mapping(port: u16) -> Mapping {
+        Mapping {
+            id: MappingId {
+                shard: 0,
+                slot: 0,
+                generation: 0,
+            },
+            kind: MappingKind::Map,
+            internal_addr: "100.64.0.1".parse().unwrap(),
+            internal_port: 80,
+            protocol: 6,
+            external_addr: Ipv4Addr::new(192, 0, 2, 1),
+            external_port: port,
+            port_count: 1,
+            nonce: Nonce::default(),
+            created_ms: 0,
+            expires_ms: 1000,
+            client_port: 1,
+            natpmp: false,
+            extra: None,
+        }
+    }
+
+    #[test]
+    fn events_become_changes_and_apply() {
+        let mut dp = MemoryDataplane::new();
+        let mut changes = Vec::new();
+        let block = Block {
+            addr: Ipv4Addr::new(192, 0, 2, 1),
+            first: 1024,
+            len: 512,
+        };
+        let sub: IpAddr = "100.64.0.1".parse().unwrap();
+        for e in [
+            Event::BlockAllocated {
+                subscriber: sub,
+                block,
+            },
+            Event::MappingCreated(mapping(2000)),
+            Event::MappingMoved {
+                old: mapping(2000),
+                new: mapping(2001),
+            },
+        ] {
+            Change::from_event(&e, &mut changes);
+        }
+        assert!(dp.apply(&changes).iter().all(Result::is_ok));
+        assert_eq!(dp.len(), 1);
+        let key = Entry::from_mapping(&mapping(2001)).key();
+        assert_eq!(dp.get(&key).unwrap().external_port, 2001);
+        changes.clear();
+        Change::from_event(
+            &Event::MappingDeleted {
+                mapping: mapping(2001),
+                reason: DeleteReason::Client,
+            },
+            &mut changes,
+        );
+        Change::from_event(
+            &Event::BlockReleased {
+                subscriber: sub,
+                block,
+            },
+            &mut changes,
+        );
+        dp.apply(&changes);
+        assert!(dp.is_empty());
+        assert!(dp.installed().is_empty());
+    }
+}

@@ -1,0 +1,520 @@
+//! Admin REST API (axum; TLS through rustls). Every error is JSON:
+//! `{"error": {"code": "...", "message": "..."}}` with a stable code.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use pcp_engine::{MappingId, Shared};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::config::{token_hash, Config, Scope};
+use crate::shard::{Control, MappingFilter, ShardHandle};
+
+/// The OpenAPI document served at `/v1/openapi.json` (kept in docs/).
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+/// What the handlers share.
+pub struct AppState {
+    /// Shards, by index.
+    pub shards: Vec<ShardHandle>,
+    /// Pool state.
+    pub shared: Arc<Shared>,
+    /// Token hashes and scopes.
+    pub tokens: Vec<(String, String, Scope)>,
+    /// True once serving.
+    pub ready: AtomicBool,
+    /// The file the configuration came from (`None`: built-in default).
+    pub config_path: Option<std::path::PathBuf>,
+    /// The running configuration.
+    pub config: Mutex<Config>,
+}
+
+/// An API error: status, stable code, message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    /// Builds an error.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_argument",
+            message,
+        )
+    }
+
+    fn not_found(what: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
+    }
+
+    fn unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shard_unavailable",
+            "a shard did not answer",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            Json(json!({ "error": { "code": self.code, "message": self.message } })),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+type AppRef = Arc<AppState>;
+
+/// The router: public health endpoints, then read and write scopes.
+pub fn router(state: AppRef) -> Router {
+    let read = Router::new()
+        .route("/v1/mappings", get(list_mappings))
+        .route("/v1/mappings/{id}", get(get_mapping))
+        .route("/v1/subscribers/{ip}", get(get_subscriber))
+        .route("/v1/pools", get(get_pools))
+        .route("/v1/lookup", get(lookup))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_read));
+    let write = Router::new()
+        .route("/v1/mappings", post(create_mapping))
+        .route("/v1/mappings/{id}", delete(delete_mapping))
+        .route("/v1/pools/drain", post(drain))
+        .route("/v1/pools/undrain", post(undrain))
+        .route("/v1/reload", post(reload))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_write));
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/v1/openapi.json", get(openapi))
+        .merge(read)
+        .merge(write)
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed here",
+            )
+        })
+        .with_state(state)
+}
+
+fn scope_of(state: &AppState, req: &Request) -> Result<Scope, ApiError> {
+    let value = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "a bearer token is required",
+            )
+        })?;
+    let token = value.strip_prefix("Bearer ").ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "use Authorization: Bearer TOKEN",
+        )
+    })?;
+    let hash = token_hash(token.trim());
+    state
+        .tokens
+        .iter()
+        .find(|(_, h, _)| *h == hash)
+        .map(|(_, _, s)| *s)
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown token"))
+}
+
+async fn require_read(State(state): State<AppRef>, req: Request, next: Next) -> Response {
+    match scope_of(&state, &req) {
+        Ok(_) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn require_write(State(state): State<AppRef>, req: Request, next: Next) -> Response {
+    match scope_of(&state, &req) {
+        Ok(Scope::Write) => next.run(req).await,
+        Ok(Scope::Read) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this token has read scope only",
+        )
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn readyz(State(state): State<AppRef>) -> Response {
+    if state.ready.load(Ordering::Acquire) {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "state is being restored",
+        )
+        .into_response()
+    }
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// Sends a control message to one shard and waits for the answer.
+async fn ask<T>(
+    shard: &ShardHandle,
+    make: impl FnOnce(oneshot::Sender<T>) -> Control,
+) -> Result<T, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    shard
+        .control
+        .send(make(tx))
+        .await
+        .map_err(|_| ApiError::unavailable())?;
+    rx.await.map_err(|_| ApiError::unavailable())
+}
+
+fn owner(state: &AppState, ip: IpAddr) -> &ShardHandle {
+    &state.shards[pcp_engine::shard_of(ip.to_canonical(), state.shards.len())]
+}
+
+fn protocol_number(p: &str) -> Result<u8, ApiError> {
+    match p.to_ascii_lowercase().as_str() {
+        "tcp" => Ok(6),
+        "udp" => Ok(17),
+        other => other
+            .parse()
+            .map_err(|_| ApiError::bad(format!("protocol {p:?}: use tcp, udp or a number"))),
+    }
+}
+
+fn mapping_json(m: &pcp_engine::Mapping) -> Value {
+    let mut v = serde_json::to_value(m).unwrap_or(Value::Null);
+    v["id"] = json!(format!("{}-{}-{}", m.id.shard, m.id.slot, m.id.generation));
+    v["expires"] = if m.expires_ms == u64::MAX {
+        Value::Null
+    } else {
+        json!(rfc3339(m.expires_ms))
+    };
+    v["created"] = json!(rfc3339(m.created_ms));
+    v
+}
+
+fn rfc3339(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+fn parse_id(s: &str) -> Result<MappingId, ApiError> {
+    let parts: Vec<&str> = s.split('-').collect();
+    let bad = || ApiError::bad(format!("mapping id {s:?} is not SHARD-SLOT-GENERATION"));
+    if parts.len() != 3 {
+        return Err(bad());
+    }
+    Ok(MappingId {
+        shard: parts[0].parse().map_err(|_| bad())?,
+        slot: parts[1].parse().map_err(|_| bad())?,
+        generation: parts[2].parse().map_err(|_| bad())?,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    subscriber: Option<IpAddr>,
+    external: Option<Ipv4Addr>,
+    protocol: Option<String>,
+    #[serde(default)]
+    offset: usize,
+    limit: Option<usize>,
+}
+
+async fn list_mappings(
+    State(state): State<AppRef>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 10_000 {
+        return Err(ApiError::bad("limit must be between 1 and 10000"));
+    }
+    let filter = MappingFilter {
+        subscriber: q.subscriber.map(|s| s.to_canonical()),
+        external: q.external,
+        protocol: q.protocol.as_deref().map(protocol_number).transpose()?,
+    };
+    let targets: Vec<&ShardHandle> = match filter.subscriber {
+        Some(s) => vec![owner(&state, s)],
+        None => state.shards.iter().collect(),
+    };
+    let mut all = Vec::new();
+    for shard in targets {
+        let f = filter.clone();
+        all.extend(ask(shard, |tx| Control::Mappings(f, tx)).await?);
+    }
+    all.sort_by_key(|m| m.id);
+    let total = all.len();
+    let items: Vec<Value> = all
+        .iter()
+        .skip(q.offset)
+        .take(limit)
+        .map(mapping_json)
+        .collect();
+    Ok(
+        Json(json!({ "total": total, "offset": q.offset, "limit": limit, "items": items }))
+            .into_response(),
+    )
+}
+
+async fn get_mapping(State(state): State<AppRef>, Path(id): Path<String>) -> ApiResult {
+    let id = parse_id(&id)?;
+    let shard = state
+        .shards
+        .get(usize::from(id.shard))
+        .ok_or_else(|| ApiError::not_found("mapping"))?;
+    match ask(shard, |tx| Control::Mapping(id, tx)).await? {
+        Some(m) => Ok(Json(mapping_json(&m)).into_response()),
+        None => Err(ApiError::not_found("mapping")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    internal_addr: IpAddr,
+    protocol: String,
+    internal_port: u16,
+    #[serde(default)]
+    external_port: u16,
+}
+
+async fn create_mapping(
+    State(state): State<AppRef>,
+    body: Result<Json<CreateBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let Json(b) = body.map_err(|e| ApiError::bad(e.body_text()))?;
+    let protocol = protocol_number(&b.protocol)?;
+    let internal = b.internal_addr.to_canonical();
+    let r = ask(owner(&state, internal), |reply| Control::CreateStatic {
+        internal,
+        protocol,
+        internal_port: b.internal_port,
+        external_port: b.external_port,
+        reply,
+    })
+    .await?;
+    match r {
+        Ok(m) => Ok((StatusCode::CREATED, Json(mapping_json(&m))).into_response()),
+        Err(code) => {
+            use pcp_wire::ResultCode as R;
+            let (status, api_code) = match code {
+                R::NotAuthorized => (StatusCode::UNPROCESSABLE_ENTITY, "not_a_subscriber"),
+                R::UnsuppProtocol => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_protocol"),
+                R::CannotProvideExternal => (StatusCode::CONFLICT, "mapping_exists"),
+                R::UserExQuota | R::NoResources => (StatusCode::CONFLICT, "no_ports_available"),
+                _ => (StatusCode::CONFLICT, "refused"),
+            };
+            Err(ApiError::new(status, api_code, format!("refused: {code}")))
+        }
+    }
+}
+
+async fn delete_mapping(State(state): State<AppRef>, Path(id): Path<String>) -> ApiResult {
+    let id = parse_id(&id)?;
+    let shard = state
+        .shards
+        .get(usize::from(id.shard))
+        .ok_or_else(|| ApiError::not_found("mapping"))?;
+    match ask(shard, |tx| Control::Delete(id, tx)).await? {
+        Some(_) => Ok(StatusCode::NO_CONTENT.into_response()),
+        None => Err(ApiError::not_found("mapping")),
+    }
+}
+
+async fn get_subscriber(State(state): State<AppRef>, Path(ip): Path<String>) -> ApiResult {
+    let ip: IpAddr = ip
+        .parse()
+        .map_err(|_| ApiError::bad(format!("{ip:?} is not an IP address")))?;
+    let ip = ip.to_canonical();
+    match ask(owner(&state, ip), |tx| Control::Subscriber(ip, tx)).await? {
+        Some(u) => Ok(Json(u).into_response()),
+        None => Err(ApiError::not_found("subscriber")),
+    }
+}
+
+async fn get_pools(State(state): State<AppRef>) -> ApiResult {
+    Ok(Json(json!({ "pools": state.shared.usage() })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainBody {
+    address: Ipv4Addr,
+}
+
+async fn drain(
+    State(state): State<AppRef>,
+    body: Result<Json<DrainBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let Json(b) = body.map_err(|e| ApiError::bad(e.body_text()))?;
+    if !state.shared.set_draining(b.address, true) {
+        return Err(ApiError::not_found("address in a dynamic pool"));
+    }
+    let mut moved = 0;
+    for shard in &state.shards {
+        moved += ask(shard, |tx| Control::Drain(b.address, tx)).await?;
+    }
+    Ok(
+        Json(json!({ "address": b.address, "draining": true, "moved_mappings": moved }))
+            .into_response(),
+    )
+}
+
+async fn undrain(
+    State(state): State<AppRef>,
+    body: Result<Json<DrainBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let Json(b) = body.map_err(|e| ApiError::bad(e.body_text()))?;
+    if !state.shared.set_draining(b.address, false) {
+        return Err(ApiError::not_found("address in a dynamic pool"));
+    }
+    Ok(Json(json!({ "address": b.address, "draining": false })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LookupQuery {
+    external: SocketAddr,
+    at: Option<String>,
+}
+
+async fn lookup(
+    State(state): State<AppRef>,
+    q: Result<Query<LookupQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
+    let IpAddr::V4(addr) = q.external.ip() else {
+        return Err(ApiError::bad("external must be an IPv4 address:port"));
+    };
+    let at = match &q.at {
+        None => crate::shard::now_ms(),
+        Some(s) => {
+            let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .map_err(|e| ApiError::bad(format!("at {s:?} is not RFC 3339: {e}")))?;
+            u64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+                .map_err(|_| ApiError::bad("at is before 1970"))?
+        }
+    };
+    for shard in &state.shards {
+        if let Some(h) = ask(shard, |tx| Control::Lookup(addr, q.external.port(), at, tx)).await? {
+            return Ok(Json(json!({
+                "external": q.external,
+                "at": rfc3339(at),
+                "internal_addr": h.internal_addr,
+                "block": h.block,
+                "from": h.from_ms.map(rfc3339),
+                "to": h.to_ms.map(rfc3339),
+            }))
+            .into_response());
+        }
+    }
+    Err(ApiError::not_found(
+        "holder of that external port at that time",
+    ))
+}
+
+async fn reload(State(state): State<AppRef>) -> ApiResult {
+    let message = do_reload(&state).await?;
+    Ok(Json(json!({ "reloaded": true, "message": message })).into_response())
+}
+
+/// Re-reads the configuration file and applies what can change without
+/// stranding mappings (used by `POST /v1/reload` and SIGHUP).
+pub async fn do_reload(state: &AppState) -> Result<String, ApiError> {
+    let Some(path) = &state.config_path else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_config_file",
+            "pcpd runs on its built-in default; there is no file to reload",
+        ));
+    };
+    let new = Config::load(path).map_err(|problems| {
+        let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_config",
+            list.join("; "),
+        )
+    })?;
+    let current = state
+        .config
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(why) = current.reload_conflict(&new) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "reload_would_strand",
+            why,
+        ));
+    }
+    let compiled = pcp_engine::Compiled::new(new.pcp.clone(), &state.shared).map_err(|p| {
+        let list: Vec<String> = p.iter().map(ToString::to_string).collect();
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_config",
+            list.join("; "),
+        )
+    })?;
+    let compiled = Arc::new(compiled);
+    for shard in &state.shards {
+        let c = compiled.clone();
+        ask(shard, |tx| Control::Reload(c, tx)).await?;
+    }
+    *state.config.lock().unwrap_or_else(|p| p.into_inner()) = new;
+    Ok(format!("{} reloaded", path.display()))
+}

@@ -1,0 +1,325 @@
+//! # pcpd: a carrier-grade PCP server
+//!
+//! Answers PCP (RFC 6887) and NAT-PMP (RFC 6886) on UDP 5351 with one I/O
+//! shard per core, and serves an admin REST API and Prometheus metrics.
+//! The only crate of the workspace that knows tokio.
+//!
+//! ```text
+//!  config ─▶ Shared pools ─▶ shard threads (socket + engine + dataplane each)
+//!                 │                ▲ control messages
+//!                 └── admin API ───┘      metrics ◀── per-shard counters
+//! ```
+
+// A binary: `pub` marks what modules offer each other, not an exported API.
+#![allow(unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use pcp_engine::{Compiled, Shared};
+
+mod admin;
+mod config;
+mod metrics;
+mod natlog;
+mod shard;
+
+use config::{Config, LogFormat};
+
+/// A carrier-grade PCP (RFC 6887) and NAT-PMP (RFC 6886) server.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (YAML). Without it, the built-in loopback default.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Run,
+    /// Check a configuration file and print the verdict.
+    CheckConfig {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Print the built-in default configuration.
+    PrintDefaultConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::PrintDefaultConfig => {
+            print!("{}", config::DEFAULT_YAML);
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(cfg) => {
+                println!(
+                    "{}: OK ({} pools, {} subscriber classes, {} listen addresses, {} shards)",
+                    file.display(),
+                    cfg.pcp.pools.len(),
+                    cfg.pcp.subscribers.len(),
+                    cfg.listen.len(),
+                    cfg.shard_count()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                for p in &problems {
+                    eprintln!("{}: {p}", file.display());
+                }
+                eprintln!("{}: {} problem(s)", file.display(), problems.len());
+                ExitCode::from(1)
+            }
+        },
+        Command::Run => {
+            let (cfg, path) = match &cli.config {
+                Some(p) => match Config::load(p) {
+                    Ok(c) => (c, Some(p.clone())),
+                    Err(problems) => {
+                        for pr in &problems {
+                            eprintln!("{}: {pr}", p.display());
+                        }
+                        return ExitCode::from(2);
+                    }
+                },
+                None => (Config::builtin(), None),
+            };
+            init_logging(cfg.log.format);
+            match run(cfg, path) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("pcpd: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PCPD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
+    let sink: Box<dyn std::io::Write + Send> = match cfg.nat_event_path() {
+        None => Box::new(std::io::stdout()),
+        Some(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .with_context(|| format!("NAT event log {}", p.display()))?,
+        ),
+    };
+    let natlog = natlog::NatLog::new(sink);
+    let metrics = metrics::Metrics::new().context("metrics")?;
+    let shared = Arc::new(Shared::new(&cfg.pcp));
+    let compiled = Arc::new(Compiled::new(cfg.pcp.clone(), &shared).map_err(|p| {
+        anyhow::anyhow!(p
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; "))
+    })?);
+    // No durable state yet: every start is a state loss, so a new epoch
+    // begins and restart ANNOUNCEs go out (RFC 6887 §8.5, §14.1.3).
+    let epoch_start = shard::now_ms();
+    metrics.epoch_start.set((epoch_start / 1000) as i64);
+    let n = cfg.shard_count();
+    let seed_base = epoch_start ^ u64::from(std::process::id()).rotate_left(32);
+    let specs = (0..n)
+        .map(|i| shard::ShardSpec {
+            index: i,
+            compiled: compiled.clone(),
+            shared: shared.clone(),
+            listen: cfg.listen.clone(),
+            epoch_start_ms: epoch_start,
+            seed: seed_base
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .wrapping_add(i as u64),
+            metrics: metrics.clone(),
+            natlog: natlog.clone(),
+            announce: true,
+        })
+        .collect();
+    let (shards, _threads) =
+        shard::start(specs, cfg.handoff_queue).context("opening UDP sockets")?;
+    tracing::info!(
+        listen = ?cfg.listen,
+        shards = n,
+        loopback_only = cfg.loopback_only(),
+        "pcpd answering PCP and NAT-PMP"
+    );
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("pcpd-admin")
+        .enable_all()
+        .build()?;
+    let state = Arc::new(admin::AppState {
+        shards,
+        shared: shared.clone(),
+        tokens: cfg
+            .admin
+            .tokens
+            .iter()
+            .map(|t| (t.name.clone(), t.sha256.to_ascii_lowercase(), t.scope))
+            .collect(),
+        ready: Default::default(),
+        config_path: path,
+        config: Mutex::new(cfg.clone()),
+    });
+    if cfg
+        .admin
+        .tokens
+        .iter()
+        .any(|t| t.sha256 == config::token_hash(config::DEFAULT_DEV_TOKEN))
+    {
+        tracing::warn!("the admin API accepts the development token; replace it outside of trials");
+    }
+    rt.block_on(serve(cfg, state, metrics, shared))
+}
+
+async fn serve(
+    cfg: Config,
+    state: Arc<admin::AppState>,
+    metrics: metrics::Metrics,
+    shared: Arc<Shared>,
+) -> anyhow::Result<()> {
+    let app = admin::router(state.clone());
+    let admin_addr = cfg.admin.listen;
+    let admin_task = match &cfg.admin.tls {
+        Some(tls) => {
+            let server_cfg = tls_config(tls).context("admin TLS")?;
+            let rustls_cfg =
+                axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(server_cfg));
+            let std_listener = std::net::TcpListener::bind(admin_addr)
+                .with_context(|| format!("admin.listen {admin_addr}"))?;
+            std_listener.set_nonblocking(true)?;
+            tracing::info!("admin API on https://{admin_addr}");
+            tokio::spawn(async move {
+                axum_server::from_tcp_rustls(std_listener, rustls_cfg)?
+                    .serve(app.into_make_service())
+                    .await
+            })
+        }
+        None => {
+            let listener = tokio::net::TcpListener::bind(admin_addr)
+                .await
+                .with_context(|| format!("admin.listen {admin_addr}"))?;
+            tracing::info!("admin API on http://{admin_addr} (plaintext, loopback only)");
+            tokio::spawn(async move { axum::serve(listener, app).await })
+        }
+    };
+    let metrics_addr: SocketAddr = cfg.metrics.listen;
+    let m = metrics.clone();
+    let metrics_app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let m = m.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    m.render(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(metrics_addr)
+        .await
+        .with_context(|| format!("metrics.listen {metrics_addr}"))?;
+    tracing::info!("metrics on http://{metrics_addr}/metrics");
+    let metrics_task = tokio::spawn(async move { axum::serve(listener, metrics_app).await });
+
+    // Pool gauges.
+    let (m, sh) = (metrics.clone(), shared.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            m.pools(&sh.usage());
+        }
+    });
+    metrics.pools(&shared.usage());
+    state.ready.store(true, Ordering::Release);
+    metrics.ready.set(1);
+    tracing::info!("ready");
+
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match admin::do_reload(&state).await {
+                Ok(msg) => tracing::info!("SIGHUP: {msg}"),
+                Err(e) => tracing::error!("SIGHUP reload refused: {e:?}"),
+            },
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+        if admin_task.is_finished() || metrics_task.is_finished() {
+            anyhow::bail!("an HTTP server stopped");
+        }
+    }
+    tracing::info!("shutting down");
+    state.ready.store(false, Ordering::Release);
+    Ok(())
+}
+
+fn tls_config(tls: &config::TlsConfig) -> anyhow::Result<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = CertificateDer::pem_file_iter(&tls.cert)
+        .with_context(|| format!("{}", tls.cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{}", tls.cert.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(&tls.key).with_context(|| format!("{}", tls.key.display()))?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match &tls.client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in
+                CertificateDer::pem_file_iter(ca).with_context(|| format!("{}", ca.display()))?
+            {
+                roots.add(c?)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_single_cert(certs, key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}

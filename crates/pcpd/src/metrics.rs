@@ -1,0 +1,272 @@
+//! Prometheus metrics, registered into an explicit registry. Names are
+//! constants shared with the tests and docs/metrics.md. No label carries a
+//! subscriber address.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+use pcp_engine::{PoolUsage, Stats};
+
+/// `pcpd_responses_total{opcode, result}`: answered requests.
+pub const RESPONSES: &str = "pcpd_responses_total";
+/// `pcpd_drops_total{reason}`: datagrams dropped without an answer.
+pub const DROPS: &str = "pcpd_drops_total";
+/// `pcpd_request_duration_seconds`: time from receive to reply ready.
+pub const LATENCY: &str = "pcpd_request_duration_seconds";
+/// `pcpd_mappings{kind}`: live mappings.
+pub const MAPPINGS: &str = "pcpd_mappings";
+/// `pcpd_pool_ports{pool}` / `pcpd_pool_blocks{pool}` / `pcpd_pool_blocks_allocated{pool}`.
+pub const POOL_PORTS: &str = "pcpd_pool_ports";
+/// Blocks in a pool.
+pub const POOL_BLOCKS: &str = "pcpd_pool_blocks";
+/// Blocks held by subscribers.
+pub const POOL_BLOCKS_ALLOCATED: &str = "pcpd_pool_blocks_allocated";
+/// `pcpd_quota_refusals_total`: USER_EX_QUOTA answers.
+pub const QUOTA_REFUSALS: &str = "pcpd_quota_refusals_total";
+/// `pcpd_rate_limited_total`: requests refused by the rate limiter.
+pub const RATE_LIMITED: &str = "pcpd_rate_limited_total";
+/// `pcpd_third_party_refusals_total`: THIRD_PARTY requests refused.
+pub const THIRD_PARTY_REFUSALS: &str = "pcpd_third_party_refusals_total";
+/// `pcpd_unsolicited_total`: unsolicited ANNOUNCE and mapping updates sent.
+pub const UNSOLICITED: &str = "pcpd_unsolicited_total";
+/// `pcpd_dataplane_changes_total{result}` and `pcpd_dataplane_apply_seconds`.
+pub const DATAPLANE_CHANGES: &str = "pcpd_dataplane_changes_total";
+/// Time to apply one batch of dataplane changes.
+pub const DATAPLANE_LATENCY: &str = "pcpd_dataplane_apply_seconds";
+/// `pcpd_epoch_start_timestamp_seconds`: when the epoch (RFC 6887 §8.5) began.
+pub const EPOCH_START: &str = "pcpd_epoch_start_timestamp_seconds";
+/// `pcpd_build_info{version}`: always 1.
+pub const BUILD_INFO: &str = "pcpd_build_info";
+/// `pcpd_ready`: 1 once state is restored and sockets are open.
+pub const READY: &str = "pcpd_ready";
+
+/// Every metric handle, cloned into each shard.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry `/metrics` gathers.
+    pub registry: Registry,
+    responses: IntCounterVec,
+    drops: IntCounterVec,
+    /// Request latency.
+    pub latency: Histogram,
+    mappings: IntGaugeVec,
+    pool_ports: IntGaugeVec,
+    pool_blocks: IntGaugeVec,
+    pool_blocks_allocated: IntGaugeVec,
+    quota: IntCounter,
+    rate_limited: IntCounter,
+    third_party: IntCounter,
+    unsolicited: IntCounter,
+    /// Dataplane changes by result.
+    pub dataplane_changes: IntCounterVec,
+    /// Dataplane batch latency.
+    pub dataplane_latency: Histogram,
+    /// Epoch start.
+    pub epoch_start: IntGauge,
+    /// Readiness.
+    pub ready: IntGauge,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    // Names are unique constants; a clash is a programming error caught by tests.
+    if let Err(e) = r.register(Box::new(c.clone())) {
+        tracing::error!("metric registration failed: {e}");
+    }
+    c
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let r = Registry::new();
+        let buckets = vec![
+            0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5,
+            0.005, 0.01, 0.025, 0.1,
+        ];
+        let m = Metrics {
+            responses: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        RESPONSES,
+                        "PCP and NAT-PMP requests answered, by opcode and result code.",
+                    ),
+                    &["opcode", "result"],
+                )?,
+            ),
+            drops: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(DROPS, "Datagrams dropped without an answer, by reason."),
+                    &["reason"],
+                )?,
+            ),
+            latency: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        LATENCY,
+                        "Time from receiving a request to its reply being ready, in seconds.",
+                    )
+                    .buckets(buckets.clone()),
+                )?,
+            ),
+            mappings: reg(
+                &r,
+                IntGaugeVec::new(Opts::new(MAPPINGS, "Live mappings, by shard."), &["shard"])?,
+            ),
+            pool_ports: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(POOL_PORTS, "Ports in a pool's block area."),
+                    &["pool"],
+                )?,
+            ),
+            pool_blocks: reg(
+                &r,
+                IntGaugeVec::new(Opts::new(POOL_BLOCKS, "Port blocks in a pool."), &["pool"])?,
+            ),
+            pool_blocks_allocated: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(POOL_BLOCKS_ALLOCATED, "Port blocks held by subscribers."),
+                    &["pool"],
+                )?,
+            ),
+            quota: reg(
+                &r,
+                IntCounter::new(QUOTA_REFUSALS, "Requests answered USER_EX_QUOTA.")?,
+            ),
+            rate_limited: reg(
+                &r,
+                IntCounter::new(
+                    RATE_LIMITED,
+                    "Requests refused by the per-subscriber rate limiter.",
+                )?,
+            ),
+            third_party: reg(
+                &r,
+                IntCounter::new(
+                    THIRD_PARTY_REFUSALS,
+                    "THIRD_PARTY requests refused by policy.",
+                )?,
+            ),
+            unsolicited: reg(
+                &r,
+                IntCounter::new(
+                    UNSOLICITED,
+                    "Unsolicited ANNOUNCE and mapping update datagrams sent.",
+                )?,
+            ),
+            dataplane_changes: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(DATAPLANE_CHANGES, "Dataplane changes applied, by result."),
+                    &["result"],
+                )?,
+            ),
+            dataplane_latency: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        DATAPLANE_LATENCY,
+                        "Time to apply one batch of dataplane changes, in seconds.",
+                    )
+                    .buckets(buckets),
+                )?,
+            ),
+            epoch_start: reg(
+                &r,
+                IntGauge::new(
+                    EPOCH_START,
+                    "Unix time at which the current PCP epoch began (RFC 6887 section 8.5).",
+                )?,
+            ),
+            ready: reg(&r, IntGauge::new(READY, "1 once pcpd answers requests.")?),
+            registry: r,
+        };
+        let build = IntGaugeVec::new(
+            Opts::new(BUILD_INFO, "Build information; always 1."),
+            &["version"],
+        )?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        reg(&m.registry, build);
+        for name in pcp_engine::Stats::ROWS {
+            for code in pcp_wire::ResultCode::ALL {
+                // Pre-create the common series so rates start at zero.
+                if code == pcp_wire::ResultCode::Success {
+                    m.responses.with_label_values(&[name, code.name()]);
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// Adds the difference between two snapshots of a shard's stats.
+    pub fn publish(&self, prev: &Stats, now: &Stats, shard: usize, mappings: usize) {
+        for (row, name) in Stats::ROWS.iter().enumerate() {
+            for (code, (a, b)) in prev.responses[row]
+                .iter()
+                .zip(now.responses[row].iter())
+                .enumerate()
+            {
+                if b > a {
+                    let result = pcp_wire::ResultCode::from(code as u8).name();
+                    self.responses
+                        .with_label_values(&[name, result])
+                        .inc_by(b - a);
+                }
+            }
+        }
+        for (reason, n) in &now.drops {
+            let before = prev.drops.get(reason).copied().unwrap_or(0);
+            if *n > before {
+                self.drops.with_label_values(&[reason]).inc_by(n - before);
+            }
+        }
+        self.quota
+            .inc_by(now.quota_refusals.saturating_sub(prev.quota_refusals));
+        self.rate_limited
+            .inc_by(now.rate_limited.saturating_sub(prev.rate_limited));
+        self.third_party.inc_by(
+            now.third_party_refusals
+                .saturating_sub(prev.third_party_refusals),
+        );
+        self.unsolicited
+            .inc_by(now.unsolicited.saturating_sub(prev.unsolicited));
+        self.mappings
+            .with_label_values(&[&shard.to_string()])
+            .set(mappings as i64);
+    }
+
+    /// Counts drops the I/O layer decided (queue full, send failure).
+    pub fn drop_io(&self, reason: &str) {
+        self.drops.with_label_values(&[reason]).inc();
+    }
+
+    /// Sets the pool gauges.
+    pub fn pools(&self, usage: &[PoolUsage]) {
+        for u in usage {
+            self.pool_ports
+                .with_label_values(&[&u.name])
+                .set(u.ports_total as i64);
+            self.pool_blocks
+                .with_label_values(&[&u.name])
+                .set(u.blocks_total as i64);
+            self.pool_blocks_allocated
+                .with_label_values(&[&u.name])
+                .set(u.blocks_allocated as i64);
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = String::new();
+        let encoder = prometheus::TextEncoder::new();
+        if let Err(e) = encoder.encode_utf8(&self.registry.gather(), &mut buf) {
+            tracing::error!("metrics encoding failed: {e}");
+        }
+        buf
+    }
+}

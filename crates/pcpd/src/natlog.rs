@@ -1,0 +1,148 @@
+//! NAT event log: one JSON line per event, with RFC 8158 (IPFIX NAT
+//! logging) event numbers and field names. Lines are buffered per shard
+//! and written once per batch.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use pcp_engine::{DeleteReason, Event, Mapping, Millis};
+use serde_json::{json, Value};
+
+/// RFC 8158 natEvent values used here.
+mod nat_event {
+    pub(super) const ADDRESSES_EXHAUSTED: u8 = 3;
+    pub(super) const NAT44_BIB_CREATE: u8 = 8;
+    pub(super) const NAT44_BIB_DELETE: u8 = 9;
+    pub(super) const NAT64_BIB_CREATE: u8 = 10;
+    pub(super) const NAT64_BIB_DELETE: u8 = 11;
+    pub(super) const QUOTA_EXCEEDED: u8 = 13;
+    pub(super) const PORT_BLOCK_ALLOCATION: u8 = 16;
+    pub(super) const PORT_BLOCK_DEALLOCATION: u8 = 17;
+}
+
+/// A shard's handle on the shared log sink.
+pub struct NatLog {
+    sink: Arc<Mutex<Box<dyn Write + Send>>>,
+    buf: Vec<u8>,
+}
+
+impl Clone for NatLog {
+    fn clone(&self) -> Self {
+        NatLog {
+            sink: self.sink.clone(),
+            buf: Vec::new(),
+        }
+    }
+}
+
+impl NatLog {
+    /// A log writing to `sink`.
+    pub fn new(sink: Box<dyn Write + Send>) -> Self {
+        NatLog {
+            sink: Arc::new(Mutex::new(sink)),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Buffers the line for one engine event.
+    pub fn record(&mut self, now: Millis, event: &Event) {
+        let Some(line) = to_json(now, event) else {
+            return;
+        };
+        if serde_json::to_writer(&mut self.buf, &line).is_ok() {
+            self.buf.push(b'\n');
+        }
+    }
+
+    /// Writes buffered lines.
+    pub fn flush(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = sink.write_all(&self.buf).and_then(|_| sink.flush()) {
+            tracing::error!("NAT event log: {e}");
+        }
+        self.buf.clear();
+    }
+}
+
+fn bib(m: &Mapping, create: bool) -> u8 {
+    match (m.internal_addr, create) {
+        (IpAddr::V4(_), true) => nat_event::NAT44_BIB_CREATE,
+        (IpAddr::V4(_), false) => nat_event::NAT44_BIB_DELETE,
+        (IpAddr::V6(_), true) => nat_event::NAT64_BIB_CREATE,
+        (IpAddr::V6(_), false) => nat_event::NAT64_BIB_DELETE,
+    }
+}
+
+fn mapping_fields(m: &Mapping) -> Value {
+    json!({
+        "sourceAddress": m.internal_addr,
+        "sourceTransportPort": m.internal_port,
+        "protocolIdentifier": m.protocol,
+        "postNATSourceIPv4Address": m.external_addr,
+        "postNAPTSourceTransportPort": m.external_port,
+        "portRangeStart": m.external_port,
+        "portRangeEnd": u32::from(m.external_port) + u32::from(m.port_count) - 1,
+        "kind": m.kind,
+    })
+}
+
+fn to_json(now: Millis, event: &Event) -> Option<Value> {
+    let (code, name, mut fields) = match event {
+        Event::MappingCreated(m) => (bib(m, true), "mapping_create", mapping_fields(m)),
+        Event::MappingDeleted { mapping, reason } => {
+            let mut f = mapping_fields(mapping);
+            f["reason"] = json!(reason);
+            (bib(mapping, false), "mapping_delete", f)
+        }
+        Event::MappingMoved { old, new } => {
+            let mut f = mapping_fields(new);
+            f["previousPostNATSourceIPv4Address"] = json!(old.external_addr);
+            f["previousPostNAPTSourceTransportPort"] = json!(old.external_port);
+            f["reason"] = json!(DeleteReason::Drained);
+            (bib(new, true), "mapping_move", f)
+        }
+        Event::BlockAllocated { subscriber, block }
+        | Event::BlockReleased { subscriber, block } => {
+            let alloc = matches!(event, Event::BlockAllocated { .. });
+            (
+                if alloc {
+                    nat_event::PORT_BLOCK_ALLOCATION
+                } else {
+                    nat_event::PORT_BLOCK_DEALLOCATION
+                },
+                if alloc {
+                    "port_block_allocation"
+                } else {
+                    "port_block_deallocation"
+                },
+                json!({
+                    "sourceAddress": subscriber,
+                    "postNATSourceIPv4Address": block.addr,
+                    "portRangeStart": block.first,
+                    "portRangeEnd": block.last(),
+                }),
+            )
+        }
+        Event::QuotaExceeded { subscriber } => (
+            nat_event::QUOTA_EXCEEDED,
+            "quota_exceeded",
+            // natQuotaExceededEvent 3: maximum entries per user.
+            json!({ "sourceAddress": subscriber, "natQuotaExceededEvent": 3 }),
+        ),
+        Event::PoolExhausted { pool } => (
+            nat_event::ADDRESSES_EXHAUSTED,
+            "addresses_exhausted",
+            json!({ "natPoolName": pool }),
+        ),
+        // Renewals change lifetimes only; RFC 8158 has no event for them.
+        Event::MappingRenewed(_) => return None,
+    };
+    fields["timeStamp"] = json!(now);
+    fields["natEvent"] = json!(code);
+    fields["event"] = json!(name);
+    Some(fields)
+}

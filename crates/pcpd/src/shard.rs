@@ -1,0 +1,526 @@
+//! I/O shards: one thread per shard, each with its own current-thread
+//! runtime, its own engine and dataplane, and one SO_REUSEPORT socket per
+//! listen address.
+//!
+//! Per batch: receive up to `quinn_udp::BATCH_SIZE` datagrams (recvmmsg,
+//! with the destination address of each), hand the ones owned by another
+//! shard to it over a bounded queue, answer the rest, apply the engine's
+//! effects (dataplane, NAT event log), and only then send the replies,
+//! from the address the request was sent to. No task and no heap
+//! allocation per datagram.
+
+use std::cell::RefCell;
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pcp_dataplane::{Change, Dataplane, MemoryDataplane};
+use pcp_engine::{
+    shard_of, subscriber_key, Compiled, Engine, Holder, Mapping, MappingId, Millis, Shared, Stats,
+    SubscriberUsage,
+};
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::metrics::Metrics;
+use crate::natlog::NatLog;
+
+/// Largest PCP datagram (RFC 6887 §7).
+pub const MAX_DATAGRAM: usize = 1100;
+/// Receive buffer per datagram: large enough to see oversize requests.
+const RECV_BUF: usize = 1500;
+/// Replies held before a flush.
+const REPLY_SLOTS: usize = 64;
+/// Datagrams received per system call (at most quinn-udp's batch).
+const BATCH: usize = 32;
+
+/// Wall-clock milliseconds.
+pub fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+/// A datagram handed to the shard that owns its subscriber.
+pub struct Handoff {
+    len: u16,
+    buf: [u8; MAX_DATAGRAM],
+    src: SocketAddr,
+    dst_ip: Option<IpAddr>,
+    socket: u8,
+}
+
+/// Operator requests a shard answers.
+pub enum Control {
+    /// Mappings matching a filter.
+    Mappings(MappingFilter, oneshot::Sender<Vec<Mapping>>),
+    /// One mapping.
+    Mapping(MappingId, oneshot::Sender<Option<Mapping>>),
+    /// A subscriber's usage.
+    Subscriber(IpAddr, oneshot::Sender<Option<SubscriberUsage>>),
+    /// Create a static mapping.
+    CreateStatic {
+        /// Internal address.
+        internal: IpAddr,
+        /// Protocol.
+        protocol: u8,
+        /// Internal port.
+        internal_port: u16,
+        /// Suggested external port (0: any).
+        external_port: u16,
+        /// Answer.
+        reply: oneshot::Sender<Result<Mapping, pcp_wire::ResultCode>>,
+    },
+    /// Delete a mapping.
+    Delete(MappingId, oneshot::Sender<Option<Mapping>>),
+    /// Move mappings off a drained address.
+    Drain(Ipv4Addr, oneshot::Sender<usize>),
+    /// Who held an external port at a time.
+    Lookup(Ipv4Addr, u16, Millis, oneshot::Sender<Option<Holder>>),
+    /// New configuration.
+    Reload(Arc<Compiled>, oneshot::Sender<()>),
+}
+
+/// Filter for listing mappings.
+#[derive(Debug, Clone, Default)]
+pub struct MappingFilter {
+    /// Only this subscriber.
+    pub subscriber: Option<IpAddr>,
+    /// Only this external address.
+    pub external: Option<Ipv4Addr>,
+    /// Only this protocol.
+    pub protocol: Option<u8>,
+}
+
+/// The handles other threads use to reach a shard.
+#[derive(Clone)]
+pub struct ShardHandle {
+    /// Operator requests.
+    pub control: mpsc::Sender<Control>,
+    handoff: mpsc::Sender<Handoff>,
+}
+
+/// What a shard needs to start.
+pub struct ShardSpec {
+    /// Shard index.
+    pub index: usize,
+    /// Compiled configuration.
+    pub compiled: Arc<Compiled>,
+    /// Shared pool state.
+    pub shared: Arc<Shared>,
+    /// Listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Epoch start.
+    pub epoch_start_ms: Millis,
+    /// Seed for the port randomizer.
+    pub seed: u64,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// NAT event log.
+    pub natlog: NatLog,
+    /// Send restart ANNOUNCEs (state was lost).
+    pub announce: bool,
+}
+
+/// Opens one shard's socket for `addr` with SO_REUSEPORT.
+fn open_socket(addr: SocketAddr) -> io::Result<(UdpSocket, UdpSocketState)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    sock.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    let std_sock: std::net::UdpSocket = sock.into();
+    let state = UdpSocketState::new((&std_sock).into())?;
+    Ok((UdpSocket::from_std(std_sock)?, state))
+}
+
+/// Binds every shard's sockets, then starts the shard threads. Sockets are
+/// opened here so a bind error is reported before anything runs.
+pub fn start(
+    specs: Vec<ShardSpec>,
+    queue: usize,
+) -> io::Result<(Vec<ShardHandle>, Vec<std::thread::JoinHandle<()>>)> {
+    let n = specs.len();
+    let mut handles = Vec::with_capacity(n);
+    let mut receivers = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (ctl_tx, ctl_rx) = mpsc::channel(64);
+        let (ho_tx, ho_rx) = mpsc::channel(queue);
+        handles.push(ShardHandle {
+            control: ctl_tx,
+            handoff: ho_tx,
+        });
+        receivers.push((ctl_rx, ho_rx));
+    }
+    let mut threads = Vec::with_capacity(n);
+    for (spec, (ctl_rx, ho_rx)) in specs.into_iter().zip(receivers) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        // Sockets must be registered with the shard's own runtime.
+        let sockets = {
+            let _guard = rt.enter();
+            spec.listen
+                .iter()
+                .map(|a| open_socket(*a).map_err(|e| io::Error::new(e.kind(), format!("{a}: {e}"))))
+                .collect::<io::Result<Vec<_>>>()?
+        };
+        let peers = handles.clone();
+        let name = format!("pcpd-shard-{}", spec.index);
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, run(spec, sockets, peers, ctl_rx, ho_rx));
+        })?;
+        threads.push(thread);
+    }
+    Ok((handles, threads))
+}
+
+struct State {
+    index: usize,
+    engine: Engine,
+    dataplane: Box<dyn Dataplane>,
+    changes: Vec<Change>,
+    metrics: Metrics,
+    natlog: NatLog,
+    replies: Vec<(usize, SocketAddr, Option<IpAddr>, usize)>,
+    reply_bufs: Box<[[u8; MAX_DATAGRAM]; REPLY_SLOTS]>,
+}
+
+impl State {
+    /// Applies the engine's effects: dataplane batch, then NAT event log.
+    fn apply_effects(&mut self) {
+        self.changes.clear();
+        let now = now_ms();
+        while let Some(event) = self.engine.poll_event() {
+            Change::from_event(&event, &mut self.changes);
+            self.natlog.record(now, &event);
+        }
+        if !self.changes.is_empty() {
+            let started = Instant::now();
+            let results = self.dataplane.apply(&self.changes);
+            self.metrics
+                .dataplane_latency
+                .observe(started.elapsed().as_secs_f64());
+            for r in results {
+                let label = if r.is_ok() { "ok" } else { "error" };
+                self.metrics
+                    .dataplane_changes
+                    .with_label_values(&[label])
+                    .inc();
+                if let Err(e) = r {
+                    tracing::error!(shard = self.index, "dataplane: {e}");
+                }
+            }
+        }
+        self.natlog.flush();
+    }
+}
+
+type Sockets = Rc<Vec<(UdpSocket, UdpSocketState)>>;
+
+async fn run(
+    spec: ShardSpec,
+    sockets: Vec<(UdpSocket, UdpSocketState)>,
+    peers: Vec<ShardHandle>,
+    mut ctl_rx: mpsc::Receiver<Control>,
+    mut ho_rx: mpsc::Receiver<Handoff>,
+) {
+    let index = spec.index;
+    let mut engine = Engine::new(
+        spec.compiled,
+        spec.shared,
+        index as u16,
+        spec.epoch_start_ms,
+        spec.seed,
+    );
+    if spec.announce {
+        // RFC 6887 §14.1.3: state was lost; tell clients.
+        engine.announce_restart(now_ms(), &[]);
+    }
+    let state = Rc::new(RefCell::new(State {
+        index,
+        engine,
+        dataplane: Box::new(MemoryDataplane::new()),
+        changes: Vec::new(),
+        metrics: spec.metrics.clone(),
+        natlog: spec.natlog,
+        replies: Vec::with_capacity(REPLY_SLOTS),
+        reply_bufs: Box::new([[0u8; MAX_DATAGRAM]; REPLY_SLOTS]),
+    }));
+    let sockets: Sockets = Rc::new(sockets);
+    let timer = Rc::new(Notify::new());
+    let shards = peers.len();
+
+    for si in 0..sockets.len() {
+        let (state, sockets, peers, timer) =
+            (state.clone(), sockets.clone(), peers.clone(), timer.clone());
+        tokio::task::spawn_local(async move {
+            recv_loop(index, si, shards, state, sockets, peers, timer).await;
+        });
+    }
+    {
+        let (state, sockets, timer) = (state.clone(), sockets.clone(), timer.clone());
+        tokio::task::spawn_local(async move {
+            while let Some(h) = ho_rx.recv().await {
+                let mut st = state.borrow_mut();
+                handle_one(
+                    &mut st,
+                    usize::from(h.socket),
+                    h.src,
+                    h.dst_ip,
+                    &h.buf[..usize::from(h.len)],
+                );
+                // Drain what else is queued before flushing, bounded.
+                for _ in 0..REPLY_SLOTS - 1 {
+                    match ho_rx.try_recv() {
+                        Ok(h) => handle_one(
+                            &mut st,
+                            usize::from(h.socket),
+                            h.src,
+                            h.dst_ip,
+                            &h.buf[..usize::from(h.len)],
+                        ),
+                        Err(_) => break,
+                    }
+                }
+                flush(&mut st, &sockets);
+                drop(st);
+                timer.notify_one();
+            }
+        });
+    }
+    {
+        let (state, sockets, timer) = (state.clone(), sockets.clone(), timer.clone());
+        tokio::task::spawn_local(async move { timer_loop(state, sockets, timer).await });
+    }
+    {
+        let state = state.clone();
+        tokio::task::spawn_local(async move {
+            let mut prev = Stats::default();
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let st = state.borrow();
+                let now = st.engine.stats().clone();
+                st.metrics
+                    .publish(&prev, &now, st.index, st.engine.mapping_count());
+                prev = now;
+            }
+        });
+    }
+    while let Some(ctl) = ctl_rx.recv().await {
+        let mut st = state.borrow_mut();
+        control(&mut st, ctl);
+        st.apply_effects();
+        drop(st);
+        timer.notify_one();
+    }
+}
+
+fn control(st: &mut State, ctl: Control) {
+    let now = now_ms();
+    // A dropped receiver only means the API client went away.
+    match ctl {
+        Control::Mappings(f, reply) => {
+            let list = st
+                .engine
+                .mappings()
+                .filter(|m| f.subscriber.is_none_or(|s| m.internal_addr == s))
+                .filter(|m| f.external.is_none_or(|e| m.external_addr == e))
+                .filter(|m| f.protocol.is_none_or(|p| m.protocol == p))
+                .cloned()
+                .collect();
+            let _ = reply.send(list);
+        }
+        Control::Mapping(id, reply) => {
+            let _ = reply.send(st.engine.mapping(id).cloned());
+        }
+        Control::Subscriber(ip, reply) => {
+            let _ = reply.send(st.engine.subscriber(ip));
+        }
+        Control::CreateStatic {
+            internal,
+            protocol,
+            internal_port,
+            external_port,
+            reply,
+        } => {
+            let r = st
+                .engine
+                .create_static(now, internal, protocol, internal_port, external_port);
+            let _ = reply.send(r);
+        }
+        Control::Delete(id, reply) => {
+            let _ = reply.send(st.engine.delete(now, id));
+        }
+        Control::Drain(addr, reply) => {
+            let _ = reply.send(st.engine.drain(now, addr));
+        }
+        Control::Lookup(addr, port, at, reply) => {
+            let _ = reply.send(st.engine.lookup(addr, port, at));
+        }
+        Control::Reload(compiled, reply) => {
+            st.engine.reconfigure(compiled);
+            let _ = reply.send(());
+        }
+    }
+}
+
+/// Answers one datagram into the reply arena.
+fn handle_one(
+    st: &mut State,
+    socket: usize,
+    src: SocketAddr,
+    dst_ip: Option<IpAddr>,
+    datagram: &[u8],
+) {
+    let started = Instant::now();
+    let slot = st.replies.len();
+    let now = now_ms();
+    if let Some(n) = st
+        .engine
+        .handle(now, src, datagram, &mut st.reply_bufs[slot])
+    {
+        st.replies.push((socket, src, dst_ip, n));
+    }
+    st.metrics.latency.observe(started.elapsed().as_secs_f64());
+}
+
+/// Applies effects, then sends the held replies (a success is only sent
+/// for state that was applied).
+fn flush(st: &mut State, sockets: &Sockets) {
+    st.apply_effects();
+    for i in 0..st.replies.len() {
+        let (si, dst, src_ip, len) = st.replies[i];
+        let (sock, udp) = &sockets[si];
+        let t = Transmit {
+            destination: dst,
+            ecn: None,
+            contents: &st.reply_bufs[i][..len],
+            segment_size: None,
+            src_ip,
+        };
+        if sock
+            .try_io(Interest::WRITABLE, || udp.try_send(sock.into(), &t))
+            .is_err()
+        {
+            st.metrics.drop_io("send_failed");
+        }
+    }
+    st.replies.clear();
+}
+
+async fn recv_loop(
+    index: usize,
+    si: usize,
+    shards: usize,
+    state: Rc<RefCell<State>>,
+    sockets: Sockets,
+    peers: Vec<ShardHandle>,
+    timer: Rc<Notify>,
+) {
+    let batch = quinn_udp::BATCH_SIZE.clamp(1, BATCH);
+    let mut bufs: Box<[[u8; RECV_BUF]; BATCH]> = Box::new([[0u8; RECV_BUF]; BATCH]);
+    let mut metas = [RecvMeta::default(); BATCH];
+    loop {
+        let (sock, udp) = &sockets[si];
+        if sock.readable().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        let n = {
+            let mut iovs = bufs.each_mut().map(|b| IoSliceMut::new(&mut b[..]));
+            match sock.try_io(Interest::READABLE, || {
+                udp.recv(sock.into(), &mut iovs[..batch], &mut metas[..batch])
+            }) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    tracing::debug!(shard = index, "recv: {e}");
+                    continue;
+                }
+            }
+        };
+        {
+            let mut st = state.borrow_mut();
+            for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
+                let stride = meta.stride.max(1);
+                for datagram in buf[..meta.len].chunks(stride) {
+                    let src = SocketAddr::new(meta.addr.ip().to_canonical(), meta.addr.port());
+                    let owner = shard_of(subscriber_key(datagram, src.ip()), shards);
+                    if owner != index {
+                        let mut h = Handoff {
+                            len: 0,
+                            buf: [0u8; MAX_DATAGRAM],
+                            src,
+                            dst_ip: meta.dst_ip,
+                            socket: si as u8,
+                        };
+                        // Longer datagrams are answered MALFORMED_REQUEST
+                        // with their first 1100 octets (§8.2) by the owner.
+                        let len = datagram.len().min(MAX_DATAGRAM);
+                        h.buf[..len].copy_from_slice(&datagram[..len]);
+                        h.len = len as u16;
+                        if peers[owner].handoff.try_send(h).is_err() {
+                            st.metrics.drop_io("handoff_queue_full");
+                        }
+                        continue;
+                    }
+                    handle_one(&mut st, si, src, meta.dst_ip, datagram);
+                    if st.replies.len() == REPLY_SLOTS {
+                        flush(&mut st, &sockets);
+                    }
+                }
+            }
+            flush(&mut st, &sockets);
+        }
+        timer.notify_one();
+        // Let the other socket and the timers run (DESIGN.md).
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn timer_loop(state: Rc<RefCell<State>>, sockets: Sockets, notify: Rc<Notify>) {
+    loop {
+        let next = state.borrow().engine.poll_timeout();
+        let wait = match next {
+            Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),
+            None => Duration::from_secs(3600),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = notify.notified() => continue,
+        }
+        let mut st = state.borrow_mut();
+        st.engine.handle_timeout(now_ms());
+        st.apply_effects();
+        while let Some(tx) = st.engine.poll_transmit() {
+            let family_v6 = tx.dst.is_ipv6();
+            let Some((sock, udp)) = sockets
+                .iter()
+                .find(|(s, _)| s.local_addr().is_ok_and(|a| a.is_ipv6() == family_v6))
+            else {
+                continue;
+            };
+            let t = Transmit {
+                destination: tx.dst,
+                ecn: None,
+                contents: &tx.payload,
+                segment_size: None,
+                src_ip: None,
+            };
+            if let Err(e) = sock.try_io(Interest::WRITABLE, || udp.try_send(sock.into(), &t)) {
+                tracing::debug!("unsolicited to {}: {e}", tx.dst);
+                st.metrics.drop_io("unsolicited_send_failed");
+            }
+        }
+    }
+}
