@@ -518,3 +518,40 @@ pub async fn do_reload(state: &AppState) -> Result<String, ApiError> {
     *state.config.lock().unwrap_or_else(|p| p.into_inner()) = new;
     Ok(format!("{} reloaded", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every route the router serves is in the OpenAPI document, and nothing else.
+    #[test]
+    fn openapi_documents_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).expect("valid JSON");
+        let documented: std::collections::BTreeSet<String> = doc["paths"]
+            .as_object()
+            .expect("paths")
+            .iter()
+            .flat_map(|(path, ops)| {
+                ops.as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(move |(m, _)| format!("{} {path}", m.to_uppercase()))
+            })
+            .collect();
+        let source = include_str!("admin.rs");
+        let mut served = std::collections::BTreeSet::new();
+        for line in source.lines() {
+            let line = line.trim();
+            if let Some(rest) = line.strip_prefix(".route(\"") {
+                let path = rest.split('"').next().unwrap_or_default();
+                for method in ["get", "post", "delete"] {
+                    if rest.contains(&format!(" {method}("))
+                        || rest.contains(&format!(", {method}("))
+                    {
+                        served.insert(format!("{} {path}", method.to_uppercase()));
+                    }
+                }
+            }
+        }
+        assert_eq!(served.len(), 13, "{served:?}");
+        assert_eq!(served, documented);
+    }
+}

@@ -237,6 +237,16 @@ impl Config {
                     Some(i) => message[..i].to_string(),
                     None => message,
                 };
+                // serde_yaml also prefixes the path it knows.
+                let message = match message.split_once(": ") {
+                    Some((head, rest))
+                        if !head.contains(' ')
+                            && path.ends_with(head.rsplit('.').next().unwrap_or(head)) =>
+                    {
+                        rest.to_string()
+                    }
+                    _ => message,
+                };
                 return Err(vec![Problem {
                     path: if path == "." {
                         "(top level)".into()
@@ -496,7 +506,7 @@ mod tests {
     fn every_problem_is_reported_with_path_and_line() {
         let text = DEFAULT_YAML
             .replace("block_size: 512", "block_size: 0")
-            .replace("max_mappings: 64", "max_mappings: 64\n    max_blocks: 0");
+            .replace("max_blocks: 4", "max_blocks: 0");
         let errs = Config::from_yaml(&text).unwrap_err();
         let paths: Vec<&str> = errs.iter().map(|p| p.path.as_str()).collect();
         assert!(paths.contains(&"pcp.pools.default.block_size"), "{errs:?}");

@@ -1,0 +1,222 @@
+//! Starts the real pcpd binary on a loopback address of its own.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const TOKEN_WRITE: &str = "pcpd-dev-token";
+pub const TOKEN_READ: &str = "read-only-token";
+
+pub struct Daemon {
+    pub child: Child,
+    pub ip: Ipv4Addr,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub scheme: &'static str,
+}
+
+/// The built-in default, as YAML the tests edit.
+pub fn default_config() -> serde_yaml::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_pcpd"))
+        .arg("print-default-config")
+        .output()
+        .expect("pcpd runs");
+    assert!(out.status.success());
+    serde_yaml::from_slice(&out.stdout).expect("default config is YAML")
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A config for loopback address `ip` (127.0.0.x), state in `dir`.
+pub fn config_for(ip: Ipv4Addr, dir: &std::path::Path) -> serde_yaml::Value {
+    let mut v = default_config();
+    v["listen"] = serde_yaml::to_value(vec![format!("{ip}:5351")]).unwrap();
+    v["shards"] = 2.into();
+    v["state_dir"] = dir.join("state").display().to_string().into();
+    v["admin"]["listen"] = format!("{ip}:8351").into();
+    v["metrics"]["listen"] = format!("{ip}:9351").into();
+    let tokens = serde_yaml::to_value(vec![
+        serde_yaml::to_value(
+            serde_json::json!({"name": "ops", "sha256": sha256_hex(TOKEN_WRITE), "scope": "write"}),
+        )
+        .unwrap(),
+        serde_yaml::to_value(
+            serde_json::json!({"name": "noc", "sha256": sha256_hex(TOKEN_READ), "scope": "read"}),
+        )
+        .unwrap(),
+    ])
+    .unwrap();
+    v["admin"]["tokens"] = tokens;
+    v
+}
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pcpd-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl Daemon {
+    /// Starts pcpd on the test default for `ip`.
+    pub fn on_default(name: &str, ip: Ipv4Addr) -> Daemon {
+        let dir = temp_dir(name);
+        let cfg = config_for(ip, &dir);
+        Self::start_in(dir, ip, cfg)
+    }
+
+    /// Starts pcpd with `cfg` and waits until it answers (bounded).
+    pub fn start_in(dir: PathBuf, ip: Ipv4Addr, cfg: serde_yaml::Value) -> Daemon {
+        let config_path = dir.join("pcpd.yaml");
+        std::fs::write(&config_path, serde_yaml::to_string(&cfg).unwrap()).unwrap();
+        let tls = cfg["admin"]["tls"].is_mapping();
+        let child = Command::new(env!("CARGO_BIN_EXE_pcpd"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("PCPD_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("pcpd starts");
+        let mut d = Daemon {
+            child,
+            ip,
+            dir,
+            config_path,
+            scheme: if tls { "https" } else { "http" },
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("pcpd exited early: {status}");
+            }
+            if std::net::TcpStream::connect((self.ip, 8351)).is_ok() && self.udp_answers() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "pcpd did not become ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn udp_answers(&self) -> bool {
+        let req = announce_request(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        self.pcp_exchange(&req).is_some()
+    }
+
+    pub fn pcp_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, 5351))
+    }
+
+    /// One request/response over UDP from 127.0.0.1 (bounded wait).
+    pub fn pcp_exchange(&self, req: &[u8]) -> Option<Vec<u8>> {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        sock.send_to(req, self.pcp_addr()).unwrap();
+        let mut buf = [0u8; 1500];
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                assert_eq!(from, self.pcp_addr(), "reply comes from the address asked");
+                Some(buf[..n].to_vec())
+            }
+            Err(_) => None,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}://{}:8351{path}", self.scheme, self.ip)
+    }
+
+    pub fn metrics_text(&self) -> String {
+        let mut resp = ureq::get(&format!("http://{}:9351/metrics", self.ip))
+            .call()
+            .expect("metrics answer");
+        resp.body_mut().read_to_string().unwrap()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn announce_request(client: IpAddr) -> Vec<u8> {
+    let req = pcp_wire::Request {
+        lifetime: 0,
+        client_addr: client,
+        data: pcp_wire::OpData::Announce,
+        options: pcp_wire::Options::NONE,
+    };
+    let mut buf = vec![0u8; req.buffer_len()];
+    req.emit(&mut buf).unwrap();
+    buf
+}
+
+pub fn map_request(
+    nonce: u8,
+    internal_port: u16,
+    lifetime: u32,
+    options: &[pcp_wire::PcpOption<'_>],
+) -> Vec<u8> {
+    let req = pcp_wire::Request {
+        lifetime,
+        client_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        data: pcp_wire::OpData::Map(pcp_wire::MapData {
+            nonce: pcp_wire::Nonce([nonce; 12]),
+            protocol: 6,
+            internal_port,
+            external_port: 0,
+            external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        }),
+        options: pcp_wire::Options::List(options),
+    };
+    let mut buf = vec![0u8; req.buffer_len()];
+    req.emit(&mut buf).unwrap();
+    buf
+}
+
+/// Parses a Prometheus text exposition into (series, value).
+pub fn parse_metrics(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').expect("series value");
+            (
+                series.to_string(),
+                value.parse::<f64>().expect("numeric value"),
+            )
+        })
+        .collect()
+}
+
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    parse_metrics(text)
+        .into_iter()
+        .find(|(s, _)| s == series)
+        .map(|(_, v)| v)
+}
