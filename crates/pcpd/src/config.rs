@@ -557,3 +557,43 @@ mod tests {
         assert!(a.reload_conflict(&b).unwrap().contains("pcp.pools"));
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    /// docs/configuration.md names every key of the built-in default.
+    #[test]
+    fn configuration_reference_covers_every_key() {
+        let doc = include_str!("../../../docs/configuration.md");
+        let v: serde_yaml::Value =
+            serde_yaml::from_str(super::DEFAULT_YAML).expect("default parses");
+        fn keys(v: &serde_yaml::Value, out: &mut Vec<String>) {
+            match v {
+                serde_yaml::Value::Mapping(m) => {
+                    for (k, child) in m {
+                        out.push(k.as_str().unwrap_or_default().to_string());
+                        keys(child, out);
+                    }
+                }
+                serde_yaml::Value::Sequence(s) => s.iter().for_each(|c| keys(c, out)),
+                _ => {}
+            }
+        }
+        let mut all = Vec::new();
+        keys(&v, &mut all);
+        // Names an operator chooses, not keys of the schema.
+        let chosen = ["default", "residential", "dev"];
+        // Every word inside backticks, split on the path separators.
+        let words: std::collections::BTreeSet<&str> = doc
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .flat_map(|span| span.split(['.', '[', ']', '<', '>', ' ', ',', '{', '}', ':']))
+            .collect();
+        for k in all.iter().filter(|k| !chosen.contains(&k.as_str())) {
+            assert!(
+                words.contains(k.as_str()),
+                "docs/configuration.md lacks `{k}`"
+            );
+        }
+    }
+}

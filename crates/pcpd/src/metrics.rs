@@ -41,6 +41,26 @@ pub const BUILD_INFO: &str = "pcpd_build_info";
 /// `pcpd_ready`: 1 once state is restored and sockets are open.
 pub const READY: &str = "pcpd_ready";
 
+/// Every metric name, for docs and tests.
+pub const ALL: [&str; 16] = [
+    RESPONSES,
+    DROPS,
+    LATENCY,
+    MAPPINGS,
+    POOL_PORTS,
+    POOL_BLOCKS,
+    POOL_BLOCKS_ALLOCATED,
+    QUOTA_REFUSALS,
+    RATE_LIMITED,
+    THIRD_PARTY_REFUSALS,
+    UNSOLICITED,
+    DATAPLANE_CHANGES,
+    DATAPLANE_LATENCY,
+    EPOCH_START,
+    BUILD_INFO,
+    READY,
+];
+
 /// Every metric handle, cloned into each shard.
 #[derive(Clone)]
 pub struct Metrics {
@@ -268,5 +288,32 @@ impl Metrics {
             tracing::error!("metrics encoding failed: {e}");
         }
         buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// docs/metrics.md documents every metric the registry exposes.
+    #[test]
+    fn every_metric_is_documented() {
+        let m = super::Metrics::new().expect("metrics");
+        m.latency.observe(0.001);
+        let doc = include_str!("../../../docs/metrics.md");
+        m.drop_io("x");
+        m.dataplane_changes.with_label_values(&["ok"]).inc();
+        m.publish(&Default::default(), &Default::default(), 0, 0);
+        m.pools(&[]);
+        let text = m.render();
+        let rendered: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        for n in &rendered {
+            assert!(super::ALL.contains(n), "{n} is not in metrics::ALL");
+        }
+        for n in super::ALL {
+            assert!(doc.contains(&format!("`{n}`")), "docs/metrics.md lacks {n}");
+        }
     }
 }
