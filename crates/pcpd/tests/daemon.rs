@@ -707,8 +707,13 @@ fn deploy_examples_pass_check_config() {
     let dir = temp_dir("deploy");
     let (cert, key, _) = self_signed(&dir, Ipv4Addr::LOCALHOST);
     let mut n = 0;
-    for entry in std::fs::read_dir(&root).unwrap() {
-        let path = entry.unwrap().path();
+    let load =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../loadtest/pcpd-load.yaml");
+    let paths = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .chain([load]);
+    for path in paths {
         if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
             continue;
         }
@@ -733,6 +738,9 @@ fn deploy_examples_pass_check_config() {
         );
         n += 1;
     }
-    assert!(n >= 3, "small ISP, deterministic NAT and NAT64 examples");
+    assert!(
+        n >= 4,
+        "small ISP, deterministic NAT and NAT64 examples, and the load test's config"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
