@@ -872,10 +872,7 @@ impl Engine {
                 }
                 if !natpmp && mapping.nonce != m.nonce {
                     // §11.3: wrong nonce, lifetime = the existing mapping's.
-                    return Err(Refusal {
-                        code: ResultCode::NotAuthorized,
-                        lifetime: Some(mapping.remaining_secs(now)),
-                    });
+                    return Err(wrong_nonce(mapping, now));
                 }
                 self.remove(now, slot, DeleteReason::Client);
                 Ok(granted)
@@ -920,10 +917,7 @@ impl Engine {
         // adopts it and its nonce from then on.
         let adopt = !natpmp && mapping.natpmp;
         if !natpmp && !adopt && mapping.nonce != m.nonce {
-            return Err(Refusal {
-                code: ResultCode::NotAuthorized,
-                lifetime: Some(mapping.remaining_secs(now)),
-            });
+            return Err(wrong_nonce(mapping, now));
         }
         // §13.3: new filters are added to the existing ones; prefix length 0
         // first removes them all. Over the limit: EXCESSIVE_REMOTE_PEERS and
@@ -961,18 +955,7 @@ impl Engine {
                 extra.description = Some(d.to_string());
             }
         }
-        let snapshot = mapping.clone();
-        self.slots[slot as usize].refreshed_ms = now;
-        if snapshot.expires_ms > old_expires {
-            self.schedule(
-                snapshot.expires_ms,
-                Timer::Expire {
-                    slot,
-                    generation: snapshot.id.generation,
-                },
-            );
-        }
-        self.events.push_back(Event::MappingRenewed(snapshot));
+        self.renewed(now, slot, old_expires);
         Ok(Granted {
             lifetime,
             external_addr: ext.0,
@@ -1026,10 +1009,7 @@ impl Engine {
             if let Some(slot) = existing {
                 let mapping = self.get(slot).ok_or(ResultCode::NoResources)?;
                 if mapping.nonce != m.nonce {
-                    return Err(Refusal {
-                        code: ResultCode::NotAuthorized,
-                        lifetime: Some(mapping.remaining_secs(now)),
-                    });
+                    return Err(wrong_nonce(mapping, now));
                 }
                 self.remove(now, slot, DeleteReason::Client);
             }
@@ -1044,28 +1024,14 @@ impl Engine {
         if let Some(slot) = existing {
             let mapping = self.get(slot).ok_or(ResultCode::NoResources)?;
             if mapping.nonce != m.nonce {
-                return Err(Refusal {
-                    code: ResultCode::NotAuthorized,
-                    lifetime: Some(mapping.remaining_secs(now)),
-                });
+                return Err(wrong_nonce(mapping, now));
             }
             let ext = (mapping.external_addr, mapping.external_port);
             let mapping = self.get_mut(slot).ok_or(ResultCode::NoResources)?;
             let old = mapping.expires_ms;
             mapping.expires_ms = now + u64::from(lifetime) * 1000;
             mapping.client_port = client.port();
-            let snapshot = mapping.clone();
-            self.slots[slot as usize].refreshed_ms = now;
-            if snapshot.expires_ms > old {
-                self.schedule(
-                    snapshot.expires_ms,
-                    Timer::Expire {
-                        slot,
-                        generation: snapshot.id.generation,
-                    },
-                );
-            }
-            self.events.push_back(Event::MappingRenewed(snapshot));
+            self.renewed(now, slot, old);
             return Ok(Granted {
                 lifetime,
                 external_addr: IpAddr::V4(ext.0),
@@ -1488,6 +1454,20 @@ impl Engine {
         self.slots
             .get_mut(slot as usize)
             .and_then(|s| s.mapping.as_mut())
+    }
+
+    /// After a renewal changed slot `slot`: remember the refresh (it cancels
+    /// §14.2 retransmissions), re-arm expiry if it moved later, report it.
+    fn renewed(&mut self, now: Millis, slot: u32, old_expires: Millis) {
+        let Some(snapshot) = self.get(slot).cloned() else {
+            return;
+        };
+        self.slots[slot as usize].refreshed_ms = now;
+        if snapshot.expires_ms > old_expires {
+            let generation = snapshot.id.generation;
+            self.schedule(snapshot.expires_ms, Timer::Expire { slot, generation });
+        }
+        self.events.push_back(Event::MappingRenewed(snapshot));
     }
 
     fn insert(&mut self, now: Millis, mut mapping: Mapping) -> MappingId {
@@ -2240,6 +2220,15 @@ impl Engine {
                     && h.to_ms.is_some_and(|t| at < t)
             })
             .cloned()
+    }
+}
+
+/// §11.3 / §12.3: a request whose nonce differs from the existing
+/// mapping's is NOT_AUTHORIZED, with that mapping's remaining lifetime.
+fn wrong_nonce(mapping: &Mapping, now: Millis) -> Refusal {
+    Refusal {
+        code: ResultCode::NotAuthorized,
+        lifetime: Some(mapping.remaining_secs(now)),
     }
 }
 

@@ -273,6 +273,7 @@ async fn run(
                 let mut st = state.borrow_mut();
                 handle_one(
                     &mut st,
+                    &sockets,
                     usize::from(h.socket),
                     h.src,
                     h.dst_ip,
@@ -283,6 +284,7 @@ async fn run(
                     match ho_rx.try_recv() {
                         Ok(h) => handle_one(
                             &mut st,
+                            &sockets,
                             usize::from(h.socket),
                             h.src,
                             h.dst_ip,
@@ -374,14 +376,18 @@ fn control(st: &mut State, ctl: Control) {
     }
 }
 
-/// Answers one datagram into the reply arena.
+/// Answers one datagram into the reply arena (flushing it first when full).
 fn handle_one(
     st: &mut State,
+    sockets: &Sockets,
     socket: usize,
     src: SocketAddr,
     dst_ip: Option<IpAddr>,
     datagram: &[u8],
 ) {
+    if st.replies.len() == REPLY_SLOTS {
+        flush(st, sockets);
+    }
     let started = Instant::now();
     let slot = st.replies.len();
     let now = now_ms();
@@ -455,29 +461,28 @@ async fn recv_loop(
                 let stride = meta.stride.max(1);
                 for datagram in buf[..meta.len].chunks(stride) {
                     let src = SocketAddr::new(meta.addr.ip().to_canonical(), meta.addr.port());
-                    let owner = shard_of(subscriber_key(datagram, src.ip()), shards);
+                    // Oversize datagrams only ever get MALFORMED_REQUEST
+                    // (§8.2), which changes no state: answer them here.
+                    let owner = if datagram.len() > MAX_DATAGRAM {
+                        index
+                    } else {
+                        shard_of(subscriber_key(datagram, src.ip()), shards)
+                    };
                     if owner != index {
                         let mut h = Handoff {
-                            len: 0,
+                            len: datagram.len() as u16,
                             buf: [0u8; MAX_DATAGRAM],
                             src,
                             dst_ip: meta.dst_ip,
                             socket: si as u8,
                         };
-                        // Longer datagrams are answered MALFORMED_REQUEST
-                        // with their first 1100 octets (§8.2) by the owner.
-                        let len = datagram.len().min(MAX_DATAGRAM);
-                        h.buf[..len].copy_from_slice(&datagram[..len]);
-                        h.len = len as u16;
+                        h.buf[..datagram.len()].copy_from_slice(datagram);
                         if peers[owner].handoff.try_send(h).is_err() {
                             st.metrics.drop_io("handoff_queue_full");
                         }
                         continue;
                     }
-                    handle_one(&mut st, si, src, meta.dst_ip, datagram);
-                    if st.replies.len() == REPLY_SLOTS {
-                        flush(&mut st, &sockets);
-                    }
+                    handle_one(&mut st, &sockets, si, src, meta.dst_ip, datagram);
                 }
             }
             flush(&mut st, &sockets);

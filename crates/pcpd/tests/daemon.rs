@@ -118,6 +118,14 @@ fn every_opcode_and_error_path_over_udp() {
         d.pcp_exchange(&odd).unwrap()[3],
         u8::from(ResultCode::MalformedRequest)
     );
+    // Over 1100 octets: MALFORMED_REQUEST with the first 1100 copied
+    // (§8.2), whichever shard's socket the kernel picks (fresh source ports).
+    for _ in 0..8 {
+        let mut big = map_request(1, 8081, 3600, &[]);
+        big.resize(1200, 0);
+        let r = d.pcp_exchange(&big).unwrap();
+        assert_eq!((r.len(), r[3]), (1100, u8::from(ResultCode::MalformedRequest)));
+    }
     // Client address not the source: ADDRESS_MISMATCH (§8.2).
     let r = d
         .pcp_exchange(&announce_request("127.0.0.99".parse().unwrap()))
