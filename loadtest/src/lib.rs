@@ -12,6 +12,8 @@
 //! This library holds the parts with tests of their own; `main.rs` does the
 //! I/O.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 

@@ -1,6 +1,8 @@
 //! `pcp-loadtest run`: load a PCP server; `pcp-loadtest reflect`: the UDP
 //! reflector baseline. Both are bounded in time; `run` also in requests.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};

@@ -14,6 +14,7 @@
 //! What this crate does not do: decide anything. It installs what the
 //! engine decided.
 
+#![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)

@@ -24,20 +24,17 @@ const ROW_MAP: usize = 1;
 const ROW_PEER: usize = 2;
 const ROW_NATPMP: usize = 3;
 
-/// Which shard owns a subscriber: a pure function of its internal address
-/// (FNV-1a over the address octets; the key is the subscriber's own address,
-/// which it cannot choose to collide with others beyond its own prefix).
+/// Which shard owns a subscriber: a pure function of its internal address,
+/// the last 32 bits of the address modulo the shard count. The daemon's
+/// reuseport BPF program computes the same in the kernel, so datagrams land
+/// on their owner's socket. A subscriber cannot choose its address, so it
+/// cannot crowd another shard.
 pub fn shard_of(subscriber: IpAddr, shards: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let octets = match subscriber {
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        IpAddr::V6(a) => a.octets(),
+    let low = match subscriber.to_canonical() {
+        IpAddr::V4(a) => u32::from(a),
+        IpAddr::V6(a) => (u128::from(a) & 0xffff_ffff) as u32,
     };
-    for b in octets {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (h % shards.max(1) as u64) as usize
+    (low % shards.max(1) as u32) as usize
 }
 
 /// The subscriber a datagram acts for: the THIRD_PARTY address if the

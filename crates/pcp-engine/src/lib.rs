@@ -21,6 +21,7 @@
 //! seeds it), metrics registries, durable storage or the dataplane. Those
 //! are the daemon's; it applies the events.
 
+#![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)

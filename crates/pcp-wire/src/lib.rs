@@ -19,6 +19,7 @@
 //! Parsers borrow the datagram; after a successful parse no accessor can
 //! fail or panic, and trailing bytes are never accepted silently.
 
+#![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)

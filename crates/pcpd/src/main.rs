@@ -28,6 +28,7 @@ mod config;
 mod metrics;
 mod natlog;
 mod shard;
+mod steer;
 
 use config::{Config, LogFormat};
 

@@ -38,12 +38,14 @@ pub const DATAPLANE_LATENCY: &str = "pcpd_dataplane_apply_seconds";
 pub const EPOCH_START: &str = "pcpd_epoch_start_timestamp_seconds";
 /// `pcpd_build_info{version}`: always 1.
 pub const BUILD_INFO: &str = "pcpd_build_info";
+/// `pcpd_handoffs_total`: datagrams passed to the shard owning their subscriber.
+pub const HANDOFFS: &str = "pcpd_handoffs_total";
 /// `pcpd_ready`: 1 once state is restored and sockets are open.
 pub const READY: &str = "pcpd_ready";
 
 /// Every metric name (checked against docs/metrics.md).
 #[cfg(test)]
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 17] = [
     RESPONSES,
     DROPS,
     LATENCY,
@@ -60,6 +62,7 @@ pub const ALL: [&str; 16] = [
     EPOCH_START,
     BUILD_INFO,
     READY,
+    HANDOFFS,
 ];
 
 /// Every metric handle, cloned into each shard.
@@ -87,6 +90,8 @@ pub struct Metrics {
     pub epoch_start: IntGauge,
     /// Readiness.
     pub ready: IntGauge,
+    /// Datagrams handed to another shard.
+    pub handoffs: IntCounter,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -205,6 +210,7 @@ impl Metrics {
                 )?,
             ),
             ready: reg(&r, IntGauge::new(READY, "1 once pcpd answers requests.")?),
+            handoffs: reg(&r, IntCounter::new(HANDOFFS, "Datagrams passed to the shard owning their subscriber (kernel steering keeps this near zero).")?),
             registry: r,
         };
         let build = IntGaugeVec::new(

@@ -172,6 +172,14 @@ pub fn start(
                 .map(|a| open_socket(*a).map_err(|e| io::Error::new(e.kind(), format!("{a}: {e}"))))
                 .collect::<io::Result<Vec<_>>>()?
         };
+        // Steer by source address in the kernel; without it, hand-offs.
+        for ((sock, _), addr) in sockets.iter().zip(&spec.listen) {
+            if let Err(e) = crate::steer::attach(sock, addr.is_ipv6(), n as u32) {
+                if spec.index == 0 {
+                    tracing::warn!("{addr}: no kernel steering ({e}); requests reach their shard through the hand-off queue");
+                }
+            }
+        }
         let peers = handles.clone();
         let name = format!("pcpd-shard-{}", spec.index);
         let thread = std::thread::Builder::new().name(name).spawn(move || {
@@ -477,7 +485,9 @@ async fn recv_loop(
                             socket: si as u8,
                         };
                         h.buf[..datagram.len()].copy_from_slice(datagram);
-                        if peers[owner].handoff.try_send(h).is_err() {
+                        if peers[owner].handoff.try_send(h).is_ok() {
+                            st.metrics.handoffs.inc();
+                        } else {
                             st.metrics.drop_io("handoff_queue_full");
                         }
                         continue;

@@ -124,7 +124,10 @@ fn every_opcode_and_error_path_over_udp() {
         let mut big = map_request(1, 8081, 3600, &[]);
         big.resize(1200, 0);
         let r = d.pcp_exchange(&big).unwrap();
-        assert_eq!((r.len(), r[3]), (1100, u8::from(ResultCode::MalformedRequest)));
+        assert_eq!(
+            (r.len(), r[3]),
+            (1100, u8::from(ResultCode::MalformedRequest))
+        );
     }
     // Client address not the source: ADDRESS_MISMATCH (§8.2).
     let r = d
@@ -176,6 +179,9 @@ fn every_opcode_and_error_path_over_udp() {
         Some(1.0)
     );
     assert_eq!(metric(&text, "pcpd_ready"), Some(1.0));
+    // The kernel steered every datagram to its owner shard (reuseport BPF):
+    // from fresh source ports, without it about half would be handed off.
+    assert_eq!(metric(&text, "pcpd_handoffs_total"), Some(0.0));
     assert!(metric(&text, "pcpd_request_duration_seconds_count").unwrap() >= 10.0);
     assert!(metric(&text, r#"pcpd_pool_blocks_allocated{pool="default"}"#).unwrap() >= 1.0);
     let mappings: f64 = parse_metrics(&text)
