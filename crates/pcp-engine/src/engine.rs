@@ -23,6 +23,8 @@ const ROW_ANNOUNCE: usize = 0;
 const ROW_MAP: usize = 1;
 const ROW_PEER: usize = 2;
 const ROW_NATPMP: usize = 3;
+/// Unknown versions and opcodes.
+const ROW_OTHER: usize = 4;
 
 /// Which shard owns a subscriber: a pure function of its internal address,
 /// the last 32 bits of the address modulo the shard count. The daemon's
@@ -415,7 +417,7 @@ impl Engine {
                 false,
                 epoch,
                 out,
-                None,
+                ROW_OTHER,
             );
         }
         match parse_request(datagram) {
@@ -425,11 +427,13 @@ impl Engine {
                     None
                 }
                 Disposition::PcpError(code) => {
-                    let row = match datagram.get(1).map(|op| Opcode::from(op & 0x7f)) {
-                        Some(Opcode::Announce) => Some(ROW_ANNOUNCE),
-                        Some(Opcode::Map) => Some(ROW_MAP),
-                        Some(Opcode::Peer) => Some(ROW_PEER),
-                        _ => None,
+                    let opcode = datagram.get(1).map(|op| Opcode::from(op & 0x7f));
+                    let row = match opcode {
+                        _ if code == ResultCode::UnsuppVersion => ROW_OTHER,
+                        Some(Opcode::Announce) => ROW_ANNOUNCE,
+                        Some(Opcode::Map) => ROW_MAP,
+                        Some(Opcode::Peer) => ROW_PEER,
+                        _ => ROW_OTHER,
                     };
                     self.error_reply(datagram, code, None, false, epoch, out, row)
                 }
@@ -450,9 +454,7 @@ impl Engine {
                         self.stats.count(row, ResultCode::Success);
                         Some(n)
                     }
-                    Err(r) => {
-                        self.error_reply(datagram, r.code, r.lifetime, true, epoch, out, Some(row))
-                    }
+                    Err(r) => self.error_reply(datagram, r.code, r.lifetime, true, epoch, out, row),
                 }
             }
         }
@@ -467,11 +469,9 @@ impl Engine {
         parsed: bool,
         epoch: u32,
         out: &mut [u8],
-        row: Option<usize>,
+        row: usize,
     ) -> Option<usize> {
-        if let Some(row) = row {
-            self.stats.count(row, code);
-        }
+        self.stats.count(row, code);
         let lifetime = lifetime.unwrap_or_else(|| self.cfg.error_lifetime(code));
         emit_error_response(datagram, code, lifetime, epoch, parsed, out).ok()
     }

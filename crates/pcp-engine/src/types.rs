@@ -206,7 +206,7 @@ pub struct Transmit {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Answered requests by opcode row (see [`Stats::ROWS`]) and result code.
-    pub responses: [[u64; 14]; 4],
+    pub responses: [[u64; 14]; 5],
     /// Datagrams dropped without an answer, by reason.
     pub drops: std::collections::BTreeMap<&'static str, u64>,
     /// Requests refused for quota (USER_EX_QUOTA).
@@ -221,7 +221,7 @@ pub struct Stats {
 
 impl Stats {
     /// Names of the rows of [`Stats::responses`].
-    pub const ROWS: [&'static str; 4] = ["announce", "map", "peer", "natpmp"];
+    pub const ROWS: [&'static str; 5] = ["announce", "map", "peer", "natpmp", "other"];
 
     pub(crate) fn count(&mut self, row: usize, code: ResultCode) {
         let c = usize::from(u8::from(code));

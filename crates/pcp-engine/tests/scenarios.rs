@@ -1054,6 +1054,10 @@ fn bad_datagrams_are_dropped_or_answered_section_8_2() {
         (28, 0x89, u8::from(ResultCode::UnsuppOpcode))
     );
     assert_eq!(&r[24..], &[7, 7, 7, 7], "payload copied (§8.2)");
+    // Unknown versions and opcodes are counted in the "other" row.
+    let other = h.engine.stats().responses[4];
+    assert_eq!(other[usize::from(u8::from(ResultCode::UnsuppVersion))], 1);
+    assert_eq!(other[usize::from(u8::from(ResultCode::UnsuppOpcode))], 1);
     let drops = &h.engine.stats().drops;
     assert_eq!(drops.get("too_short"), Some(&1));
     assert_eq!(drops.get("not_request"), Some(&1));
