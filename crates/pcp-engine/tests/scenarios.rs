@@ -1169,3 +1169,30 @@ fn reuse_delay_same_client_is_per_port_for_port_sets() {
     let r = h.map_opts(sub(1), nonce(1), 6, 11, 1025, 600, &set(2));
     assert_eq!(r.ext_port(), 1025);
 }
+
+#[test]
+fn drain_moves_peer_mappings_with_peer_updates_section_14_2() {
+    let mut h = H::default();
+    let remote: IpAddr = "203.0.113.50".parse().unwrap();
+    let r = h.peer(sub(2), nonce(7), 4000, remote, 8443, 0, 600);
+    assert_eq!(r.result, ResultCode::Success);
+    let IpAddr::V4(old) = r.ext().0 else { panic!() };
+    h.take_events();
+    assert!(h.shared.set_draining(old, true));
+    assert_eq!(h.engine.drain(h.now, old), 1);
+    let sent = h.advance(10);
+    assert_eq!(sent.len(), 1);
+    let upd = pcp_wire::Response::parse(&sent[0].payload).unwrap();
+    assert_eq!(upd.result, ResultCode::Success);
+    let OpData::Peer(p) = upd.data else {
+        panic!("a PEER update: {upd:?}")
+    };
+    assert_eq!(
+        (p.remote_addr, p.remote_port, p.map.nonce),
+        (remote, 8443, nonce(7))
+    );
+    assert_ne!(p.map.external_addr, IpAddr::V4(old));
+    // The moved mapping answers renewals at its new endpoint.
+    let again = h.peer(sub(2), nonce(7), 4000, remote, 8443, 0, 600);
+    assert_eq!(again.ext(), (p.map.external_addr, p.map.external_port));
+}

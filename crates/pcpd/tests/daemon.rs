@@ -758,3 +758,75 @@ fn deploy_examples_pass_check_config() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn admin_api_can_require_client_certificates() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ip = Ipv4Addr::new(127, 0, 0, 17);
+    let dir = temp_dir("mtls");
+    let (cert, key, server_der) = self_signed(&dir, ip);
+    // A client CA and a client certificate it signed.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let client = rcgen::CertificateParams::new(vec!["noc.example".to_string()])
+        .unwrap()
+        .signed_by(&client_key, &rcgen::Issuer::new(ca_params, ca_key))
+        .unwrap();
+    let ca_path = dir.join("clients-ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let mut cfg = config_for(ip, &dir);
+    cfg["admin"]["allow_plaintext_on_loopback"] = false.into();
+    cfg["admin"]["tls"] =
+        serde_yaml::to_value(serde_json::json!({"cert": cert, "key": key, "client_ca": ca_path}))
+            .unwrap();
+    let d = Daemon::start_in(dir, ip, cfg);
+    let roots = ureq::tls::RootCerts::Specific(std::sync::Arc::new(vec![
+        ureq::tls::Certificate::from_der(&server_der).to_owned(),
+    ]));
+    // Without a client certificate the handshake is refused.
+    let anon: ureq::Agent = ureq::Agent::config_builder()
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(roots.clone())
+                .build(),
+        )
+        .http_status_as_error(false)
+        .build()
+        .into();
+    assert!(anon
+        .get(&d.url("/v1/pools"))
+        .header("Authorization", &format!("Bearer {TOKEN_READ}"))
+        .call()
+        .is_err());
+    // With one signed by the configured CA (and a token) it works.
+    let key_pem = client_key.serialize_pem();
+    let private_key = ureq::tls::parse_pem(key_pem.as_bytes())
+        .find_map(|item| match item {
+            Ok(ureq::tls::PemItem::PrivateKey(k)) => Some(k.to_owned()),
+            _ => None,
+        })
+        .expect("client key PEM");
+    let identity = ureq::tls::ClientCert::new_with_certs(
+        &[ureq::tls::Certificate::from_der(client.der()).to_owned()],
+        private_key,
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(roots)
+                .client_cert(Some(identity))
+                .build(),
+        )
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let r = agent
+        .get(&d.url("/v1/pools"))
+        .header("Authorization", &format!("Bearer {TOKEN_READ}"))
+        .call()
+        .expect("mTLS works");
+    assert_eq!(r.status().as_u16(), 200);
+}
