@@ -166,7 +166,9 @@ impl Change {
                 subscriber: *subscriber,
                 block: *block,
             }),
-            Event::BlockReleased { subscriber, block } => out.push(Change::RemovePortSet {
+            Event::BlockReleased {
+                subscriber, block, ..
+            } => out.push(Change::RemovePortSet {
                 subscriber: *subscriber,
                 block: *block,
             }),
@@ -334,6 +336,7 @@ mod tests {
             &Event::BlockReleased {
                 subscriber: sub,
                 block,
+                since: 0,
             },
             &mut changes,
         );

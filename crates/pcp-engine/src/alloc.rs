@@ -263,6 +263,33 @@ impl Shared {
         st.allocated = st.allocated.saturating_sub(1);
     }
 
+    /// Takes a specific block for `owner` (state recovery). False when the
+    /// block is not in the pool's block area or is already held.
+    pub(crate) fn claim_block(&self, pool: usize, owner: IpAddr, block: Block) -> bool {
+        let p = &self.pools[pool];
+        let (Some(ai), Some(b)) = (p.address_index(block.addr), p.block_index(block.first)) else {
+            return false;
+        };
+        if p.block(block.addr, b) != block {
+            return false;
+        }
+        let mut st = self.lock(pool);
+        let a = &mut st.addrs[ai as usize];
+        if b >= a.next_fresh {
+            // Blocks skipped over stay free.
+            a.released.extend(a.next_fresh..b);
+            a.next_fresh = b + 1;
+        } else if let Some(pos) = a.released.iter().position(|x| *x == b) {
+            a.released.swap_remove(pos);
+        } else {
+            return false;
+        }
+        st.allocated += 1;
+        drop(st);
+        self.owners.insert((block.addr, block.first), owner);
+        true
+    }
+
     /// Stops (or resumes) handing out blocks on `addr`. Returns false when
     /// no dynamic pool holds the address.
     pub fn set_draining(&self, addr: Ipv4Addr, draining: bool) -> bool {

@@ -1712,8 +1712,11 @@ impl Engine {
                 self.shared.release_block(pool, block);
                 self.record_history(now, subscriber, block, from);
             }
-            self.events
-                .push_back(Event::BlockReleased { subscriber, block });
+            self.events.push_back(Event::BlockReleased {
+                subscriber,
+                block,
+                since: from,
+            });
         }
     }
 
@@ -1903,6 +1906,7 @@ impl Engine {
             self.events.push_back(Event::BlockReleased {
                 subscriber,
                 block: *block,
+                since: *from,
             });
         }
         let mut moved = 0;
@@ -2115,6 +2119,109 @@ impl Engine {
             reason: DeleteReason::Operator,
         });
         Some(m)
+    }
+
+    // --------------------------------------------------------------- restore
+
+    /// Every block held, with its subscriber and since when (for snapshots).
+    pub fn blocks(&self) -> impl Iterator<Item = (IpAddr, Block, Millis)> + '_ {
+        self.subscribers
+            .iter()
+            .flat_map(|(addr, s)| s.blocks.iter().map(move |(b, since)| (*addr, *b, *since)))
+    }
+
+    /// The allocation history kept for [`Engine::lookup`].
+    pub fn history(&self) -> impl Iterator<Item = &Holder> {
+        self.history.iter().map(|(h, _)| h)
+    }
+
+    /// Gives a subscriber back a block it held before a restart. Refused
+    /// (false) when the configuration no longer allows it: the subscriber's
+    /// class or pool changed, or the block is not free. Emits no event.
+    pub fn restore_block(
+        &mut self,
+        now: Millis,
+        subscriber: IpAddr,
+        block: Block,
+        since: Millis,
+    ) -> bool {
+        let Some(sub) = self.subscriber_entry(now, subscriber) else {
+            return false;
+        };
+        let (pool, det_index, ext) = (usize::from(sub.pool), sub.det_index, sub.ext);
+        if ext.is_some_and(|a| a != block.addr) {
+            return false; // paired pooling: one address per subscriber
+        }
+        let ok = match self.shared.pools[pool].mode {
+            PoolMode::Deterministic => {
+                deterministic_block(&self.shared.pools[pool], det_index) == Some(block)
+            }
+            PoolMode::Dynamic => self.shared.claim_block(pool, subscriber, block),
+        };
+        if ok {
+            if let Some(sub) = self.subscribers.get_mut(&subscriber) {
+                sub.ext = Some(block.addr);
+                sub.blocks.push((block, since));
+            }
+        }
+        ok
+    }
+
+    /// Re-installs a mapping from before a restart, with its external
+    /// endpoint, nonce and expiry. Refused (false) when it has expired, or
+    /// its ports are not in its subscriber's restored port set or are taken.
+    /// Emits no event.
+    pub fn restore_mapping(&mut self, now: Millis, mapping: Mapping) -> bool {
+        if mapping.kind != MappingKind::Static && mapping.expires_ms <= now {
+            return false;
+        }
+        let Some(sub) = self.subscribers.get(&mapping.internal_addr) else {
+            return false;
+        };
+        let inside = (0..mapping.port_count).all(|i| {
+            let port = mapping.external_port.wrapping_add(i);
+            sub.ext == Some(mapping.external_addr)
+                && sub.blocks.iter().any(|(b, _)| b.contains(port))
+        });
+        let taken_by_other = (0..mapping.port_count).any(|i| {
+            self.ports
+                .get(&(
+                    mapping.external_addr,
+                    mapping.protocol,
+                    mapping.external_port.wrapping_add(i),
+                ))
+                .is_some_and(|u| u.internal_port != mapping.internal_port.wrapping_add(i))
+        });
+        let duplicate = match mapping.kind {
+            MappingKind::Peer {
+                remote_addr,
+                remote_port,
+            } => self.by_peer.contains_key(&PeerKey {
+                internal: mapping.internal_addr,
+                protocol: mapping.protocol,
+                internal_port: mapping.internal_port,
+                remote: remote_addr,
+                remote_port,
+            }),
+            _ => self.by_map.contains_key(&(
+                mapping.internal_addr,
+                mapping.protocol,
+                mapping.internal_port,
+            )),
+        };
+        if !inside || taken_by_other || duplicate {
+            return false;
+        }
+        self.insert(now, mapping);
+        // insert() reported a creation; a restore is not one.
+        self.events.pop_back();
+        true
+    }
+
+    /// Restores one allocation-history record.
+    pub fn restore_history(&mut self, holder: Holder) {
+        let to = holder.to_ms.unwrap_or(0);
+        self.history.push_back((holder, to));
     }
 
     // --------------------------------------------------------------- queries

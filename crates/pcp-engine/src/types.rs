@@ -180,6 +180,8 @@ pub enum Event {
         subscriber: IpAddr,
         /// The block.
         block: Block,
+        /// Since when the subscriber had held it.
+        since: Millis,
     },
     /// A request was refused for quota (USER_EX_QUOTA).
     QuotaExceeded {

@@ -106,7 +106,9 @@ fn to_json(now: Millis, event: &Event) -> Option<Value> {
             (bib(new, true), "mapping_move", f)
         }
         Event::BlockAllocated { subscriber, block }
-        | Event::BlockReleased { subscriber, block } => {
+        | Event::BlockReleased {
+            subscriber, block, ..
+        } => {
             let alloc = matches!(event, Event::BlockAllocated { .. });
             (
                 if alloc {

@@ -1,0 +1,598 @@
+//! # pcp-store: durable state for pcpd
+//!
+//! Per shard, a snapshot (`shard-N.snap`, written whole and renamed into
+//! place) and a journal (`shard-N.journal`) of the changes since; plus the
+//! epoch file (`epoch`, RFC 6887 §8.5). Every record is framed as
+//! `length (u32) | CRC32 (u32) | body`.
+//!
+//! ```text
+//!  engine events ─▶ Record::from_event ─▶ Journal::append ─▶ Journal::commit (write + fdatasync)
+//!                                                            └─▶ only then: dataplane, replies
+//!  start: load(dir) ─▶ snapshots + journals, newest generation last ─▶ State (expired dropped)
+//! ```
+//!
+//! A torn last record (a crash mid-write; never acknowledged) is cut off
+//! with a warning; damage anywhere else is an error that names the file and
+//! offset, and what the operator can do. What this crate does not do:
+//! decide which state is valid for the current configuration (the engine's
+//! restore does that).
+
+#![forbid(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+mod codec;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+pub use codec::StableKey;
+use pcp_engine::{Block, Event, Holder, Mapping, Millis};
+
+const SNAP_MAGIC: &[u8; 8] = b"PCPSNAP1";
+const JOURNAL_MAGIC: &[u8; 8] = b"PCPJRNL1";
+const EPOCH_MAGIC: &[u8; 8] = b"PCPEPOC1";
+/// Header: magic + generation.
+const HEADER_LEN: usize = 16;
+/// Largest record body accepted (a mapping with every option is far smaller).
+const MAX_RECORD: usize = 64 * 1024;
+
+/// One durable fact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// A subscriber holds a port block since a time.
+    Block {
+        /// The subscriber.
+        subscriber: IpAddr,
+        /// The block.
+        block: Block,
+        /// Since when.
+        since: Millis,
+    },
+    /// A block went back to its pool.
+    BlockGone {
+        /// The subscriber.
+        subscriber: IpAddr,
+        /// The block.
+        block: Block,
+    },
+    /// A past holding, for "who held IP:port at T".
+    History(Holder),
+    /// A mapping as it is now (created, renewed or moved).
+    Mapping(Mapping),
+    /// A mapping is gone.
+    Gone(StableKey),
+}
+
+impl Record {
+    /// The records an engine event implies.
+    pub fn from_event(event: &Event, now: Millis, out: &mut Vec<Record>) {
+        match event {
+            Event::MappingCreated(m) | Event::MappingRenewed(m) => {
+                out.push(Record::Mapping(m.clone()))
+            }
+            Event::MappingDeleted { mapping, .. } => out.push(Record::Gone(StableKey::of(mapping))),
+            Event::MappingMoved { old, new } => {
+                if StableKey::of(old) != StableKey::of(new) {
+                    out.push(Record::Gone(StableKey::of(old)));
+                }
+                out.push(Record::Mapping(new.clone()));
+            }
+            Event::BlockAllocated { subscriber, block } => out.push(Record::Block {
+                subscriber: *subscriber,
+                block: *block,
+                since: now,
+            }),
+            Event::BlockReleased {
+                subscriber,
+                block,
+                since,
+            } => {
+                out.push(Record::BlockGone {
+                    subscriber: *subscriber,
+                    block: *block,
+                });
+                out.push(Record::History(Holder {
+                    internal_addr: *subscriber,
+                    block: *block,
+                    from_ms: Some(*since),
+                    to_ms: Some(now),
+                }));
+            }
+            Event::QuotaExceeded { .. } | Event::PoolExhausted { .. } => {}
+        }
+    }
+}
+
+/// Damaged or unreadable state.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A file is damaged before its end.
+    #[error(
+        "{file}: damaged at byte {offset} ({reason}). pcpd will not start on part of its state. \
+         Either start with a fresh epoch (clients re-create their mappings): `pcpd --discard-state`, \
+         which moves the state files aside into {dir}/discarded-<time>/; or keep the records before \
+         the damage: `truncate -s {offset} {file}` and start again."
+    )]
+    Corrupt {
+        /// The file.
+        file: String,
+        /// The state directory.
+        dir: String,
+        /// Byte offset of the damaged record.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The directory or a file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Frames a record into `out`.
+fn frame(rec: &Record, out: &mut Vec<u8>) {
+    let at = out.len();
+    out.extend_from_slice(&[0u8; 8]);
+    codec::encode(rec, out);
+    let body = &out[at + 8..];
+    let len = body.len() as u32;
+    let crc = crc32fast::hash(body);
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    out[at + 4..at + 8].copy_from_slice(&crc.to_be_bytes());
+}
+
+fn header(magic: &[u8; 8], generation: u64) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..8].copy_from_slice(magic);
+    h[8..].copy_from_slice(&generation.to_be_bytes());
+    h
+}
+
+fn snap_path(dir: &Path, shard: usize) -> PathBuf {
+    dir.join(format!("shard-{shard}.snap"))
+}
+
+fn journal_path(dir: &Path, shard: usize) -> PathBuf {
+    dir.join(format!("shard-{shard}.journal"))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// A shard's open journal.
+pub struct Journal {
+    file: File,
+    path: PathBuf,
+    dir: PathBuf,
+    shard: usize,
+    buf: Vec<u8>,
+    len: u64,
+    records: u64,
+}
+
+impl Journal {
+    /// Frames a record; it is durable after the next [`Journal::commit`].
+    pub fn append(&mut self, rec: &Record) {
+        frame(rec, &mut self.buf);
+        self.records += 1;
+    }
+
+    /// Writes what was appended and waits for the disk (group commit: one
+    /// fdatasync for a whole batch). Returns whether anything was written.
+    pub fn commit(&mut self) -> io::Result<bool> {
+        if self.buf.is_empty() {
+            return Ok(false);
+        }
+        let r = self
+            .file
+            .write_all(&self.buf)
+            .and_then(|_| self.file.sync_data());
+        self.len += self.buf.len() as u64;
+        self.buf.clear();
+        r.map(|_| true)
+    }
+
+    /// Bytes in the journal file.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when the journal holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.len <= HEADER_LEN as u64
+    }
+
+    /// Replaces snapshot and journal with a snapshot of `state` (compaction).
+    pub fn compact(
+        &mut self,
+        generation: u64,
+        state: impl IntoIterator<Item = Record>,
+    ) -> Result<(), StoreError> {
+        let fresh = write_snapshot(&self.dir, self.shard, generation, state)?;
+        *self = fresh;
+        Ok(())
+    }
+
+    /// The journal's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Writes `shard`'s snapshot atomically (temp file, fsync, rename) and
+/// starts an empty journal after it.
+pub fn write_snapshot(
+    dir: &Path,
+    shard: usize,
+    generation: u64,
+    state: impl IntoIterator<Item = Record>,
+) -> Result<Journal, StoreError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let final_path = snap_path(dir, shard);
+    let tmp = dir.join(format!("shard-{shard}.snap.tmp"));
+    let mut buf = Vec::with_capacity(1 << 20);
+    buf.extend_from_slice(&header(SNAP_MAGIC, generation));
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    for rec in state {
+        frame(&rec, &mut buf);
+        if buf.len() > 8 << 20 {
+            f.write_all(&buf).map_err(io_err(&tmp))?;
+            buf.clear();
+        }
+    }
+    f.write_all(&buf).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    drop(f);
+    // The new journal must exist (empty) before the snapshot that it follows
+    // becomes visible, so a crash never pairs a new snapshot with old records.
+    let jpath = journal_path(dir, shard);
+    let jtmp = dir.join(format!("shard-{shard}.journal.tmp"));
+    let mut jf = File::create(&jtmp).map_err(io_err(&jtmp))?;
+    jf.write_all(&header(JOURNAL_MAGIC, generation))
+        .map_err(io_err(&jtmp))?;
+    jf.sync_all().map_err(io_err(&jtmp))?;
+    drop(jf);
+    fs::rename(&tmp, &final_path).map_err(io_err(&final_path))?;
+    fs::rename(&jtmp, &jpath).map_err(io_err(&jpath))?;
+    sync_dir(dir).map_err(io_err(dir))?;
+    let file = OpenOptions::new()
+        .append(true)
+        .open(&jpath)
+        .map_err(io_err(&jpath))?;
+    Ok(Journal {
+        file,
+        path: jpath,
+        dir: dir.to_path_buf(),
+        shard,
+        buf: Vec::new(),
+        len: HEADER_LEN as u64,
+        records: 0,
+    })
+}
+
+/// Records the epoch's start (RFC 6887 §8.5), durably.
+pub fn write_epoch(dir: &Path, start: Millis) -> Result<(), StoreError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let path = dir.join("epoch");
+    let tmp = dir.join("epoch.tmp");
+    let mut b = header(EPOCH_MAGIC, start).to_vec();
+    let crc = crc32fast::hash(&b);
+    b.extend_from_slice(&crc.to_be_bytes());
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(&b)
+        .and_then(|_| f.sync_all())
+        .map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    sync_dir(dir).map_err(io_err(dir))
+}
+
+/// Moves every state file into `dir/discarded-<ms>/`; returns that folder.
+pub fn discard(dir: &Path, now: Millis) -> Result<Option<PathBuf>, StoreError> {
+    let files = state_files(dir)?;
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let aside = dir.join(format!("discarded-{now}"));
+    fs::create_dir_all(&aside).map_err(io_err(&aside))?;
+    for f in files {
+        let to = aside.join(f.file_name().unwrap_or_default());
+        fs::rename(&f, &to).map_err(io_err(&f))?;
+    }
+    sync_dir(dir).map_err(io_err(dir))?;
+    Ok(Some(aside))
+}
+
+/// Deletes the files of shards `keep..` (after a change of shard count,
+/// once the current shards have written their snapshots).
+pub fn remove_stale(dir: &Path, keep: usize) -> Result<(), StoreError> {
+    for f in state_files(dir)? {
+        let name = f
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        if let Some(idx) = shard_index(&name) {
+            if idx >= keep {
+                fs::remove_file(&f).map_err(io_err(&f))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn shard_index(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("shard-")?;
+    let (n, ext) = rest.split_once('.')?;
+    matches!(ext, "snap" | "journal").then(|| n.parse().ok())?
+}
+
+fn state_files(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(dir)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in rd {
+        let path = entry.map_err(io_err(dir))?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name == "epoch" || shard_index(name).is_some() {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Everything recovered from the state directory.
+#[derive(Debug, Default)]
+pub struct State {
+    /// When the epoch began, if the state was recovered.
+    pub epoch_start: Option<Millis>,
+    /// Blocks held, by (address, first port).
+    pub blocks: BTreeMap<(Ipv4Addr, u16), (IpAddr, Block, Millis)>,
+    /// Live mappings.
+    pub mappings: BTreeMap<StableKey, Mapping>,
+    /// Past holdings.
+    pub history: Vec<Holder>,
+    /// Things the operator should know (a torn tail cut off).
+    pub warnings: Vec<String>,
+    /// Records read.
+    pub records: u64,
+}
+
+impl State {
+    fn apply(&mut self, rec: Record) {
+        self.records += 1;
+        match rec {
+            Record::Block {
+                subscriber,
+                block,
+                since,
+            } => {
+                self.blocks
+                    .insert((block.addr, block.first), (subscriber, block, since));
+            }
+            Record::BlockGone { block, .. } => {
+                self.blocks.remove(&(block.addr, block.first));
+            }
+            Record::History(h) => self.history.push(h),
+            Record::Mapping(m) => {
+                self.mappings.insert(StableKey::of(&m), m);
+            }
+            Record::Gone(k) => {
+                self.mappings.remove(&k);
+            }
+        }
+    }
+
+    /// True when nothing was recovered.
+    pub fn is_empty(&self) -> bool {
+        self.epoch_start.is_none() && self.blocks.is_empty() && self.mappings.is_empty()
+    }
+}
+
+/// Reads the state directory. Files are applied snapshot then journal, per
+/// shard, oldest generation first, so newer facts win.
+pub fn load(dir: &Path) -> Result<State, StoreError> {
+    let mut state = State::default();
+    let files = state_files(dir)?;
+    let corrupt = |file: &Path, offset: u64, reason: &str| StoreError::Corrupt {
+        file: file.display().to_string(),
+        dir: dir.display().to_string(),
+        offset,
+        reason: reason.to_string(),
+    };
+    let mut sets: Vec<(u64, usize, Option<PathBuf>, Option<PathBuf>)> = Vec::new();
+    for f in &files {
+        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name == "epoch" {
+            let mut b = Vec::new();
+            File::open(f)
+                .and_then(|mut h| h.read_to_end(&mut b))
+                .map_err(io_err(f))?;
+            if b.len() != HEADER_LEN + 4
+                || &b[..8] != EPOCH_MAGIC
+                || crc32fast::hash(&b[..HEADER_LEN]).to_be_bytes() != b[HEADER_LEN..]
+            {
+                return Err(corrupt(f, 0, "bad epoch file"));
+            }
+            let mut g = [0u8; 8];
+            g.copy_from_slice(&b[8..16]);
+            state.epoch_start = Some(u64::from_be_bytes(g));
+            continue;
+        }
+        let Some(idx) = shard_index(name) else {
+            continue;
+        };
+        let entry = match sets.iter_mut().find(|s| s.1 == idx) {
+            Some(e) => e,
+            None => {
+                sets.push((0, idx, None, None));
+                sets.last_mut().ok_or_else(|| corrupt(f, 0, "internal"))?
+            }
+        };
+        if name.ends_with(".snap") {
+            entry.2 = Some(f.clone());
+        } else {
+            entry.3 = Some(f.clone());
+        }
+    }
+    // Read each set's generation from its snapshot (or journal) header.
+    let mut bufs = Vec::new();
+    for (generation, _, snap, journal) in &mut sets {
+        let read = |p: &Option<PathBuf>| -> Result<Option<(PathBuf, Vec<u8>)>, StoreError> {
+            match p {
+                None => Ok(None),
+                Some(p) => {
+                    let mut b = Vec::new();
+                    File::open(p)
+                        .and_then(|mut h| h.read_to_end(&mut b))
+                        .map_err(io_err(p))?;
+                    Ok(Some((p.clone(), b)))
+                }
+            }
+        };
+        let s = read(snap)?;
+        let j = read(journal)?;
+        let head = s.as_ref().or(j.as_ref());
+        if let Some((p, b)) = head {
+            if b.len() < HEADER_LEN {
+                return Err(corrupt(p, 0, "file shorter than its header"));
+            }
+            let mut g = [0u8; 8];
+            g.copy_from_slice(&b[8..16]);
+            *generation = u64::from_be_bytes(g);
+        }
+        bufs.push((*generation, s, j));
+    }
+    bufs.sort_by_key(|(g, _, _)| *g);
+    for (generation, snap, journal) in bufs {
+        if let Some((p, b)) = snap {
+            check_header(&p, &b, SNAP_MAGIC, generation).map_err(|r| corrupt(&p, 0, &r))?;
+            read_records(&p, &b, false, &mut state).map_err(|(off, r)| corrupt(&p, off, &r))?;
+        }
+        if let Some((p, b)) = journal {
+            check_header(&p, &b, JOURNAL_MAGIC, generation).map_err(|r| corrupt(&p, 0, &r))?;
+            read_records(&p, &b, true, &mut state).map_err(|(off, r)| corrupt(&p, off, &r))?;
+        }
+    }
+    if state.epoch_start.is_none() && (!state.mappings.is_empty() || !state.blocks.is_empty()) {
+        return Err(corrupt(
+            &dir.join("epoch"),
+            0,
+            "state files without an epoch file",
+        ));
+    }
+    Ok(state)
+}
+
+fn check_header(_p: &Path, b: &[u8], magic: &[u8; 8], generation: u64) -> Result<(), String> {
+    if b.len() < HEADER_LEN || &b[..8] != magic {
+        return Err("not a pcpd state file (bad header)".into());
+    }
+    if b[8..16] != generation.to_be_bytes() {
+        return Err("snapshot and journal are from different generations".into());
+    }
+    Ok(())
+}
+
+/// Applies the records of one file. In a journal, a damaged *last* record
+/// is a torn write (the commit never finished, so no reply was sent): it is
+/// cut off with a warning. Anywhere else, damage is an error.
+fn read_records(p: &Path, b: &[u8], journal: bool, state: &mut State) -> Result<(), (u64, String)> {
+    let mut at = HEADER_LEN;
+    while at < b.len() {
+        let rest = &b[at..];
+        let damaged = |reason: &str, end: usize| -> Option<String> {
+            // Torn tail: nothing valid could follow.
+            (journal && end >= b.len()).then(|| {
+                format!(
+                    "{}: cut off a torn last record at byte {at} ({reason}); it was never acknowledged",
+                    p.display()
+                )
+            })
+        };
+        if rest.len() < 8 {
+            return match damaged("truncated frame", b.len()) {
+                Some(w) => {
+                    truncate_to(p, at, state, w);
+                    Ok(())
+                }
+                None => Err((at as u64, "truncated record frame".into())),
+            };
+        }
+        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let crc = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
+        let end = at + 8 + len;
+        if len > MAX_RECORD || end > b.len() {
+            return match damaged("record runs past the end", b.len()) {
+                Some(w) if len <= MAX_RECORD => {
+                    truncate_to(p, at, state, w);
+                    Ok(())
+                }
+                _ => Err((
+                    at as u64,
+                    format!("record length {len} runs past the end of the file"),
+                )),
+            };
+        }
+        let body = &b[at + 8..end];
+        let rec = (crc32fast::hash(body) == crc)
+            .then(|| codec::decode(body))
+            .flatten();
+        match rec {
+            Some(r) => state.apply(r),
+            None => {
+                return match damaged("checksum mismatch", end) {
+                    Some(w) => {
+                        truncate_to(p, at, state, w);
+                        Ok(())
+                    }
+                    None => Err((at as u64, "checksum mismatch or unreadable record".into())),
+                }
+            }
+        }
+        at = end;
+    }
+    Ok(())
+}
+
+fn truncate_to(p: &Path, at: usize, state: &mut State, warning: String) {
+    // Cut the torn record so new records follow valid ones.
+    let r = OpenOptions::new().write(true).open(p).and_then(|f| {
+        f.set_len(at as u64)?;
+        f.sync_all()
+    });
+    match r {
+        Ok(()) => state.warnings.push(warning),
+        Err(e) => state
+            .warnings
+            .push(format!("{warning}; truncating failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,225 @@
+use std::net::{IpAddr, Ipv4Addr};
+
+use pcp_engine::{Block, Event, Mapping, MappingExtra, MappingId, MappingKind};
+use pcp_wire::{Filter, Nonce};
+
+use super::*;
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pcp-store-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn mapping(port: u16, extra: bool) -> Mapping {
+    Mapping {
+        id: MappingId {
+            shard: 0,
+            slot: 0,
+            generation: 0,
+        },
+        kind: if port % 2 == 0 {
+            MappingKind::Map
+        } else {
+            MappingKind::Peer {
+                remote_addr: "2001:db8::7".parse().unwrap(),
+                remote_port: 443,
+            }
+        },
+        internal_addr: IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1)),
+        internal_port: port,
+        protocol: 6,
+        external_addr: Ipv4Addr::new(192, 0, 2, 1),
+        external_port: 1024 + port,
+        port_count: 1,
+        nonce: Nonce([port as u8; 12]),
+        created_ms: 1000,
+        expires_ms: 9_000_000,
+        client_port: 5000,
+        natpmp: false,
+        extra: extra.then(|| {
+            Box::new(MappingExtra {
+                filters: vec![Filter {
+                    prefix_len: 120,
+                    remote_port: 0,
+                    remote_addr: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 0)),
+                }],
+                description: Some("ünïcode web".into()),
+                manager: Some("10.0.0.9".parse().unwrap()),
+                prefer_failure: true,
+            })
+        }),
+    }
+}
+
+fn block() -> Block {
+    Block {
+        addr: Ipv4Addr::new(192, 0, 2, 1),
+        first: 1024,
+        len: 512,
+    }
+}
+
+fn sub() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1))
+}
+
+#[test]
+fn snapshot_and_journal_round_trip() {
+    let d = dir("roundtrip");
+    write_epoch(&d, 777).unwrap();
+    let snap = vec![
+        Record::Block {
+            subscriber: sub(),
+            block: block(),
+            since: 5,
+        },
+        Record::Mapping(mapping(10, true)),
+        Record::Mapping(mapping(11, false)),
+    ];
+    let mut j = write_snapshot(&d, 0, 1, snap).unwrap();
+    let mut recs = Vec::new();
+    Record::from_event(&Event::MappingCreated(mapping(12, false)), 50, &mut recs);
+    Record::from_event(
+        &Event::MappingDeleted {
+            mapping: mapping(10, true),
+            reason: pcp_engine::DeleteReason::Client,
+        },
+        60,
+        &mut recs,
+    );
+    for r in &recs {
+        j.append(r);
+    }
+    assert!(j.commit().unwrap());
+    assert!(!j.commit().unwrap(), "nothing pending");
+    let st = load(&d).unwrap();
+    assert_eq!(st.epoch_start, Some(777));
+    assert_eq!(st.blocks.len(), 1);
+    let ports: Vec<u16> = st.mappings.values().map(|m| m.internal_port).collect();
+    assert_eq!(ports, vec![11, 12]);
+    assert_eq!(st.mappings.values().next().unwrap(), &mapping(11, false));
+    assert!(st.warnings.is_empty());
+    // Every field survives, extras included.
+    let mut j = write_snapshot(&d, 0, 2, vec![Record::Mapping(mapping(10, true))]).unwrap();
+    j.append(&Record::History(Holder {
+        internal_addr: sub(),
+        block: block(),
+        from_ms: Some(1),
+        to_ms: Some(2),
+    }));
+    j.commit().unwrap();
+    let st = load(&d).unwrap();
+    assert_eq!(
+        st.mappings.values().collect::<Vec<_>>(),
+        vec![&mapping(10, true)]
+    );
+    assert_eq!(st.history.len(), 1);
+    let _ = fs::remove_dir_all(&d);
+}
+
+#[test]
+fn torn_last_record_is_cut_with_a_warning() {
+    let d = dir("torn");
+    write_epoch(&d, 1).unwrap();
+    let mut j = write_snapshot(&d, 0, 1, Vec::new()).unwrap();
+    for p in 0..3 {
+        j.append(&Record::Mapping(mapping(p * 2, false)));
+    }
+    j.commit().unwrap();
+    let path = j.path().to_path_buf();
+    let full = fs::metadata(&path).unwrap().len();
+    // A crash mid-write leaves half of the last record.
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(full - 10).unwrap();
+    let st = load(&d).unwrap();
+    assert_eq!(
+        st.mappings.len(),
+        2,
+        "the records before the torn one are kept"
+    );
+    assert_eq!(st.warnings.len(), 1);
+    assert!(
+        st.warnings[0].contains("torn last record"),
+        "{:?}",
+        st.warnings
+    );
+    // The file was cut back to the last good record: loading again is clean.
+    let st = load(&d).unwrap();
+    assert_eq!((st.mappings.len(), st.warnings.len()), (2, 0));
+    let _ = fs::remove_dir_all(&d);
+}
+
+#[test]
+fn damage_before_the_end_is_an_error_with_offset_and_remedies() {
+    let d = dir("corrupt");
+    write_epoch(&d, 1).unwrap();
+    let mut j = write_snapshot(&d, 0, 1, Vec::new()).unwrap();
+    for p in 0..3 {
+        j.append(&Record::Mapping(mapping(p * 2, false)));
+    }
+    j.commit().unwrap();
+    let path = j.path().to_path_buf();
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[HEADER_LEN + 12] ^= 0xff; // inside the first record's body
+    fs::write(&path, &bytes).unwrap();
+    let err = load(&d).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("damaged at byte {HEADER_LEN}")),
+        "{err}"
+    );
+    assert!(
+        err.contains("--discard-state") && err.contains("truncate -s 16"),
+        "{err}"
+    );
+    // A damaged snapshot is never a torn write.
+    let d2 = dir("corrupt-snap");
+    write_epoch(&d2, 1).unwrap();
+    write_snapshot(&d2, 0, 1, vec![Record::Mapping(mapping(2, false))]).unwrap();
+    let sp = d2.join("shard-0.snap");
+    let len = fs::metadata(&sp).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&sp)
+        .unwrap()
+        .set_len(len - 3)
+        .unwrap();
+    assert!(matches!(load(&d2), Err(StoreError::Corrupt { .. })));
+    // Not our file at all.
+    fs::write(d2.join("shard-1.journal"), b"hello world, not a journal").unwrap();
+    assert!(load(&d2).is_err());
+    let _ = fs::remove_dir_all(&d);
+    let _ = fs::remove_dir_all(&d2);
+}
+
+#[test]
+fn state_without_epoch_is_refused_and_discard_moves_it_aside() {
+    let d = dir("noepoch");
+    write_snapshot(&d, 0, 1, vec![Record::Mapping(mapping(2, false))]).unwrap();
+    let err = load(&d).unwrap_err().to_string();
+    assert!(err.contains("without an epoch file"), "{err}");
+    let aside = discard(&d, 42).unwrap().unwrap();
+    assert!(aside.join("shard-0.snap").exists());
+    let st = load(&d).unwrap();
+    assert!(st.is_empty());
+    assert_eq!(discard(&d, 43).unwrap(), None, "nothing left to discard");
+    let _ = fs::remove_dir_all(&d);
+}
+
+#[test]
+fn newer_generations_win_and_stale_shards_are_removed() {
+    let d = dir("gens");
+    write_epoch(&d, 1).unwrap();
+    // Shard 3 of an older layout, and shard 0 of the newer one, both with port 2.
+    let mut old = mapping(2, false);
+    old.external_port = 1111;
+    write_snapshot(&d, 3, 10, vec![Record::Mapping(old)]).unwrap();
+    write_snapshot(&d, 0, 20, vec![Record::Mapping(mapping(2, false))]).unwrap();
+    let st = load(&d).unwrap();
+    assert_eq!(st.mappings.values().next().unwrap().external_port, 1026);
+    remove_stale(&d, 1).unwrap();
+    assert!(!d.join("shard-3.snap").exists());
+    assert!(d.join("shard-0.snap").exists());
+    let _ = fs::remove_dir_all(&d);
+}
