@@ -26,9 +26,13 @@ pub struct Config {
     /// Where mappings are installed.
     #[serde(default)]
     pub dataplane: DataplaneConfig,
-    /// Directory for pcpd's state (NAT event log by default).
+    /// Directory for pcpd's durable state (journal, snapshots, epoch) and,
+    /// by default, the NAT event log.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// Journal size per shard, in MiB, that triggers a snapshot.
+    #[serde(default = "default_journal_max_mib")]
+    pub journal_max_mib: u64,
     /// Admin REST API.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -48,6 +52,9 @@ fn default_listen() -> Vec<SocketAddr> {
 }
 fn default_queue() -> usize {
     4096
+}
+fn default_journal_max_mib() -> u64 {
+    64
 }
 fn default_state_dir() -> PathBuf {
     PathBuf::from("pcpd-state")
@@ -315,6 +322,9 @@ impl Config {
         if self.shards > 256 {
             err("shards", format!("{} is more than 256", self.shards));
         }
+        if self.journal_max_mib == 0 {
+            err("journal_max_mib", "must be at least 1".into());
+        }
         if self.handoff_queue == 0 {
             err("handoff_queue", "must be at least 1".into());
         }
@@ -394,6 +404,9 @@ impl Config {
         }
         if self.listen != new.listen || self.shard_count() != new.shard_count() {
             return Some("listen or shards changed: restart required".into());
+        }
+        if self.state_dir != new.state_dir || self.journal_max_mib != new.journal_max_mib {
+            return Some("state_dir or journal_max_mib changed: restart required".into());
         }
         if self.admin != new.admin || self.metrics != new.metrics {
             return Some("admin or metrics changed: restart required".into());

@@ -39,6 +39,10 @@ struct Cli {
     /// Configuration file (YAML). Without it, the built-in loopback default.
     #[arg(long, short, global = true)]
     config: Option<PathBuf>,
+    /// Start with a fresh epoch, moving damaged or unwanted state aside
+    /// (into <state_dir>/discarded-<time>/) instead of loading it.
+    #[arg(long, global = true)]
+    discard_state: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -97,7 +101,7 @@ fn main() -> ExitCode {
                 None => (Config::builtin(), None),
             };
             init_logging(cfg.log.format);
-            match run(cfg, path) {
+            match run(cfg, path, cli.discard_state) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -121,7 +125,7 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
     let sink: Box<dyn std::io::Write + Send> = match cfg.nat_event_path() {
@@ -144,29 +148,108 @@ fn run(cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join("; "))
     })?);
-    // No durable state yet: every start is a state loss, so a new epoch
-    // begins and restart ANNOUNCEs go out (RFC 6887 §8.5, §14.1.3).
-    let epoch_start = shard::now_ms();
+    // Durable state (RFC 6887 §8.5): the epoch continues when state was
+    // recovered; otherwise a new epoch starts and clients are told.
+    let now = shard::now_ms();
+    if discard_state {
+        if let Some(aside) = pcp_store::discard(&cfg.state_dir, now)? {
+            tracing::warn!(
+                "state moved aside to {}; starting a new epoch",
+                aside.display()
+            );
+        }
+    }
+    let load_started = std::time::Instant::now();
+    let state = pcp_store::load(&cfg.state_dir)?;
+    for w in &state.warnings {
+        tracing::warn!("{w}");
+    }
+    let recovered = state.epoch_start.is_some();
+    let epoch_start = match state.epoch_start {
+        Some(start) => start,
+        None => {
+            pcp_store::write_epoch(&cfg.state_dir, now)?;
+            now
+        }
+    };
     metrics.epoch_start.set((epoch_start / 1000) as i64);
     let n = cfg.shard_count();
-    let seed_base = epoch_start ^ u64::from(std::process::id()).rotate_left(32);
-    let specs = (0..n)
-        .map(|i| shard::ShardSpec {
-            index: i,
-            compiled: compiled.clone(),
-            shared: shared.clone(),
-            listen: cfg.listen.clone(),
-            epoch_start_ms: epoch_start,
-            seed: seed_base
-                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                .wrapping_add(i as u64),
-            metrics: metrics.clone(),
-            natlog: natlog.clone(),
-            announce: true,
+    // Records go to the shard that owns their subscriber now (the shard
+    // count may have changed).
+    let mut restores: Vec<shard::Restore> = (0..n).map(|_| shard::Restore::default()).collect();
+    let loaded_records = state.records;
+    for (_, (subscriber, block, since)) in state.blocks {
+        restores[pcp_engine::shard_of(subscriber, n)]
+            .blocks
+            .push((subscriber, block, since));
+    }
+    for (_, m) in state.mappings {
+        restores[pcp_engine::shard_of(m.internal_addr, n)]
+            .mappings
+            .push(m);
+    }
+    for h in state.history {
+        restores[pcp_engine::shard_of(h.internal_addr, n)]
+            .history
+            .push(h);
+    }
+    let seed_base = now ^ u64::from(std::process::id()).rotate_left(32);
+    let mut restored_rx = Vec::with_capacity(n);
+    let specs = restores
+        .into_iter()
+        .enumerate()
+        .map(|(i, restore)| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            restored_rx.push(rx);
+            shard::ShardSpec {
+                index: i,
+                compiled: compiled.clone(),
+                shared: shared.clone(),
+                listen: cfg.listen.clone(),
+                epoch_start_ms: epoch_start,
+                seed: seed_base
+                    .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                    .wrapping_add(i as u64),
+                metrics: metrics.clone(),
+                natlog: natlog.clone(),
+                announce: !recovered,
+                restore,
+                state_dir: cfg.state_dir.clone(),
+                generation: now,
+                journal_max_bytes: cfg.journal_max_mib << 20,
+                restored: tx,
+            }
         })
         .collect();
     let (shards, _threads) =
         shard::start(specs, cfg.handoff_queue).context("opening UDP sockets")?;
+    // Ready only once every shard has restored, snapshotted and reconciled.
+    let mut total = shard::RestoreReport::default();
+    for rx in restored_rx {
+        let r = rx
+            .blocking_recv()
+            .map_err(|_| anyhow::anyhow!("a shard stopped while restoring state"))?
+            .map_err(|e| anyhow::anyhow!("restoring state: {e}"))?;
+        total.mappings += r.mappings;
+        total.dropped += r.dropped;
+        total.blocks += r.blocks;
+        total.blocks_dropped += r.blocks_dropped;
+        total.installed += r.installed;
+        total.removed += r.removed;
+    }
+    pcp_store::remove_stale(&cfg.state_dir, n)?;
+    tracing::info!(
+        recovered,
+        records = loaded_records,
+        mappings = total.mappings,
+        dropped = total.dropped,
+        blocks = total.blocks,
+        blocks_dropped = total.blocks_dropped,
+        dataplane_installed = total.installed,
+        dataplane_removed = total.removed,
+        ms = load_started.elapsed().as_millis() as u64,
+        "state restored"
+    );
     tracing::info!(
         listen = ?cfg.listen,
         shards = n,

@@ -38,6 +38,10 @@ pub const DATAPLANE_LATENCY: &str = "pcpd_dataplane_apply_seconds";
 pub const EPOCH_START: &str = "pcpd_epoch_start_timestamp_seconds";
 /// `pcpd_build_info{version}`: always 1.
 pub const BUILD_INFO: &str = "pcpd_build_info";
+/// `pcpd_journal_commit_seconds`: one group commit (write + fdatasync).
+pub const JOURNAL_LATENCY: &str = "pcpd_journal_commit_seconds";
+/// `pcpd_journal_errors_total`: failed journal writes and snapshots.
+pub const JOURNAL_ERRORS: &str = "pcpd_journal_errors_total";
 /// `pcpd_handoffs_total`: datagrams passed to the shard owning their subscriber.
 pub const HANDOFFS: &str = "pcpd_handoffs_total";
 /// `pcpd_ready`: 1 once state is restored and sockets are open.
@@ -45,7 +49,7 @@ pub const READY: &str = "pcpd_ready";
 
 /// Every metric name (checked against docs/metrics.md).
 #[cfg(test)]
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 19] = [
     RESPONSES,
     DROPS,
     LATENCY,
@@ -63,6 +67,8 @@ pub const ALL: [&str; 17] = [
     BUILD_INFO,
     READY,
     HANDOFFS,
+    JOURNAL_LATENCY,
+    JOURNAL_ERRORS,
 ];
 
 /// Every metric handle, cloned into each shard.
@@ -92,6 +98,10 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// Datagrams handed to another shard.
     pub handoffs: IntCounter,
+    /// Journal group commit latency.
+    pub journal_latency: Histogram,
+    /// Journal failures.
+    pub journal_errors: IntCounter,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -199,7 +209,7 @@ impl Metrics {
                         DATAPLANE_LATENCY,
                         "Time to apply one batch of dataplane changes, in seconds.",
                     )
-                    .buckets(buckets),
+                    .buckets(buckets.clone()),
                 )?,
             ),
             epoch_start: reg(
@@ -210,6 +220,8 @@ impl Metrics {
                 )?,
             ),
             ready: reg(&r, IntGauge::new(READY, "1 once pcpd answers requests.")?),
+            journal_latency: reg(&r, Histogram::with_opts(HistogramOpts::new(JOURNAL_LATENCY, "Time of one journal group commit (write and fdatasync), in seconds.").buckets(buckets.clone()))?),
+            journal_errors: reg(&r, IntCounter::new(JOURNAL_ERRORS, "Failed journal commits and snapshots; the batch's replies were not sent.")?),
             handoffs: reg(&r, IntCounter::new(HANDOFFS, "Datagrams passed to the shard owning their subscriber (kernel steering keeps this near zero).")?),
             registry: r,
         };

@@ -16,11 +16,12 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pcp_dataplane::{Change, Dataplane, MemoryDataplane};
+use pcp_dataplane::{Change, Dataplane, Entry, MemoryDataplane};
 use pcp_engine::{
     shard_of, subscriber_key, Compiled, Engine, Holder, Mapping, MappingId, Millis, Shared, Stats,
     SubscriberUsage,
 };
+use pcp_store::{Journal, Record};
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -124,6 +125,44 @@ pub struct ShardSpec {
     pub natlog: NatLog,
     /// Send restart ANNOUNCEs (state was lost).
     pub announce: bool,
+    /// State recovered for this shard's subscribers.
+    pub restore: Restore,
+    /// Where the journal and snapshots live.
+    pub state_dir: std::path::PathBuf,
+    /// Generation of the snapshot written at start.
+    pub generation: u64,
+    /// Journal size that triggers a snapshot.
+    pub journal_max_bytes: u64,
+    /// Tells the daemon the shard has restored its state.
+    pub restored: oneshot::Sender<Result<RestoreReport, String>>,
+}
+
+/// Recovered state for one shard.
+#[derive(Default)]
+pub struct Restore {
+    /// Blocks (subscriber, block, since).
+    pub blocks: Vec<(IpAddr, pcp_engine::Block, Millis)>,
+    /// Mappings.
+    pub mappings: Vec<Mapping>,
+    /// Allocation history.
+    pub history: Vec<Holder>,
+}
+
+/// What a shard restored.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RestoreReport {
+    /// Mappings restored.
+    pub mappings: usize,
+    /// Mappings dropped (expired, or refused by the current configuration).
+    pub dropped: usize,
+    /// Blocks restored.
+    pub blocks: usize,
+    /// Blocks refused by the current configuration.
+    pub blocks_dropped: usize,
+    /// Dataplane entries installed by reconcile.
+    pub installed: usize,
+    /// Stray dataplane entries removed by reconcile.
+    pub removed: usize,
 }
 
 /// Opens one shard's socket for `addr` with SO_REUSEPORT.
@@ -198,18 +237,48 @@ struct State {
     changes: Vec<Change>,
     metrics: Metrics,
     natlog: NatLog,
+    journal: Journal,
+    journal_max_bytes: u64,
+    records: Vec<Record>,
     replies: Vec<(usize, SocketAddr, Option<IpAddr>, usize)>,
     reply_bufs: Box<[[u8; MAX_DATAGRAM]; REPLY_SLOTS]>,
 }
 
 impl State {
-    /// Applies the engine's effects: dataplane batch, then NAT event log.
-    fn apply_effects(&mut self) {
+    /// Applies the engine's effects in order: journal (group commit, one
+    /// fdatasync for the batch), then the dataplane batch, then the NAT
+    /// event log. Returns false when the journal could not be written: the
+    /// caller must not tell clients about state that is not durable.
+    fn apply_effects(&mut self) -> bool {
         self.changes.clear();
+        self.records.clear();
         let now = now_ms();
         while let Some(event) = self.engine.poll_event() {
             Change::from_event(&event, &mut self.changes);
+            Record::from_event(&event, now, &mut self.records);
             self.natlog.record(now, &event);
+        }
+        let mut durable = true;
+        if !self.records.is_empty() {
+            for r in &self.records {
+                self.journal.append(r);
+            }
+            let started = Instant::now();
+            match self.journal.commit() {
+                Ok(_) => self
+                    .metrics
+                    .journal_latency
+                    .observe(started.elapsed().as_secs_f64()),
+                Err(e) => {
+                    durable = false;
+                    self.metrics.journal_errors.inc();
+                    tracing::error!(
+                        shard = self.index,
+                        "journal {}: {e}",
+                        self.journal.path().display()
+                    );
+                }
+            }
         }
         if !self.changes.is_empty() {
             let started = Instant::now();
@@ -229,7 +298,130 @@ impl State {
             }
         }
         self.natlog.flush();
+        if durable && self.journal.len() > self.journal_max_bytes {
+            self.compact();
+        }
+        durable
     }
+
+    /// Replaces journal and snapshot with a snapshot of the engine's state.
+    fn compact(&mut self) {
+        let started = Instant::now();
+        let records = state_records(&self.engine);
+        if let Err(e) = self.journal.compact(now_ms(), records) {
+            self.metrics.journal_errors.inc();
+            tracing::error!(shard = self.index, "snapshot: {e}");
+            return;
+        }
+        tracing::info!(
+            shard = self.index,
+            ms = started.elapsed().as_millis() as u64,
+            "journal compacted into a snapshot"
+        );
+    }
+}
+
+/// The engine's whole state as records (for snapshots).
+fn state_records(engine: &Engine) -> Vec<Record> {
+    let mut v: Vec<Record> = engine
+        .blocks()
+        .map(|(subscriber, block, since)| Record::Block {
+            subscriber,
+            block,
+            since,
+        })
+        .collect();
+    v.extend(engine.mappings().map(|m| Record::Mapping(m.clone())));
+    v.extend(engine.history().map(|h| Record::History(h.clone())));
+    v
+}
+
+/// Restores a shard's state into its engine, writes a fresh snapshot, and
+/// reconciles the dataplane with the result (add missing, remove strays).
+fn restore(
+    engine: &mut Engine,
+    dataplane: &mut dyn Dataplane,
+    spec_restore: Restore,
+    state_dir: &std::path::Path,
+    index: usize,
+    generation: u64,
+) -> Result<(Journal, RestoreReport), String> {
+    let now = now_ms();
+    let mut report = RestoreReport::default();
+    for (subscriber, block, since) in spec_restore.blocks {
+        if engine.restore_block(now, subscriber, block, since) {
+            report.blocks += 1;
+        } else {
+            report.blocks_dropped += 1;
+        }
+    }
+    for m in spec_restore.mappings {
+        if engine.restore_mapping(now, m) {
+            report.mappings += 1;
+        } else {
+            report.dropped += 1;
+        }
+    }
+    for h in spec_restore.history {
+        engine.restore_history(h);
+    }
+    while engine.poll_event().is_some() {}
+    let journal = pcp_store::write_snapshot(state_dir, index, generation, state_records(engine))
+        .map_err(|e| e.to_string())?;
+    // Reconcile: what the engine holds is what must be installed.
+    let mut desired: Vec<Change> = Vec::new();
+    for (subscriber, block, _) in engine.blocks() {
+        desired.push(Change::AddPortSet { subscriber, block });
+    }
+    for m in engine.mappings() {
+        Change::from_event(&pcp_engine::Event::MappingCreated(m.clone()), &mut desired);
+    }
+    let wanted: std::collections::BTreeSet<pcp_dataplane::Key> = desired
+        .iter()
+        .filter_map(|c| match c {
+            Change::Upsert(e) => Some(e.key()),
+            Change::AddPortSet { subscriber, block } => Some(pcp_dataplane::Key::PortSet {
+                subscriber: *subscriber,
+                external_addr: block.addr,
+                first_port: block.first,
+            }),
+            _ => None,
+        })
+        .collect();
+    let installed: Vec<(pcp_dataplane::Key, Option<Entry>)> = dataplane.installed();
+    let have: std::collections::BTreeMap<_, _> = installed.into_iter().collect();
+    let mut changes: Vec<Change> = have
+        .keys()
+        .filter(|k| !wanted.contains(k))
+        .map(|k| Change::Remove(*k))
+        .collect();
+    report.removed = changes.len();
+    for c in desired {
+        let missing = match &c {
+            Change::Upsert(e) => have.get(&e.key()) != Some(&Some(e.clone())),
+            Change::AddPortSet { subscriber, block } => {
+                !have.contains_key(&pcp_dataplane::Key::PortSet {
+                    subscriber: *subscriber,
+                    external_addr: block.addr,
+                    first_port: block.first,
+                })
+            }
+            _ => false,
+        };
+        if missing {
+            changes.push(c);
+            report.installed += 1;
+        }
+    }
+    let failed = dataplane
+        .apply(&changes)
+        .iter()
+        .filter(|r| r.is_err())
+        .count();
+    if failed > 0 {
+        return Err(format!("dataplane reconcile: {failed} changes failed"));
+    }
+    Ok((journal, report))
 }
 
 type Sockets = Rc<Vec<(UdpSocket, UdpSocketState)>>;
@@ -249,6 +441,24 @@ async fn run(
         spec.epoch_start_ms,
         spec.seed,
     );
+    let mut dataplane: Box<dyn Dataplane> = Box::new(MemoryDataplane::new());
+    let journal = match restore(
+        &mut engine,
+        dataplane.as_mut(),
+        spec.restore,
+        &spec.state_dir,
+        index,
+        spec.generation,
+    ) {
+        Ok((journal, report)) => {
+            let _ = spec.restored.send(Ok(report));
+            journal
+        }
+        Err(e) => {
+            let _ = spec.restored.send(Err(e));
+            return;
+        }
+    };
     if spec.announce {
         // RFC 6887 §14.1.3: state was lost; tell clients.
         engine.announce_restart(now_ms(), &[]);
@@ -256,10 +466,13 @@ async fn run(
     let state = Rc::new(RefCell::new(State {
         index,
         engine,
-        dataplane: Box::new(MemoryDataplane::new()),
+        dataplane,
         changes: Vec::new(),
         metrics: spec.metrics.clone(),
         natlog: spec.natlog,
+        journal,
+        journal_max_bytes: spec.journal_max_bytes,
+        records: Vec::new(),
         replies: Vec::with_capacity(REPLY_SLOTS),
         reply_bufs: Box::new([[0u8; MAX_DATAGRAM]; REPLY_SLOTS]),
     }));
@@ -411,7 +624,14 @@ fn handle_one(
 /// Applies effects, then sends the held replies (a success is only sent
 /// for state that was applied).
 fn flush(st: &mut State, sockets: &Sockets) {
-    st.apply_effects();
+    if !st.apply_effects() {
+        // Not durable: no reply. Clients retry (RFC 6887 §8.1.1).
+        for _ in 0..st.replies.len() {
+            st.metrics.drop_io("journal_failed");
+        }
+        st.replies.clear();
+        return;
+    }
     for i in 0..st.replies.len() {
         let (si, dst, src_ip, len) = st.replies[i];
         let (sock, udp) = &sockets[si];

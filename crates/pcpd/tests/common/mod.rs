@@ -11,6 +11,7 @@ pub const TOKEN_READ: &str = "read-only-token";
 
 pub struct Daemon {
     pub child: Child,
+    pub args: Vec<String>,
     pub ip: Ipv4Addr,
     pub dir: PathBuf,
     pub config_path: PathBuf,
@@ -75,38 +76,60 @@ impl Daemon {
 
     /// Starts pcpd with `cfg` and waits until it answers (bounded).
     pub fn start_in(dir: PathBuf, ip: Ipv4Addr, cfg: serde_yaml::Value) -> Daemon {
+        Self::try_start(dir, ip, cfg, &[]).unwrap_or_else(|e| panic!("pcpd did not start: {e}"))
+    }
+
+    /// Starts pcpd with extra arguments; `Err` carries its stderr when it
+    /// exits instead of becoming ready.
+    pub fn try_start(
+        dir: PathBuf,
+        ip: Ipv4Addr,
+        cfg: serde_yaml::Value,
+        args: &[&str],
+    ) -> Result<Daemon, String> {
         let config_path = dir.join("pcpd.yaml");
         std::fs::write(&config_path, serde_yaml::to_string(&cfg).unwrap()).unwrap();
         let tls = cfg["admin"]["tls"].is_mapping();
-        let child = Command::new(env!("CARGO_BIN_EXE_pcpd"))
-            .arg("--config")
-            .arg(&config_path)
-            .env("PCPD_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("pcpd starts");
         let mut d = Daemon {
-            child,
+            child: spawn(&config_path, &dir, args),
+            args: args.iter().map(|a| a.to_string()).collect(),
             ip,
             dir,
             config_path,
             scheme: if tls { "https" } else { "http" },
         };
-        d.wait_ready();
-        d
+        if let Err(e) = d.wait_ready() {
+            // Keep the directory for the caller (Drop would remove it).
+            let _ = d.child.kill();
+            let _ = d.child.wait();
+            std::mem::forget(d);
+            return Err(e);
+        }
+        Ok(d)
     }
 
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+    /// SIGKILL, then start again on the same state (no graceful anything).
+    pub fn kill9_and_restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = spawn(&self.config_path, &self.dir, &[]);
+        self.wait_ready()
+            .unwrap_or_else(|e| panic!("pcpd did not restart: {e}"));
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("pcpd exited early: {status}");
+                let log = std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
+                return Err(format!("pcpd exited: {status}\n{log}"));
             }
             if std::net::TcpStream::connect((self.ip, 8351)).is_ok() && self.udp_answers() {
-                return;
+                return Ok(());
             }
-            assert!(Instant::now() < deadline, "pcpd did not become ready");
+            if Instant::now() > deadline {
+                return Err("pcpd did not become ready in 30 s".into());
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -155,6 +178,23 @@ impl Daemon {
             .unwrap();
         assert!(ok.success());
     }
+}
+
+fn spawn(config: &std::path::Path, dir: &std::path::Path, args: &[&str]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("stderr.log"))
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_pcpd"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("PCPD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("pcpd starts")
 }
 
 impl Drop for Daemon {

@@ -1,0 +1,214 @@
+//! Durable state (issue 6): nothing acknowledged is lost to kill -9, the
+//! epoch continues (RFC 6887 §8.5), damaged state stops start-up.
+#![allow(missing_docs)]
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use pcp_wire::{MapData, Nonce, OpData, Options, Request, Response, ResultCode};
+
+#[derive(Debug, Clone, Copy)]
+struct Acked {
+    subscriber: Ipv4Addr,
+    internal_port: u16,
+    nonce: [u8; 12],
+    external: (IpAddr, u16),
+}
+
+fn map_from(
+    subscriber: Ipv4Addr,
+    internal_port: u16,
+    nonce: [u8; 12],
+    server: SocketAddr,
+) -> Option<(ResultCode, (IpAddr, u16), u32)> {
+    let sock = UdpSocket::bind((subscriber, 0)).ok()?;
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let req = Request {
+        lifetime: 3600,
+        client_addr: IpAddr::V4(subscriber),
+        data: OpData::Map(MapData {
+            nonce: Nonce(nonce),
+            protocol: 6,
+            internal_port,
+            external_port: 0,
+            external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        }),
+        options: Options::NONE,
+    };
+    let mut buf = [0u8; 1100];
+    let n = req.emit(&mut buf).unwrap();
+    sock.send_to(&buf[..n], server).ok()?;
+    let n = sock.recv(&mut buf).ok()?;
+    let r = Response::parse(&buf[..n]).ok()?;
+    let m = r.data.map_data()?;
+    Some((r.result, (m.external_addr, m.external_port), r.epoch))
+}
+
+/// A tiny deterministic generator, seeded from the clock (printed).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % bound
+    }
+}
+
+#[test]
+fn acknowledged_mappings_survive_kill_9_and_the_epoch_continues() {
+    let ip = Ipv4Addr::new(127, 0, 0, 18);
+    let dir = temp_dir("crash");
+    let mut cfg = config_for(ip, &dir);
+    cfg["pcp"]["profiles"]["residential"]["rate_per_sec"] = 100_000.into();
+    cfg["pcp"]["profiles"]["residential"]["burst"] = 100_000.into();
+    let mut d = Daemon::start_in(dir, ip, cfg);
+    let server = d.pcp_addr();
+    let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
+    let first_epoch: Arc<Mutex<Option<(u32, Instant)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loaders = Vec::new();
+    // 3 loaders x 200 subscribers (127.18.t.x), up to 40 mappings each.
+    for t in 0..3u8 {
+        let (acked, stop, first_epoch) = (acked.clone(), stop.clone(), first_epoch.clone());
+        loaders.push(std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut i: u32 = 0;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && i < 8000 {
+                let subscriber = Ipv4Addr::new(127, 18, t, (i % 200) as u8 + 1);
+                let internal_port = 2000 + (i / 200) as u16;
+                let mut nonce = [t; 12];
+                nonce[4..8].copy_from_slice(&i.to_be_bytes());
+                i += 1;
+                if let Some((ResultCode::Success, external, epoch)) =
+                    map_from(subscriber, internal_port, nonce, server)
+                {
+                    acked.lock().unwrap().push(Acked {
+                        subscriber,
+                        internal_port,
+                        nonce,
+                        external,
+                    });
+                    first_epoch
+                        .lock()
+                        .unwrap()
+                        .get_or_insert((epoch, Instant::now()));
+                }
+            }
+        }));
+    }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("crash test seed {seed}");
+    let mut rng = Rng(seed);
+    for round in 0..4 {
+        std::thread::sleep(Duration::from_millis(200 + rng.next(600)));
+        let before = acked.lock().unwrap().len();
+        d.kill9_and_restart();
+        eprintln!("round {round}: killed with {before} mappings acknowledged");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for l in loaders {
+        l.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() >= 300,
+        "enough load to mean something: {}",
+        acked.len()
+    );
+    // Every mapping whose success reply was received is still there, with
+    // the same external endpoint: a renewal with its nonce returns it.
+    let mut lost = Vec::new();
+    for a in &acked {
+        match map_from(a.subscriber, a.internal_port, a.nonce, server) {
+            Some((ResultCode::Success, ext, _)) if ext == a.external => {}
+            other => lost.push((a, other)),
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged mappings lost, e.g. {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(3)]
+    );
+    // The epoch did not reset: it counts from the first start.
+    let (e0, t0) = first_epoch.lock().unwrap().expect("a reply");
+    let (_, _, e1) = map_from(
+        acked[0].subscriber,
+        acked[0].internal_port,
+        acked[0].nonce,
+        server,
+    )
+    .unwrap();
+    let elapsed = t0.elapsed().as_secs() as u32;
+    assert!(
+        e1 + 2 >= e0 + elapsed && e1 <= e0 + elapsed + 2,
+        "epoch {e0} then {e1} after {elapsed} s"
+    );
+}
+
+#[test]
+fn damaged_state_stops_start_up_and_discard_state_starts_a_new_epoch() {
+    let ip = Ipv4Addr::new(127, 0, 0, 19);
+    let dir = temp_dir("damaged");
+    let cfg = config_for(ip, &dir);
+    let mut d = Daemon::start_in(dir.clone(), ip, cfg.clone());
+    for port in [100, 101, 102] {
+        let r = Response::parse(&d.pcp_exchange(&map_request(1, port, 3600, &[])).unwrap())
+            .unwrap()
+            .result;
+        assert_eq!(r, ResultCode::Success);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    // Damage the first record of the journal that holds them.
+    let state = dir.join("state");
+    let journal = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "journal"))
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(&journal).unwrap();
+    assert!(bytes.len() > 100, "the journal holds the records");
+    bytes[16 + 9] ^= 0x55;
+    std::fs::write(&journal, &bytes).unwrap();
+    std::mem::forget(d); // keep the directory: the next daemons use it
+    let err = match Daemon::try_start(dir.clone(), ip, cfg.clone(), &[]) {
+        Ok(_) => panic!("pcpd started on damaged state"),
+        Err(e) => e,
+    };
+    assert!(err.contains("damaged at byte 16"), "{err}");
+    assert!(
+        err.contains("--discard-state") && err.contains("truncate -s 16"),
+        "{err}"
+    );
+    // The documented way out: a fresh epoch, the old files kept aside.
+    let d = Daemon::try_start(dir.clone(), ip, cfg, &["--discard-state"]).unwrap();
+    let r = d
+        .pcp_exchange(&announce_request(IpAddr::V4(Ipv4Addr::LOCALHOST)))
+        .unwrap();
+    let epoch = pcp_wire::ResponseHeader::parse(&r).unwrap().epoch;
+    assert!(
+        epoch <= 2,
+        "a new epoch starts at zero (RFC 6887 §8.5): {epoch}"
+    );
+    assert!(std::fs::read_dir(&state).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("discarded-")));
+}
