@@ -4,7 +4,9 @@
 #   1. three rounds of: reflector baseline, then pcpd with create, renew
 #      and mixed workloads (same load generator, same settings);
 #   2. scale: renewals with 1 k, 100 k and 1 M live mappings, and pcpd's
-#      resident memory per mapping.
+#      resident memory per mapping;
+#   3. restart: with the 1 M mappings, kill -9 and time until ready (journal
+#      replay), then a clean restart (from the snapshots written at start).
 # Prints a Markdown summary; raw JSON goes to target/loadtest-report/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,12 +25,15 @@ trap cleanup EXIT
 
 start_pcpd() {
   rm -rf "$OUT/state" && mkdir -p "$OUT/state"
-  "$PCPD" --config loadtest/pcpd-load.yaml 2>"$OUT/pcpd.log" &
+  launch_pcpd
+}
+launch_pcpd() {
+  "$PCPD" --config loadtest/pcpd-load.yaml 2>>"$OUT/pcpd.log" &
   PCPD_PID=$!
   PIDS+=("$PCPD_PID")
-  for _ in $(seq 100); do
+  for _ in $(seq 600); do
     curl -sf "http://$IP:8351/readyz" >/dev/null 2>&1 && return 0
-    sleep 0.1
+    sleep 0.05
   done
   echo "pcpd did not start" >&2; cat "$OUT/pcpd.log" >&2; exit 1
 }
@@ -59,6 +64,16 @@ for spec in 1000:1 10000:10 1000000:1; do
   idle=$(awk '/VmRSS/ {print $2 * 1024}' "/proc/$PCPD_PID/status")
   echo "$idle" >"$OUT/idle-rss-$subs.txt"
   run "scale-$subs" --target "$IP:5351" --mix renew --subscribers "$subs" --mappings "$maps" --server-pid "$PCPD_PID"
+  if [ "$subs" = 1000000 ]; then
+    # Restart with 1 M mappings: after kill -9 (journal replay), then clean.
+    for how in KILL TERM; do
+      kill -"$how" "$PCPD_PID"; wait "$PCPD_PID" 2>/dev/null || true
+      t0=$(date +%s%N)
+      launch_pcpd
+      t1=$(date +%s%N)
+      echo "$(( (t1 - t0) / 1000000 ))" >"$OUT/restart-$how.txt"
+    done
+  fi
   stop_pcpd
 done
 
@@ -86,4 +101,8 @@ for subs in (1000, 10000, 1000000):
     idle = int(open(os.path.join(out, f"idle-rss-{subs}.txt")).read())
     grown = (r["server_rss_bytes"] - idle) / max(r["prefilled"], 1)
     print(f"| {r['prefilled']:,} | {subs:,} | {r['replies_per_sec']:,.0f} | {r['latency_us']['p99']} | {r['server_rss_bytes']/1048576:.0f} MiB | {grown:.0f} |")
+print()
+kill = open(os.path.join(out, "restart-KILL.txt")).read().strip()
+term = open(os.path.join(out, "restart-TERM.txt")).read().strip()
+print(f"Restart with {load('scale-1000000')['prefilled']:,} mappings, time until /readyz: {kill} ms after kill -9 (journal replay), {term} ms after a clean stop (snapshots).")
 PY

@@ -1467,7 +1467,12 @@ impl Engine {
         self.events.push_back(Event::MappingRenewed(snapshot));
     }
 
-    fn insert(&mut self, now: Millis, mut mapping: Mapping) -> MappingId {
+    fn insert(&mut self, now: Millis, mapping: Mapping) -> MappingId {
+        self.insert_with(now, mapping, true)
+    }
+
+    /// Inserts a mapping in every index; `report` queues MappingCreated.
+    fn insert_with(&mut self, now: Millis, mut mapping: Mapping, report: bool) -> MappingId {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -1540,8 +1545,10 @@ impl Engine {
         }
         let id = mapping.id;
         self.slots[slot as usize].refreshed_ms = now;
-        self.events
-            .push_back(Event::MappingCreated(mapping.clone()));
+        if report {
+            self.events
+                .push_back(Event::MappingCreated(mapping.clone()));
+        }
         self.slots[slot as usize].mapping = Some(mapping);
         self.live += 1;
         id
@@ -2212,9 +2219,8 @@ impl Engine {
         if !inside || taken_by_other || duplicate {
             return false;
         }
-        self.insert(now, mapping);
-        // insert() reported a creation; a restore is not one.
-        self.events.pop_back();
+        // A restore is not a creation: no event.
+        self.insert_with(now, mapping, false);
         true
     }
 

@@ -25,7 +25,7 @@
 
 mod codec;
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr};
@@ -372,9 +372,9 @@ pub struct State {
     /// When the epoch began, if the state was recovered.
     pub epoch_start: Option<Millis>,
     /// Blocks held, by (address, first port).
-    pub blocks: BTreeMap<(Ipv4Addr, u16), (IpAddr, Block, Millis)>,
+    pub blocks: HashMap<(Ipv4Addr, u16), (IpAddr, Block, Millis)>,
     /// Live mappings.
-    pub mappings: BTreeMap<StableKey, Mapping>,
+    pub mappings: HashMap<StableKey, Mapping>,
     /// Past holdings.
     pub history: Vec<Holder>,
     /// Things the operator should know (a torn tail cut off).

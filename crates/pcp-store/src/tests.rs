@@ -97,9 +97,10 @@ fn snapshot_and_journal_round_trip() {
     let st = load(&d).unwrap();
     assert_eq!(st.epoch_start, Some(777));
     assert_eq!(st.blocks.len(), 1);
-    let ports: Vec<u16> = st.mappings.values().map(|m| m.internal_port).collect();
+    let mut ports: Vec<u16> = st.mappings.values().map(|m| m.internal_port).collect();
+    ports.sort_unstable();
     assert_eq!(ports, vec![11, 12]);
-    assert_eq!(st.mappings.values().next().unwrap(), &mapping(11, false));
+    assert!(st.mappings.values().any(|m| m == &mapping(11, false)));
     assert!(st.warnings.is_empty());
     // Every field survives, extras included.
     let mut j = write_snapshot(&d, 0, 2, vec![Record::Mapping(mapping(10, true))]).unwrap();

@@ -376,43 +376,14 @@ fn restore(
     for m in engine.mappings() {
         Change::from_event(&pcp_engine::Event::MappingCreated(m.clone()), &mut desired);
     }
-    let wanted: std::collections::BTreeSet<pcp_dataplane::Key> = desired
-        .iter()
-        .filter_map(|c| match c {
-            Change::Upsert(e) => Some(e.key()),
-            Change::AddPortSet { subscriber, block } => Some(pcp_dataplane::Key::PortSet {
-                subscriber: *subscriber,
-                external_addr: block.addr,
-                first_port: block.first,
-            }),
-            _ => None,
-        })
-        .collect();
     let installed: Vec<(pcp_dataplane::Key, Option<Entry>)> = dataplane.installed();
-    let have: std::collections::BTreeMap<_, _> = installed.into_iter().collect();
-    let mut changes: Vec<Change> = have
-        .keys()
-        .filter(|k| !wanted.contains(k))
-        .map(|k| Change::Remove(*k))
-        .collect();
-    report.removed = changes.len();
-    for c in desired {
-        let missing = match &c {
-            Change::Upsert(e) => have.get(&e.key()) != Some(&Some(e.clone())),
-            Change::AddPortSet { subscriber, block } => {
-                !have.contains_key(&pcp_dataplane::Key::PortSet {
-                    subscriber: *subscriber,
-                    external_addr: block.addr,
-                    first_port: block.first,
-                })
-            }
-            _ => false,
-        };
-        if missing {
-            changes.push(c);
-            report.installed += 1;
-        }
-    }
+    let changes = if installed.is_empty() {
+        // Nothing installed (a fresh in-memory dataplane): add everything.
+        report.installed = desired.len();
+        desired
+    } else {
+        reconcile_changes(desired, installed, &mut report)
+    };
     let failed = dataplane
         .apply(&changes)
         .iter()
@@ -422,6 +393,44 @@ fn restore(
         return Err(format!("dataplane reconcile: {failed} changes failed"));
     }
     Ok((journal, report))
+}
+
+/// Changes that turn `installed` into `desired`: strays removed, missing or
+/// different entries (re)installed.
+fn reconcile_changes(
+    desired: Vec<Change>,
+    installed: Vec<(pcp_dataplane::Key, Option<Entry>)>,
+    report: &mut RestoreReport,
+) -> Vec<Change> {
+    let key_of = |c: &Change| match c {
+        Change::Upsert(e) => Some(e.key()),
+        Change::AddPortSet { subscriber, block } => Some(pcp_dataplane::Key::PortSet {
+            subscriber: *subscriber,
+            external_addr: block.addr,
+            first_port: block.first,
+        }),
+        _ => None,
+    };
+    let wanted: std::collections::HashSet<pcp_dataplane::Key> =
+        desired.iter().filter_map(key_of).collect();
+    let have: std::collections::HashMap<_, _> = installed.into_iter().collect();
+    let mut changes: Vec<Change> = have
+        .keys()
+        .filter(|k| !wanted.contains(k))
+        .map(|k| Change::Remove(*k))
+        .collect();
+    report.removed = changes.len();
+    for c in desired {
+        let missing = match &c {
+            Change::Upsert(e) => have.get(&e.key()) != Some(&Some(e.clone())),
+            other => key_of(other).is_some_and(|k| !have.contains_key(&k)),
+        };
+        if missing {
+            changes.push(c);
+            report.installed += 1;
+        }
+    }
+    changes
 }
 
 type Sockets = Rc<Vec<(UdpSocket, UdpSocketState)>>;
