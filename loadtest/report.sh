@@ -16,7 +16,7 @@ PCPD=target/release/pcpd
 IP=127.0.0.20
 OUT=target/loadtest-report
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}
-CONC=${CONC:-64}
+CONC=${CONC:-256}
 rm -rf "$OUT" && mkdir -p "$OUT/state"
 
 PIDS=()

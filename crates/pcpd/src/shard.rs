@@ -35,7 +35,9 @@ pub const MAX_DATAGRAM: usize = 1100;
 /// Receive buffer per datagram: large enough to see oversize requests.
 const RECV_BUF: usize = 1500;
 /// Replies held before a flush.
-const REPLY_SLOTS: usize = 64;
+const REPLY_SLOTS: usize = 256;
+/// Receives (of up to BATCH datagrams) folded into one journal commit.
+const RECVS_PER_COMMIT: usize = 8;
 /// Datagrams received per system call (at most quinn-udp's batch).
 const BATCH: usize = 32;
 
@@ -679,21 +681,21 @@ async fn recv_loop(
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
-        let n = {
+        let mut st = state.borrow_mut();
+        // Group commit: drain what the socket holds (up to RECVS_PER_COMMIT
+        // receives) into one batch, so one fdatasync covers them all.
+        for _ in 0..RECVS_PER_COMMIT {
             let mut iovs = bufs.each_mut().map(|b| IoSliceMut::new(&mut b[..]));
-            match sock.try_io(Interest::READABLE, || {
+            let n = match sock.try_io(Interest::READABLE, || {
                 udp.recv(sock.into(), &mut iovs[..batch], &mut metas[..batch])
             }) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     tracing::debug!(shard = index, "recv: {e}");
-                    continue;
+                    break;
                 }
-            }
-        };
-        {
-            let mut st = state.borrow_mut();
+            };
             for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
                 let stride = meta.stride.max(1);
                 for datagram in buf[..meta.len].chunks(stride) {
@@ -724,8 +726,9 @@ async fn recv_loop(
                     handle_one(&mut st, &sockets, si, src, meta.dst_ip, datagram);
                 }
             }
-            flush(&mut st, &sockets);
         }
+        flush(&mut st, &sockets);
+        drop(st);
         timer.notify_one();
         // Let the other socket and the timers run (DESIGN.md).
         tokio::task::yield_now().await;
