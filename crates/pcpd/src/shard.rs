@@ -681,54 +681,55 @@ async fn recv_loop(
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
-        let mut st = state.borrow_mut();
-        // Group commit: drain what the socket holds (up to RECVS_PER_COMMIT
-        // receives) into one batch, so one fdatasync covers them all.
-        for _ in 0..RECVS_PER_COMMIT {
-            let mut iovs = bufs.each_mut().map(|b| IoSliceMut::new(&mut b[..]));
-            let n = match sock.try_io(Interest::READABLE, || {
-                udp.recv(sock.into(), &mut iovs[..batch], &mut metas[..batch])
-            }) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    tracing::debug!(shard = index, "recv: {e}");
-                    break;
-                }
-            };
-            for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
-                let stride = meta.stride.max(1);
-                for datagram in buf[..meta.len].chunks(stride) {
-                    let src = SocketAddr::new(meta.addr.ip().to_canonical(), meta.addr.port());
-                    // Oversize datagrams only ever get MALFORMED_REQUEST
-                    // (§8.2), which changes no state: answer them here.
-                    let owner = if datagram.len() > MAX_DATAGRAM {
-                        index
-                    } else {
-                        shard_of(subscriber_key(datagram, src.ip()), shards)
-                    };
-                    if owner != index {
-                        let mut h = Handoff {
-                            len: datagram.len() as u16,
-                            buf: [0u8; MAX_DATAGRAM],
-                            src,
-                            dst_ip: meta.dst_ip,
-                            socket: si as u8,
-                        };
-                        h.buf[..datagram.len()].copy_from_slice(datagram);
-                        if peers[owner].handoff.try_send(h).is_ok() {
-                            st.metrics.handoffs.inc();
-                        } else {
-                            st.metrics.drop_io("handoff_queue_full");
-                        }
-                        continue;
+        {
+            let mut st = state.borrow_mut();
+            // Group commit: drain what the socket holds (up to RECVS_PER_COMMIT
+            // receives) into one batch, so one fdatasync covers them all.
+            for _ in 0..RECVS_PER_COMMIT {
+                let mut iovs = bufs.each_mut().map(|b| IoSliceMut::new(&mut b[..]));
+                let n = match sock.try_io(Interest::READABLE, || {
+                    udp.recv(sock.into(), &mut iovs[..batch], &mut metas[..batch])
+                }) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::debug!(shard = index, "recv: {e}");
+                        break;
                     }
-                    handle_one(&mut st, &sockets, si, src, meta.dst_ip, datagram);
+                };
+                for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
+                    let stride = meta.stride.max(1);
+                    for datagram in buf[..meta.len].chunks(stride) {
+                        let src = SocketAddr::new(meta.addr.ip().to_canonical(), meta.addr.port());
+                        // Oversize datagrams only ever get MALFORMED_REQUEST
+                        // (§8.2), which changes no state: answer them here.
+                        let owner = if datagram.len() > MAX_DATAGRAM {
+                            index
+                        } else {
+                            shard_of(subscriber_key(datagram, src.ip()), shards)
+                        };
+                        if owner != index {
+                            let mut h = Handoff {
+                                len: datagram.len() as u16,
+                                buf: [0u8; MAX_DATAGRAM],
+                                src,
+                                dst_ip: meta.dst_ip,
+                                socket: si as u8,
+                            };
+                            h.buf[..datagram.len()].copy_from_slice(datagram);
+                            if peers[owner].handoff.try_send(h).is_ok() {
+                                st.metrics.handoffs.inc();
+                            } else {
+                                st.metrics.drop_io("handoff_queue_full");
+                            }
+                            continue;
+                        }
+                        handle_one(&mut st, &sockets, si, src, meta.dst_ip, datagram);
+                    }
                 }
             }
+            flush(&mut st, &sockets);
         }
-        flush(&mut st, &sockets);
-        drop(st);
         timer.notify_one();
         // Let the other socket and the timers run (DESIGN.md).
         tokio::task::yield_now().await;
