@@ -501,32 +501,29 @@ async fn run(
     {
         let (state, sockets, timer) = (state.clone(), sockets.clone(), timer.clone());
         tokio::task::spawn_local(async move {
-            while let Some(h) = ho_rx.recv().await {
-                let mut st = state.borrow_mut();
-                handle_one(
-                    &mut st,
-                    &sockets,
-                    usize::from(h.socket),
-                    h.src,
-                    h.dst_ip,
-                    &h.buf[..usize::from(h.len)],
-                );
-                // Drain what else is queued before flushing, bounded.
-                for _ in 0..REPLY_SLOTS - 1 {
-                    match ho_rx.try_recv() {
-                        Ok(h) => handle_one(
+            while let Some(first) = ho_rx.recv().await {
+                {
+                    let mut st = state.borrow_mut();
+                    // This one and what else is queued, bounded, then flush.
+                    let mut next = Some(first);
+                    let mut budget = REPLY_SLOTS;
+                    while let Some(h) = next.take() {
+                        let datagram = &h.buf[..usize::from(h.len)];
+                        handle_one(
                             &mut st,
                             &sockets,
                             usize::from(h.socket),
                             h.src,
                             h.dst_ip,
-                            &h.buf[..usize::from(h.len)],
-                        ),
-                        Err(_) => break,
+                            datagram,
+                        );
+                        budget -= 1;
+                        if budget > 0 {
+                            next = ho_rx.try_recv().ok();
+                        }
                     }
+                    flush(&mut st, &sockets);
                 }
-                flush(&mut st, &sockets);
-                drop(st);
                 timer.notify_one();
             }
         });
