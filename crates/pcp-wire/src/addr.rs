@@ -20,12 +20,6 @@ pub fn write_addr(addr: IpAddr) -> [u8; 16] {
     }
 }
 
-/// True for the all-zero address of either family, which MAP and PEER use
-/// for "no suggestion" (§11.1: `::` for IPv6, `::ffff:0.0.0.0` for IPv4).
-pub fn is_unspecified(addr: IpAddr) -> bool {
-    addr.is_unspecified()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -42,9 +36,7 @@ mod tests {
         assert_eq!(read_addr(&field), v4);
         let v6: IpAddr = "2001:db8::1".parse().unwrap();
         assert_eq!(read_addr(&write_addr(v6)), v6);
-        assert!(is_unspecified(read_addr(&write_addr(
-            Ipv4Addr::UNSPECIFIED.into()
-        ))));
-        assert!(is_unspecified(read_addr(&[0; 16])));
+        assert!(read_addr(&write_addr(Ipv4Addr::UNSPECIFIED.into())).is_unspecified());
+        assert!(read_addr(&[0; 16]).is_unspecified());
     }
 }
