@@ -9,8 +9,9 @@
 //!                                                    └──▶ per-change result
 //! ```
 //!
-//! Backends: [`MemoryDataplane`] (tests, dry runs, unprivileged default).
-//! The nftables backend (kernel NAT maps) is the next one to land.
+//! Backends: [`MemoryDataplane`] (tests, dry runs, unprivileged default)
+//! and [`NftablesDataplane`] (the kernel's NAT: one table of maps, one
+//! `nft -f -` transaction per batch).
 //! What this crate does not do: decide anything. It installs what the
 //! engine decided.
 
@@ -24,6 +25,9 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use pcp_engine::{Block, Event, Mapping, MappingKind, Millis};
+
+mod nftables;
+pub use nftables::NftablesDataplane;
 
 /// What one installed mapping looks like to the dataplane.
 #[derive(Debug, Clone, PartialEq, Eq)]
