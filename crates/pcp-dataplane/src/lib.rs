@@ -21,7 +21,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use pcp_engine::{Block, Event, Mapping, MappingKind, Millis};
@@ -153,6 +153,15 @@ pub enum Change {
 }
 
 impl Change {
+    /// The key an `Upsert` or `AddPortSet` installs (none for removals).
+    pub fn key(&self) -> Option<Key> {
+        match self {
+            Change::Upsert(e) => Some(e.key()),
+            Change::AddPortSet { subscriber, block } => Some(port_set_key(*subscriber, block)),
+            Change::Remove(_) | Change::RemovePortSet { .. } => None,
+        }
+    }
+
     /// The changes an engine event implies (none for pure log events).
     pub fn from_event(event: &Event, out: &mut Vec<Change>) {
         match event {
@@ -193,12 +202,47 @@ pub enum ApplyError {
     Unavailable(String),
 }
 
+/// What a reconcile did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Entries (re)installed because they were missing or different.
+    pub installed: usize,
+    /// Stray entries removed.
+    pub removed: usize,
+    /// Changes the backend refused.
+    pub failed: usize,
+}
+
 /// A backend that makes mappings forward traffic.
 pub trait Dataplane: Send {
     /// Applies a batch; returns one result per change, in order.
     fn apply(&mut self, changes: &[Change]) -> Vec<Result<(), ApplyError>>;
     /// What is installed now.
     fn installed(&self) -> Vec<(Key, Option<Entry>)>;
+    /// Makes what is installed equal to `desired` (`Upsert`s and
+    /// `AddPortSet`s): strays removed, missing or different entries
+    /// (re)installed, one batch.
+    fn reconcile(&mut self, desired: Vec<Change>) -> Reconciled {
+        let wanted: HashSet<Key> = desired.iter().filter_map(Change::key).collect();
+        let have: HashMap<Key, Option<Entry>> = self.installed().into_iter().collect();
+        let mut changes: Vec<Change> = have
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .map(|k| Change::Remove(*k))
+            .collect();
+        let removed = changes.len();
+        changes.extend(desired.into_iter().filter(|c| match c {
+            Change::Upsert(e) => have.get(&e.key()) != Some(&Some(e.clone())),
+            other => other.key().is_some_and(|k| !have.contains_key(&k)),
+        }));
+        let installed = changes.len() - removed;
+        let failed = self.apply(&changes).iter().filter(|r| r.is_err()).count();
+        Reconciled {
+            installed,
+            removed,
+            failed,
+        }
+    }
     /// Backend name, for logs and metrics.
     fn name(&self) -> &'static str;
 }

@@ -4,48 +4,74 @@
 //!
 //! ```text
 //! table ip pcpd
-//!   map dnat4   proto-aware DNAT: ext addr . proto . ext port -> int addr . int port   (MAP, static)
-//!   map peer4   per-flow SNAT:    int addr . proto . int port . remote . rport -> ext addr . ext port (PEER)
-//!   map subs    port-set SNAT:    subscriber -> ext addr . port range                  (port blocks)
-//!   set filtered4 / filter4       RFC 6887 §13.3 FILTER: mappings with filters / allowed remotes
+//!   map dnat4   ext addr . proto . ext port -> int addr . int port       MAP, static: inbound DNAT
+//!   map snat4   int addr . proto . int port -> ext addr . ext port       MAP: outbound from the mapped port (§11.1)
+//!   map peer4   int addr . proto . int port . remote . rport -> ext addr . ext port   PEER (§12)
+//!   map subs    subscriber -> ext addr . port range                     port-block SNAT of ordinary traffic
+//!   set filtered4 / filter4   RFC 6887 §13.3 FILTER: mappings with filters / allowed remotes
 //!   chain filter_in  (prerouting, before DNAT)  drop what a FILTER does not allow
 //!   chain dnat_in    (prerouting, dstnat)       dnat via @dnat4
-//!   chain snat_out   (postrouting, srcnat)      snat via @peer4, then @subs
+//!   chain snat_out   (postrouting, srcnat)      snat via @peer4, then @snat4, then @subs
 //! ```
 //!
 //! Mapping elements carry a kernel timeout of their remaining lifetime plus
 //! a grace period, so the kernel drops them even if pcpd is gone, and never
-//! before pcpd itself does. A failed batch is retried change by change so
-//! each change gets its own result.
+//! before pcpd itself does. Deletes are written as "add the element as it
+//! was, then delete it", which is idempotent in one transaction: an element
+//! the kernel already timed out does not fail the batch. A failed batch is
+//! rolled back in pcpd's own view and retried change by change, so each
+//! change gets its own result.
+//!
+//! Several shards share the table: [`NftablesDataplane::split`] hands each
+//! shard the elements of its own subscribers (`pcp_engine::shard_of`), so
+//! no two shards ever write the same element.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use pcp_engine::{Block, MappingKind, Millis};
+use pcp_engine::{shard_of, Block, MappingKind, Millis};
+use serde_json::Value;
 
-use crate::{ApplyError, Change, Dataplane, Entry, Key};
+use crate::{ApplyError, Change, Dataplane, Entry, Key, Reconciled};
 
 /// Seconds added to a mapping's kernel timeout so pcpd expires it first.
 const GRACE_SECS: u64 = 30;
 
 /// One element pcpd put in one of its maps or sets.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Elem {
     set: &'static str,
     key: String,
+    /// The value of a map element, without its timeout.
+    value: Option<String>,
 }
 
-/// Map elements with their values, and set elements, of one entry.
-type Elems = (Vec<(Elem, String)>, Vec<Elem>);
-
+/// The elements of one mapping.
 #[derive(Debug, Clone)]
 struct Installed {
+    /// The entry as pcpd installed it (`None` when read back from the kernel).
     entry: Option<Entry>,
+    /// The subscriber the elements belong to (`None`: filters read back
+    /// without their mapping).
+    owner: Option<IpAddr>,
     elems: Vec<Elem>,
+}
+
+/// A subscriber's port blocks and the `subs` value installed for them.
+#[derive(Debug, Clone, Default)]
+struct PortSets {
+    blocks: Vec<Block>,
+    value: Option<String>,
+}
+
+/// What to put back when a batch fails.
+enum Undo {
+    Mapping(Key, Option<Installed>),
+    PortSets(Ipv4Addr, Option<PortSets>),
 }
 
 /// Mappings made real in the kernel's nftables.
@@ -53,12 +79,21 @@ pub struct NftablesDataplane {
     table: String,
     nft: String,
     installed: HashMap<Key, Installed>,
+    ports: HashMap<Ipv4Addr, PortSets>,
 }
 
 fn proto_name(p: u8) -> Option<&'static str> {
     match p {
         6 => Some("tcp"),
         17 => Some("udp"),
+        _ => None,
+    }
+}
+
+fn proto_number(p: &str) -> Option<u8> {
+    match p {
+        "tcp" => Some(6),
+        "udp" => Some(17),
         _ => None,
     }
 }
@@ -78,6 +113,52 @@ fn now_ms() -> Millis {
         .map_or(0, |d| d.as_millis() as Millis)
 }
 
+/// The filters of a mapping without those another one already covers:
+/// the kernel refuses overlapping intervals in a concatenated set, and
+/// §13.3 lets a client send nested prefixes. Addresses are masked to
+/// their prefix and written as nft lists them, so a read-back compares
+/// equal.
+fn filter_texts(filters: &[(IpAddr, u8, u16)]) -> Vec<String> {
+    let v4: Vec<(u32, u8, u16)> = filters
+        .iter()
+        .filter_map(|(a, len, port)| match a.to_canonical() {
+            IpAddr::V4(a) => {
+                let len = (*len).min(32);
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                Some((u32::from(a) & mask, len, *port))
+            }
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    let covers = |outer: &(u32, u8, u16), inner: &(u32, u8, u16)| {
+        let mask = u32::MAX.checked_shl(32 - u32::from(outer.1)).unwrap_or(0);
+        outer.1 <= inner.1 && inner.0 & mask == outer.0 && (outer.2 == 0 || outer.2 == inner.2)
+    };
+    let mut out: Vec<String> = Vec::new();
+    for (i, f) in v4.iter().enumerate() {
+        let covered = v4
+            .iter()
+            .enumerate()
+            .any(|(j, g)| j != i && covers(g, f) && (!covers(f, g) || j < i));
+        if covered {
+            continue;
+        }
+        let addr = Ipv4Addr::from(f.0);
+        let addr = if f.1 == 32 {
+            addr.to_string()
+        } else {
+            format!("{addr}/{}", f.1)
+        };
+        let ports = if f.2 == 0 {
+            "0-65535".to_string()
+        } else {
+            f.2.to_string()
+        };
+        out.push(format!("{addr} . {ports}"));
+    }
+    out
+}
+
 impl NftablesDataplane {
     /// Opens (creating if needed) table `ip <table>` and learns what it
     /// holds, so the daemon can reconcile. `nft` is the nft binary.
@@ -95,10 +176,35 @@ impl NftablesDataplane {
             table: table.to_string(),
             nft: nft.to_string(),
             installed: HashMap::new(),
+            ports: HashMap::new(),
         };
         dp.run(&dp.skeleton())?;
         dp.load()?;
         Ok(dp)
+    }
+
+    /// Splits what the table holds among `shards` shards by subscriber
+    /// (`pcp_engine::shard_of`), so each shard owns its elements. Orphans
+    /// (filters read back without their mapping) go to shard 0, which
+    /// removes them when it reconciles.
+    pub fn split(self, shards: usize) -> Vec<NftablesDataplane> {
+        let n = shards.max(1);
+        let mut parts: Vec<NftablesDataplane> = (0..n)
+            .map(|_| NftablesDataplane {
+                table: self.table.clone(),
+                nft: self.nft.clone(),
+                installed: HashMap::new(),
+                ports: HashMap::new(),
+            })
+            .collect();
+        for (k, v) in self.installed {
+            let s = v.owner.map_or(0, |o| shard_of(o, n));
+            parts[s].installed.insert(k, v);
+        }
+        for (sub, p) in self.ports {
+            parts[shard_of(IpAddr::V4(sub), n)].ports.insert(sub, p);
+        }
+        parts
     }
 
     /// The table, maps, sets and rules; idempotent (elements are kept).
@@ -107,10 +213,11 @@ impl NftablesDataplane {
         format!(
             "add table ip {t}\n\
              add map ip {t} dnat4 {{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; flags timeout; }}\n\
+             add map ip {t} snat4 {{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; flags timeout; }}\n\
              add map ip {t} peer4 {{ type ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service : ipv4_addr . inet_service; flags timeout; }}\n\
              add map ip {t} subs {{ type ipv4_addr : interval ipv4_addr . inet_service; flags interval; }}\n\
-             add set ip {t} filtered4 {{ type ipv4_addr . inet_proto . inet_service; }}\n\
-             add set ip {t} filter4 {{ type ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service; flags interval; }}\n\
+             add set ip {t} filtered4 {{ type ipv4_addr . inet_proto . inet_service; flags timeout; }}\n\
+             add set ip {t} filter4 {{ type ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service; flags interval, timeout; }}\n\
              add chain ip {t} filter_in {{ type filter hook prerouting priority dstnat - 10; policy accept; }}\n\
              add chain ip {t} dnat_in {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
              add chain ip {t} snat_out {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
@@ -120,6 +227,7 @@ impl NftablesDataplane {
              add rule ip {t} filter_in meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @filtered4 ip daddr . meta l4proto . th dport . ip saddr . th sport != @filter4 drop\n\
              add rule ip {t} dnat_in meta l4proto {{ tcp, udp }} dnat ip to ip daddr . meta l4proto . th dport map @dnat4\n\
              add rule ip {t} snat_out meta l4proto {{ tcp, udp }} snat ip to ip saddr . meta l4proto . th sport . ip daddr . th dport map @peer4\n\
+             add rule ip {t} snat_out meta l4proto {{ tcp, udp }} snat ip to ip saddr . meta l4proto . th sport map @snat4\n\
              add rule ip {t} snat_out meta l4proto {{ tcp, udp }} snat ip to ip saddr map @subs\n"
         )
     }
@@ -163,14 +271,14 @@ impl NftablesDataplane {
                 String::from_utf8_lossy(&out.stderr).trim().to_string(),
             ));
         }
-        let text = String::from_utf8_lossy(&out.stdout);
-        self.installed = parse_listing(&text);
+        let json: Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| ApplyError::Unavailable(format!("nft -j list: {e}")))?;
+        (self.installed, self.ports) = parse_listing(&json);
         Ok(())
     }
 
-    /// The nft element text for one mapping or port set.
-    fn elems_for(change_entry: &Entry) -> Result<Elems, ApplyError> {
-        let e = change_entry;
+    /// The elements of one mapping, and the timeout text they carry.
+    fn elems_for(e: &Entry) -> Result<(Vec<Elem>, String), ApplyError> {
         let proto = proto_name(e.protocol).ok_or_else(|| {
             ApplyError::Refused(format!(
                 "protocol {} is not NATed by nftables here",
@@ -184,168 +292,223 @@ impl NftablesDataplane {
             let secs = e.expires_ms.saturating_sub(now_ms()).div_ceil(1000) + GRACE_SECS;
             format!(" timeout {secs}s")
         };
-        let mut maps = Vec::new();
-        let mut sets = Vec::new();
+        let mut elems = Vec::new();
         match e.kind {
             MappingKind::Peer {
                 remote_addr,
                 remote_port,
             } => {
                 let remote = v4(remote_addr)?;
-                maps.push((
-                    Elem {
-                        set: "peer4",
-                        key: format!(
-                            "{internal} . {proto} . {} . {remote} . {remote_port}",
-                            e.internal_port
-                        ),
-                    },
-                    format!("{timeout} : {} . {}", e.external_addr, e.external_port),
-                ));
+                elems.push(Elem {
+                    set: "peer4",
+                    key: format!(
+                        "{internal} . {proto} . {} . {remote} . {remote_port}",
+                        e.internal_port
+                    ),
+                    value: Some(format!("{} . {}", e.external_addr, e.external_port)),
+                });
             }
             MappingKind::Map | MappingKind::Static => {
+                let filters = filter_texts(&e.filters);
                 for i in 0..e.port_count {
                     let ext_port = e.external_port.wrapping_add(i);
-                    maps.push((
-                        Elem {
-                            set: "dnat4",
-                            key: format!("{} . {proto} . {ext_port}", e.external_addr),
-                        },
-                        format!(
-                            "{timeout} : {internal} . {}",
-                            e.internal_port.wrapping_add(i)
-                        ),
-                    ));
-                    if !e.filters.is_empty() {
-                        sets.push(Elem {
+                    let int_port = e.internal_port.wrapping_add(i);
+                    let ext = format!("{} . {proto} . {ext_port}", e.external_addr);
+                    elems.push(Elem {
+                        set: "dnat4",
+                        key: ext.clone(),
+                        value: Some(format!("{internal} . {int_port}")),
+                    });
+                    // §11.1: outbound traffic from the mapped endpoint
+                    // leaves from the mapping's external endpoint.
+                    elems.push(Elem {
+                        set: "snat4",
+                        key: format!("{internal} . {proto} . {int_port}"),
+                        value: Some(format!("{} . {ext_port}", e.external_addr)),
+                    });
+                    if !filters.is_empty() {
+                        elems.push(Elem {
                             set: "filtered4",
-                            key: format!("{} . {proto} . {ext_port}", e.external_addr),
+                            key: ext.clone(),
+                            value: None,
                         });
-                        for (addr, len, port) in &e.filters {
-                            let IpAddr::V4(a) = addr.to_canonical() else {
-                                continue;
-                            };
-                            let ports = if *port == 0 {
-                                "0-65535".to_string()
-                            } else {
-                                port.to_string()
-                            };
-                            sets.push(Elem {
+                        for f in &filters {
+                            elems.push(Elem {
                                 set: "filter4",
-                                key: format!(
-                                    "{} . {proto} . {ext_port} . {a}/{len} . {ports}",
-                                    e.external_addr
-                                ),
+                                key: format!("{ext} . {f}"),
+                                value: None,
                             });
                         }
                     }
                 }
             }
         }
-        Ok((maps, sets))
+        Ok((elems, timeout))
     }
 
-    /// nft statements for one change, and the new installed state.
-    fn script_for(
-        &self,
-        change: &Change,
-        out: &mut String,
-    ) -> Result<Option<(Key, Option<Installed>)>, ApplyError> {
+    /// "Add as it was, then delete": idempotent even when the kernel has
+    /// already timed the element out.
+    fn write_delete(&self, out: &mut String, el: &Elem) {
         let t = &self.table;
-        let delete = |out: &mut String, inst: &Installed| {
-            for el in &inst.elems {
-                let _ = writeln!(out, "delete element ip {t} {} {{ {} }}", el.set, el.key);
-            }
-        };
+        let value = el
+            .value
+            .as_deref()
+            .map(|v| format!(" : {v}"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "add element ip {t} {} {{ {}{value} }}", el.set, el.key);
+        let _ = writeln!(out, "delete element ip {t} {} {{ {} }}", el.set, el.key);
+    }
+
+    /// Writes one change's nft statements and updates pcpd's view of the
+    /// table; returns how to undo the update if the transaction fails.
+    fn stage(&mut self, change: &Change, out: &mut String) -> Result<Vec<Undo>, ApplyError> {
         match change {
             Change::Upsert(entry) => {
-                let (maps, sets) = Self::elems_for(entry)?;
+                let (elems, timeout) = Self::elems_for(entry)?;
                 let key = entry.key();
                 if let Some(old) = self.installed.get(&key) {
-                    delete(out, old);
+                    for el in &old.elems {
+                        self.write_delete(out, el);
+                    }
                 }
-                let mut elems = Vec::new();
-                for (el, value) in maps {
-                    let _ = writeln!(out, "add element ip {t} {} {{ {}{value} }}", el.set, el.key);
-                    elems.push(el);
+                let t = &self.table;
+                for el in &elems {
+                    let value = el
+                        .value
+                        .as_deref()
+                        .map(|v| format!(" : {v}"))
+                        .unwrap_or_default();
+                    let _ = writeln!(
+                        out,
+                        "add element ip {t} {} {{ {}{timeout}{value} }}",
+                        el.set, el.key
+                    );
                 }
-                for el in sets {
-                    let _ = writeln!(out, "add element ip {t} {} {{ {} }}", el.set, el.key);
-                    elems.push(el);
-                }
-                Ok(Some((
+                let prev = self.installed.insert(
                     key,
-                    Some(Installed {
+                    Installed {
                         entry: Some(entry.clone()),
+                        owner: Some(entry.internal_addr),
                         elems,
-                    }),
-                )))
+                    },
+                );
+                Ok(vec![Undo::Mapping(key, prev)])
             }
-            Change::Remove(key) => {
-                if let Some(old) = self.installed.get(key) {
-                    delete(out, old);
+            Change::Remove(Key::PortSet {
+                subscriber,
+                external_addr,
+                first_port,
+            }) => self.stage_port_set(*subscriber, *external_addr, *first_port, None, out),
+            Change::Remove(key) => match self.installed.remove(key) {
+                Some(old) => {
+                    for el in &old.elems {
+                        self.write_delete(out, el);
+                    }
+                    Ok(vec![Undo::Mapping(*key, Some(old))])
                 }
-                Ok(Some((*key, None)))
+                None => Ok(Vec::new()),
+            },
+            Change::AddPortSet { subscriber, block } => {
+                self.stage_port_set(*subscriber, block.addr, block.first, Some(*block), out)
             }
-            Change::AddPortSet { subscriber, block }
-            | Change::RemovePortSet { subscriber, block } => {
-                let key = Key::PortSet {
-                    subscriber: *subscriber,
-                    external_addr: block.addr,
-                    first_port: block.first,
-                };
-                let sub = v4(*subscriber)?;
-                let add = matches!(change, Change::AddPortSet { .. });
-                // One SNAT range per subscriber (a map key holds one value):
-                // its lowest block, extended by contiguous ones.
-                let mut blocks: Vec<Block> = self
-                    .installed
-                    .keys()
-                    .filter_map(|k| match k {
-                        Key::PortSet {
-                            subscriber: s,
-                            external_addr,
-                            first_port,
-                        } if s == subscriber && *k != key => Some(Block {
-                            addr: *external_addr,
-                            first: *first_port,
-                            len: block.len,
-                        }),
-                        _ => None,
-                    })
-                    .collect();
-                if add {
-                    blocks.push(*block);
-                }
-                let had = self
-                    .installed
-                    .keys()
-                    .any(|k| matches!(k, Key::PortSet { subscriber: s, .. } if s == subscriber));
-                if had {
-                    let _ = writeln!(out, "delete element ip {t} subs {{ {sub} }}");
-                }
-                if let Some(range) = snat_range(&mut blocks) {
-                    let _ = writeln!(out, "add element ip {t} subs {{ {sub} : {range} }}");
-                }
-                let inst = add.then(|| Installed {
-                    entry: None,
-                    elems: Vec::new(),
-                });
-                Ok(Some((key, inst)))
+            Change::RemovePortSet { subscriber, block } => {
+                self.stage_port_set(*subscriber, block.addr, block.first, None, out)
             }
         }
     }
 
-    fn commit(&mut self, updates: Vec<(Key, Option<Installed>)>) {
-        for (k, v) in updates {
-            match v {
-                Some(i) => {
-                    self.installed.insert(k, i);
+    /// Adds or removes one port block of a subscriber and rewrites its
+    /// `subs` element: one SNAT range per subscriber (a map key holds one
+    /// value), its lowest block extended by contiguous ones.
+    fn stage_port_set(
+        &mut self,
+        subscriber: IpAddr,
+        addr: Ipv4Addr,
+        first: u16,
+        add: Option<Block>,
+        out: &mut String,
+    ) -> Result<Vec<Undo>, ApplyError> {
+        let sub = v4(subscriber)?;
+        let prev = self.ports.get(&sub).cloned();
+        let mut now = prev.clone().unwrap_or_default();
+        now.blocks.retain(|b| !(b.addr == addr && b.first == first));
+        now.blocks.extend(add);
+        if prev.as_ref().map(|p| p.blocks.len()) == Some(now.blocks.len()) && add.is_none() {
+            return Ok(Vec::new()); // not ours: nothing to do
+        }
+        let value = snat_range(&mut now.blocks);
+        if value != now.value {
+            if let Some(old) = &now.value {
+                self.write_delete(
+                    out,
+                    &Elem {
+                        set: "subs",
+                        key: sub.to_string(),
+                        value: Some(old.clone()),
+                    },
+                );
+            }
+            if let Some(v) = &value {
+                let _ = writeln!(out, "add element ip {} subs {{ {sub} : {v} }}", self.table);
+            }
+        }
+        now.value = value;
+        if now.blocks.is_empty() {
+            self.ports.remove(&sub);
+        } else {
+            self.ports.insert(sub, now);
+        }
+        Ok(vec![Undo::PortSets(sub, prev)])
+    }
+
+    fn undo(&mut self, undo: Vec<Undo>) {
+        for u in undo.into_iter().rev() {
+            match u {
+                Undo::Mapping(k, Some(v)) => {
+                    self.installed.insert(k, v);
                 }
-                None => {
+                Undo::Mapping(k, None) => {
                     self.installed.remove(&k);
                 }
+                Undo::PortSets(s, Some(p)) => {
+                    self.ports.insert(s, p);
+                }
+                Undo::PortSets(s, None) => {
+                    self.ports.remove(&s);
+                }
             }
+        }
+    }
+
+    /// True when what is installed under the change's key is what the
+    /// change would install (compared element by element, so entries read
+    /// back from the kernel count too).
+    fn is_current(&self, change: &Change) -> bool {
+        match change {
+            Change::Upsert(e) => {
+                let Some(have) = self.installed.get(&e.key()) else {
+                    return false;
+                };
+                if have.entry.as_ref() == Some(e) {
+                    return true;
+                }
+                let Ok((mut want, _)) = Self::elems_for(e) else {
+                    return false;
+                };
+                let mut got = have.elems.clone();
+                want.sort();
+                got.sort();
+                want == got
+            }
+            Change::AddPortSet { subscriber, block } => {
+                let Ok(sub) = v4(*subscriber) else {
+                    return false;
+                };
+                self.ports
+                    .get(&sub)
+                    .is_some_and(|p| p.blocks.contains(block))
+            }
+            Change::Remove(_) | Change::RemovePortSet { .. } => false,
         }
     }
 }
@@ -364,124 +527,121 @@ fn snat_range(blocks: &mut [Block]) -> Option<String> {
     Some(format!("{} . {}-{}", first.addr, first.first, last))
 }
 
-/// Rebuilds the installed state from `nft -j list table` output: every
-/// element becomes a key with no known entry, so reconcile rewrites it.
-fn parse_listing(json: &str) -> HashMap<Key, Installed> {
-    let mut out = HashMap::new();
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
-        return out;
-    };
-    let items = v["nftables"].as_array().cloned().unwrap_or_default();
-    for item in items {
-        let Some(map) = item.get("map").or_else(|| item.get("set")) else {
+/// nft's JSON for a key or value, as the text nft reads.
+fn render(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Object(o) => {
+            if let Some(Value::Array(parts)) = o.get("concat") {
+                parts.iter().map(render).collect::<Vec<_>>().join(" . ")
+            } else if let Some(p) = o.get("prefix") {
+                format!("{}/{}", render(&p["addr"]), render(&p["len"]))
+            } else if let Some(r) = o.get("range") {
+                format!("{}-{}", render(&r[0]), render(&r[1]))
+            } else if let Some(e) = o.get("elem") {
+                render(&e["val"])
+            } else {
+                v.to_string()
+            }
+        }
+        _ => v.to_string(),
+    }
+}
+
+/// Rebuilds pcpd's view of its table from `nft -j list table`: elements
+/// are grouped by the mapping they belong to (inbound by external
+/// endpoint, PEER by five-tuple) with the subscriber that owns them.
+fn parse_listing(json: &Value) -> (HashMap<Key, Installed>, HashMap<Ipv4Addr, PortSets>) {
+    let mut installed: HashMap<Key, Installed> = HashMap::new();
+    let mut ports: HashMap<Ipv4Addr, PortSets> = HashMap::new();
+    let empty = Vec::new();
+    for item in json["nftables"].as_array().unwrap_or(&empty) {
+        let Some(obj) = item.get("map").or_else(|| item.get("set")) else {
             continue;
         };
-        let name = map["name"].as_str().unwrap_or_default();
-        for el in map["elem"].as_array().cloned().unwrap_or_default() {
+        let set: &'static str = match obj["name"].as_str() {
+            Some("dnat4") => "dnat4",
+            Some("snat4") => "snat4",
+            Some("peer4") => "peer4",
+            Some("subs") => "subs",
+            Some("filtered4") => "filtered4",
+            Some("filter4") => "filter4",
+            _ => continue,
+        };
+        for el in obj["elem"].as_array().unwrap_or(&empty) {
             // Map elements are [key, value]; set elements are the key.
-            let key_val = if el.is_array() {
-                el[0].clone()
-            } else {
-                el.clone()
+            let (key, value) = match el.as_array() {
+                Some(kv) if kv.len() == 2 => (render(&kv[0]), Some(render(&kv[1]))),
+                _ => (render(el), None),
             };
-            let key_val = key_val
-                .get("elem")
-                .map_or(key_val.clone(), |e| e["val"].clone());
-            let parts: Vec<String> = key_val["concat"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
-                        .collect()
+            let parts: Vec<&str> = key.split(" . ").collect();
+            let vparts: Vec<&str> = value
+                .as_deref()
+                .map_or(Vec::new(), |v| v.split(" . ").collect());
+            let inbound = |a: &str, p: &str, port: &str| -> Option<Key> {
+                Some(Key::Inbound {
+                    protocol: proto_number(p)?,
+                    external_addr: a.parse().ok()?,
+                    external_port: port.parse().ok()?,
                 })
-                .unwrap_or_else(|| {
-                    vec![key_val
-                        .as_str()
-                        .map_or_else(|| key_val.to_string(), str::to_string)]
-                });
-            let parse_proto = |p: &str| match p {
-                "tcp" => Some(6u8),
-                "udp" => Some(17u8),
-                _ => None,
             };
-            let (key, set) = match (name, parts.as_slice()) {
-                ("dnat4", [a, p, port]) => match (a.parse(), parse_proto(p), port.parse()) {
-                    (Ok(external_addr), Some(protocol), Ok(external_port)) => (
-                        Key::Inbound {
-                            protocol,
-                            external_addr,
-                            external_port,
-                        },
-                        "dnat4",
-                    ),
-                    _ => continue,
-                },
-                ("peer4", [ia, p, ip, ra, rp]) => match (
-                    ia.parse(),
-                    parse_proto(p),
-                    ip.parse(),
-                    ra.parse(),
-                    rp.parse(),
-                ) {
-                    (
-                        Ok(internal_addr),
-                        Some(protocol),
-                        Ok(internal_port),
-                        Ok(remote_addr),
-                        Ok(remote_port),
-                    ) => (
-                        Key::Peer {
-                            protocol,
-                            internal_addr,
-                            internal_port,
-                            remote_addr,
-                            remote_port,
-                        },
-                        "peer4",
-                    ),
-                    _ => continue,
-                },
-                ("subs", [sub]) => {
-                    // Value: {"concat": [addr, {"range": [first, last]}]}.
-                    let value = if el.is_array() {
-                        el[1].clone()
-                    } else {
-                        continue;
-                    };
-                    let addr = value["concat"][0].as_str().and_then(|a| a.parse().ok());
-                    let first = value["concat"][1]["range"][0]
-                        .as_u64()
-                        .and_then(|p| u16::try_from(p).ok());
-                    if let (Ok(subscriber), Some(external_addr), Some(first_port)) =
-                        (sub.parse(), addr, first)
-                    {
-                        out.insert(
-                            Key::PortSet {
-                                subscriber,
-                                external_addr,
-                                first_port,
+            let (group, owner) = match (set, parts.as_slice(), vparts.as_slice()) {
+                ("dnat4", [a, p, port], [int, _]) => (inbound(a, p, port), int.parse().ok()),
+                ("snat4", [int, p, _], [a, port]) => (inbound(a, p, port), int.parse().ok()),
+                ("filtered4", [a, p, port], _) => (inbound(a, p, port), None),
+                ("filter4", [a, p, port, ..], _) => (inbound(a, p, port), None),
+                ("peer4", [int, p, iport, r, rport], _) => {
+                    let key = (|| {
+                        Some(Key::Peer {
+                            protocol: proto_number(p)?,
+                            internal_addr: int.parse().ok()?,
+                            internal_port: iport.parse().ok()?,
+                            remote_addr: r.parse().ok()?,
+                            remote_port: rport.parse().ok()?,
+                        })
+                    })();
+                    (key, int.parse().ok())
+                }
+                ("subs", [sub], [a, range]) => {
+                    let block = (|| {
+                        let (lo, hi) = range.split_once('-')?;
+                        let (lo, hi): (u16, u16) = (lo.parse().ok()?, hi.parse().ok()?);
+                        Some((
+                            sub.parse::<Ipv4Addr>().ok()?,
+                            Block {
+                                addr: a.parse().ok()?,
+                                first: lo,
+                                len: hi.checked_sub(lo)?.checked_add(1)?,
                             },
-                            Installed {
-                                entry: None,
-                                elems: Vec::new(),
+                        ))
+                    })();
+                    if let Some((sub, block)) = block {
+                        ports.insert(
+                            sub,
+                            PortSets {
+                                blocks: vec![block],
+                                value,
                             },
                         );
                     }
                     continue;
                 }
-                _ => continue, // filters: rewritten with their mappings
+                _ => continue,
             };
-            let elem_key = parts.join(" . ");
-            out.insert(
-                key,
-                Installed {
-                    entry: None,
-                    elems: vec![Elem { set, key: elem_key }],
-                },
-            );
+            let Some(group) = group else { continue };
+            let inst = installed.entry(group).or_insert_with(|| Installed {
+                entry: None,
+                owner: None,
+                elems: Vec::new(),
+            });
+            if inst.owner.is_none() {
+                inst.owner = owner;
+            }
+            inst.elems.push(Elem { set, key, value });
         }
     }
-    out
+    (installed, ports)
 }
 
 impl Dataplane for NftablesDataplane {
@@ -491,47 +651,144 @@ impl Dataplane for NftablesDataplane {
         }
         // One transaction for the whole batch.
         let mut script = String::new();
-        let mut updates = Vec::with_capacity(changes.len());
+        let mut undo = Vec::new();
         let mut results: Vec<Result<(), ApplyError>> = Vec::with_capacity(changes.len());
         for c in changes {
-            match self.script_for(c, &mut script) {
+            match self.stage(c, &mut script) {
                 Ok(u) => {
-                    updates.extend(u);
+                    undo.extend(u);
                     results.push(Ok(()));
                 }
                 Err(e) => results.push(Err(e)),
             }
         }
         if script.is_empty() || self.run(&script).is_ok() {
-            self.commit(updates);
             return results;
         }
-        // The batch failed as a whole: apply change by change so each gets
-        // its own result and the good ones still land.
+        // The batch failed as a whole: forget it, then apply change by
+        // change so each gets its own result and the good ones still land.
+        self.undo(undo);
         changes
             .iter()
             .zip(results)
             .map(|(c, prior)| {
                 prior?;
                 let mut one = String::new();
-                let update = self.script_for(c, &mut one)?;
+                let undo = self.stage(c, &mut one)?;
                 if !one.is_empty() {
-                    self.run(&one)?;
+                    if let Err(e) = self.run(&one) {
+                        self.undo(undo);
+                        return Err(e);
+                    }
                 }
-                self.commit(update.into_iter().collect());
                 Ok(())
             })
             .collect()
     }
 
     fn installed(&self) -> Vec<(Key, Option<Entry>)> {
-        self.installed
+        let mut v: Vec<(Key, Option<Entry>)> = self
+            .installed
             .iter()
-            .map(|(k, v)| (*k, v.entry.clone()))
-            .collect()
+            .map(|(k, i)| (*k, i.entry.clone()))
+            .collect();
+        for (sub, p) in &self.ports {
+            for b in &p.blocks {
+                v.push((
+                    Key::PortSet {
+                        subscriber: IpAddr::V4(*sub),
+                        external_addr: b.addr,
+                        first_port: b.first,
+                    },
+                    None,
+                ));
+            }
+        }
+        v
+    }
+
+    fn reconcile(&mut self, desired: Vec<Change>) -> Reconciled {
+        let wanted: HashSet<Key> = desired.iter().filter_map(Change::key).collect();
+        let mut changes: Vec<Change> = self
+            .installed()
+            .into_iter()
+            .filter(|(k, _)| !wanted.contains(k))
+            .map(|(k, _)| Change::Remove(k))
+            .collect();
+        let removed = changes.len();
+        changes.extend(desired.into_iter().filter(|c| !self.is_current(c)));
+        let installed = changes.len() - removed;
+        let failed = self.apply(&changes).iter().filter(|r| r.is_err()).count();
+        Reconciled {
+            installed,
+            removed,
+            failed,
+        }
     }
 
     fn name(&self) -> &'static str {
         "nftables"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_filters_collapse_to_the_outer_one() {
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        let f = filter_texts(&[
+            (a("10.1.2.3"), 32, 443),
+            (a("10.9.9.9"), 8, 0),
+            (a("10.0.0.0"), 8, 0),
+            (a("192.0.2.77"), 24, 0),
+            (a("198.51.100.1"), 32, 53),
+        ]);
+        assert_eq!(
+            f,
+            [
+                "10.0.0.0/8 . 0-65535",
+                "192.0.2.0/24 . 0-65535",
+                "198.51.100.1 . 53"
+            ]
+        );
+    }
+
+    #[test]
+    fn listing_groups_elements_by_mapping_and_owner() {
+        let json: Value = serde_json::from_str(
+            r#"{"nftables":[
+            {"map":{"name":"dnat4","elem":[[{"elem":{"val":{"concat":["192.0.2.1","tcp",80]},"timeout":60}},{"concat":["100.64.0.9",8080]}]]}},
+            {"map":{"name":"snat4","elem":[[{"elem":{"val":{"concat":["100.64.0.9","tcp",8080]},"timeout":60}},{"concat":["192.0.2.1",80]}]]}},
+            {"set":{"name":"filter4","elem":[{"concat":["192.0.2.1","tcp",80,{"prefix":{"addr":"10.0.0.0","len":8}},{"range":[0,65535]}]},
+                                             {"concat":["192.0.2.1","udp",99,"11.1.2.3",443]}]}},
+            {"map":{"name":"subs","elem":[["100.64.0.9",{"concat":["192.0.2.1",{"range":[1024,1535]}]}]]}}
+            ]}"#,
+        )
+        .unwrap();
+        let (installed, ports) = parse_listing(&json);
+        let k = Key::Inbound {
+            protocol: 6,
+            external_addr: Ipv4Addr::new(192, 0, 2, 1),
+            external_port: 80,
+        };
+        let g = &installed[&k];
+        assert_eq!(g.owner, Some("100.64.0.9".parse().unwrap()));
+        assert_eq!(g.elems.len(), 3);
+        assert!(g
+            .elems
+            .iter()
+            .any(|e| e.key == "192.0.2.1 . tcp . 80 . 10.0.0.0/8 . 0-65535"));
+        // A filter without its mapping is an orphan.
+        let orphan = Key::Inbound {
+            protocol: 17,
+            external_addr: Ipv4Addr::new(192, 0, 2, 1),
+            external_port: 99,
+        };
+        assert_eq!(installed[&orphan].owner, None);
+        let p = &ports[&Ipv4Addr::new(100, 64, 0, 9)];
+        assert_eq!(p.blocks[0].len, 512);
+        assert_eq!(p.value.as_deref(), Some("192.0.2.1 . 1024-1535"));
     }
 }

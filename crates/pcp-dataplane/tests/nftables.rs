@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 
-use pcp_dataplane::{Change, Dataplane, Entry, Key, NftablesDataplane};
+use pcp_dataplane::{Change, Dataplane, Entry, Key, NftablesDataplane, Reconciled};
 use pcp_engine::{Block, MappingKind};
 use serde_json::Value;
 
@@ -118,6 +118,9 @@ fn mappings_become_map_elements_with_kernel_timeouts() {
     assert_eq!(dnat.len(), 2, "{dnat:?}");
     assert!((3600..=3631).contains(&timeout_of(&dnat[0])), "{dnat:?}");
     assert_eq!(dnat[0][1]["concat"][0], "100.64.0.1");
+    // §11.1: outbound from the mapped internal ports leaves from the mapping.
+    let snat = elements(&t.0, "snat4");
+    assert_eq!(snat.len(), 2, "{snat:?}");
     // PEER SNAT for one five-tuple; subscriber SNAT to its block.
     assert_eq!(elements(&t.0, "peer4").len(), 1);
     let subs = elements(&t.0, "subs");
@@ -223,4 +226,108 @@ fn a_failed_batch_is_reported_per_change() {
     let installed: Vec<Key> = dp.installed().into_iter().map(|(k, _)| k).collect();
     assert!(installed.contains(&map_entry(1050, 1, 1, Vec::new()).key()));
     assert!(!installed.contains(&map_entry(1060, 1, 1, Vec::new()).key()));
+}
+
+#[test]
+fn deletes_are_idempotent_and_batches_see_their_own_changes() {
+    let t = table("idem");
+    let mut dp =
+        NftablesDataplane::open(&t.0, "nft").expect("nft works (root, nftables installed)");
+    let e = map_entry(1200, 1, 600, Vec::new());
+    assert!(dp
+        .apply(&[Change::Upsert(e.clone())])
+        .iter()
+        .all(Result::is_ok));
+    // The kernel (or an operator) removed it behind pcpd's back.
+    let status = Command::new("nft")
+        .args(["flush", "map", "ip", &t.0, "dnat4"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let results = dp.apply(&[Change::Remove(e.key())]);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert!(elements(&t.0, "snat4").is_empty());
+    // Created and deleted in one batch: nothing is left behind.
+    let f = map_entry(1201, 1, 600, Vec::new());
+    let results = dp.apply(&[Change::Upsert(f.clone()), Change::Remove(f.key())]);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert!(elements(&t.0, "dnat4").is_empty());
+    assert!(dp.installed().is_empty());
+}
+
+#[test]
+fn nested_filters_install_in_any_order() {
+    // The kernel refuses overlapping intervals in a concatenated set;
+    // §13.3 allows a client to send nested prefixes.
+    let t = table("nested");
+    let mut dp =
+        NftablesDataplane::open(&t.0, "nft").expect("nft works (root, nftables installed)");
+    let a = |s: &str| s.parse::<IpAddr>().unwrap();
+    for (port, filters) in [
+        (1300, vec![(a("10.0.0.0"), 8, 0), (a("10.1.2.3"), 32, 443)]),
+        (1301, vec![(a("10.1.2.3"), 32, 443), (a("10.0.0.0"), 8, 0)]),
+        (
+            1302,
+            vec![
+                (a("10.1.0.0"), 16, 0),
+                (a("10.0.0.0"), 8, 0),
+                (a("10.0.0.0"), 8, 0),
+            ],
+        ),
+    ] {
+        let mut e = map_entry(port, 1, 600, filters);
+        e.internal_port = port;
+        let results = dp.apply(&[Change::Upsert(e)]);
+        assert!(results.iter().all(Result::is_ok), "{port}: {results:?}");
+    }
+    assert_eq!(elements(&t.0, "filter4").len(), 3);
+}
+
+#[test]
+fn reopened_table_is_split_by_subscriber_and_reconciled() {
+    let t = table("split");
+    let mut dp =
+        NftablesDataplane::open(&t.0, "nft").expect("nft works (root, nftables installed)");
+    let mut entries = Vec::new();
+    for i in 0..6u8 {
+        let mut e = map_entry(1400 + u16::from(i), 1, 600, Vec::new());
+        e.internal_addr = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 10 + i));
+        if i == 0 {
+            e.filters = vec![("198.51.100.0".parse().unwrap(), 24, 0)];
+        }
+        entries.push(e);
+    }
+    let changes: Vec<Change> = entries.iter().cloned().map(Change::Upsert).collect();
+    assert!(dp.apply(&changes).iter().all(Result::is_ok));
+    drop(dp);
+
+    let parts = NftablesDataplane::open(&t.0, "nft").unwrap().split(2);
+    for (shard, part) in parts.iter().enumerate() {
+        for (key, _) in part.installed() {
+            let owner = entries.iter().find(|e| e.key() == key).unwrap();
+            assert_eq!(pcp_engine::shard_of(owner.internal_addr, 2), shard);
+        }
+    }
+    // Shard 0 reconciles with the engine's view: it still wants all of its
+    // mappings but one; identical ones are not rewritten.
+    let mut part0 = parts.into_iter().next().unwrap();
+    let mine: Vec<Entry> = entries
+        .iter()
+        .filter(|e| pcp_engine::shard_of(e.internal_addr, 2) == 0)
+        .cloned()
+        .collect();
+    let keep: Vec<Change> = mine[1..].iter().cloned().map(Change::Upsert).collect();
+    let done = part0.reconcile(keep);
+    assert_eq!(
+        done,
+        Reconciled {
+            installed: 0,
+            removed: 1,
+            failed: 0
+        }
+    );
+    assert_eq!(elements(&t.0, "dnat4").len(), 5);
+    // The filter of the removed mapping went with it.
+    assert!(!mine[0].filters.is_empty());
+    assert!(elements(&t.0, "filter4").is_empty());
 }

@@ -258,7 +258,8 @@ impl Compiled {
         })
     }
 
-    fn error_lifetime(&self, code: ResultCode) -> u32 {
+    /// The lifetime of an error answer with `code` (RFC 6887 §7.4, §15).
+    pub fn error_lifetime(&self, code: ResultCode) -> u32 {
         if code.is_short_lifetime() {
             self.cfg.lifetimes.short_error
         } else {
@@ -2116,6 +2117,17 @@ impl Engine {
 
     /// Deletes a mapping by id (operator action).
     pub fn delete(&mut self, now: Millis, id: MappingId) -> Option<Mapping> {
+        self.delete_for(now, id, DeleteReason::Operator)
+    }
+
+    /// Takes back a mapping the dataplane could not install: the daemon
+    /// answers its request with an error instead (a client is told success
+    /// only for what forwards traffic).
+    pub fn revoke(&mut self, now: Millis, id: MappingId) -> Option<Mapping> {
+        self.delete_for(now, id, DeleteReason::Dataplane)
+    }
+
+    fn delete_for(&mut self, now: Millis, id: MappingId, reason: DeleteReason) -> Option<Mapping> {
         let s = self.slots.get(id.slot as usize)?;
         if s.generation != id.generation || s.mapping.is_none() {
             return None;
@@ -2123,7 +2135,7 @@ impl Engine {
         let m = self.detach(now, id.slot)?;
         self.events.push_back(Event::MappingDeleted {
             mapping: m.clone(),
-            reason: DeleteReason::Operator,
+            reason,
         });
         Some(m)
     }

@@ -143,6 +143,8 @@ pub enum DeleteReason {
     Operator,
     /// Its external address was drained and it could not move (§14.2, PREFER_FAILURE).
     Drained,
+    /// The dataplane could not install it, so it must not be promised.
+    Dataplane,
 }
 
 /// What the engine did, in order; the daemon turns each into journal

@@ -59,3 +59,39 @@ pub fn parse_request(buf: &[u8]) -> Result<Message<'_>, ParseError> {
         _ => Request::parse(buf).map(Message::Pcp),
     }
 }
+
+/// The NETWORK_FAILURE answer to a request whose mapping could not be made
+/// real after the engine granted it (the dataplane refused it): RFC 6887
+/// §8.3 error layout for PCP (the request copied, suggested fields kept,
+/// §11.1), RFC 6886 §3.5 for NAT-PMP (external port and lifetime 0).
+/// `None` for anything that is not a PCP or NAT-PMP mapping request.
+pub fn network_failure_response(
+    request: &[u8],
+    lifetime: u32,
+    epoch: u32,
+    out: &mut [u8],
+) -> Option<usize> {
+    match parse_request(request).ok()? {
+        Message::Pcp(_) => pcp::emit_error_response(
+            request,
+            ResultCode::NetworkFailure,
+            lifetime,
+            epoch,
+            true,
+            out,
+        )
+        .ok(),
+        Message::NatPmp(natpmp::Request::Map(m)) => natpmp::Response::Map {
+            result: NatPmpResult::NetworkFailure,
+            epoch,
+            mapping: natpmp::Mapping {
+                external_port: 0,
+                lifetime: 0,
+                ..m
+            },
+        }
+        .emit(out)
+        .ok(),
+        Message::NatPmp(natpmp::Request::PublicAddress) => None,
+    }
+}

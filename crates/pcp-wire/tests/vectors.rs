@@ -631,3 +631,36 @@ fn emit_refuses_small_buffers_and_oversize() {
     let mut out = [0u8; 4096];
     assert_eq!(big.emit(&mut out), Err(pcp_wire::EmitError::TooLong));
 }
+
+/// A mapping granted by the engine but refused by the dataplane is answered
+/// NETWORK_FAILURE: the request copied with its suggested fields (§8.3,
+/// §11.1), short lifetime; NAT-PMP gets port and lifetime 0 (RFC 6886 §3.5).
+#[test]
+fn network_failure_answers_copy_the_request() {
+    let req = hex(&format!(
+        "02 01 0000 | 00001c20 | {V4_CLIENT} | {NONCE} | 06 000000 | 1f90 9c40 | {V4_EXT}"
+    ));
+    let mut out = [0u8; 1100];
+    let n = pcp_wire::network_failure_response(&req, 30, 77, &mut out).unwrap();
+    assert_eq!(
+        out[..n],
+        hex(&format!(
+            "02 81 00 07 | 0000001e | 0000004d | 00000000 00000000 00000000 | {NONCE} | 06 000000 | 1f90 9c40 | {V4_EXT}"
+        ))[..]
+    );
+    let natpmp_req = hex("00 02 0000 | 1f90 | 9c40 | 00001c20");
+    let n = pcp_wire::network_failure_response(&natpmp_req, 30, 77, &mut out).unwrap();
+    assert_eq!(
+        out[..n],
+        hex("00 82 0003 | 0000004d | 1f90 | 0000 | 00000000")[..]
+    );
+    // Nothing to fail for a public-address request or garbage.
+    assert_eq!(
+        pcp_wire::network_failure_response(&hex("00 00"), 30, 77, &mut out),
+        None
+    );
+    assert_eq!(
+        pcp_wire::network_failure_response(&[2, 1, 0], 30, 77, &mut out),
+        None
+    );
+}

@@ -356,6 +356,7 @@ async fn create_mapping(
                 R::UnsuppProtocol => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_protocol"),
                 R::CannotProvideExternal => (StatusCode::CONFLICT, "mapping_exists"),
                 R::UserExQuota | R::NoResources => (StatusCode::CONFLICT, "no_ports_available"),
+                R::NetworkFailure => (StatusCode::SERVICE_UNAVAILABLE, "dataplane_failed"),
                 _ => (StatusCode::CONFLICT, "refused"),
             };
             Err(ApiError::new(status, api_code, format!("refused: {code}")))

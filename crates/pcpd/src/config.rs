@@ -67,6 +67,9 @@ pub struct DataplaneConfig {
     /// Backend.
     #[serde(default)]
     pub backend: DataplaneBackend,
+    /// Settings of the nftables backend.
+    #[serde(default)]
+    pub nftables: NftablesConfig,
 }
 
 /// Dataplane backends.
@@ -76,6 +79,36 @@ pub enum DataplaneBackend {
     /// In memory only: tests and dry runs.
     #[default]
     Memory,
+    /// The kernel's NAT through nftables (needs CAP_NET_ADMIN).
+    Nftables,
+}
+
+/// The nftables backend: pcpd owns one table and nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NftablesConfig {
+    /// Name of the `ip` table pcpd owns (created if missing).
+    #[serde(default = "default_nft_table")]
+    pub table: String,
+    /// The nft program.
+    #[serde(default = "default_nft")]
+    pub nft: PathBuf,
+}
+
+impl Default for NftablesConfig {
+    fn default() -> Self {
+        NftablesConfig {
+            table: default_nft_table(),
+            nft: default_nft(),
+        }
+    }
+}
+
+fn default_nft_table() -> String {
+    "pcpd".into()
+}
+fn default_nft() -> PathBuf {
+    PathBuf::from("nft")
 }
 
 /// Admin API settings.
@@ -363,6 +396,36 @@ impl Config {
         if a.listen == self.metrics.listen {
             err("metrics.listen", "must differ from admin.listen".into());
         }
+        if self.dataplane.backend == DataplaneBackend::Nftables {
+            let t = &self.dataplane.nftables.table;
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                err(
+                    "dataplane.nftables.table",
+                    format!("{t:?}: letters, digits and _ only"),
+                );
+            }
+            // What the nftables backend can translate: NAT44 of TCP and UDP.
+            for (i, proto) in self.pcp.protocols.iter().enumerate() {
+                if !matches!(proto, 6 | 17) {
+                    err(
+                        &format!("pcp.protocols[{i}]"),
+                        format!(
+                            "{proto}: the nftables backend translates TCP (6) and UDP (17) only"
+                        ),
+                    );
+                }
+            }
+            for (i, class) in self.pcp.subscribers.iter().enumerate() {
+                for (j, prefix) in class.prefixes.iter().enumerate() {
+                    if prefix.addr().is_ipv6() {
+                        err(
+                            &format!("pcp.subscribers[{i}].prefixes[{j}]"),
+                            format!("{prefix}: the nftables backend translates IPv4 subscribers (NAT44) only"),
+                        );
+                    }
+                }
+            }
+        }
         p
     }
 
@@ -407,6 +470,9 @@ impl Config {
         }
         if self.state_dir != new.state_dir || self.journal_max_mib != new.journal_max_mib {
             return Some("state_dir or journal_max_mib changed: restart required".into());
+        }
+        if self.dataplane != new.dataplane {
+            return Some("dataplane changed: restart required".into());
         }
         if self.admin != new.admin || self.metrics != new.metrics {
             return Some("admin or metrics changed: restart required".into());

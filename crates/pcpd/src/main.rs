@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use pcp_dataplane::{Dataplane, MemoryDataplane, NftablesDataplane};
 use pcp_engine::{Compiled, Shared};
 
 mod admin;
@@ -193,12 +194,14 @@ fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Resul
             .history
             .push(h);
     }
+    let dataplanes = open_dataplanes(&cfg.dataplane, n)?;
     let seed_base = now ^ u64::from(std::process::id()).rotate_left(32);
     let mut restored_rx = Vec::with_capacity(n);
     let specs = restores
         .into_iter()
+        .zip(dataplanes)
         .enumerate()
-        .map(|(i, restore)| {
+        .map(|(i, (restore, dataplane))| {
             let (tx, rx) = tokio::sync::oneshot::channel();
             restored_rx.push(rx);
             shard::ShardSpec {
@@ -218,6 +221,7 @@ fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Resul
                 generation: now,
                 journal_max_bytes: cfg.journal_max_mib << 20,
                 restored: tx,
+                dataplane,
             }
         })
         .collect();
@@ -236,6 +240,7 @@ fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Resul
         total.blocks_dropped += r.blocks_dropped;
         total.installed += r.installed;
         total.removed += r.removed;
+        total.failed += r.failed;
     }
     pcp_store::remove_stale(&cfg.state_dir, n)?;
     tracing::info!(
@@ -247,6 +252,7 @@ fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Resul
         blocks_dropped = total.blocks_dropped,
         dataplane_installed = total.installed,
         dataplane_removed = total.removed,
+        dataplane_failed = total.failed,
         ms = load_started.elapsed().as_millis() as u64,
         "state restored"
     );
@@ -284,6 +290,34 @@ fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Resul
         tracing::warn!("the admin API accepts the development token; replace it outside of trials");
     }
     rt.block_on(serve(cfg, state, metrics, shared))
+}
+
+/// One dataplane per shard. For nftables the table is opened (created if
+/// missing) and read back once, then split so each shard owns the elements
+/// of its own subscribers.
+fn open_dataplanes(
+    cfg: &config::DataplaneConfig,
+    n: usize,
+) -> anyhow::Result<Vec<Box<dyn Dataplane>>> {
+    Ok(match cfg.backend {
+        config::DataplaneBackend::Memory => (0..n)
+            .map(|_| Box::new(MemoryDataplane::new()) as Box<dyn Dataplane>)
+            .collect(),
+        config::DataplaneBackend::Nftables => {
+            let nft = &cfg.nftables;
+            let dp = NftablesDataplane::open(&nft.table, &nft.nft.to_string_lossy()).with_context(|| {
+                format!(
+                    "dataplane nftables: opening table ip {} with {} (pcpd needs CAP_NET_ADMIN, and nftables installed)",
+                    nft.table,
+                    nft.nft.display()
+                )
+            })?;
+            dp.split(n)
+                .into_iter()
+                .map(|d| Box::new(d) as Box<dyn Dataplane>)
+                .collect()
+        }
+    })
 }
 
 async fn serve(

@@ -16,12 +16,13 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pcp_dataplane::{Change, Dataplane, Entry, MemoryDataplane};
+use pcp_dataplane::{Change, Dataplane};
 use pcp_engine::{
-    shard_of, subscriber_key, Compiled, Engine, Holder, Mapping, MappingId, Millis, Shared, Stats,
-    SubscriberUsage,
+    shard_of, subscriber_key, Compiled, Engine, Event, Holder, Mapping, MappingId, Millis, Shared,
+    Stats, SubscriberUsage,
 };
 use pcp_store::{Journal, Record};
+use pcp_wire::ResultCode;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -137,6 +138,8 @@ pub struct ShardSpec {
     pub journal_max_bytes: u64,
     /// Tells the daemon the shard has restored its state.
     pub restored: oneshot::Sender<Result<RestoreReport, String>>,
+    /// This shard's dataplane (its share of the table for nftables).
+    pub dataplane: Box<dyn Dataplane>,
 }
 
 /// Recovered state for one shard.
@@ -165,6 +168,8 @@ pub struct RestoreReport {
     pub installed: usize,
     /// Stray dataplane entries removed by reconcile.
     pub removed: usize,
+    /// Reconcile changes the dataplane refused.
+    pub failed: usize,
 }
 
 /// Opens one shard's socket for `addr` with SO_REUSEPORT.
@@ -236,27 +241,84 @@ struct State {
     index: usize,
     engine: Engine,
     dataplane: Box<dyn Dataplane>,
+    /// Events of the batch, with the reply slot of the request that caused them.
+    events: Vec<(Option<usize>, Event)>,
     changes: Vec<Change>,
+    /// For each change: the mapping an `Upsert` makes real, and its reply slot.
+    change_origin: Vec<Option<(Option<usize>, MappingId)>>,
     metrics: Metrics,
     natlog: NatLog,
     journal: Journal,
     journal_max_bytes: u64,
     records: Vec<Record>,
-    replies: Vec<(usize, SocketAddr, Option<IpAddr>, usize)>,
+    /// Held replies: (socket, destination, source address, reply length, request length).
+    replies: Vec<(usize, SocketAddr, Option<IpAddr>, usize, usize)>,
     reply_bufs: Box<[[u8; MAX_DATAGRAM]; REPLY_SLOTS]>,
+    /// The requests of the held replies, to answer with an error instead.
+    request_bufs: Box<[[u8; MAX_DATAGRAM]; REPLY_SLOTS]>,
 }
 
 impl State {
+    /// Moves the engine's queued events into the batch, tagged with the
+    /// reply slot that caused them.
+    fn take_events(&mut self, slot: Option<usize>) {
+        while let Some(event) = self.engine.poll_event() {
+            self.events.push((slot, event));
+        }
+    }
+
     /// Applies the engine's effects in order: journal (group commit, one
     /// fdatasync for the batch), then the dataplane batch, then the NAT
-    /// event log. Returns false when the journal could not be written: the
-    /// caller must not tell clients about state that is not durable.
+    /// event log. A mapping the dataplane refused is taken back from the
+    /// engine and its reply becomes NETWORK_FAILURE, so a client is told
+    /// success only for what forwards traffic; the take-back is journaled
+    /// in a second round. Returns false when the journal could not be
+    /// written: the caller must not tell clients about state that is not
+    /// durable.
     fn apply_effects(&mut self) -> bool {
+        let mut durable = true;
+        for _round in 0..2 {
+            self.take_events(None);
+            if self.events.is_empty() {
+                break;
+            }
+            let (ok, refused) = self.apply_round();
+            durable &= ok;
+            if refused.is_empty() {
+                break;
+            }
+            self.revoke(refused);
+        }
+        self.natlog.flush();
+        if durable && self.journal.len() > self.journal_max_bytes {
+            self.compact();
+        }
+        durable
+    }
+
+    /// One round of effects for the queued events; returns whether the
+    /// journal commit held, and the mappings the dataplane refused.
+    fn apply_round(&mut self) -> (bool, Vec<(Option<usize>, MappingId)>) {
         self.changes.clear();
+        self.change_origin.clear();
         self.records.clear();
         let now = now_ms();
-        while let Some(event) = self.engine.poll_event() {
+        for (slot, event) in self.events.drain(..) {
+            let before = self.changes.len();
             Change::from_event(&event, &mut self.changes);
+            let made = match &event {
+                Event::MappingCreated(m) | Event::MappingRenewed(m) => Some(m.id),
+                Event::MappingMoved { new, .. } => Some(new.id),
+                _ => None,
+            };
+            for c in &self.changes[before..] {
+                self.change_origin.push(
+                    matches!(c, Change::Upsert(_))
+                        .then_some(made)
+                        .flatten()
+                        .map(|id| (slot, id)),
+                );
+            }
             Record::from_event(&event, now, &mut self.records);
             self.natlog.record(now, &event);
         }
@@ -282,13 +344,14 @@ impl State {
                 }
             }
         }
+        let mut refused = Vec::new();
         if !self.changes.is_empty() {
             let started = Instant::now();
             let results = self.dataplane.apply(&self.changes);
             self.metrics
                 .dataplane_latency
                 .observe(started.elapsed().as_secs_f64());
-            for r in results {
+            for (r, origin) in results.into_iter().zip(&self.change_origin) {
                 let label = if r.is_ok() { "ok" } else { "error" };
                 self.metrics
                     .dataplane_changes
@@ -296,14 +359,45 @@ impl State {
                     .inc();
                 if let Err(e) = r {
                     tracing::error!(shard = self.index, "dataplane: {e}");
+                    refused.extend(*origin);
                 }
             }
         }
-        self.natlog.flush();
-        if durable && self.journal.len() > self.journal_max_bytes {
-            self.compact();
+        (durable, refused)
+    }
+
+    /// Takes back mappings the dataplane refused and turns their held
+    /// replies into NETWORK_FAILURE (RFC 6887 §7.4: a short-lifetime error).
+    fn revoke(&mut self, refused: Vec<(Option<usize>, MappingId)>) {
+        let now = now_ms();
+        let epoch = self.engine.epoch(now);
+        let lifetime = self
+            .engine
+            .compiled()
+            .error_lifetime(ResultCode::NetworkFailure);
+        for (slot, id) in refused {
+            if let Some(m) = self.engine.revoke(now, id) {
+                tracing::warn!(
+                    shard = self.index,
+                    internal = %m.internal_addr,
+                    port = m.internal_port,
+                    "mapping taken back: the dataplane did not install it"
+                );
+            }
+            let Some(slot) = slot else { continue };
+            let Some(reply) = self.replies.get_mut(slot) else {
+                continue;
+            };
+            let request = &self.request_bufs[slot][..reply.4];
+            if let Some(n) = pcp_wire::network_failure_response(
+                request,
+                lifetime,
+                epoch,
+                &mut self.reply_bufs[slot],
+            ) {
+                reply.3 = n;
+            }
         }
-        durable
     }
 
     /// Replaces journal and snapshot with a snapshot of the engine's state.
@@ -378,61 +472,21 @@ fn restore(
     for m in engine.mappings() {
         Change::from_event(&pcp_engine::Event::MappingCreated(m.clone()), &mut desired);
     }
-    let installed: Vec<(pcp_dataplane::Key, Option<Entry>)> = dataplane.installed();
-    let changes = if installed.is_empty() {
-        // Nothing installed (a fresh in-memory dataplane): add everything.
-        report.installed = desired.len();
-        desired
-    } else {
-        reconcile_changes(desired, installed, &mut report)
-    };
-    let failed = dataplane
-        .apply(&changes)
-        .iter()
-        .filter(|r| r.is_err())
-        .count();
-    if failed > 0 {
-        return Err(format!("dataplane reconcile: {failed} changes failed"));
+    let done = dataplane.reconcile(desired);
+    report.installed = done.installed;
+    report.removed = done.removed;
+    report.failed = done.failed;
+    if done.failed > 0 {
+        // The mappings stay in the engine; a renewal retries them.
+        tracing::error!(
+            shard = index,
+            "dataplane {}: reconcile: {} of {} changes failed",
+            dataplane.name(),
+            done.failed,
+            done.installed + done.removed
+        );
     }
     Ok((journal, report))
-}
-
-/// Changes that turn `installed` into `desired`: strays removed, missing or
-/// different entries (re)installed.
-fn reconcile_changes(
-    desired: Vec<Change>,
-    installed: Vec<(pcp_dataplane::Key, Option<Entry>)>,
-    report: &mut RestoreReport,
-) -> Vec<Change> {
-    let key_of = |c: &Change| match c {
-        Change::Upsert(e) => Some(e.key()),
-        Change::AddPortSet { subscriber, block } => Some(pcp_dataplane::Key::PortSet {
-            subscriber: *subscriber,
-            external_addr: block.addr,
-            first_port: block.first,
-        }),
-        _ => None,
-    };
-    let wanted: std::collections::HashSet<pcp_dataplane::Key> =
-        desired.iter().filter_map(key_of).collect();
-    let have: std::collections::HashMap<_, _> = installed.into_iter().collect();
-    let mut changes: Vec<Change> = have
-        .keys()
-        .filter(|k| !wanted.contains(k))
-        .map(|k| Change::Remove(*k))
-        .collect();
-    report.removed = changes.len();
-    for c in desired {
-        let missing = match &c {
-            Change::Upsert(e) => have.get(&e.key()) != Some(&Some(e.clone())),
-            other => key_of(other).is_some_and(|k| !have.contains_key(&k)),
-        };
-        if missing {
-            changes.push(c);
-            report.installed += 1;
-        }
-    }
-    changes
 }
 
 type Sockets = Rc<Vec<(UdpSocket, UdpSocketState)>>;
@@ -452,7 +506,7 @@ async fn run(
         spec.epoch_start_ms,
         spec.seed,
     );
-    let mut dataplane: Box<dyn Dataplane> = Box::new(MemoryDataplane::new());
+    let mut dataplane = spec.dataplane;
     let journal = match restore(
         &mut engine,
         dataplane.as_mut(),
@@ -478,7 +532,9 @@ async fn run(
         index,
         engine,
         dataplane,
+        events: Vec::new(),
         changes: Vec::new(),
+        change_origin: Vec::new(),
         metrics: spec.metrics.clone(),
         natlog: spec.natlog,
         journal,
@@ -486,6 +542,7 @@ async fn run(
         records: Vec::new(),
         replies: Vec::with_capacity(REPLY_SLOTS),
         reply_bufs: Box::new([[0u8; MAX_DATAGRAM]; REPLY_SLOTS]),
+        request_bufs: Box::new([[0u8; MAX_DATAGRAM]; REPLY_SLOTS]),
     }));
     let sockets: Sockets = Rc::new(sockets);
     let timer = Rc::new(Notify::new());
@@ -587,6 +644,14 @@ fn control(st: &mut State, ctl: Control) {
             let r = st
                 .engine
                 .create_static(now, internal, protocol, internal_port, external_port);
+            // Installed before the API answers; taken back if it was not.
+            st.apply_effects();
+            let r = r.and_then(|m| {
+                st.engine
+                    .mapping(m.id)
+                    .cloned()
+                    .ok_or(ResultCode::NetworkFailure)
+            });
             let _ = reply.send(r);
         }
         Control::Delete(id, reply) => {
@@ -624,7 +689,10 @@ fn handle_one(
         .engine
         .handle(now, src, datagram, &mut st.reply_bufs[slot])
     {
-        st.replies.push((socket, src, dst_ip, n));
+        let req = datagram.len().min(MAX_DATAGRAM);
+        st.request_bufs[slot][..req].copy_from_slice(&datagram[..req]);
+        st.replies.push((socket, src, dst_ip, n, req));
+        st.take_events(Some(slot));
     }
     st.metrics.latency.observe(started.elapsed().as_secs_f64());
 }
@@ -641,7 +709,7 @@ fn flush(st: &mut State, sockets: &Sockets) {
         return;
     }
     for i in 0..st.replies.len() {
-        let (si, dst, src_ip, len) = st.replies[i];
+        let (si, dst, src_ip, len, _) = st.replies[i];
         let (sock, udp) = &sockets[si];
         let t = Transmit {
             destination: dst,
