@@ -16,9 +16,11 @@
 //!
 //! Mapping elements carry a kernel timeout of their remaining lifetime plus
 //! a grace period, so the kernel drops them even if pcpd is gone, and never
-//! before pcpd itself does. Deletes are written as "add the element as it
-//! was, then delete it", which is idempotent in one transaction: an element
-//! the kernel already timed out does not fail the batch. A failed batch is
+//! before pcpd itself does. A batch is folded per element (created and
+//! deleted in one batch: nothing written) into a few statements of many
+//! elements. Deletes are written as "add the element as it was, then
+//! delete it", which is idempotent in one transaction: an element the
+//! kernel already timed out does not fail the batch. A failed batch is
 //! rolled back in pcpd's own view and retried change by change, so each
 //! change gets its own result.
 //!
@@ -66,6 +68,105 @@ struct Installed {
 struct PortSets {
     blocks: Vec<Block>,
     value: Option<String>,
+}
+
+/// Elements per nft statement.
+const CHUNK: usize = 1024;
+
+/// One transaction being built. Each element touched keeps its state
+/// before the batch and after it, so a batch that creates and deletes the
+/// same mapping writes nothing, and the text is a few statements with many
+/// elements each (nft parses one statement per set far faster than one
+/// per element).
+#[derive(Default)]
+struct Script {
+    order: Vec<ElemId>,
+    touched: HashMap<ElemId, Touched>,
+}
+
+/// An element before the batch, and after it with its timeout text.
+type Touched = (Option<Elem>, Option<(Elem, String)>);
+
+/// An element's set and key.
+type ElemId = (&'static str, String);
+
+impl Script {
+    /// Removes an element that is installed now.
+    fn delete(&mut self, el: &Elem) {
+        let k = (el.set, el.key.clone());
+        match self.touched.get_mut(&k) {
+            Some(t) => t.1 = None,
+            None => {
+                self.order.push(k.clone());
+                self.touched.insert(k, (Some(el.clone()), None));
+            }
+        }
+    }
+
+    /// Installs an element with a timeout text (`""`: none).
+    fn add(&mut self, el: Elem, timeout: &str) {
+        let k = (el.set, el.key.clone());
+        match self.touched.get_mut(&k) {
+            Some(t) => t.1 = Some((el, timeout.to_string())),
+            None => {
+                self.order.push(k.clone());
+                self.touched
+                    .insert(k, (None, Some((el, timeout.to_string()))));
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// The nft text: elements that go away are first added as they are
+    /// then deleted ("add, then delete" is idempotent even when the kernel
+    /// has already timed an element out), then the new ones are added
+    /// (renewals are deleted and re-added so their timeout restarts).
+    fn render(&self, table: &str) -> String {
+        let value = |el: &Elem| {
+            el.value
+                .as_deref()
+                .map(|v| format!(" : {v}"))
+                .unwrap_or_default()
+        };
+        let mut old: Vec<(&str, String)> = Vec::new();
+        let mut gone: Vec<(&str, String)> = Vec::new();
+        let mut new: Vec<(&str, String)> = Vec::new();
+        for k in &self.order {
+            let Some((before, after)) = self.touched.get(k) else {
+                continue;
+            };
+            if let Some(b) = before {
+                old.push((b.set, format!("{}{}", b.key, value(b))));
+                gone.push((b.set, b.key.clone()));
+            }
+            if let Some((a, timeout)) = after {
+                new.push((a.set, format!("{}{timeout}{}", a.key, value(a))));
+            }
+        }
+        let mut out = String::new();
+        for (verb, list) in [("add", old), ("delete", gone), ("add", new)] {
+            let mut by_set: Vec<(&str, Vec<String>)> = Vec::new();
+            for (set, text) in list {
+                match by_set.iter_mut().find(|(s, _)| *s == set) {
+                    Some((_, v)) => v.push(text),
+                    None => by_set.push((set, vec![text])),
+                }
+            }
+            for (set, elems) in by_set {
+                for chunk in elems.chunks(CHUNK) {
+                    let _ = writeln!(
+                        out,
+                        "{verb} element ip {table} {set} {{ {} }}",
+                        chunk.join(", ")
+                    );
+                }
+            }
+        }
+        out
+    }
 }
 
 /// What to put back when a batch fails.
@@ -215,7 +316,7 @@ impl NftablesDataplane {
              add map ip {t} dnat4 {{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; flags timeout; }}\n\
              add map ip {t} snat4 {{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; flags timeout; }}\n\
              add map ip {t} peer4 {{ type ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service : ipv4_addr . inet_service; flags timeout; }}\n\
-             add map ip {t} subs {{ type ipv4_addr : interval ipv4_addr . inet_service; flags interval; }}\n\
+             add map ip {t} subs {{ type ipv4_addr : interval ipv4_addr . inet_service; }}\n\
              add set ip {t} filtered4 {{ type ipv4_addr . inet_proto . inet_service; flags timeout; }}\n\
              add set ip {t} filter4 {{ type ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service; flags interval, timeout; }}\n\
              add chain ip {t} filter_in {{ type filter hook prerouting priority dstnat - 10; policy accept; }}\n\
@@ -346,43 +447,20 @@ impl NftablesDataplane {
         Ok((elems, timeout))
     }
 
-    /// "Add as it was, then delete": idempotent even when the kernel has
-    /// already timed the element out.
-    fn write_delete(&self, out: &mut String, el: &Elem) {
-        let t = &self.table;
-        let value = el
-            .value
-            .as_deref()
-            .map(|v| format!(" : {v}"))
-            .unwrap_or_default();
-        let _ = writeln!(out, "add element ip {t} {} {{ {}{value} }}", el.set, el.key);
-        let _ = writeln!(out, "delete element ip {t} {} {{ {} }}", el.set, el.key);
-    }
-
     /// Writes one change's nft statements and updates pcpd's view of the
     /// table; returns how to undo the update if the transaction fails.
-    fn stage(&mut self, change: &Change, out: &mut String) -> Result<Vec<Undo>, ApplyError> {
+    fn stage(&mut self, change: &Change, out: &mut Script) -> Result<Vec<Undo>, ApplyError> {
         match change {
             Change::Upsert(entry) => {
                 let (elems, timeout) = Self::elems_for(entry)?;
                 let key = entry.key();
                 if let Some(old) = self.installed.get(&key) {
                     for el in &old.elems {
-                        self.write_delete(out, el);
+                        out.delete(el);
                     }
                 }
-                let t = &self.table;
                 for el in &elems {
-                    let value = el
-                        .value
-                        .as_deref()
-                        .map(|v| format!(" : {v}"))
-                        .unwrap_or_default();
-                    let _ = writeln!(
-                        out,
-                        "add element ip {t} {} {{ {}{timeout}{value} }}",
-                        el.set, el.key
-                    );
+                    out.add(el.clone(), &timeout);
                 }
                 let prev = self.installed.insert(
                     key,
@@ -402,7 +480,7 @@ impl NftablesDataplane {
             Change::Remove(key) => match self.installed.remove(key) {
                 Some(old) => {
                     for el in &old.elems {
-                        self.write_delete(out, el);
+                        out.delete(el);
                     }
                     Ok(vec![Undo::Mapping(*key, Some(old))])
                 }
@@ -426,7 +504,7 @@ impl NftablesDataplane {
         addr: Ipv4Addr,
         first: u16,
         add: Option<Block>,
-        out: &mut String,
+        out: &mut Script,
     ) -> Result<Vec<Undo>, ApplyError> {
         let sub = v4(subscriber)?;
         let prev = self.ports.get(&sub).cloned();
@@ -439,17 +517,21 @@ impl NftablesDataplane {
         let value = snat_range(&mut now.blocks);
         if value != now.value {
             if let Some(old) = &now.value {
-                self.write_delete(
-                    out,
-                    &Elem {
-                        set: "subs",
-                        key: sub.to_string(),
-                        value: Some(old.clone()),
-                    },
-                );
+                out.delete(&Elem {
+                    set: "subs",
+                    key: sub.to_string(),
+                    value: Some(old.clone()),
+                });
             }
             if let Some(v) = &value {
-                let _ = writeln!(out, "add element ip {} subs {{ {sub} : {v} }}", self.table);
+                out.add(
+                    Elem {
+                        set: "subs",
+                        key: sub.to_string(),
+                        value: Some(v.clone()),
+                    },
+                    "",
+                );
             }
         }
         now.value = value;
@@ -650,7 +732,7 @@ impl Dataplane for NftablesDataplane {
             return Vec::new();
         }
         // One transaction for the whole batch.
-        let mut script = String::new();
+        let mut script = Script::default();
         let mut undo = Vec::new();
         let mut results: Vec<Result<(), ApplyError>> = Vec::with_capacity(changes.len());
         for c in changes {
@@ -662,7 +744,7 @@ impl Dataplane for NftablesDataplane {
                 Err(e) => results.push(Err(e)),
             }
         }
-        if script.is_empty() || self.run(&script).is_ok() {
+        if script.is_empty() || self.run(&script.render(&self.table)).is_ok() {
             return results;
         }
         // The batch failed as a whole: forget it, then apply change by
@@ -673,10 +755,10 @@ impl Dataplane for NftablesDataplane {
             .zip(results)
             .map(|(c, prior)| {
                 prior?;
-                let mut one = String::new();
+                let mut one = Script::default();
                 let undo = self.stage(c, &mut one)?;
                 if !one.is_empty() {
-                    if let Err(e) = self.run(&one) {
+                    if let Err(e) = self.run(&one.render(&self.table)) {
                         self.undo(undo);
                         return Err(e);
                     }

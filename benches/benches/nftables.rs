@@ -1,0 +1,105 @@
+//! The nftables backend against the kernel: element changes per second
+//! in batches of 1..10,000, and the cost of one batch. Needs root and nft;
+//! it runs in a network namespace of its own so nothing touches the
+//! host's ruleset.
+//!
+//! Baseline, measured in the same run: one `nft -f -` transaction that
+//! changes nothing (the cost of starting nft and one netlink round trip).
+//! Run: `cargo bench -p pcp-benches --bench nftables` (as root).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use pcp_dataplane::{Change, Dataplane, Entry, NftablesDataplane};
+use pcp_engine::MappingKind;
+
+fn entry(i: u32, expires_ms: u64) -> Entry {
+    Entry {
+        kind: MappingKind::Map,
+        external_addr: Ipv4Addr::new(192, 0, 2, (i / 60_000) as u8 + 1),
+        external_port: 1024 + (i % 60_000) as u16,
+        port_count: 1,
+        protocol: 6,
+        internal_addr: IpAddr::V4(Ipv4Addr::from(0x6440_0000 + i)),
+        internal_port: 8080,
+        filters: Vec::new(),
+        expires_ms,
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    // Re-run ourselves inside a fresh network namespace.
+    if std::env::var_os("PCPD_BENCH_IN_NETNS").is_none() {
+        let me = std::env::current_exe().expect("own path");
+        let status = Command::new("unshare")
+            .arg("--net")
+            .arg(me)
+            .args(std::env::args().skip(1))
+            .env("PCPD_BENCH_IN_NETNS", "1")
+            .status()
+            .expect("unshare (util-linux) runs; the bench needs root");
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    if std::env::args().any(|a| a == "--list") {
+        return; // cargo bench --list
+    }
+    let mut dp = NftablesDataplane::open("pcpdbench", "nft").expect("nft works (root)");
+    let far = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+        + 3_600_000;
+
+    let rounds = 5;
+    let baseline = median(
+        (0..rounds * 4)
+            .map(|_| {
+                let t = Instant::now();
+                let status = Command::new("nft")
+                    .args(["-f", "/dev/null"])
+                    .status()
+                    .expect("nft");
+                assert!(status.success());
+                t.elapsed()
+            })
+            .collect(),
+    );
+    println!(
+        "baseline: one empty nft transaction {:.2} ms",
+        baseline.as_secs_f64() * 1e3
+    );
+    println!("| batch | add: ms/batch | add: changes/s | delete: ms/batch | delete: changes/s | add batch / baseline |");
+    println!("|---|---|---|---|---|---|");
+    for batch in [1u32, 10, 100, 1_000, 10_000] {
+        let (mut adds, mut dels) = (Vec::new(), Vec::new());
+        for r in 0..rounds {
+            let ups: Vec<Change> = (0..batch)
+                .map(|i| Change::Upsert(entry(r * 20_000 + i, far)))
+                .collect();
+            let t = Instant::now();
+            assert!(dp.apply(&ups).iter().all(Result::is_ok));
+            adds.push(t.elapsed());
+            let rms: Vec<Change> = (0..batch)
+                .map(|i| Change::Remove(entry(r * 20_000 + i, far).key()))
+                .collect();
+            let t = Instant::now();
+            assert!(dp.apply(&rms).iter().all(Result::is_ok));
+            dels.push(t.elapsed());
+        }
+        let (a, d) = (median(adds), median(dels));
+        println!(
+            "| {batch} | {:.2} | {:.0} | {:.2} | {:.0} | {:.1}x |",
+            a.as_secs_f64() * 1e3,
+            f64::from(batch) / a.as_secs_f64(),
+            d.as_secs_f64() * 1e3,
+            f64::from(batch) / d.as_secs_f64(),
+            a.as_secs_f64() / baseline.as_secs_f64(),
+        );
+    }
+}
