@@ -128,6 +128,10 @@ pub struct AdminConfig {
     /// Bearer tokens, stored as SHA-256 hashes.
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
+    /// A YAML file with more tokens (a list like `tokens`), e.g. a mounted
+    /// Kubernetes Secret; read with the configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_file: Option<PathBuf>,
 }
 
 fn default_admin_listen() -> SocketAddr {
@@ -141,6 +145,7 @@ impl Default for AdminConfig {
             tls: None,
             allow_plaintext_on_loopback: false,
             tokens: Vec::new(),
+            tokens_file: None,
         }
     }
 }
@@ -309,6 +314,17 @@ impl Config {
             })
             .collect();
         problems.extend(cfg.validate_daemon());
+        let mut cfg = cfg;
+        if let Some(file) = cfg.admin.tokens_file.clone() {
+            match read_tokens(&file) {
+                Ok(tokens) => cfg.admin.tokens.extend(tokens),
+                Err(message) => problems.push(Problem {
+                    path: "admin.tokens_file".into(),
+                    line: None,
+                    message,
+                }),
+            }
+        }
         for p in &mut problems {
             p.line = line_of(text, &p.path);
         }
@@ -479,6 +495,22 @@ impl Config {
         }
         None
     }
+}
+
+/// Tokens from `admin.tokens_file`, checked like inline ones.
+fn read_tokens(file: &Path) -> Result<Vec<TokenConfig>, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let tokens: Vec<TokenConfig> =
+        serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    for (i, t) in tokens.iter().enumerate() {
+        if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "{}: [{i}].sha256 must be 64 hex digits (printf %s TOKEN | sha256sum)",
+                file.display()
+            ));
+        }
+    }
+    Ok(tokens)
 }
 
 /// Best-effort line of a dotted YAML path in block-style text: follows keys

@@ -1,0 +1,108 @@
+{{- define "pcpd.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pcpd.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "pcpd.selector" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "pcpd.secretName" -}}
+{{- default (include "pcpd.fullname" .) .Values.secret.existingSecret -}}
+{{- end -}}
+
+{{/* The dataplane pcpd runs with: a dry-run Deployment never touches nftables. */}}
+{{- define "pcpd.backend" -}}
+{{- if eq .Values.mode "deployment" -}}memory{{- else -}}{{ .Values.dataplane.backend }}{{- end -}}
+{{- end -}}
+
+{{/* pcpd's own configuration file (docs/configuration.md). */}}
+{{- define "pcpd.config" -}}
+{{- $p := .Values.pcp -}}
+listen: {{ toJson $p.listen }}
+shards: {{ $p.shards }}
+pcp:
+  lifetimes:
+    min: {{ $p.lifetimes.min }}
+    max: {{ $p.lifetimes.max }}
+    short_error: {{ $p.lifetimes.shortError }}
+    long_error: {{ $p.lifetimes.longError }}
+  pools:
+    {{- range $name, $pool := $p.pools }}
+    {{ $name }}:
+      prefixes: {{ toJson $pool.prefixes }}
+      ports: { first: {{ $pool.ports.first }}, last: {{ $pool.ports.last }} }
+      block_size: {{ $pool.blockSize }}
+      mode: {{ $pool.mode }}
+      reuse_delay_secs: {{ $pool.reuseDelaySecs }}
+      block_hold_secs: {{ $pool.blockHoldSecs }}
+    {{- end }}
+  profiles:
+    {{- range $name, $prof := $p.profiles }}
+    {{ $name }}:
+      max_mappings: {{ $prof.maxMappings }}
+      max_blocks: {{ $prof.maxBlocks }}
+      rate_per_sec: {{ $prof.ratePerSec }}
+      burst: {{ $prof.burst }}
+    {{- end }}
+  subscribers:
+    {{- range $p.subscribers }}
+    - prefixes: {{ toJson .prefixes }}
+      pool: {{ .pool }}
+      profile: {{ .profile }}
+    {{- end }}
+  third_party:
+    {{- range $p.thirdParty }}
+    - from: {{ toJson .from }}
+      for: {{ toJson .for }}
+    {{- end }}
+  options:
+    prefer_failure: {{ $p.options.preferFailure }}
+    filter: {{ $p.options.filter }}
+    max_filters: {{ $p.options.maxFilters }}
+    description: {{ $p.options.description }}
+    port_set: {{ $p.options.portSet }}
+    max_port_set: {{ $p.options.maxPortSet }}
+    {{- with $p.options.prefix64 }}
+    prefix64: {{ . }}
+    {{- end }}
+  natpmp: {{ $p.natpmp }}
+  protocols: {{ toJson $p.protocols }}
+  unsolicited:
+    announce_count: {{ $p.unsolicited.announceCount }}
+    update_count: {{ $p.unsolicited.updateCount }}
+    announce_targets: {{ toJson $p.unsolicited.announceTargets }}
+dataplane:
+  backend: {{ include "pcpd.backend" . }}
+  nftables:
+    table: {{ .Values.dataplane.table }}
+state_dir: /var/lib/pcpd
+journal_max_mib: {{ .Values.journalMaxMib }}
+admin:
+  listen: {{ printf "%s:%d" .Values.admin.bindAddress (int .Values.admin.port) | quote }}
+  tls:
+    cert: /etc/pcpd/secret/tls.crt
+    key: /etc/pcpd/secret/tls.key
+    {{- if .Values.admin.requireClientCert }}
+    client_ca: /etc/pcpd/secret/ca.crt
+    {{- end }}
+  tokens: []
+  tokens_file: /etc/pcpd/secret/tokens.yaml
+metrics:
+  listen: {{ printf "%s:%d" .Values.metrics.bindAddress (int .Values.metrics.port) | quote }}
+log:
+  format: {{ .Values.log.format }}
+  nat_events: {{ .Values.log.natEvents | quote }}
+{{- end -}}
