@@ -213,6 +213,47 @@ pub struct Reconciled {
     pub failed: usize,
 }
 
+/// The changes that turn what is installed into what is desired: strays
+/// removed first, then what is missing or different; shared by every
+/// backend's `reconcile`, each with its own idea of "already current".
+pub struct ReconcilePlan {
+    changes: Vec<Change>,
+    removed: usize,
+}
+
+impl ReconcilePlan {
+    /// Plans from the installed keys, the desired `Upsert`s and
+    /// `AddPortSet`s, and whether a desired change is already in place.
+    pub fn new(
+        installed: impl Iterator<Item = Key>,
+        desired: Vec<Change>,
+        is_current: impl Fn(&Change) -> bool,
+    ) -> Self {
+        let wanted: HashSet<Key> = desired.iter().filter_map(Change::key).collect();
+        let mut changes: Vec<Change> = installed
+            .filter(|k| !wanted.contains(k))
+            .map(Change::Remove)
+            .collect();
+        let removed = changes.len();
+        changes.extend(desired.into_iter().filter(|c| !is_current(c)));
+        ReconcilePlan { changes, removed }
+    }
+
+    /// Applies the plan as one batch.
+    pub fn apply<D: Dataplane + ?Sized>(self, dp: &mut D) -> Reconciled {
+        let failed = dp
+            .apply(&self.changes)
+            .iter()
+            .filter(|r| r.is_err())
+            .count();
+        Reconciled {
+            installed: self.changes.len() - self.removed,
+            removed: self.removed,
+            failed,
+        }
+    }
+}
+
 /// A backend that makes mappings forward traffic.
 pub trait Dataplane: Send {
     /// Applies a batch; returns one result per change, in order.
@@ -223,25 +264,12 @@ pub trait Dataplane: Send {
     /// `AddPortSet`s): strays removed, missing or different entries
     /// (re)installed, one batch.
     fn reconcile(&mut self, desired: Vec<Change>) -> Reconciled {
-        let wanted: HashSet<Key> = desired.iter().filter_map(Change::key).collect();
         let have: HashMap<Key, Option<Entry>> = self.installed().into_iter().collect();
-        let mut changes: Vec<Change> = have
-            .keys()
-            .filter(|k| !wanted.contains(k))
-            .map(|k| Change::Remove(*k))
-            .collect();
-        let removed = changes.len();
-        changes.extend(desired.into_iter().filter(|c| match c {
-            Change::Upsert(e) => have.get(&e.key()) != Some(&Some(e.clone())),
-            other => other.key().is_some_and(|k| !have.contains_key(&k)),
-        }));
-        let installed = changes.len() - removed;
-        let failed = self.apply(&changes).iter().filter(|r| r.is_err()).count();
-        Reconciled {
-            installed,
-            removed,
-            failed,
-        }
+        let changes = ReconcilePlan::new(have.keys().copied(), desired, |c| match c {
+            Change::Upsert(e) => have.get(&e.key()) == Some(&Some(e.clone())),
+            other => other.key().is_some_and(|k| have.contains_key(&k)),
+        });
+        changes.apply(self)
     }
     /// Backend name, for logs and metrics.
     fn name(&self) -> &'static str;

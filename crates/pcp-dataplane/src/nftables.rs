@@ -28,7 +28,7 @@
 //! shard the elements of its own subscribers (`pcp_engine::shard_of`), so
 //! no two shards ever write the same element.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
@@ -38,7 +38,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use pcp_engine::{shard_of, Block, MappingKind, Millis};
 use serde_json::Value;
 
-use crate::{ApplyError, Change, Dataplane, Entry, Key, Reconciled};
+use crate::{ApplyError, Change, Dataplane, Entry, Key, ReconcilePlan, Reconciled};
 
 /// Seconds added to a mapping's kernel timeout so pcpd expires it first.
 const GRACE_SECS: u64 = 30;
@@ -220,20 +220,21 @@ fn now_ms() -> Millis {
 /// their prefix and written as nft lists them, so a read-back compares
 /// equal.
 fn filter_texts(filters: &[(IpAddr, u8, u16)]) -> Vec<String> {
+    let mask = |len: u8| u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
     let v4: Vec<(u32, u8, u16)> = filters
         .iter()
         .filter_map(|(a, len, port)| match a.to_canonical() {
             IpAddr::V4(a) => {
                 let len = (*len).min(32);
-                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-                Some((u32::from(a) & mask, len, *port))
+                Some((u32::from(a) & mask(len), len, *port))
             }
             IpAddr::V6(_) => None,
         })
         .collect();
     let covers = |outer: &(u32, u8, u16), inner: &(u32, u8, u16)| {
-        let mask = u32::MAX.checked_shl(32 - u32::from(outer.1)).unwrap_or(0);
-        outer.1 <= inner.1 && inner.0 & mask == outer.0 && (outer.2 == 0 || outer.2 == inner.2)
+        outer.1 <= inner.1
+            && inner.0 & mask(outer.1) == outer.0
+            && (outer.2 == 0 || outer.2 == inner.2)
     };
     let mut out: Vec<String> = Vec::new();
     for (i, f) in v4.iter().enumerate() {
@@ -509,11 +510,12 @@ impl NftablesDataplane {
         let sub = v4(subscriber)?;
         let prev = self.ports.get(&sub).cloned();
         let mut now = prev.clone().unwrap_or_default();
+        let held = now.blocks.len();
         now.blocks.retain(|b| !(b.addr == addr && b.first == first));
-        now.blocks.extend(add);
-        if prev.as_ref().map(|p| p.blocks.len()) == Some(now.blocks.len()) && add.is_none() {
-            return Ok(Vec::new()); // not ours: nothing to do
+        if add.is_none() && now.blocks.len() == held {
+            return Ok(Vec::new()); // removing a block it does not hold
         }
+        now.blocks.extend(add);
         let value = snat_range(&mut now.blocks);
         if value != now.value {
             if let Some(old) = &now.value {
@@ -790,22 +792,8 @@ impl Dataplane for NftablesDataplane {
     }
 
     fn reconcile(&mut self, desired: Vec<Change>) -> Reconciled {
-        let wanted: HashSet<Key> = desired.iter().filter_map(Change::key).collect();
-        let mut changes: Vec<Change> = self
-            .installed()
-            .into_iter()
-            .filter(|(k, _)| !wanted.contains(k))
-            .map(|(k, _)| Change::Remove(k))
-            .collect();
-        let removed = changes.len();
-        changes.extend(desired.into_iter().filter(|c| !self.is_current(c)));
-        let installed = changes.len() - removed;
-        let failed = self.apply(&changes).iter().filter(|r| r.is_err()).count();
-        Reconciled {
-            installed,
-            removed,
-            failed,
-        }
+        let installed = self.installed().into_iter().map(|(k, _)| k);
+        ReconcilePlan::new(installed, desired, |c| self.is_current(c)).apply(self)
     }
 
     fn name(&self) -> &'static str {

@@ -237,6 +237,16 @@ pub fn start(
     Ok((handles, threads))
 }
 
+/// A reply waiting in `reply_bufs[slot]`, its request in `request_bufs[slot]`.
+#[derive(Clone, Copy)]
+struct HeldReply {
+    socket: usize,
+    dst: SocketAddr,
+    src_ip: Option<IpAddr>,
+    len: usize,
+    request_len: usize,
+}
+
 struct State {
     index: usize,
     engine: Engine,
@@ -251,8 +261,8 @@ struct State {
     journal: Journal,
     journal_max_bytes: u64,
     records: Vec<Record>,
-    /// Held replies: (socket, destination, source address, reply length, request length).
-    replies: Vec<(usize, SocketAddr, Option<IpAddr>, usize, usize)>,
+    /// Replies held until the batch's effects are applied.
+    replies: Vec<HeldReply>,
     reply_bufs: Box<[[u8; MAX_DATAGRAM]; REPLY_SLOTS]>,
     /// The requests of the held replies, to answer with an error instead.
     request_bufs: Box<[[u8; MAX_DATAGRAM]; REPLY_SLOTS]>,
@@ -388,14 +398,14 @@ impl State {
             let Some(reply) = self.replies.get_mut(slot) else {
                 continue;
             };
-            let request = &self.request_bufs[slot][..reply.4];
+            let request = &self.request_bufs[slot][..reply.request_len];
             if let Some(n) = pcp_wire::network_failure_response(
                 request,
                 lifetime,
                 epoch,
                 &mut self.reply_bufs[slot],
             ) {
-                reply.3 = n;
+                reply.len = n;
             }
         }
     }
@@ -691,7 +701,13 @@ fn handle_one(
     {
         let req = datagram.len().min(MAX_DATAGRAM);
         st.request_bufs[slot][..req].copy_from_slice(&datagram[..req]);
-        st.replies.push((socket, src, dst_ip, n, req));
+        st.replies.push(HeldReply {
+            socket,
+            dst: src,
+            src_ip: dst_ip,
+            len: n,
+            request_len: req,
+        });
         st.take_events(Some(slot));
     }
     st.metrics.latency.observe(started.elapsed().as_secs_f64());
@@ -709,14 +725,14 @@ fn flush(st: &mut State, sockets: &Sockets) {
         return;
     }
     for i in 0..st.replies.len() {
-        let (si, dst, src_ip, len, _) = st.replies[i];
-        let (sock, udp) = &sockets[si];
+        let r = st.replies[i];
+        let (sock, udp) = &sockets[r.socket];
         let t = Transmit {
-            destination: dst,
+            destination: r.dst,
             ecn: None,
-            contents: &st.reply_bufs[i][..len],
+            contents: &st.reply_bufs[i][..r.len],
             segment_size: None,
-            src_ip,
+            src_ip: r.src_ip,
         };
         if sock
             .try_io(Interest::WRITABLE, || udp.try_send(sock.into(), &t))
