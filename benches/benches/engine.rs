@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use pcp_engine::{Compiled, Engine, EngineConfig, Shared};
+use pcp_engine::{BlockAllocator, Compiled, Engine, EngineConfig};
 use pcp_wire::{MapData, Nonce, OpData, Options, Request};
 
 const T0: u64 = 1_767_225_600_000;
@@ -72,7 +72,7 @@ struct Filled {
 
 fn fill(n: u32) -> Filled {
     let cfg = config();
-    let shared = Arc::new(Shared::new(&cfg));
+    let shared = Arc::new(BlockAllocator::new(&cfg));
     let compiled = Arc::new(Compiled::new(cfg, &shared).expect("valid"));
     let before = rss_bytes();
     let mut engine = Engine::new(compiled, shared, 0, T0, 1);

@@ -16,14 +16,6 @@ use dashmap::DashMap;
 
 use crate::config::{EngineConfig, PoolConfig, PoolMode, PortRange};
 
-/// Number of external addresses in a pool.
-pub fn pool_address_count(pool: &PoolConfig) -> u64 {
-    pool.prefixes
-        .iter()
-        .map(|n| 1u64 << (32 - u32::from(n.prefix_len())))
-        .sum()
-}
-
 /// A contiguous run of external ports on one address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Block {
@@ -72,7 +64,7 @@ impl Pool {
             reuse_delay_ms: u64::from(cfg.reuse_delay_secs) * 1000,
             block_hold_ms: u64::from(cfg.block_hold_secs) * 1000,
             prefixes: cfg.prefixes.clone(),
-            address_count: pool_address_count(cfg),
+            address_count: cfg.address_count(),
         }
     }
 
@@ -154,16 +146,18 @@ pub(crate) enum BlockError {
     AddressFull,
 }
 
-/// State shared by every shard: the dynamic pools' free lists and the block
-/// ownership table. Only block allocation and release touch it.
+/// The block allocator, the only state shards share: the dynamic pools'
+/// free lists (a mutex per pool; only block allocation and release take
+/// it) and the block ownership table, which answers "who holds external
+/// address:port now" from any thread without asking the shards.
 #[derive(Debug)]
-pub struct Shared {
+pub struct BlockAllocator {
     pub(crate) pools: Vec<Pool>,
     dynamic: Vec<Mutex<DynState>>,
     owners: DashMap<(Ipv4Addr, u16), IpAddr>,
 }
 
-impl Shared {
+impl BlockAllocator {
     /// Builds the shared pool state for a validated configuration.
     pub fn new(cfg: &EngineConfig) -> Self {
         let pools: Vec<Pool> = cfg.pools.iter().map(|(n, p)| Pool::new(n, p)).collect();
@@ -182,7 +176,7 @@ impl Shared {
                 })
             })
             .collect();
-        Shared {
+        BlockAllocator {
             pools,
             dynamic,
             owners: DashMap::new(),
@@ -410,7 +404,7 @@ mod tests {
 
     #[test]
     fn dynamic_blocks_are_disjoint_and_exhaust() {
-        let shared = Shared::new(&pool_cfg("192.0.2.0/31", PoolMode::Dynamic, 256));
+        let shared = BlockAllocator::new(&pool_cfg("192.0.2.0/31", PoolMode::Dynamic, 256));
         let mut seen = std::collections::HashSet::new();
         for i in 0..8u8 {
             let owner = IpAddr::V4(Ipv4Addr::new(100, 64, 0, i));
@@ -439,7 +433,7 @@ mod tests {
 
     #[test]
     fn draining_address_gets_no_new_blocks() {
-        let shared = Shared::new(&pool_cfg("192.0.2.0/31", PoolMode::Dynamic, 512));
+        let shared = BlockAllocator::new(&pool_cfg("192.0.2.0/31", PoolMode::Dynamic, 512));
         assert!(shared.set_draining(Ipv4Addr::new(192, 0, 2, 0), true));
         for _ in 0..2 {
             let b = shared
@@ -453,7 +447,7 @@ mod tests {
 
     #[test]
     fn deterministic_is_a_bijection_rfc7422() {
-        let shared = Shared::new(&pool_cfg("192.0.2.0/30", PoolMode::Deterministic, 128));
+        let shared = BlockAllocator::new(&pool_cfg("192.0.2.0/30", PoolMode::Deterministic, 128));
         let pool = &shared.pools[0];
         // 4 addresses x 8 ranges of 128 ports.
         let mut seen = std::collections::HashSet::new();

@@ -167,6 +167,16 @@ impl Default for PortRange {
     }
 }
 
+impl PoolConfig {
+    /// Number of external addresses in the pool.
+    pub fn address_count(&self) -> u64 {
+        self.prefixes
+            .iter()
+            .map(|n| 1u64 << (32 - u32::from(n.prefix_len())))
+            .sum()
+    }
+}
+
 impl PortRange {
     /// Number of ports in the range.
     pub fn len(&self) -> u32 {
@@ -330,52 +340,82 @@ impl std::fmt::Display for ConfigProblem {
     }
 }
 
+/// Problems found so far, each with its path.
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigProblem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Reports every prefix of `nets` that overlaps one seen before.
+    fn overlaps<N: Copy + std::fmt::Display>(
+        &mut self,
+        at: &str,
+        nets: &[N],
+        seen: &mut Vec<(String, N)>,
+        overlap: impl Fn(&N, &N) -> bool,
+    ) {
+        for (i, net) in nets.iter().enumerate() {
+            for (other, o) in seen.iter() {
+                if overlap(net, o) {
+                    self.0.push(ConfigProblem {
+                        path: format!("{at}.prefixes[{i}]"),
+                        message: format!("{net} overlaps {o} of {other}"),
+                    });
+                }
+            }
+            seen.push((at.to_string(), *net));
+        }
+    }
+}
+
 impl EngineConfig {
     /// Checks everything serde cannot; returns every problem at once.
     pub fn validate(&self) -> Vec<ConfigProblem> {
-        let mut p = Vec::new();
-        let mut err = |path: String, message: String| p.push(ConfigProblem { path, message });
+        let mut p = Problems(Vec::new());
+        self.validate_lifetimes(&mut p);
+        self.validate_pools(&mut p);
+        self.validate_profiles(&mut p);
+        self.validate_subscribers(&mut p);
+        self.validate_options(&mut p);
+        p.0
+    }
+
+    fn validate_lifetimes(&self, p: &mut Problems) {
         let l = &self.lifetimes;
         if l.min == 0 {
-            err("lifetimes.min".into(), "must be at least 1 second".into());
+            p.add("lifetimes.min", "must be at least 1 second");
         }
         if l.max < l.min {
-            err(
-                "lifetimes.max".into(),
+            p.add(
+                "lifetimes.max",
                 format!("{} is below lifetimes.min {}", l.max, l.min),
             );
         }
+    }
+
+    fn validate_pools(&self, p: &mut Problems) {
         if self.pools.is_empty() {
-            err("pools".into(), "at least one pool is needed".into());
+            p.add("pools", "at least one pool is needed");
         }
         let mut pool_nets: Vec<(String, Ipv4Net)> = Vec::new();
         for (name, pool) in &self.pools {
             let at = format!("pools.{name}");
             if pool.prefixes.is_empty() {
-                err(
-                    format!("{at}.prefixes"),
-                    "at least one prefix is needed".into(),
-                );
+                p.add(format!("{at}.prefixes"), "at least one prefix is needed");
             }
-            for (i, net) in pool.prefixes.iter().enumerate() {
-                for (other, o) in &pool_nets {
-                    if net.contains(&o.network()) || o.contains(&net.network()) {
-                        err(
-                            format!("{at}.prefixes[{i}]"),
-                            format!("{net} overlaps {o} of {other}"),
-                        );
-                    }
-                }
-                pool_nets.push((at.clone(), *net));
-            }
+            p.overlaps(&at, &pool.prefixes, &mut pool_nets, |n, o| {
+                n.contains(&o.network()) || o.contains(&n.network())
+            });
             if pool.ports.is_empty() || pool.ports.first == 0 {
-                err(
-                    format!("{at}.ports"),
-                    "first must be >= 1 and <= last".into(),
-                );
+                p.add(format!("{at}.ports"), "first must be >= 1 and <= last");
             }
             if pool.block_size == 0 || u32::from(pool.block_size) > pool.ports.len() {
-                err(
+                p.add(
                     format!("{at}.block_size"),
                     format!(
                         "must be between 1 and the size of the port range ({})",
@@ -384,94 +424,93 @@ impl EngineConfig {
                 );
             }
         }
+    }
+
+    fn validate_profiles(&self, p: &mut Problems) {
         for (name, prof) in &self.profiles {
             if prof.rate_per_sec == 0 || prof.burst == 0 {
-                err(
+                p.add(
                     format!("profiles.{name}"),
-                    "rate_per_sec and burst must be >= 1".into(),
+                    "rate_per_sec and burst must be >= 1",
                 );
             }
             if prof.max_blocks == 0 {
-                err(format!("profiles.{name}.max_blocks"), "must be >= 1".into());
+                p.add(format!("profiles.{name}.max_blocks"), "must be >= 1");
             }
         }
+    }
+
+    fn validate_subscribers(&self, p: &mut Problems) {
         let mut sub_nets: Vec<(String, IpNet)> = Vec::new();
         for (i, class) in self.subscribers.iter().enumerate() {
             let at = format!("subscribers[{i}]");
             let pool = self.pools.get(&class.pool);
             if pool.is_none() {
-                err(
+                p.add(
                     format!("{at}.pool"),
                     format!("no pool named {:?}", class.pool),
                 );
             }
             if !self.profiles.contains_key(&class.profile) {
-                err(
+                p.add(
                     format!("{at}.profile"),
                     format!("no profile named {:?}", class.profile),
                 );
             }
-            for (j, net) in class.prefixes.iter().enumerate() {
-                for (other, o) in &sub_nets {
-                    if net.contains(&o.network()) || o.contains(&net.network()) {
-                        err(
-                            format!("{at}.prefixes[{j}]"),
-                            format!("{net} overlaps {o} of {other}"),
-                        );
-                    }
-                }
-                sub_nets.push((at.clone(), *net));
-            }
-            if let Some(pool) = pool {
-                if pool.mode == PoolMode::Deterministic {
-                    let subs: u128 = class
-                        .prefixes
-                        .iter()
-                        .map(|n| 1u128 << (n.max_prefix_len() - n.prefix_len()).min(64))
-                        .sum();
-                    let capacity = u128::from(crate::alloc::pool_address_count(pool))
-                        * u128::from(pool.ports.len() / u32::from(pool.block_size.max(1)));
-                    if subs > capacity {
-                        err(
-                            format!("{at}.prefixes"),
-                            format!(
-                                "{subs} subscribers do not fit deterministic pool {:?} ({capacity} port ranges of {})",
-                                class.pool, pool.block_size
-                            ),
-                        );
-                    }
-                }
+            p.overlaps(&at, &class.prefixes, &mut sub_nets, |n, o| {
+                n.contains(&o.network()) || o.contains(&n.network())
+            });
+            let Some(pool) = pool.filter(|pool| pool.mode == PoolMode::Deterministic) else {
+                continue;
+            };
+            let subs: u128 = class
+                .prefixes
+                .iter()
+                .map(|n| 1u128 << (n.max_prefix_len() - n.prefix_len()).min(64))
+                .sum();
+            let capacity = u128::from(pool.address_count())
+                * u128::from(pool.ports.len() / u32::from(pool.block_size.max(1)));
+            if subs > capacity {
+                p.add(
+                    format!("{at}.prefixes"),
+                    format!(
+                        "{subs} subscribers do not fit deterministic pool {:?} ({capacity} port ranges of {})",
+                        class.pool, pool.block_size
+                    ),
+                );
             }
         }
+    }
+
+    fn validate_options(&self, p: &mut Problems) {
         for (i, rule) in self.third_party.iter().enumerate() {
             if rule.from.is_empty() || rule.for_prefixes.is_empty() {
-                err(
+                p.add(
                     format!("third_party[{i}]"),
-                    "both `from` and `for` need at least one prefix".into(),
+                    "both `from` and `for` need at least one prefix",
                 );
             }
         }
         if self.options.max_filters == 0 {
-            err(
-                "options.max_filters".into(),
-                "RFC 6887 §13.3: at least one filter per mapping must be supported".into(),
+            p.add(
+                "options.max_filters",
+                "RFC 6887 §13.3: at least one filter per mapping must be supported",
             );
         }
-        if let Some(p) = self.options.prefix64 {
-            if ![32, 40, 48, 56, 64, 96].contains(&p.prefix_len()) {
-                err(
-                    "options.prefix64".into(),
-                    "RFC 6052 allows /32, /40, /48, /56, /64 or /96".into(),
+        if let Some(prefix) = self.options.prefix64 {
+            if ![32, 40, 48, 56, 64, 96].contains(&prefix.prefix_len()) {
+                p.add(
+                    "options.prefix64",
+                    "RFC 6052 allows /32, /40, /48, /56, /64 or /96",
                 );
             }
         }
         if !(1..=10).contains(&self.unsolicited.announce_count) {
-            err(
-                "unsolicited.announce_count".into(),
-                "RFC 6887 §14.1.3: between 1 and 10".into(),
+            p.add(
+                "unsolicited.announce_count",
+                "RFC 6887 §14.1.3: between 1 and 10",
             );
         }
-        p
     }
 
     /// A small configuration for unit tests: subscribers 127.0.0.0/8 and

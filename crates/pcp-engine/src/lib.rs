@@ -15,7 +15,7 @@
 //!
 //! External ports come from port sets over CGNAT pools ([`alloc`]): dynamic
 //! port blocks (paired pooling) or deterministic ranges (RFC 7422). The only
-//! state shards share is the block allocator ([`Shared`]).
+//! state shards share is the block allocator ([`BlockAllocator`]).
 //!
 //! What it does not do: sockets, clocks, randomness of its own (the caller
 //! seeds it), metrics registries, durable storage or the dataplane. Those
@@ -28,11 +28,13 @@
 )]
 
 pub mod alloc;
+mod compiled;
 pub mod config;
 mod engine;
 pub mod types;
 
-pub use alloc::{Block, PoolUsage, Shared};
+pub use alloc::{Block, BlockAllocator, PoolUsage};
+pub use compiled::Compiled;
 pub use config::{ConfigProblem, EngineConfig};
-pub use engine::{shard_of, subscriber_key, Compiled, Engine};
+pub use engine::{shard_of, subscriber_key, Engine};
 pub use types::*;

@@ -23,6 +23,51 @@ pub struct MappingId {
     pub generation: u32,
 }
 
+/// A subscriber's side of a mapping: the internal address, protocol and
+/// port that traffic is forwarded to (RFC 6887 §11.1 "internal address and
+/// port").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InternalEndpoint {
+    /// Internal address (the subscriber).
+    pub addr: IpAddr,
+    /// IANA protocol number.
+    pub protocol: u8,
+    /// Internal port.
+    pub port: u16,
+}
+
+/// The CGNAT's side of a mapping: external address, protocol and port.
+/// Never the same type as [`InternalEndpoint`], even where the shapes meet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExternalEndpoint {
+    /// External address.
+    pub addr: Ipv4Addr,
+    /// IANA protocol number.
+    pub protocol: u8,
+    /// External port.
+    pub port: u16,
+}
+
+/// The remote peer of a PEER mapping (RFC 6887 §12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RemoteEndpoint {
+    /// Remote peer address.
+    pub addr: IpAddr,
+    /// Remote peer port.
+    pub port: u16,
+}
+
+/// Which mapping this is, independent of the slot it lives in: the same
+/// value before and after a restart or a move. The engine's indexes, the
+/// journal (pcp-store) and the dataplane's keys (pcp-dataplane) all use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MappingKey {
+    /// The internal endpoint.
+    pub internal: InternalEndpoint,
+    /// The remote peer, for PEER mappings; `None` for MAP and static ones.
+    pub remote: Option<RemoteEndpoint>,
+}
+
 /// What created a mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
@@ -105,6 +150,52 @@ pub struct Mapping {
 }
 
 impl Mapping {
+    /// The mapping's identity.
+    pub fn key(&self) -> MappingKey {
+        MappingKey {
+            internal: self.internal(),
+            remote: match self.kind {
+                MappingKind::Peer {
+                    remote_addr,
+                    remote_port,
+                } => Some(RemoteEndpoint {
+                    addr: remote_addr,
+                    port: remote_port,
+                }),
+                _ => None,
+            },
+        }
+    }
+
+    /// The internal endpoint (first of the set for PORT_SET).
+    pub fn internal(&self) -> InternalEndpoint {
+        InternalEndpoint {
+            addr: self.internal_addr,
+            protocol: self.protocol,
+            port: self.internal_port,
+        }
+    }
+
+    /// The `i`-th external endpoint of the mapping (0 for the first).
+    pub fn external(&self, i: u16) -> ExternalEndpoint {
+        ExternalEndpoint {
+            addr: self.external_addr,
+            protocol: self.protocol,
+            port: self.external_port.wrapping_add(i),
+        }
+    }
+
+    /// Whether the mapping was made by PEER.
+    pub fn is_peer(&self) -> bool {
+        matches!(self.kind, MappingKind::Peer { .. })
+    }
+
+    /// Whether it counts against the subscriber's quota (every mapping but
+    /// the operator's static ones).
+    pub fn counts_against_quota(&self) -> bool {
+        self.kind != MappingKind::Static
+    }
+
     /// Where the last request for this mapping came from (§14.2 sends
     /// updates there).
     pub fn client(&self) -> SocketAddr {

@@ -7,7 +7,10 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use harness::*;
 use pcp_engine::{DeleteReason, Event, MappingKind};
-use pcp_wire::{natpmp, Filter, NatPmpResult, OpData, PcpOption, PortSet, Prefix64, ResultCode};
+use pcp_wire::{
+    natpmp, Filter, MapData, NatPmpResult, OpData, Options, PcpOption, PeerData, PortSet, Prefix64,
+    Request, Response, ResultCode,
+};
 
 const POOL: [Ipv4Addr; 4] = [
     Ipv4Addr::new(192, 0, 2, 0),
@@ -1019,7 +1022,18 @@ fn drain_moves_mappings_and_sends_updates_section_14_2() {
 #[test]
 fn static_mappings_section_11_3_item_2() {
     let mut h = H::default();
-    let s = h.engine.create_static(h.now, sub(1), 6, 443, 0).unwrap();
+    let s = h
+        .engine
+        .create_static(
+            h.now,
+            pcp_engine::InternalEndpoint {
+                addr: sub(1),
+                protocol: 6,
+                port: 443,
+            },
+            0,
+        )
+        .unwrap();
     assert_eq!(s.kind, MappingKind::Static);
     let r = h.map(sub(1), nonce(1), 443, 0, 600);
     assert_eq!((r.result, r.lifetime), (ResultCode::Success, u32::MAX));
@@ -1091,7 +1105,7 @@ fn sharding_is_a_pure_function_and_blocks_never_overlap() {
 
     // Two shards share one allocator: no block is handed out twice.
     let cfg = test_config();
-    let shared = Arc::new(pcp_engine::Shared::new(&cfg));
+    let shared = Arc::new(pcp_engine::BlockAllocator::new(&cfg));
     let compiled = Arc::new(Compiled::new(cfg, &shared).unwrap());
     let mut shards: Vec<Engine> = (0..2)
         .map(|i| Engine::new(compiled.clone(), shared.clone(), i, T0, i as u64))
@@ -1195,4 +1209,66 @@ fn drain_moves_peer_mappings_with_peer_updates_section_14_2() {
     // The moved mapping answers renewals at its new endpoint.
     let again = h.peer(sub(2), nonce(7), 4000, remote, 8443, 0, 600);
     assert_eq!(again.ext(), (p.map.external_addr, p.map.external_port));
+}
+
+#[test]
+fn peer_with_prefer_failure_is_malformed_request_section_12_1() {
+    // RFC 6887 §12.1: "The PREFER_FAILURE option is neither required nor
+    // allowed in PEER requests, and if a PCP server receives a PEER request
+    // containing the PREFER_FAILURE option it MUST return a
+    // MALFORMED_REQUEST error response."
+    let mut h = H::default();
+    let options = [PcpOption::PreferFailure];
+    let req = Request {
+        lifetime: 3600,
+        client_addr: sub(1),
+        data: OpData::Peer(PeerData {
+            map: MapData {
+                nonce: nonce(1),
+                protocol: 6,
+                internal_port: 5000,
+                external_port: 0,
+                external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            },
+            remote_port: 443,
+            remote_addr: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9)),
+        }),
+        options: Options::List(&options),
+    };
+    let r = h.pcp(from(sub(1)), &req);
+    assert_eq!(r.result, ResultCode::MalformedRequest);
+    assert_eq!(h.engine.mapping_count(), 0);
+}
+
+#[test]
+fn description_not_utf8_is_ignored_rfc7220_section_3() {
+    // RFC 7220 §3: an invalid DESCRIPTION (not UTF-8) is ignored: the
+    // request is processed and no DESCRIPTION comes back.
+    let mut h = H::default();
+    let mut buf = [0u8; 1100];
+    let req = Request {
+        lifetime: 3600,
+        client_addr: sub(1),
+        data: OpData::Map(MapData {
+            nonce: nonce(1),
+            protocol: 6,
+            internal_port: 80,
+            external_port: 0,
+            external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        }),
+        options: Options::NONE,
+    };
+    let n = req.emit(&mut buf).unwrap();
+    // DESCRIPTION (code 128), length 2, bytes ff fe (not UTF-8), padding.
+    buf[n..n + 8].copy_from_slice(&[0x80, 0, 0, 2, 0xff, 0xfe, 0, 0]);
+    let bytes = h.raw(from(sub(1)), &buf[..n + 8]).expect("answered");
+    let r = Response::parse(&bytes).expect("reply parses");
+    assert_eq!(r.result, ResultCode::Success);
+    assert_eq!(r.options.iter().count(), 0, "no DESCRIPTION is returned");
+    let m = h.engine.mappings().next().expect("the mapping was made");
+    assert!(m
+        .extra
+        .as_ref()
+        .and_then(|e| e.description.as_ref())
+        .is_none());
 }

@@ -237,8 +237,13 @@ impl<'a> PcpOption<'a> {
                 if data.len() > DESCRIPTION_MAX_LEN {
                     return Err(OptionFault::BadLength);
                 }
-                let text = core::str::from_utf8(data).map_err(|_| OptionFault::BadValue)?;
-                PcpOption::Description(text)
+                match core::str::from_utf8(data) {
+                    Ok(text) => PcpOption::Description(text),
+                    // RFC 7220 §3: text that is not UTF-8 is ignored, not an
+                    // error: kept as an unknown optional option, which the
+                    // engine neither processes nor echoes.
+                    Err(_) => PcpOption::Unknown { code, data },
+                }
             }
             OptionCode::Prefix64 => PcpOption::Prefix64(parse_prefix64(data)?),
             OptionCode::PortSet => {
@@ -381,6 +386,7 @@ impl<'a> Options<'a> {
                     PcpOption::ThirdParty(_) => 1,
                     PcpOption::PreferFailure => 2,
                     PcpOption::Description(_) => 4,
+                    PcpOption::Unknown { code: 128, .. } => 4,
                     PcpOption::Prefix64(_) => 8,
                     PcpOption::PortSet(_) => 16,
                     PcpOption::Filter(_) | PcpOption::Unknown { .. } => 0,

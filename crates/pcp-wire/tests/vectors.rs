@@ -230,6 +230,21 @@ fn description_option_rfc7220_is_padded() {
 }
 
 #[test]
+fn description_not_utf8_is_ignored_rfc7220_section_3() {
+    // RFC 7220 §3: "If the PCP client request contains invalid DESCRIPTION
+    // options (e.g., the content is not a legal UTF-8 string), the PCP
+    // server MUST ignore the request" option: it parses, as an optional
+    // option nobody processes, never as MALFORMED_OPTION.
+    check_map_with_options(
+        "80 00 0002 | ff fe 0000",
+        &[PcpOption::Unknown {
+            code: 128,
+            data: &[0xff, 0xfe],
+        }],
+    );
+}
+
+#[test]
 fn prefix64_option_rfc7225() {
     // Request form: ::/96 (length 12, all zero), no IPv4 prefix list.
     check_map_with_options(
@@ -400,8 +415,6 @@ fn malformed_options_section_7_3() {
         ),
         // Option length running past the datagram.
         ("80 00 0100 | 41424344", OptionFault::Truncated),
-        // DESCRIPTION that is not UTF-8.
-        ("80 00 0002 | ff fe 0000", OptionFault::BadValue),
         // PORT_SET with size 0 (RFC 7753 §4.2).
         ("82 00 0005 | 0000 1f90 | 00 000000", OptionFault::BadValue),
         // PREFIX64 with a length RFC 6052 does not allow.

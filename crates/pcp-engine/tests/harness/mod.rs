@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use pcp_engine::{Compiled, Engine, EngineConfig, Event, Millis, Shared};
+use pcp_engine::{BlockAllocator, Compiled, Engine, EngineConfig, Event, Millis};
 use pcp_wire::{
     natpmp, MapData, Nonce, OpData, Options, PcpOption, PeerData, Request, Response, ResultCode,
 };
@@ -14,7 +14,7 @@ pub const T0: Millis = 1_767_225_600_000;
 
 pub struct H {
     pub engine: Engine,
-    pub shared: Arc<Shared>,
+    pub shared: Arc<BlockAllocator>,
     pub now: Millis,
     pub events: Vec<Event>,
 }
@@ -81,7 +81,7 @@ pub fn nonce(n: u8) -> Nonce {
 
 impl H {
     pub fn new(cfg: EngineConfig) -> Self {
-        let shared = Arc::new(Shared::new(&cfg));
+        let shared = Arc::new(BlockAllocator::new(&cfg));
         let compiled = Arc::new(Compiled::new(cfg, &shared).expect("valid config"));
         H {
             engine: Engine::new(compiled, Arc::clone(&shared), 0, T0, 42),

@@ -1,0 +1,150 @@
+//! The engine configuration compiled for the request path: subscriber
+//! classes sorted for longest-prefix lookup, each class's pool and quota
+//! profile resolved to indexes, the PREFIX64 option pre-encoded, and the
+//! THIRD_PARTY policy (RFC 6887 §13.1) as two questions.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::IpNet;
+use pcp_wire::ResultCode;
+
+use crate::alloc::BlockAllocator;
+use crate::config::{EngineConfig, QuotaProfile};
+use crate::ConfigProblem;
+
+/// One subscriber prefix: its class and where it starts in the class's
+/// index space (RFC 7422 numbers subscribers across a class's prefixes).
+#[derive(Debug)]
+struct ClassPrefix {
+    net: IpNet,
+    class: u16,
+    offset: u64,
+}
+
+/// Compiled configuration shared by every shard.
+#[derive(Debug)]
+pub struct Compiled {
+    pub(crate) cfg: EngineConfig,
+    /// Longest prefix first.
+    prefixes: Vec<ClassPrefix>,
+    pub(crate) class_pool: Vec<u16>,
+    pub(crate) class_profile: Vec<QuotaProfile>,
+    pub(crate) class_profile_name: Vec<String>,
+    pub(crate) prefix64: Option<[u8; 12]>,
+    pub(crate) prefix64_len: u8,
+}
+
+impl Compiled {
+    /// Compiles a configuration, checking it first.
+    pub fn new(cfg: EngineConfig, pools: &BlockAllocator) -> Result<Self, Vec<ConfigProblem>> {
+        let problems = cfg.validate();
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let mut prefixes = Vec::new();
+        let mut class_pool = Vec::new();
+        let mut class_profile = Vec::new();
+        let mut class_profile_name = Vec::new();
+        for (ci, class) in cfg.subscribers.iter().enumerate() {
+            let mut offset = 0u64;
+            for net in &class.prefixes {
+                prefixes.push(ClassPrefix {
+                    net: *net,
+                    class: ci as u16,
+                    offset,
+                });
+                let bits = u32::from(net.max_prefix_len() - net.prefix_len()).min(63);
+                offset = offset.saturating_add(1u64 << bits);
+            }
+            class_pool.push(pools.pool_index(&class.pool).unwrap_or(0) as u16);
+            class_profile.push(cfg.profiles[&class.profile]);
+            class_profile_name.push(class.profile.clone());
+        }
+        // Longest prefix first, so nested prefixes could be told apart.
+        prefixes.sort_by_key(|p| std::cmp::Reverse(p.net.prefix_len()));
+        let (prefix64, prefix64_len) = match cfg.options.prefix64 {
+            Some(net) => {
+                let mut b = [0u8; 12];
+                b.copy_from_slice(&net.network().octets()[..12]);
+                (Some(b), net.prefix_len() / 8)
+            }
+            None => (None, 0),
+        };
+        Ok(Compiled {
+            cfg,
+            prefixes,
+            class_pool,
+            class_profile,
+            class_profile_name,
+            prefix64,
+            prefix64_len,
+        })
+    }
+
+    /// The subscriber class of `addr` and its index within the class.
+    pub(crate) fn class_of(&self, addr: IpAddr) -> Option<(u16, u64)> {
+        self.prefixes.iter().find_map(|p| {
+            p.net.contains(&addr).then(|| {
+                let idx = match (p.net, addr) {
+                    (IpNet::V4(n), IpAddr::V4(a)) => {
+                        u64::from(u32::from(a) - u32::from(n.network()))
+                    }
+                    (IpNet::V6(n), IpAddr::V6(a)) => {
+                        (u128::from(a) - u128::from(n.network())) as u64
+                    }
+                    _ => 0,
+                };
+                (p.class, p.offset + idx)
+            })
+        })
+    }
+
+    /// Inverse of [`Compiled::class_of`]: the address with index `idx` in `class`.
+    pub(crate) fn address_at(&self, class: u16, idx: u64) -> Option<IpAddr> {
+        self.prefixes.iter().find_map(|p| {
+            if p.class != class || idx < p.offset {
+                return None;
+            }
+            let rel = idx - p.offset;
+            let size_bits = u32::from(p.net.max_prefix_len() - p.net.prefix_len()).min(63);
+            if rel >= (1u64 << size_bits) {
+                return None;
+            }
+            Some(match p.net {
+                IpNet::V4(n) => IpAddr::V4(Ipv4Addr::from(u32::from(n.network()) + rel as u32)),
+                IpNet::V6(n) => IpAddr::V6((u128::from(n.network()) + u128::from(rel)).into()),
+            })
+        })
+    }
+
+    /// The lifetime of an error answer with `code` (RFC 6887 §7.4, §15).
+    pub fn error_lifetime(&self, code: ResultCode) -> u32 {
+        if code.is_short_lifetime() {
+            self.cfg.lifetimes.short_error
+        } else {
+            self.cfg.lifetimes.long_error
+        }
+    }
+
+    /// §13.1: may `src` use THIRD_PARTY at all?
+    pub(crate) fn third_party_allowed(&self, src: IpAddr) -> bool {
+        self.cfg
+            .third_party
+            .iter()
+            .any(|r| r.from.iter().any(|n| n.contains(&src)))
+    }
+
+    /// §13.1: may `src` act for `target`?
+    pub(crate) fn third_party_may_act_for(&self, src: IpAddr, target: IpAddr) -> bool {
+        self.cfg.third_party.iter().any(|r| {
+            r.from.iter().any(|n| n.contains(&src))
+                && r.for_prefixes.iter().any(|n| n.contains(&target))
+        })
+    }
+
+    /// A requested lifetime clamped to the configured bounds (§15).
+    pub(crate) fn clamp_lifetime(&self, requested: u32) -> u32 {
+        let l = &self.cfg.lifetimes;
+        requested.clamp(l.min, l.max)
+    }
+}

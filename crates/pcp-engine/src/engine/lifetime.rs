@@ -1,0 +1,151 @@
+//! What MAP and PEER share once a mapping exists (RFC 6887 §15): the nonce
+//! check (§11.3, §12.3), renewal, and deletion by the client; and the two
+//! places a mapping enters and leaves the shard, [`Engine::insert`] and
+//! [`Engine::remove`].
+
+use std::net::SocketAddr;
+
+use pcp_wire::{MapData, Nonce, PortSet, ResultCode};
+
+use super::map::Via;
+use super::request::{Granted, Refusal};
+use super::timers::Timer;
+use super::Engine;
+use crate::types::{DeleteReason, Event, Mapping, MappingId, MappingKind, Millis};
+
+/// Whether a new mapping is reported as created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Report {
+    /// Queue `MappingCreated`.
+    Created,
+    /// Queue nothing: a restore, or a move the caller reports itself.
+    Silent,
+}
+
+impl Engine {
+    /// §11.3 / §12.3: a request whose nonce differs from the existing
+    /// mapping's is NOT_AUTHORIZED, with that mapping's remaining lifetime.
+    pub(super) fn check_nonce(&self, now: Millis, slot: u32, nonce: Nonce) -> Result<(), Refusal> {
+        let mapping = self.table.get(slot).ok_or(ResultCode::NoResources)?;
+        if mapping.nonce == nonce {
+            return Ok(());
+        }
+        Err(Refusal {
+            code: ResultCode::NotAuthorized,
+            lifetime: Some(mapping.remaining_secs(now)),
+        })
+    }
+
+    /// Renews the mapping in `slot` for `lifetime` seconds on behalf of
+    /// `client` (§14.2: updates go where the last response went), applying
+    /// `update` to it first; reports the renewal.
+    pub(super) fn extend(
+        &mut self,
+        now: Millis,
+        slot: u32,
+        lifetime: u32,
+        client: SocketAddr,
+        update: impl FnOnce(&mut Mapping),
+    ) -> Result<Granted, Refusal> {
+        let mapping = self.table.get_mut(slot).ok_or(ResultCode::NoResources)?;
+        let old_expires = mapping.expires_ms;
+        mapping.expires_ms = now + u64::from(lifetime) * 1000;
+        mapping.client_port = client.port();
+        update(mapping);
+        let snapshot = mapping.clone();
+        self.table.refreshed(slot, now);
+        if snapshot.expires_ms > old_expires {
+            let generation = snapshot.id.generation;
+            self.timers
+                .schedule(snapshot.expires_ms, Timer::Expire { slot, generation });
+        }
+        let granted = Granted {
+            lifetime,
+            external_addr: snapshot.external_addr.into(),
+            external_port: snapshot.external_port,
+            port_set: (snapshot.port_count > 1).then_some(PortSet {
+                size: snapshot.port_count,
+                first_internal_port: snapshot.internal_port,
+                parity: false,
+            }),
+        };
+        self.events.push_back(Event::MappingRenewed(snapshot));
+        Ok(granted)
+    }
+
+    /// A client's delete (lifetime 0, §15.1) of the mapping in `existing`,
+    /// if any: deleting what does not exist is SUCCESS; static mappings
+    /// cannot be deleted by PCP; PCP must prove the nonce (NAT-PMP has none).
+    pub(super) fn delete_by_client(
+        &mut self,
+        now: Millis,
+        existing: Option<u32>,
+        m: &MapData,
+        via: Via,
+    ) -> Result<Granted, Refusal> {
+        if let Some(slot) = existing {
+            let mapping = self.table.get(slot).ok_or(ResultCode::NoResources)?;
+            if mapping.kind == MappingKind::Static {
+                return Err(ResultCode::NotAuthorized.into());
+            }
+            if via == Via::Pcp {
+                self.check_nonce(now, slot, m.nonce)?;
+            }
+            self.remove(now, slot, DeleteReason::Client);
+        }
+        Ok(Granted::deleted(m.external_addr, m.external_port))
+    }
+
+    /// Puts a new mapping in the table and its subscriber's record, arms its
+    /// expiry, and reports it as created.
+    pub(super) fn insert(&mut self, now: Millis, mapping: Mapping) -> MappingId {
+        self.insert_as(now, mapping, Report::Created)
+    }
+
+    /// Inserts a mapping (see [`Engine::insert`]); `report` says whether
+    /// `MappingCreated` is queued.
+    pub(super) fn insert_as(&mut self, now: Millis, mapping: Mapping, report: Report) -> MappingId {
+        let subscriber = mapping.internal_addr;
+        let counted = mapping
+            .counts_against_quota()
+            .then_some(u32::from(mapping.port_count));
+        let expires_ms = mapping.expires_ms;
+        let id = self.table.insert(now, mapping);
+        self.link(subscriber, id.slot, counted);
+        if counted.is_some() {
+            let (slot, generation) = (id.slot, id.generation);
+            self.timers
+                .schedule(expires_ms, Timer::Expire { slot, generation });
+        }
+        if report == Report::Created {
+            if let Some(m) = self.table.get(id.slot) {
+                self.events.push_back(Event::MappingCreated(m.clone()));
+            }
+        }
+        id
+    }
+
+    /// Takes the mapping in `slot` out and reports why.
+    pub(super) fn remove(&mut self, now: Millis, slot: u32, reason: DeleteReason) {
+        if let Some(mapping) = self.detach(now, slot) {
+            self.events
+                .push_back(Event::MappingDeleted { mapping, reason });
+        }
+    }
+
+    /// Takes the mapping in `slot` out of the table and its subscriber's
+    /// record; its ports go to the reuse delay (§15).
+    pub(super) fn detach(&mut self, now: Millis, slot: u32) -> Option<Mapping> {
+        let (mapping, released) = self.table.detach(slot)?;
+        let subscriber = mapping.internal_addr;
+        let delay = self.reuse_delay_ms(subscriber);
+        for port in released {
+            self.start_reuse_delay(now, delay, port, subscriber, mapping.nonce);
+        }
+        let counted = mapping
+            .counts_against_quota()
+            .then_some(u32::from(mapping.port_count));
+        self.unlink(now, subscriber, slot, counted);
+        Some(mapping)
+    }
+}

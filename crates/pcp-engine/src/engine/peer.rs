@@ -1,0 +1,157 @@
+//! PEER (RFC 6887 §12.3): an outbound mapping to one remote peer, with
+//! endpoint-independent mapping (RFC 4787 REQ-1) for the internal endpoint.
+//! Renewal and deletion, shared with MAP, are in `lifetime.rs`.
+
+use std::net::IpAddr;
+
+use pcp_wire::{PeerData, ResultCode};
+
+use super::map::{suggestion_matches, Ask, Via};
+use super::ports::{PortAsk, Suggestion};
+use super::request::{Granted, Refusal};
+use super::table::UNASSIGNED;
+use super::Engine;
+use crate::types::{
+    InternalEndpoint, Mapping, MappingExtra, MappingKey, MappingKind, Millis, RemoteEndpoint,
+};
+
+impl Engine {
+    /// RFC 6887 §12.3.
+    pub(super) fn peer(
+        &mut self,
+        now: Millis,
+        ask: &Ask<'_>,
+        p: &PeerData,
+    ) -> Result<Granted, Refusal> {
+        let m = &p.map;
+        if m.protocol == 0 || m.internal_port == 0 {
+            return Err(ResultCode::MalformedRequest.into());
+        }
+        if !self.cfg.cfg.protocols.contains(&m.protocol) {
+            return Err(ResultCode::UnsuppProtocol.into());
+        }
+        // §12.3: an invalid remote peer is MALFORMED_REQUEST.
+        let r = p.remote_addr;
+        if r.is_unspecified()
+            || r.is_loopback()
+            || r.is_multicast()
+            || p.remote_port == 0
+            || matches!(r, IpAddr::V4(a) if a.is_broadcast())
+        {
+            return Err(ResultCode::MalformedRequest.into());
+        }
+        let key = MappingKey {
+            internal: InternalEndpoint {
+                addr: ask.subscriber,
+                protocol: m.protocol,
+                port: m.internal_port,
+            },
+            remote: Some(RemoteEndpoint {
+                addr: r,
+                port: p.remote_port,
+            }),
+        };
+        let existing = self.table.find(&key);
+        if ask.lifetime == 0 {
+            return self.delete_by_client(now, existing, m, Via::Pcp);
+        }
+        let lifetime = self.cfg.clamp_lifetime(ask.lifetime);
+        if let Some(slot) = existing {
+            self.check_nonce(now, slot, m.nonce)?;
+            return self.extend(now, slot, lifetime, ask.client, |_| {});
+        }
+        self.peer_create(now, ask, key, lifetime, p)
+    }
+
+    fn peer_create(
+        &mut self,
+        now: Millis,
+        ask: &Ask<'_>,
+        key: MappingKey,
+        lifetime: u32,
+        p: &PeerData,
+    ) -> Result<Granted, Refusal> {
+        let m = &p.map;
+        self.quota_check(now, ask.subscriber, 1)?;
+        let suggested = (m.external_addr, m.external_port);
+        let suggested_any = suggested.0.is_unspecified() && suggested.1 == 0;
+        // Endpoint-independent mapping (RFC 4787 REQ-1, RFC 6888 REQ-1):
+        // the same internal endpoint keeps its external port for every peer.
+        let inbound = MappingKey {
+            internal: key.internal,
+            remote: None,
+        };
+        let endpoint = self
+            .table
+            .find(&inbound)
+            .and_then(|slot| self.table.get(slot))
+            .filter(|m| m.port_count == 1)
+            .map(|m| m.external_port)
+            .or_else(|| self.table.outbound_port(&key.internal));
+        let (ext_addr, ext_port) = match endpoint {
+            Some(port) => {
+                let ext = self.subscriber_address(ask.subscriber);
+                if !suggested_any && !suggestion_matches(suggested, ext, port) {
+                    // §12.3: a suggestion that cannot be honored.
+                    return Err(ResultCode::CannotProvideExternal.into());
+                }
+                (ext, port)
+            }
+            None => {
+                // §12.3: PEER behaves as if PREFER_FAILURE were present when
+                // it suggests something.
+                let (a, port, _) = self.choose_ports(
+                    now,
+                    &PortAsk {
+                        internal: key.internal,
+                        nonce: m.nonce,
+                        suggested,
+                        count: 1,
+                        suggestion: if suggested_any {
+                            Suggestion::Hint
+                        } else {
+                            Suggestion::Required
+                        },
+                        parity: false,
+                    },
+                )?;
+                (a, port)
+            }
+        };
+        let opts = ask.opts;
+        let extra = (opts.description.is_some() || opts.third_party.is_some()).then(|| {
+            Box::new(MappingExtra {
+                filters: Vec::new(),
+                description: opts.description.map(str::to_string),
+                manager: opts.third_party.map(|_| ask.client.ip()),
+                prefer_failure: false,
+            })
+        });
+        let mapping = Mapping {
+            id: UNASSIGNED,
+            kind: MappingKind::Peer {
+                remote_addr: p.remote_addr,
+                remote_port: p.remote_port,
+            },
+            internal_addr: ask.subscriber,
+            internal_port: m.internal_port,
+            protocol: m.protocol,
+            external_addr: ext_addr,
+            external_port: ext_port,
+            port_count: 1,
+            nonce: m.nonce,
+            created_ms: now,
+            expires_ms: now + u64::from(lifetime) * 1000,
+            client_port: ask.client.port(),
+            natpmp: false,
+            extra,
+        };
+        self.insert(now, mapping);
+        Ok(Granted {
+            lifetime,
+            external_addr: IpAddr::V4(ext_addr),
+            external_port: ext_port,
+            port_set: None,
+        })
+    }
+}

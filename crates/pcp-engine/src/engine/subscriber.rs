@@ -1,0 +1,208 @@
+//! Subscriber records: class and pool, port blocks, the mappings held,
+//! the request rate limiter's token bucket (RFC 6887 §8.2 allows
+//! NO_RESOURCES), and the release of an idle subscriber's blocks.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use pcp_wire::ResultCode;
+
+use super::request::Refusal;
+use super::timers::Timer;
+use super::Engine;
+use crate::alloc::Block;
+use crate::config::{PoolMode, QuotaProfile};
+use crate::types::{Event, Millis};
+
+/// A token bucket in thousandths of a request.
+#[derive(Debug)]
+struct TokenBucket {
+    tokens_milli: u64,
+    refilled_ms: Millis,
+}
+
+impl TokenBucket {
+    fn full(profile: &QuotaProfile, now: Millis) -> Self {
+        TokenBucket {
+            tokens_milli: u64::from(profile.burst) * 1000,
+            refilled_ms: now,
+        }
+    }
+
+    /// Takes one token; `Err(ms)` says how long until one is back.
+    fn take(&mut self, profile: &QuotaProfile, now: Millis) -> Result<(), u64> {
+        let elapsed = now.saturating_sub(self.refilled_ms);
+        let cap = u64::from(profile.burst) * 1000;
+        self.tokens_milli =
+            (self.tokens_milli + elapsed * u64::from(profile.rate_per_sec)).min(cap);
+        self.refilled_ms = now;
+        if self.tokens_milli >= 1000 {
+            self.tokens_milli -= 1000;
+            return Ok(());
+        }
+        Err((1000 - self.tokens_milli).div_ceil(u64::from(profile.rate_per_sec).max(1)))
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Subscriber {
+    pub(super) class: u16,
+    pub(super) pool: u16,
+    /// Index within its class, for deterministic pools.
+    pub(super) det_index: u64,
+    /// The external address of every block (paired pooling).
+    pub(super) ext: Option<Ipv4Addr>,
+    /// Blocks held, with since when.
+    pub(super) blocks: Vec<(Block, Millis)>,
+    /// Ports held by mappings that count against the quota.
+    pub(super) quota_used: u32,
+    /// Slots of the subscriber's mappings.
+    pub(super) slots: Vec<u32>,
+    bucket: TokenBucket,
+    idle_since: Option<Millis>,
+}
+
+impl Engine {
+    /// The subscriber's record, made on first use (with a full bucket).
+    pub(super) fn subscriber_entry(
+        &mut self,
+        now: Millis,
+        addr: IpAddr,
+    ) -> Option<&mut Subscriber> {
+        if !self.subscribers.contains_key(&addr) {
+            let (class, det_index) = self.cfg.class_of(addr)?;
+            let profile = self.cfg.class_profile[usize::from(class)];
+            self.subscribers.insert(
+                addr,
+                Subscriber {
+                    class,
+                    pool: self.cfg.class_pool[usize::from(class)],
+                    det_index,
+                    ext: None,
+                    blocks: Vec::new(),
+                    quota_used: 0,
+                    slots: Vec::new(),
+                    bucket: TokenBucket::full(&profile, now),
+                    idle_since: Some(now),
+                },
+            );
+            self.timers.schedule(
+                now + self.idle_hold_ms(class),
+                Timer::Idle { subscriber: addr },
+            );
+        }
+        self.subscribers.get_mut(&addr)
+    }
+
+    /// The subscriber's external address (unspecified before its first block).
+    pub(super) fn subscriber_address(&self, subscriber: IpAddr) -> Ipv4Addr {
+        self.subscribers
+            .get(&subscriber)
+            .and_then(|s| s.ext)
+            .unwrap_or(Ipv4Addr::UNSPECIFIED)
+    }
+
+    /// Slots of the subscriber's mappings (a copy: callers remove).
+    pub(super) fn slots_of(&self, subscriber: IpAddr) -> Vec<u32> {
+        self.subscribers
+            .get(&subscriber)
+            .map(|s| s.slots.clone())
+            .unwrap_or_default()
+    }
+
+    fn idle_hold_ms(&self, class: u16) -> u64 {
+        let pool = &self.pools.pools[usize::from(self.cfg.class_pool[usize::from(class)])];
+        pool.block_hold_ms.max(1000)
+    }
+
+    /// Token bucket per subscriber; when empty, RFC 6887 §8.2 lets the server
+    /// answer NO_RESOURCES (the lifetime says when a token is back).
+    pub(super) fn rate_limit(&mut self, now: Millis, subscriber: IpAddr) -> Result<(), Refusal> {
+        let cfg = std::sync::Arc::clone(&self.cfg);
+        let Some(sub) = self.subscriber_entry(now, subscriber) else {
+            return Err(ResultCode::NotAuthorized.into());
+        };
+        let profile = cfg.class_profile[usize::from(sub.class)];
+        let Err(wait_ms) = sub.bucket.take(&profile, now) else {
+            return Ok(());
+        };
+        self.stats.rate_limited += 1;
+        Err(Refusal {
+            code: ResultCode::NoResources,
+            lifetime: Some(wait_ms.div_ceil(1000).max(1) as u32),
+        })
+    }
+
+    /// A mapping in `slot` now belongs to `subscriber`; `counted` ports
+    /// count against its quota.
+    pub(super) fn link(&mut self, subscriber: IpAddr, slot: u32, counted: Option<u32>) {
+        if let Some(s) = self.subscribers.get_mut(&subscriber) {
+            s.quota_used += counted.unwrap_or(0);
+            s.slots.push(slot);
+            s.idle_since = None;
+        }
+    }
+
+    /// The mapping in `slot` left `subscriber`; with no mapping left, the
+    /// subscriber starts its idle hold.
+    pub(super) fn unlink(
+        &mut self,
+        now: Millis,
+        subscriber: IpAddr,
+        slot: u32,
+        counted: Option<u32>,
+    ) {
+        let mut idle_class = None;
+        if let Some(s) = self.subscribers.get_mut(&subscriber) {
+            s.quota_used = s.quota_used.saturating_sub(counted.unwrap_or(0));
+            s.slots.retain(|x| *x != slot);
+            if s.slots.is_empty() {
+                s.idle_since = Some(now);
+                idle_class = Some(s.class);
+            }
+        }
+        if let Some(class) = idle_class {
+            let hold = self.idle_hold_ms(class);
+            self.timers.schedule(now + hold, Timer::Idle { subscriber });
+        }
+    }
+
+    /// Forgets a subscriber idle for its pool's hold time, giving its blocks
+    /// back (dynamic pools) and recording who held them.
+    pub(super) fn release_if_idle(&mut self, now: Millis, subscriber: IpAddr) {
+        let Some(sub) = self.subscribers.get(&subscriber) else {
+            return;
+        };
+        let hold = self.idle_hold_ms(sub.class);
+        if sub.idle_since.is_none_or(|since| since + hold > now) {
+            return;
+        }
+        let Some(sub) = self.subscribers.remove(&subscriber) else {
+            return;
+        };
+        self.release_blocks(now, subscriber, usize::from(sub.pool), &sub.blocks);
+    }
+
+    /// Gives `blocks` back to pool `pool` (dynamic pools keep history), and
+    /// reports each release.
+    pub(super) fn release_blocks(
+        &mut self,
+        now: Millis,
+        subscriber: IpAddr,
+        pool: usize,
+        blocks: &[(Block, Millis)],
+    ) {
+        let dynamic = self.pools.pools[pool].mode == PoolMode::Dynamic;
+        for &(block, since) in blocks {
+            if dynamic {
+                self.pools.release_block(pool, block);
+                self.history
+                    .record(&self.cfg.cfg, now, subscriber, block, since);
+            }
+            self.events.push_back(Event::BlockReleased {
+                subscriber,
+                block,
+                since,
+            });
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The mapping table: slots with generations, and every secondary index
+//! over them, kept in step by the only two functions that change them,
+//! [`MappingTable::insert`] and [`MappingTable::detach`].
+
+use std::collections::HashMap;
+
+use crate::types::{ExternalEndpoint, InternalEndpoint, Mapping, MappingId, MappingKey, Millis};
+
+struct Slot {
+    generation: u32,
+    mapping: Option<Mapping>,
+    /// When the client last refreshed it (to cancel §14.2 retransmissions).
+    refreshed_ms: Millis,
+}
+
+/// Who holds one external port, and for which internal port.
+#[derive(Debug, Clone, Copy)]
+struct PortUse {
+    internal_port: u16,
+    refs: u32,
+}
+
+/// An external port that a detached mapping gave back.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ReleasedPort {
+    pub(super) external: ExternalEndpoint,
+    /// The internal port it forwarded to (§15 "same client" is per port).
+    pub(super) internal_port: u16,
+}
+
+/// Every mapping of a shard, by slot, with its indexes.
+pub(super) struct MappingTable {
+    shard: u16,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// MAP and static mappings by internal endpoint (§11.3: one per endpoint).
+    by_internal: HashMap<InternalEndpoint, u32>,
+    /// PEER mappings by their full key (§12.3).
+    by_peer: HashMap<MappingKey, u32>,
+    /// External ports in use.
+    ports: HashMap<ExternalEndpoint, PortUse>,
+    /// External port of each outbound (PEER) internal endpoint (RFC 4787 EIM).
+    outbound: HashMap<InternalEndpoint, u16>,
+    live: usize,
+}
+
+impl MappingTable {
+    pub(super) fn new(shard: u16) -> Self {
+        MappingTable {
+            shard,
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_internal: HashMap::new(),
+            by_peer: HashMap::new(),
+            ports: HashMap::new(),
+            outbound: HashMap::new(),
+            live: 0,
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.live
+    }
+
+    pub(super) fn get(&self, slot: u32) -> Option<&Mapping> {
+        self.slots
+            .get(slot as usize)
+            .and_then(|s| s.mapping.as_ref())
+    }
+
+    pub(super) fn get_mut(&mut self, slot: u32) -> Option<&mut Mapping> {
+        self.slots
+            .get_mut(slot as usize)
+            .and_then(|s| s.mapping.as_mut())
+    }
+
+    /// The mapping behind `id`, if that slot still holds that generation.
+    pub(super) fn by_id(&self, id: MappingId) -> Option<&Mapping> {
+        let s = self.slots.get(id.slot as usize)?;
+        (s.generation == id.generation).then_some(())?;
+        s.mapping.as_ref()
+    }
+
+    /// The slot of the mapping with `key`.
+    pub(super) fn find(&self, key: &MappingKey) -> Option<u32> {
+        match key.remote {
+            Some(_) => self.by_peer.get(key).copied(),
+            None => self.by_internal.get(&key.internal).copied(),
+        }
+    }
+
+    /// The external port an outbound (PEER) mapping of `internal` uses.
+    pub(super) fn outbound_port(&self, internal: &InternalEndpoint) -> Option<u16> {
+        self.outbound.get(internal).copied()
+    }
+
+    /// Whether an external port is held by a mapping.
+    pub(super) fn port_in_use(&self, external: &ExternalEndpoint) -> bool {
+        self.ports.contains_key(external)
+    }
+
+    /// The internal port an external port forwards to, if held.
+    pub(super) fn port_holder(&self, external: &ExternalEndpoint) -> Option<u16> {
+        self.ports.get(external).map(|u| u.internal_port)
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = &Mapping> {
+        self.slots.iter().filter_map(|s| s.mapping.as_ref())
+    }
+
+    /// A client refreshed the mapping in `slot` at `now` (§14.2 stops).
+    pub(super) fn refreshed(&mut self, slot: u32, now: Millis) {
+        if let Some(s) = self.slots.get_mut(slot as usize) {
+            s.refreshed_ms = now;
+        }
+    }
+
+    /// Whether `slot` still holds `generation`, not refreshed after `stamp`.
+    pub(super) fn unrefreshed_since(&self, slot: u32, generation: u32, stamp: Millis) -> bool {
+        self.slots
+            .get(slot as usize)
+            .is_some_and(|s| s.generation == generation && s.refreshed_ms <= stamp)
+    }
+
+    /// Whether `slot` holds `generation` and that mapping has expired at `now`.
+    pub(super) fn expired(&self, slot: u32, generation: u32, now: Millis) -> bool {
+        self.slots.get(slot as usize).is_some_and(|s| {
+            s.generation == generation
+                && s.mapping
+                    .as_ref()
+                    .is_some_and(|m| m.counts_against_quota() && m.expires_ms <= now)
+        })
+    }
+
+    /// Puts a mapping in a free slot and in every index; returns its id.
+    pub(super) fn insert(&mut self, now: Millis, mut mapping: Mapping) -> MappingId {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    mapping: None,
+                    refreshed_ms: now,
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let id = MappingId {
+            shard: self.shard,
+            slot,
+            generation: self.slots[slot as usize].generation,
+        };
+        mapping.id = id;
+        let key = mapping.key();
+        match key.remote {
+            Some(_) => {
+                self.by_peer.insert(key, slot);
+                // Outbound endpoints (PEER) are indexed apart; a MAP
+                // mapping's port is found through `by_internal`.
+                self.outbound
+                    .entry(key.internal)
+                    .or_insert(mapping.external_port);
+            }
+            None => {
+                self.by_internal.insert(key.internal, slot);
+            }
+        }
+        for i in 0..mapping.port_count {
+            let use_ = self.ports.entry(mapping.external(i)).or_insert(PortUse {
+                internal_port: mapping.internal_port.wrapping_add(i),
+                refs: 0,
+            });
+            use_.refs += 1;
+        }
+        let s = &mut self.slots[slot as usize];
+        s.refreshed_ms = now;
+        s.mapping = Some(mapping);
+        self.live += 1;
+        id
+    }
+
+    /// Takes a mapping out of its slot and every index; returns it with
+    /// the external ports no other mapping holds any more.
+    pub(super) fn detach(&mut self, slot: u32) -> Option<(Mapping, Vec<ReleasedPort>)> {
+        let entry = self.slots.get_mut(slot as usize)?;
+        let mapping = entry.mapping.take()?;
+        entry.generation = entry.generation.wrapping_add(1);
+        self.free.push(slot);
+        self.live -= 1;
+        let key = mapping.key();
+        match key.remote {
+            Some(_) => self.by_peer.remove(&key),
+            None => self.by_internal.remove(&key.internal),
+        };
+        let mut released = Vec::new();
+        for i in 0..mapping.port_count {
+            let external = mapping.external(i);
+            if let Some(u) = self.ports.get_mut(&external) {
+                u.refs -= 1;
+                if u.refs == 0 {
+                    released.push(ReleasedPort {
+                        external,
+                        internal_port: u.internal_port,
+                    });
+                    self.ports.remove(&external);
+                }
+            }
+        }
+        if !released.is_empty() && mapping.port_count == 1 {
+            self.outbound.remove(&key.internal);
+        }
+        Some((mapping, released))
+    }
+}
+
+/// A placeholder id: [`MappingTable::insert`] assigns the real one.
+pub(super) const UNASSIGNED: MappingId = MappingId {
+    shard: 0,
+    slot: 0,
+    generation: 0,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::MappingKind;
+    use pcp_wire::Nonce;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    fn mapping(kind: MappingKind, ext_port: u16) -> Mapping {
+        Mapping {
+            id: UNASSIGNED,
+            kind,
+            internal_addr: IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1)),
+            internal_port: 80,
+            protocol: 6,
+            external_addr: Ipv4Addr::new(192, 0, 2, 1),
+            external_port: ext_port,
+            port_count: 1,
+            nonce: Nonce::default(),
+            created_ms: 0,
+            expires_ms: 1000,
+            client_port: 1,
+            natpmp: false,
+            extra: None,
+        }
+    }
+
+    #[test]
+    fn insert_and_detach_keep_every_index_in_step() {
+        let mut t = MappingTable::new(3);
+        let peer = MappingKind::Peer {
+            remote_addr: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1)),
+            remote_port: 443,
+        };
+        let a = t.insert(0, mapping(MappingKind::Map, 2000));
+        let b = t.insert(0, mapping(peer, 2000));
+        assert_eq!(a.shard, 3);
+        let ma = t.by_id(a).cloned().unwrap();
+        let mb = t.by_id(b).cloned().unwrap();
+        assert_eq!(t.find(&ma.key()), Some(a.slot));
+        assert_eq!(t.find(&mb.key()), Some(b.slot));
+        assert_eq!(t.outbound_port(&mb.internal()), Some(2000));
+        // Two mappings share the port: the first detach releases nothing.
+        let (_, released) = t.detach(a.slot).unwrap();
+        assert!(released.is_empty());
+        assert!(t.port_in_use(&mb.external(0)));
+        let (_, released) = t.detach(b.slot).unwrap();
+        assert_eq!(released.len(), 1);
+        assert!(!t.port_in_use(&mb.external(0)));
+        assert_eq!(t.outbound_port(&mb.internal()), None);
+        assert_eq!(t.len(), 0);
+        // A reused slot is a new generation: the old id is gone.
+        let c = t.insert(0, mapping(MappingKind::Map, 2001));
+        assert!(t.by_id(a).is_none() && t.by_id(b).is_none());
+        assert!(t.by_id(c).is_some());
+        assert_ne!((c.slot, c.generation), (b.slot, b.generation));
+    }
+}

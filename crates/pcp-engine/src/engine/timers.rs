@@ -1,0 +1,82 @@
+//! The shard's timer wheel: one bucket per second of wall time, each a
+//! list of timers; stale timers (a renewed or deleted mapping) are checked
+//! and skipped when they fire, so re-arming never searches.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use super::Engine;
+use crate::types::{DeleteReason, ExternalEndpoint, Millis};
+
+/// What a timer does when it fires.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Timer {
+    /// A mapping's lifetime may have run out (§15).
+    Expire { slot: u32, generation: u32 },
+    /// An external port's reuse delay may have ended (§15).
+    Cool { port: ExternalEndpoint },
+    /// A subscriber may have been idle long enough to give back its blocks.
+    Idle { subscriber: IpAddr },
+}
+
+/// Timers by the second they are due.
+#[derive(Default)]
+pub(super) struct TimerWheel {
+    buckets: BTreeMap<u64, Vec<Timer>>,
+}
+
+impl TimerWheel {
+    /// Arms `timer` for `at` (rounded up to the next second).
+    pub(super) fn schedule(&mut self, at: Millis, timer: Timer) {
+        self.buckets
+            .entry(at.div_ceil(1000))
+            .or_default()
+            .push(timer);
+    }
+
+    /// When the earliest bucket is due.
+    pub(super) fn next_deadline(&self) -> Option<Millis> {
+        self.buckets.keys().next().map(|s| s * 1000)
+    }
+
+    /// Takes the earliest bucket if it is due at `now`.
+    pub(super) fn pop_due(&mut self, now: Millis) -> Option<Vec<Timer>> {
+        let entry = self.buckets.first_entry()?;
+        (entry.key() * 1000 <= now).then(|| entry.remove())
+    }
+}
+
+impl Engine {
+    /// The next instant [`Engine::handle_timeout`] has work to do.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        match (self.timers.next_deadline(), self.outbox.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Expires mappings, ends reuse delays, releases idle blocks, and queues
+    /// due unsolicited messages.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        while let Some(due) = self.timers.pop_due(now) {
+            for timer in due {
+                self.fire(now, timer);
+            }
+        }
+        while let Some(pending) = self.outbox.pop_due(now) {
+            self.send_pending(now, pending);
+        }
+    }
+
+    fn fire(&mut self, now: Millis, timer: Timer) {
+        match timer {
+            Timer::Expire { slot, generation } => {
+                if self.table.expired(slot, generation, now) {
+                    self.remove(now, slot, DeleteReason::Expired);
+                }
+            }
+            Timer::Cool { port } => self.end_reuse_delay(now, port),
+            Timer::Idle { subscriber } => self.release_if_idle(now, subscriber),
+        }
+    }
+}
