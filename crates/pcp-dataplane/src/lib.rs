@@ -24,7 +24,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 
-use pcp_engine::{Block, Event, Mapping, MappingKind, Millis};
+use pcp_engine::{
+    Block, Event, ExternalEndpoint, InternalEndpoint, Mapping, MappingKey, MappingKind, Millis,
+    RemoteEndpoint,
+};
 
 mod nftables;
 pub use nftables::NftablesDataplane;
@@ -71,24 +74,31 @@ impl Entry {
         }
     }
 
-    /// The key an entry is installed under: (protocol, external address, port).
+    /// The key an entry is installed under: the mapping's identity for a
+    /// PEER (one SNAT entry per five-tuple), its external endpoint otherwise
+    /// (one DNAT entry per external port).
     pub fn key(&self) -> Key {
+        let internal = InternalEndpoint {
+            addr: self.internal_addr,
+            protocol: self.protocol,
+            port: self.internal_port,
+        };
         match self.kind {
             MappingKind::Peer {
                 remote_addr,
                 remote_port,
-            } => Key::Peer {
+            } => Key::Peer(MappingKey {
+                internal,
+                remote: Some(RemoteEndpoint {
+                    addr: remote_addr,
+                    port: remote_port,
+                }),
+            }),
+            _ => Key::Inbound(ExternalEndpoint {
+                addr: self.external_addr,
                 protocol: self.protocol,
-                internal_addr: self.internal_addr,
-                internal_port: self.internal_port,
-                remote_addr,
-                remote_port,
-            },
-            _ => Key::Inbound {
-                protocol: self.protocol,
-                external_addr: self.external_addr,
-                external_port: self.external_port,
-            },
+                port: self.external_port,
+            }),
         }
     }
 }
@@ -96,28 +106,10 @@ impl Entry {
 /// Identity of an installed entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Key {
-    /// A DNAT entry: inbound to (protocol, external address, port).
-    Inbound {
-        /// IANA protocol.
-        protocol: u8,
-        /// External address.
-        external_addr: Ipv4Addr,
-        /// External port.
-        external_port: u16,
-    },
-    /// An SNAT entry for one outbound five-tuple.
-    Peer {
-        /// IANA protocol.
-        protocol: u8,
-        /// Internal address.
-        internal_addr: IpAddr,
-        /// Internal port.
-        internal_port: u16,
-        /// Remote address.
-        remote_addr: IpAddr,
-        /// Remote port.
-        remote_port: u16,
-    },
+    /// A DNAT entry: inbound to an external endpoint (MAP, static).
+    Inbound(ExternalEndpoint),
+    /// An SNAT entry for one outbound five-tuple: the PEER mapping's key.
+    Peer(MappingKey),
     /// A subscriber's port block (SNAT of its ordinary outbound traffic).
     PortSet {
         /// The subscriber.

@@ -35,7 +35,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use pcp_engine::{shard_of, Block, MappingKind, Millis};
+use pcp_engine::{
+    shard_of, Block, ExternalEndpoint, InternalEndpoint, MappingKey, MappingKind, Millis,
+    RemoteEndpoint,
+};
 use serde_json::Value;
 
 use crate::{ApplyError, Change, Dataplane, Entry, Key, ReconcilePlan, Reconciled};
@@ -664,11 +667,11 @@ fn parse_listing(json: &Value) -> (HashMap<Key, Installed>, HashMap<Ipv4Addr, Po
                 .as_deref()
                 .map_or(Vec::new(), |v| v.split(" . ").collect());
             let inbound = |a: &str, p: &str, port: &str| -> Option<Key> {
-                Some(Key::Inbound {
+                Some(Key::Inbound(ExternalEndpoint {
+                    addr: a.parse().ok()?,
                     protocol: proto_number(p)?,
-                    external_addr: a.parse().ok()?,
-                    external_port: port.parse().ok()?,
-                })
+                    port: port.parse().ok()?,
+                }))
             };
             let (group, owner) = match (set, parts.as_slice(), vparts.as_slice()) {
                 ("dnat4", [a, p, port], [int, _]) => (inbound(a, p, port), int.parse().ok()),
@@ -677,13 +680,17 @@ fn parse_listing(json: &Value) -> (HashMap<Key, Installed>, HashMap<Ipv4Addr, Po
                 ("filter4", [a, p, port, ..], _) => (inbound(a, p, port), None),
                 ("peer4", [int, p, iport, r, rport], _) => {
                     let key = (|| {
-                        Some(Key::Peer {
-                            protocol: proto_number(p)?,
-                            internal_addr: int.parse().ok()?,
-                            internal_port: iport.parse().ok()?,
-                            remote_addr: r.parse().ok()?,
-                            remote_port: rport.parse().ok()?,
-                        })
+                        Some(Key::Peer(MappingKey {
+                            internal: InternalEndpoint {
+                                addr: int.parse().ok()?,
+                                protocol: proto_number(p)?,
+                                port: iport.parse().ok()?,
+                            },
+                            remote: Some(RemoteEndpoint {
+                                addr: r.parse().ok()?,
+                                port: rport.parse().ok()?,
+                            }),
+                        }))
                     })();
                     (key, int.parse().ok())
                 }
@@ -838,11 +845,11 @@ mod tests {
         )
         .unwrap();
         let (installed, ports) = parse_listing(&json);
-        let k = Key::Inbound {
+        let k = Key::Inbound(ExternalEndpoint {
+            addr: Ipv4Addr::new(192, 0, 2, 1),
             protocol: 6,
-            external_addr: Ipv4Addr::new(192, 0, 2, 1),
-            external_port: 80,
-        };
+            port: 80,
+        });
         let g = &installed[&k];
         assert_eq!(g.owner, Some("100.64.0.9".parse().unwrap()));
         assert_eq!(g.elems.len(), 3);
@@ -851,11 +858,11 @@ mod tests {
             .iter()
             .any(|e| e.key == "192.0.2.1 . tcp . 80 . 10.0.0.0/8 . 0-65535"));
         // A filter without its mapping is an orphan.
-        let orphan = Key::Inbound {
+        let orphan = Key::Inbound(ExternalEndpoint {
+            addr: Ipv4Addr::new(192, 0, 2, 1),
             protocol: 17,
-            external_addr: Ipv4Addr::new(192, 0, 2, 1),
-            external_port: 99,
-        };
+            port: 99,
+        });
         assert_eq!(installed[&orphan].owner, None);
         let p = &ports[&Ipv4Addr::new(100, 64, 0, 9)];
         assert_eq!(p.blocks[0].len, 512);

@@ -3,7 +3,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use pcp_engine::{Block, Holder, Mapping, MappingExtra, MappingId, MappingKind, Millis};
+use pcp_engine::{
+    Block, Holder, InternalEndpoint, Mapping, MappingExtra, MappingId, MappingKey, MappingKind,
+    Millis, RemoteEndpoint,
+};
 use pcp_wire::{Filter, Nonce};
 
 use crate::Record;
@@ -13,37 +16,6 @@ const TAG_HISTORY: u8 = 2;
 const TAG_MAPPING: u8 = 3;
 const TAG_GONE: u8 = 4;
 const TAG_BLOCK_GONE: u8 = 5;
-
-/// Identity of a mapping that survives a restart (slots do not).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct StableKey {
-    /// Internal address.
-    pub internal_addr: IpAddr,
-    /// Protocol.
-    pub protocol: u8,
-    /// Internal port.
-    pub internal_port: u16,
-    /// Remote peer, for PEER mappings.
-    pub remote: Option<(IpAddr, u16)>,
-}
-
-impl StableKey {
-    /// The key of a mapping.
-    pub fn of(m: &Mapping) -> Self {
-        StableKey {
-            internal_addr: m.internal_addr,
-            protocol: m.protocol,
-            internal_port: m.internal_port,
-            remote: match m.kind {
-                MappingKind::Peer {
-                    remote_addr,
-                    remote_port,
-                } => Some((remote_addr, remote_port)),
-                _ => None,
-            },
-        }
-    }
-}
 
 struct W<'a>(&'a mut Vec<u8>);
 
@@ -77,15 +49,15 @@ impl W<'_> {
         self.u16(b.first);
         self.u16(b.len);
     }
-    fn key(&mut self, k: &StableKey) {
-        self.ip(k.internal_addr);
-        self.u8(k.protocol);
-        self.u16(k.internal_port);
+    fn key(&mut self, k: &MappingKey) {
+        self.ip(k.internal.addr);
+        self.u8(k.internal.protocol);
+        self.u16(k.internal.port);
         match k.remote {
-            Some((a, p)) => {
+            Some(r) => {
                 self.u8(1);
-                self.ip(a);
-                self.u16(p);
+                self.ip(r.addr);
+                self.u16(r.port);
             }
             None => self.u8(0),
         }
@@ -329,19 +301,19 @@ pub(crate) fn decode(body: &[u8]) -> Option<Record> {
             })
         }
         TAG_GONE => {
-            let internal_addr = r.ip()?;
-            let protocol = r.u8()?;
-            let internal_port = r.u16()?;
+            let internal = InternalEndpoint {
+                addr: r.ip()?,
+                protocol: r.u8()?,
+                port: r.u16()?,
+            };
             let remote = match r.u8()? {
                 0 => None,
-                _ => Some((r.ip()?, r.u16()?)),
+                _ => Some(RemoteEndpoint {
+                    addr: r.ip()?,
+                    port: r.u16()?,
+                }),
             };
-            Record::Gone(StableKey {
-                internal_addr,
-                protocol,
-                internal_port,
-                remote,
-            })
+            Record::Gone(MappingKey { internal, remote })
         }
         _ => return None,
     };

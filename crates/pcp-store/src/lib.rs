@@ -31,7 +31,7 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
-pub use codec::StableKey;
+pub use pcp_engine::MappingKey;
 use pcp_engine::{Block, Event, Holder, Mapping, Millis};
 
 const SNAP_MAGIC: &[u8; 8] = b"PCPSNAP1";
@@ -66,7 +66,7 @@ pub enum Record {
     /// A mapping as it is now (created, renewed or moved).
     Mapping(Mapping),
     /// A mapping is gone.
-    Gone(StableKey),
+    Gone(MappingKey),
 }
 
 impl Record {
@@ -76,10 +76,10 @@ impl Record {
             Event::MappingCreated(m) | Event::MappingRenewed(m) => {
                 out.push(Record::Mapping(m.clone()))
             }
-            Event::MappingDeleted { mapping, .. } => out.push(Record::Gone(StableKey::of(mapping))),
+            Event::MappingDeleted { mapping, .. } => out.push(Record::Gone(mapping.key())),
             Event::MappingMoved { old, new } => {
-                if StableKey::of(old) != StableKey::of(new) {
-                    out.push(Record::Gone(StableKey::of(old)));
+                if old.key() != new.key() {
+                    out.push(Record::Gone(old.key()));
                 }
                 out.push(Record::Mapping(new.clone()));
             }
@@ -178,6 +178,87 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Why a journal commit did not make the batch durable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommitError {
+    /// The records could not be written (a full disk: ENOSPC). What was
+    /// written of them was cut off again, so the journal still ends on a
+    /// whole record.
+    #[error("{path}: writing the journal: {source}")]
+    Write {
+        /// The journal.
+        path: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// fdatasync failed. The kernel may have dropped the dirty pages
+    /// ("fsyncgate"), so nothing written since the last good sync can be
+    /// trusted, and retrying the sync would prove nothing.
+    #[error("{path}: syncing the journal: {source}")]
+    Sync {
+        /// The journal.
+        path: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// An earlier commit failed: the journal takes no more records until
+    /// [`Journal::compact`] has replaced it with a snapshot of the state
+    /// in memory (a new generation).
+    #[error("{path}: the journal failed earlier and waits for a fresh snapshot")]
+    Poisoned {
+        /// The journal.
+        path: String,
+    },
+}
+
+/// A fault-injection seam for tests: makes the next writes or syncs of the
+/// journals and snapshots that share it fail as a full disk or a failed
+/// fdatasync would. Production code never creates one.
+#[derive(Debug, Default)]
+pub struct Faults {
+    fail_writes: std::sync::atomic::AtomicU32,
+    fail_syncs: std::sync::atomic::AtomicU32,
+}
+
+impl Faults {
+    /// The next `n` writes fail with ENOSPC.
+    pub fn fail_writes(&self, n: u32) {
+        self.fail_writes
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The next `n` fdatasyncs fail with EIO.
+    pub fn fail_syncs(&self, n: u32) {
+        self.fail_syncs
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn take(counter: &std::sync::atomic::AtomicU32) -> bool {
+        counter
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
+    }
+
+    fn write(&self) -> io::Result<()> {
+        if Self::take(&self.fail_writes) {
+            return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        if Self::take(&self.fail_syncs) {
+            return Err(io::Error::from_raw_os_error(5)); // EIO
+        }
+        Ok(())
+    }
+}
+
 /// A shard's open journal.
 pub struct Journal {
     file: File,
@@ -185,30 +266,76 @@ pub struct Journal {
     dir: PathBuf,
     shard: usize,
     buf: Vec<u8>,
+    /// Bytes of whole, synced records (the file is cut back to this on a
+    /// failed write).
     len: u64,
-    records: u64,
+    poisoned: bool,
+    faults: Option<std::sync::Arc<Faults>>,
 }
 
 impl Journal {
     /// Frames a record; it is durable after the next [`Journal::commit`].
     pub fn append(&mut self, rec: &Record) {
         frame(rec, &mut self.buf);
-        self.records += 1;
     }
 
     /// Writes what was appended and waits for the disk (group commit: one
     /// fdatasync for a whole batch). Returns whether anything was written.
-    pub fn commit(&mut self) -> io::Result<bool> {
+    ///
+    /// On failure the batch's records are dropped (the caller must not
+    /// acknowledge them), the file is cut back to its last whole record,
+    /// and the journal is poisoned until [`Journal::compact`] succeeds: the
+    /// caller's state in memory is then the only complete copy.
+    pub fn commit(&mut self) -> Result<bool, CommitError> {
         if self.buf.is_empty() {
             return Ok(false);
         }
-        let r = self
-            .file
-            .write_all(&self.buf)
-            .and_then(|_| self.file.sync_data());
-        self.len += self.buf.len() as u64;
-        self.buf.clear();
-        r.map(|_| true)
+        let path = || self.path.display().to_string();
+        if self.poisoned {
+            self.buf.clear();
+            return Err(CommitError::Poisoned { path: path() });
+        }
+        let faults = self.faults.clone();
+        let written = faults
+            .as_ref()
+            .map_or(Ok(()), |f| f.write())
+            .and_then(|_| self.file.write_all(&self.buf));
+        let result = match written {
+            Err(source) => Err(CommitError::Write {
+                path: path(),
+                source,
+            }),
+            Ok(()) => faults
+                .as_ref()
+                .map_or(Ok(()), |f| f.sync())
+                .and_then(|_| self.file.sync_data())
+                .map_err(|source| CommitError::Sync {
+                    path: path(),
+                    source,
+                }),
+        };
+        match result {
+            Ok(()) => {
+                self.len += self.buf.len() as u64;
+                self.buf.clear();
+                Ok(true)
+            }
+            Err(e) => {
+                self.buf.clear();
+                self.poisoned = true;
+                // Cut a partial write off, so a restart (and the next
+                // generation) never finds a damaged record mid-file. If even
+                // that fails, the torn tail is still the last thing in the
+                // file, which load() cuts off with a warning.
+                let _ = self.file.set_len(self.len);
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether an earlier commit failed and a snapshot must come first.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
     }
 
     /// Bytes in the journal file.
@@ -221,13 +348,21 @@ impl Journal {
         self.len <= HEADER_LEN as u64
     }
 
-    /// Replaces snapshot and journal with a snapshot of `state` (compaction).
+    /// Replaces snapshot and journal with a snapshot of `state`, a new
+    /// generation (compaction, and the way out of a poisoned journal). If
+    /// it fails, the old files stay as they were and this journal is kept.
     pub fn compact(
         &mut self,
         generation: u64,
         state: impl IntoIterator<Item = Record>,
     ) -> Result<(), StoreError> {
-        let fresh = write_snapshot(&self.dir, self.shard, generation, state)?;
+        let fresh = write_snapshot_with(
+            &self.dir,
+            self.shard,
+            generation,
+            state,
+            self.faults.clone(),
+        )?;
         *self = fresh;
         Ok(())
     }
@@ -246,34 +381,36 @@ pub fn write_snapshot(
     generation: u64,
     state: impl IntoIterator<Item = Record>,
 ) -> Result<Journal, StoreError> {
+    write_snapshot_with(dir, shard, generation, state, None)
+}
+
+/// [`write_snapshot`] with a fault-injection seam (tests only).
+pub fn write_snapshot_with(
+    dir: &Path,
+    shard: usize,
+    generation: u64,
+    state: impl IntoIterator<Item = Record>,
+    faults: Option<std::sync::Arc<Faults>>,
+) -> Result<Journal, StoreError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let final_path = snap_path(dir, shard);
     let tmp = dir.join(format!("shard-{shard}.snap.tmp"));
-    let mut buf = Vec::with_capacity(1 << 20);
-    buf.extend_from_slice(&header(SNAP_MAGIC, generation));
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-    for rec in state {
-        frame(&rec, &mut buf);
-        if buf.len() > 8 << 20 {
-            f.write_all(&buf).map_err(io_err(&tmp))?;
-            buf.clear();
-        }
-    }
-    f.write_all(&buf).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    drop(f);
-    // The new journal must exist (empty) before the snapshot that it follows
-    // becomes visible, so a crash never pairs a new snapshot with old records.
-    let jpath = journal_path(dir, shard);
     let jtmp = dir.join(format!("shard-{shard}.journal.tmp"));
-    let mut jf = File::create(&jtmp).map_err(io_err(&jtmp))?;
-    jf.write_all(&header(JOURNAL_MAGIC, generation))
-        .map_err(io_err(&jtmp))?;
-    jf.sync_all().map_err(io_err(&jtmp))?;
-    drop(jf);
-    fs::rename(&tmp, &final_path).map_err(io_err(&final_path))?;
-    fs::rename(&jtmp, &jpath).map_err(io_err(&jpath))?;
-    sync_dir(dir).map_err(io_err(dir))?;
+    let r = snapshot_files(
+        dir,
+        shard,
+        generation,
+        state,
+        faults.as_deref(),
+        &tmp,
+        &jtmp,
+    );
+    if r.is_err() {
+        // A full disk must not also lose the space of a half-written copy;
+        // the old snapshot and journal are untouched.
+        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(&jtmp);
+    }
+    let jpath = r?;
     let file = OpenOptions::new()
         .append(true)
         .open(&jpath)
@@ -285,8 +422,49 @@ pub fn write_snapshot(
         shard,
         buf: Vec::new(),
         len: HEADER_LEN as u64,
-        records: 0,
+        poisoned: false,
+        faults,
     })
+}
+
+fn snapshot_files(
+    dir: &Path,
+    shard: usize,
+    generation: u64,
+    state: impl IntoIterator<Item = Record>,
+    faults: Option<&Faults>,
+    tmp: &Path,
+    jtmp: &Path,
+) -> Result<PathBuf, StoreError> {
+    let injected = |r: io::Result<()>| r.map_err(io_err(tmp));
+    let final_path = snap_path(dir, shard);
+    let mut buf = Vec::with_capacity(1 << 20);
+    buf.extend_from_slice(&header(SNAP_MAGIC, generation));
+    let mut f = File::create(tmp).map_err(io_err(tmp))?;
+    for rec in state {
+        frame(&rec, &mut buf);
+        if buf.len() > 8 << 20 {
+            f.write_all(&buf).map_err(io_err(tmp))?;
+            buf.clear();
+        }
+    }
+    injected(faults.map_or(Ok(()), Faults::write))?;
+    f.write_all(&buf).map_err(io_err(tmp))?;
+    injected(faults.map_or(Ok(()), Faults::sync))?;
+    f.sync_all().map_err(io_err(tmp))?;
+    drop(f);
+    // The new journal must exist (empty) before the snapshot that it follows
+    // becomes visible, so a crash never pairs a new snapshot with old records.
+    let jpath = journal_path(dir, shard);
+    let mut jf = File::create(jtmp).map_err(io_err(jtmp))?;
+    jf.write_all(&header(JOURNAL_MAGIC, generation))
+        .map_err(io_err(jtmp))?;
+    jf.sync_all().map_err(io_err(jtmp))?;
+    drop(jf);
+    fs::rename(tmp, &final_path).map_err(io_err(&final_path))?;
+    fs::rename(jtmp, &jpath).map_err(io_err(&jpath))?;
+    sync_dir(dir).map_err(io_err(dir))?;
+    Ok(jpath)
 }
 
 /// Records the epoch's start (RFC 6887 §8.5), durably.
@@ -374,7 +552,7 @@ pub struct State {
     /// Blocks held, by (address, first port).
     pub blocks: HashMap<(Ipv4Addr, u16), (IpAddr, Block, Millis)>,
     /// Live mappings.
-    pub mappings: HashMap<StableKey, Mapping>,
+    pub mappings: HashMap<MappingKey, Mapping>,
     /// Past holdings.
     pub history: Vec<Holder>,
     /// Things the operator should know (a torn tail cut off).
@@ -400,7 +578,7 @@ impl State {
             }
             Record::History(h) => self.history.push(h),
             Record::Mapping(m) => {
-                self.mappings.insert(StableKey::of(&m), m);
+                self.mappings.insert(m.key(), m);
             }
             Record::Gone(k) => {
                 self.mappings.remove(&k);
@@ -495,6 +673,16 @@ pub fn load(dir: &Path) -> Result<State, StoreError> {
             read_records(&p, &b, false, &mut state).map_err(|(off, r)| corrupt(&p, off, &r))?;
         }
         if let Some((p, b)) = journal {
+            if older_generation(&b, generation) {
+                // A crash between the two renames of write_snapshot: the new
+                // snapshot was written from memory and holds every record of
+                // the older journal, which is left over.
+                state.warnings.push(format!(
+                    "{}: older than its snapshot (a compaction was interrupted); ignored",
+                    p.display()
+                ));
+                continue;
+            }
             check_header(&p, &b, JOURNAL_MAGIC, generation).map_err(|r| corrupt(&p, 0, &r))?;
             read_records(&p, &b, true, &mut state).map_err(|(off, r)| corrupt(&p, off, &r))?;
         }
@@ -507,6 +695,13 @@ pub fn load(dir: &Path) -> Result<State, StoreError> {
         ));
     }
     Ok(state)
+}
+
+/// Whether a journal's header names a generation older than `generation`.
+fn older_generation(b: &[u8], generation: u64) -> bool {
+    b.len() >= HEADER_LEN
+        && &b[..8] == JOURNAL_MAGIC
+        && u64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]) < generation
 }
 
 fn check_header(_p: &Path, b: &[u8], magic: &[u8; 8], generation: u64) -> Result<(), String> {

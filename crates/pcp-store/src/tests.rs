@@ -224,3 +224,85 @@ fn newer_generations_win_and_stale_shards_are_removed() {
     assert!(d.join("shard-0.snap").exists());
     let _ = fs::remove_dir_all(&d);
 }
+
+fn faulty(name: &str) -> (PathBuf, std::sync::Arc<Faults>, Journal) {
+    let d = dir(name);
+    write_epoch(&d, 1).unwrap();
+    let faults = std::sync::Arc::new(Faults::default());
+    let j = write_snapshot_with(&d, 0, 1, Vec::new(), Some(faults.clone())).unwrap();
+    (d, faults, j)
+}
+
+#[test]
+fn a_failed_write_is_cut_off_and_poisons_until_a_snapshot() {
+    let (d, faults, mut j) = faulty("enospc");
+    j.append(&Record::Mapping(mapping(2, false)));
+    assert!(j.commit().unwrap());
+    let good = j.len();
+    // A full disk: the batch is refused and the file ends on a whole record.
+    faults.fail_writes(1);
+    j.append(&Record::Mapping(mapping(4, false)));
+    assert!(matches!(j.commit(), Err(CommitError::Write { .. })));
+    assert_eq!(fs::metadata(j.path()).unwrap().len(), good);
+    // Space is back, but the journal takes nothing until a snapshot.
+    j.append(&Record::Mapping(mapping(6, false)));
+    assert!(matches!(j.commit(), Err(CommitError::Poisoned { .. })));
+    assert!(j.is_poisoned());
+    // A snapshot that cannot be written keeps the old files and the poison.
+    faults.fail_writes(1);
+    let state = vec![
+        Record::Mapping(mapping(2, false)),
+        Record::Mapping(mapping(6, false)),
+    ];
+    assert!(j.compact(2, state.clone()).is_err());
+    assert!(j.is_poisoned());
+    assert!(
+        !d.join("shard-0.snap.tmp").exists(),
+        "no half-written copy left"
+    );
+    assert_eq!(load(&d).unwrap().mappings.len(), 1, "old files intact");
+    // Then it can: a new generation, and appends resume behind it.
+    j.compact(2, state).unwrap();
+    assert!(!j.is_poisoned());
+    j.append(&Record::Mapping(mapping(8, false)));
+    assert!(j.commit().unwrap());
+    let loaded = load(&d).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    assert_eq!(loaded.mappings.len(), 3);
+}
+
+#[test]
+fn a_failed_fsync_is_never_retried_as_if_safe() {
+    // fsyncgate: after a failed fdatasync the dirty pages may be gone, so
+    // the batch is refused and no later commit is trusted either until the
+    // state is rewritten from memory.
+    let (d, faults, mut j) = faulty("eio");
+    faults.fail_syncs(1);
+    j.append(&Record::Mapping(mapping(2, false)));
+    assert!(matches!(j.commit(), Err(CommitError::Sync { .. })));
+    j.append(&Record::Mapping(mapping(4, false)));
+    assert!(matches!(j.commit(), Err(CommitError::Poisoned { .. })));
+    assert!(
+        load(&d).unwrap().mappings.is_empty(),
+        "nothing of the failed batch kept"
+    );
+    j.compact(2, vec![Record::Mapping(mapping(4, false))])
+        .unwrap();
+    assert_eq!(load(&d).unwrap().mappings.len(), 1);
+}
+
+#[test]
+fn a_journal_older_than_its_snapshot_is_ignored() {
+    // A crash between the snapshot's rename and the journal's.
+    let d = dir("interrupted");
+    write_epoch(&d, 1).unwrap();
+    let mut j = write_snapshot(&d, 0, 1, Vec::new()).unwrap();
+    j.append(&Record::Mapping(mapping(2, false)));
+    j.commit().unwrap();
+    let old_journal = fs::read(j.path()).unwrap();
+    write_snapshot(&d, 0, 2, vec![Record::Mapping(mapping(2, false))]).unwrap();
+    fs::write(d.join("shard-0.journal"), old_journal).unwrap();
+    let loaded = load(&d).unwrap();
+    assert_eq!(loaded.mappings.len(), 1);
+    assert_eq!(loaded.warnings.len(), 1);
+}
