@@ -60,29 +60,26 @@ pub fn parse_request(buf: &[u8]) -> Result<Message<'_>, ParseError> {
     }
 }
 
-/// The NETWORK_FAILURE answer to a request whose mapping could not be made
-/// real after the engine granted it (the dataplane refused it): RFC 6887
-/// §8.3 error layout for PCP (the request copied, suggested fields kept,
-/// §11.1), RFC 6886 §3.5 for NAT-PMP (external port and lifetime 0).
-/// `None` for anything that is not a PCP or NAT-PMP mapping request.
-pub fn network_failure_response(
+/// The error answer to a request whose success was written but could not
+/// be kept: the dataplane refused the mapping (NETWORK_FAILURE) or the
+/// state could not be made durable (NO_RESOURCES). RFC 6887 §8.3 error
+/// layout for PCP (the request copied, suggested fields kept, §11.1); RFC
+/// 6886 §3.5 for NAT-PMP (external port and lifetime 0; address 0.0.0.0
+/// for a public-address request that could not be made durable — it has no
+/// mapping a dataplane could refuse, so no NETWORK_FAILURE). `None` for
+/// anything else.
+pub fn late_error_response(
     request: &[u8],
+    code: ResultCode,
     lifetime: u32,
     epoch: u32,
     out: &mut [u8],
 ) -> Option<usize> {
+    let result = NatPmpResult::from(code);
     match parse_request(request).ok()? {
-        Message::Pcp(_) => pcp::emit_error_response(
-            request,
-            ResultCode::NetworkFailure,
-            lifetime,
-            epoch,
-            true,
-            out,
-        )
-        .ok(),
+        Message::Pcp(_) => pcp::emit_error_response(request, code, lifetime, epoch, true, out).ok(),
         Message::NatPmp(natpmp::Request::Map(m)) => natpmp::Response::Map {
-            result: NatPmpResult::NetworkFailure,
+            result,
             epoch,
             mapping: natpmp::Mapping {
                 external_port: 0,
@@ -92,6 +89,15 @@ pub fn network_failure_response(
         }
         .emit(out)
         .ok(),
-        Message::NatPmp(natpmp::Request::PublicAddress) => None,
+        Message::NatPmp(natpmp::Request::PublicAddress) if code == ResultCode::NetworkFailure => {
+            None
+        }
+        Message::NatPmp(natpmp::Request::PublicAddress) => natpmp::Response::PublicAddress {
+            result,
+            epoch,
+            addr: core::net::Ipv4Addr::UNSPECIFIED,
+        }
+        .emit(out)
+        .ok(),
     }
 }

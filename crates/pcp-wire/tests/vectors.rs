@@ -654,7 +654,8 @@ fn network_failure_answers_copy_the_request() {
         "02 01 0000 | 00001c20 | {V4_CLIENT} | {NONCE} | 06 000000 | 1f90 9c40 | {V4_EXT}"
     ));
     let mut out = [0u8; 1100];
-    let n = pcp_wire::network_failure_response(&req, 30, 77, &mut out).unwrap();
+    let n =
+        pcp_wire::late_error_response(&req, ResultCode::NetworkFailure, 30, 77, &mut out).unwrap();
     assert_eq!(
         out[..n],
         hex(&format!(
@@ -662,18 +663,37 @@ fn network_failure_answers_copy_the_request() {
         ))[..]
     );
     let natpmp_req = hex("00 02 0000 | 1f90 | 9c40 | 00001c20");
-    let n = pcp_wire::network_failure_response(&natpmp_req, 30, 77, &mut out).unwrap();
+    let n =
+        pcp_wire::late_error_response(&natpmp_req, ResultCode::NetworkFailure, 30, 77, &mut out)
+            .unwrap();
     assert_eq!(
         out[..n],
         hex("00 82 0003 | 0000004d | 1f90 | 0000 | 00000000")[..]
     );
     // Nothing to fail for a public-address request or garbage.
     assert_eq!(
-        pcp_wire::network_failure_response(&hex("00 00"), 30, 77, &mut out),
+        pcp_wire::late_error_response(&hex("00 00"), ResultCode::NetworkFailure, 30, 77, &mut out),
         None
     );
     assert_eq!(
-        pcp_wire::network_failure_response(&[2, 1, 0], 30, 77, &mut out),
+        pcp_wire::late_error_response(&[2, 1, 0], ResultCode::NetworkFailure, 30, 77, &mut out),
         None
     );
+}
+
+/// State that could not be made durable is answered NO_RESOURCES (short
+/// lifetime, RFC 6887 §7.4); NAT-PMP's public-address request gets
+/// OUT_OF_RESOURCES (4) and address 0.0.0.0 (RFC 6886 §3.5).
+#[test]
+fn not_durable_answers_are_no_resources() {
+    let req = hex(&format!(
+        "02 01 0000 | 00001c20 | {V4_CLIENT} | {NONCE} | 06 000000 | 1f90 9c40 | {V4_EXT}"
+    ));
+    let mut out = [0u8; 1100];
+    let n = pcp_wire::late_error_response(&req, ResultCode::NoResources, 30, 77, &mut out).unwrap();
+    assert_eq!(out[3], u8::from(ResultCode::NoResources));
+    assert_eq!(n, req.len());
+    let n = pcp_wire::late_error_response(&hex("00 00"), ResultCode::NoResources, 30, 77, &mut out)
+        .unwrap();
+    assert_eq!(out[..n], hex("00 80 0004 | 0000004d | 00000000")[..]);
 }

@@ -11,13 +11,13 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use pcp_engine::{MappingId, Shared};
+use pcp_engine::{BlockAllocator, InternalEndpoint, MappingId};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::config::{token_hash, Config, Scope};
-use crate::shard::{Control, MappingFilter, ShardHandle};
+use crate::shard::{Control, Health, MappingFilter, Refused, ShardHandle};
 
 /// The OpenAPI document served at `/v1/openapi.json` (kept in docs/).
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
@@ -26,12 +26,14 @@ pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 pub struct AppState {
     /// Shards, by index.
     pub shards: Vec<ShardHandle>,
-    /// Pool state.
-    pub shared: Arc<Shared>,
+    /// The block allocator (pools, and who holds each block now).
+    pub shared: Arc<BlockAllocator>,
     /// Token hashes and scopes.
     pub tokens: Vec<(String, String, Scope)>,
     /// True once serving.
     pub ready: AtomicBool,
+    /// Whether each shard can make its state durable.
+    pub health: Arc<Health>,
     /// The file the configuration came from (`None`: built-in default).
     pub config_path: Option<std::path::PathBuf>,
     /// The running configuration.
@@ -183,15 +185,22 @@ async fn require_write(State(state): State<AppRef>, req: Request, next: Next) ->
 }
 
 async fn readyz(State(state): State<AppRef>) -> Response {
-    if state.ready.load(Ordering::Acquire) {
-        Json(json!({"status": "ready"})).into_response()
-    } else {
-        ApiError::new(
+    if !state.ready.load(Ordering::Acquire) {
+        return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
-            "state is being restored",
+            "state is being restored, or pcpd is stopping",
         )
-        .into_response()
+        .into_response();
+    }
+    match state.health.problem() {
+        None => Json(json!({"status": "ready"})).into_response(),
+        Some(reason) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "state_not_durable",
+            format!("state cannot be made durable ({reason}); state changes are refused"),
+        )
+        .into_response(),
     }
 }
 
@@ -339,29 +348,36 @@ async fn create_mapping(
     let Json(b) = body.map_err(|e| ApiError::bad(e.body_text()))?;
     let protocol = protocol_number(&b.protocol)?;
     let internal = b.internal_addr.to_canonical();
-    let r = ask(owner(&state, internal), |reply| Control::CreateStatic {
-        internal,
+    let endpoint = InternalEndpoint {
+        addr: internal,
         protocol,
-        internal_port: b.internal_port,
-        external_port: b.external_port,
-        reply,
+        port: b.internal_port,
+    };
+    let r = ask(owner(&state, internal), |reply| {
+        Control::CreateStatic(endpoint, b.external_port, reply)
     })
     .await?;
-    match r {
-        Ok(m) => Ok((StatusCode::CREATED, Json(mapping_json(&m))).into_response()),
-        Err(code) => {
-            use pcp_wire::ResultCode as R;
-            let (status, api_code) = match code {
-                R::NotAuthorized => (StatusCode::UNPROCESSABLE_ENTITY, "not_a_subscriber"),
-                R::UnsuppProtocol => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_protocol"),
-                R::CannotProvideExternal => (StatusCode::CONFLICT, "mapping_exists"),
-                R::UserExQuota | R::NoResources => (StatusCode::CONFLICT, "no_ports_available"),
-                R::NetworkFailure => (StatusCode::SERVICE_UNAVAILABLE, "dataplane_failed"),
-                _ => (StatusCode::CONFLICT, "refused"),
-            };
-            Err(ApiError::new(status, api_code, format!("refused: {code}")))
-        }
-    }
+    let m = r.map_err(refused)?;
+    Ok((StatusCode::CREATED, Json(mapping_json(&m))).into_response())
+}
+
+/// The answer to an operator write a shard refused: 503 when the change
+/// could not be made durable or installed (retry later), 409/422 for what
+/// the engine refused.
+fn refused(r: Refused) -> ApiError {
+    use pcp_wire::ResultCode as R;
+    let (status, api_code) = match &r {
+        Refused::NotDurable(_) => (StatusCode::SERVICE_UNAVAILABLE, "state_not_durable"),
+        Refused::NotInstalled => (StatusCode::SERVICE_UNAVAILABLE, "dataplane_failed"),
+        Refused::Engine(code) => match code {
+            R::NotAuthorized => (StatusCode::UNPROCESSABLE_ENTITY, "not_a_subscriber"),
+            R::UnsuppProtocol => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_protocol"),
+            R::CannotProvideExternal => (StatusCode::CONFLICT, "mapping_exists"),
+            R::UserExQuota | R::NoResources => (StatusCode::CONFLICT, "no_ports_available"),
+            _ => (StatusCode::CONFLICT, "refused"),
+        },
+    };
+    ApiError::new(status, api_code, r.to_string())
 }
 
 async fn delete_mapping(State(state): State<AppRef>, Path(id): Path<String>) -> ApiResult {
@@ -370,7 +386,10 @@ async fn delete_mapping(State(state): State<AppRef>, Path(id): Path<String>) -> 
         .shards
         .get(usize::from(id.shard))
         .ok_or_else(|| ApiError::not_found("mapping"))?;
-    match ask(shard, |tx| Control::Delete(id, tx)).await? {
+    match ask(shard, |tx| Control::Delete(id, tx))
+        .await?
+        .map_err(refused)?
+    {
         Some(_) => Ok(StatusCode::NO_CONTENT.into_response()),
         None => Err(ApiError::not_found("mapping")),
     }
@@ -407,7 +426,9 @@ async fn drain(
     }
     let mut moved = 0;
     for shard in &state.shards {
-        moved += ask(shard, |tx| Control::Drain(b.address, tx)).await?;
+        moved += ask(shard, |tx| Control::Drain(b.address, tx))
+            .await?
+            .map_err(refused)?;
     }
     Ok(
         Json(json!({ "address": b.address, "draining": true, "moved_mappings": moved }))
@@ -450,7 +471,17 @@ async fn lookup(
                 .map_err(|_| ApiError::bad("at is before 1970"))?
         }
     };
-    for shard in &state.shards {
+    // Who holds it now is known without asking every shard: the block
+    // allocator records each dynamic block's owner.
+    let now_owner =
+        q.at.is_none()
+            .then(|| state.shared.block_owner(addr, q.external.port()))
+            .flatten();
+    let shards: Vec<&ShardHandle> = match now_owner {
+        Some(sub) => vec![owner(&state, sub)],
+        None => state.shards.iter().collect(),
+    };
+    for shard in shards {
         if let Some(h) = ask(shard, |tx| Control::Lookup(addr, q.external.port(), at, tx)).await? {
             return Ok(Json(json!({
                 "external": q.external,

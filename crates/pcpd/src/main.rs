@@ -5,7 +5,7 @@
 //! The only crate of the workspace that knows tokio.
 //!
 //! ```text
-//!  config ─▶ Shared pools ─▶ shard threads (socket + engine + dataplane each)
+//!  config ─▶ BlockAllocator ─▶ shard threads (socket + engine + dataplane each)
 //!                 │                ▲ control messages
 //!                 └── admin API ───┘      metrics ◀── per-shard counters
 //! ```
@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pcp_dataplane::{Dataplane, MemoryDataplane, NftablesDataplane};
-use pcp_engine::{Compiled, Shared};
+use pcp_engine::{BlockAllocator, Compiled};
 
 mod admin;
 mod config;
@@ -126,31 +126,110 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// The daemon's lifecycle, step by step (linkerd2-proxy's `main` is the
+/// model): everything that can be refused is checked before anything is
+/// bound; readiness comes only after every shard restored its state.
 fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
-    let sink: Box<dyn std::io::Write + Send> = match cfg.nat_event_path() {
-        None => Box::new(std::io::stdout()),
-        Some(p) => Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&p)
-                .with_context(|| format!("NAT event log {}", p.display()))?,
-        ),
-    };
-    let natlog = natlog::NatLog::new(sink);
+    let natlog = open_natlog(&cfg)?;
     let metrics = metrics::Metrics::new().context("metrics")?;
-    let shared = Arc::new(Shared::new(&cfg.pcp));
-    let compiled = Arc::new(Compiled::new(cfg.pcp.clone(), &shared).map_err(|p| {
+    let pools = Arc::new(BlockAllocator::new(&cfg.pcp));
+    let compiled = Arc::new(Compiled::new(cfg.pcp.clone(), &pools).map_err(|p| {
         anyhow::anyhow!(p
             .iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("; "))
     })?);
-    // Durable state (RFC 6887 §8.5): the epoch continues when state was
-    // recovered; otherwise a new epoch starts and clients are told.
+    let mut recovered = load_state(&cfg, discard_state)?;
+    metrics
+        .epoch_start
+        .set((recovered.epoch_start / 1000) as i64);
+    let n = cfg.shard_count();
+    let health = Arc::new(shard::Health::new(n));
+    let dataplanes = open_dataplanes(&cfg.dataplane, n)?;
+    let shared = Shared {
+        compiled,
+        pools: pools.clone(),
+        metrics: metrics.clone(),
+        natlog,
+        health: health.clone(),
+    };
+    let (specs, restored_rx) = shard_specs(&cfg, &mut recovered, shared, dataplanes);
+    let (shards, threads) =
+        shard::start(specs, cfg.handoff_queue).context("opening UDP sockets")?;
+    wait_restored(&cfg, &recovered, restored_rx)?;
+    tracing::info!(
+        listen = ?cfg.listen,
+        shards = n,
+        loopback_only = cfg.loopback_only(),
+        "pcpd answering PCP and NAT-PMP"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("pcpd-admin")
+        .enable_all()
+        .build()?;
+    let state = Arc::new(admin::AppState {
+        shards,
+        shared: pools,
+        tokens: cfg
+            .admin
+            .tokens
+            .iter()
+            .map(|t| (t.name.clone(), t.sha256.to_ascii_lowercase(), t.scope))
+            .collect(),
+        ready: Default::default(),
+        health,
+        config_path: path,
+        config: Mutex::new(cfg.clone()),
+    });
+    if cfg
+        .admin
+        .tokens
+        .iter()
+        .any(|t| t.sha256 == config::token_hash(config::DEFAULT_DEV_TOKEN))
+    {
+        tracing::warn!("the admin API accepts the development token; replace it outside of trials");
+    }
+    rt.block_on(serve(cfg, state.clone(), metrics))?;
+    rt.block_on(shutdown(&state, threads))
+}
+
+/// What every shard shares.
+struct Shared {
+    compiled: Arc<Compiled>,
+    pools: Arc<BlockAllocator>,
+    metrics: metrics::Metrics,
+    natlog: natlog::NatLog,
+    health: Arc<shard::Health>,
+}
+
+/// The NAT event log's sink: a file (in the state directory by default)
+/// or standard output.
+fn open_natlog(cfg: &Config) -> anyhow::Result<natlog::NatLog> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
+    Ok(match cfg.nat_event_path() {
+        None => natlog::NatLog::stdout(),
+        Some(p) => {
+            natlog::NatLog::file(&p).with_context(|| format!("NAT event log {}", p.display()))?
+        }
+    })
+}
+
+/// State recovered from the state directory (RFC 6887 §8.5: the epoch
+/// continues when state was recovered; otherwise a new epoch starts and
+/// clients are told).
+struct Recovered {
+    restores: Vec<shard::Restore>,
+    epoch_start: u64,
+    recovered: bool,
+    records: u64,
+    started: std::time::Instant,
+    now: u64,
+}
+
+fn load_state(cfg: &Config, discard_state: bool) -> anyhow::Result<Recovered> {
     let now = shard::now_ms();
     if discard_state {
         if let Some(aside) = pcp_store::discard(&cfg.state_dir, now)? {
@@ -160,7 +239,7 @@ fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Resul
             );
         }
     }
-    let load_started = std::time::Instant::now();
+    let started = std::time::Instant::now();
     let state = pcp_store::load(&cfg.state_dir)?;
     for w in &state.warnings {
         tracing::warn!("{w}");
@@ -173,49 +252,50 @@ fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Resul
             now
         }
     };
-    metrics.epoch_start.set((epoch_start / 1000) as i64);
-    let n = cfg.shard_count();
-    // Records go to the shard that owns their subscriber now (the shard
-    // count may have changed).
-    let mut restores: Vec<shard::Restore> = (0..n).map(|_| shard::Restore::default()).collect();
-    let loaded_records = state.records;
-    for (_, (subscriber, block, since)) in state.blocks {
-        restores[pcp_engine::shard_of(subscriber, n)]
-            .blocks
-            .push((subscriber, block, since));
-    }
-    for (_, m) in state.mappings {
-        restores[pcp_engine::shard_of(m.internal_addr, n)]
-            .mappings
-            .push(m);
-    }
-    for h in state.history {
-        restores[pcp_engine::shard_of(h.internal_addr, n)]
-            .history
-            .push(h);
-    }
-    let dataplanes = open_dataplanes(&cfg.dataplane, n)?;
+    let records = state.records;
+    Ok(Recovered {
+        restores: shard::Restore::split(state, cfg.shard_count()),
+        epoch_start,
+        recovered,
+        records,
+        started,
+        now,
+    })
+}
+
+type RestoredRx =
+    Vec<tokio::sync::oneshot::Receiver<Result<shard::RestoreReport, pcp_store::StoreError>>>;
+
+fn shard_specs(
+    cfg: &Config,
+    recovered: &mut Recovered,
+    shared: Shared,
+    dataplanes: Vec<Box<dyn Dataplane>>,
+) -> (Vec<shard::ShardSpec>, RestoredRx) {
+    let now = recovered.now;
     let seed_base = now ^ u64::from(std::process::id()).rotate_left(32);
-    let mut restored_rx = Vec::with_capacity(n);
-    let specs = restores
+    let mut restored_rx = Vec::new();
+    let restores = std::mem::take(&mut recovered.restores);
+    let specs = dataplanes
         .into_iter()
-        .zip(dataplanes)
+        .zip(restores)
         .enumerate()
-        .map(|(i, (restore, dataplane))| {
+        .map(|(i, (dataplane, restore))| {
             let (tx, rx) = tokio::sync::oneshot::channel();
             restored_rx.push(rx);
             shard::ShardSpec {
                 index: i,
-                compiled: compiled.clone(),
-                shared: shared.clone(),
+                compiled: shared.compiled.clone(),
+                pools: shared.pools.clone(),
                 listen: cfg.listen.clone(),
-                epoch_start_ms: epoch_start,
+                epoch_start_ms: recovered.epoch_start,
                 seed: seed_base
                     .wrapping_mul(0x9e37_79b9_7f4a_7c15)
                     .wrapping_add(i as u64),
-                metrics: metrics.clone(),
-                natlog: natlog.clone(),
-                announce: !recovered,
+                metrics: shared.metrics.clone(),
+                natlog: shared.natlog.clone(),
+                health: shared.health.clone(),
+                announce: !recovered.recovered,
                 restore,
                 state_dir: cfg.state_dir.clone(),
                 generation: now,
@@ -225,27 +305,22 @@ fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Resul
             }
         })
         .collect();
-    let (shards, _threads) =
-        shard::start(specs, cfg.handoff_queue).context("opening UDP sockets")?;
-    // Ready only once every shard has restored, snapshotted and reconciled.
+    (specs, restored_rx)
+}
+
+/// Ready only once every shard has restored, snapshotted and reconciled.
+fn wait_restored(cfg: &Config, recovered: &Recovered, rx: RestoredRx) -> anyhow::Result<()> {
     let mut total = shard::RestoreReport::default();
-    for rx in restored_rx {
-        let r = rx
+    for rx in rx {
+        total += rx
             .blocking_recv()
             .map_err(|_| anyhow::anyhow!("a shard stopped while restoring state"))?
             .map_err(|e| anyhow::anyhow!("restoring state: {e}"))?;
-        total.mappings += r.mappings;
-        total.dropped += r.dropped;
-        total.blocks += r.blocks;
-        total.blocks_dropped += r.blocks_dropped;
-        total.installed += r.installed;
-        total.removed += r.removed;
-        total.failed += r.failed;
     }
-    pcp_store::remove_stale(&cfg.state_dir, n)?;
+    pcp_store::remove_stale(&cfg.state_dir, cfg.shard_count())?;
     tracing::info!(
-        recovered,
-        records = loaded_records,
+        recovered = recovered.recovered,
+        records = recovered.records,
         mappings = total.mappings,
         dropped = total.dropped,
         blocks = total.blocks,
@@ -253,43 +328,10 @@ fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Resul
         dataplane_installed = total.installed,
         dataplane_removed = total.removed,
         dataplane_failed = total.failed,
-        ms = load_started.elapsed().as_millis() as u64,
+        ms = recovered.started.elapsed().as_millis() as u64,
         "state restored"
     );
-    tracing::info!(
-        listen = ?cfg.listen,
-        shards = n,
-        loopback_only = cfg.loopback_only(),
-        "pcpd answering PCP and NAT-PMP"
-    );
-
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("pcpd-admin")
-        .enable_all()
-        .build()?;
-    let state = Arc::new(admin::AppState {
-        shards,
-        shared: shared.clone(),
-        tokens: cfg
-            .admin
-            .tokens
-            .iter()
-            .map(|t| (t.name.clone(), t.sha256.to_ascii_lowercase(), t.scope))
-            .collect(),
-        ready: Default::default(),
-        config_path: path,
-        config: Mutex::new(cfg.clone()),
-    });
-    if cfg
-        .admin
-        .tokens
-        .iter()
-        .any(|t| t.sha256 == config::token_hash(config::DEFAULT_DEV_TOKEN))
-    {
-        tracing::warn!("the admin API accepts the development token; replace it outside of trials");
-    }
-    rt.block_on(serve(cfg, state, metrics, shared))
+    Ok(())
 }
 
 /// One dataplane per shard. For nftables the table is opened (created if
@@ -320,15 +362,56 @@ fn open_dataplanes(
     })
 }
 
+/// Serves the admin API and metrics, marks the daemon ready, and runs
+/// until SIGTERM or SIGINT (SIGHUP reloads the configuration).
 async fn serve(
     cfg: Config,
     state: Arc<admin::AppState>,
     metrics: metrics::Metrics,
-    shared: Arc<Shared>,
 ) -> anyhow::Result<()> {
-    let app = admin::router(state.clone());
+    let admin_task = serve_admin(&cfg, admin::router(state.clone())).await?;
+    let metrics_task = serve_metrics(&cfg, metrics.clone()).await?;
+    // Pool gauges.
+    let (m, pools) = (metrics.clone(), state.shared.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            m.pools(&pools.usage());
+        }
+    });
+    metrics.pools(&state.shared.usage());
+    state.ready.store(true, Ordering::Release);
+    metrics.ready.set(1);
+    tracing::info!("ready");
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match admin::do_reload(&state).await {
+                Ok(msg) => tracing::info!("SIGHUP: {msg}"),
+                Err(e) => tracing::error!("SIGHUP reload refused: {e:?}"),
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+        if admin_task.is_finished() || metrics_task.is_finished() {
+            anyhow::bail!("an HTTP server stopped");
+        }
+    }
+    state.ready.store(false, Ordering::Release);
+    metrics.ready.set(0);
+    Ok(())
+}
+
+type ServerTask = tokio::task::JoinHandle<std::io::Result<()>>;
+
+async fn serve_admin(cfg: &Config, app: axum::Router) -> anyhow::Result<ServerTask> {
     let admin_addr = cfg.admin.listen;
-    let admin_task = match &cfg.admin.tls {
+    Ok(match &cfg.admin.tls {
         Some(tls) => {
             let server_cfg = tls_config(tls).context("admin TLS")?;
             let rustls_cfg =
@@ -350,13 +433,15 @@ async fn serve(
             tracing::info!("admin API on http://{admin_addr} (plaintext, loopback only)");
             tokio::spawn(async move { axum::serve(listener, app).await })
         }
-    };
+    })
+}
+
+async fn serve_metrics(cfg: &Config, metrics: metrics::Metrics) -> anyhow::Result<ServerTask> {
     let metrics_addr: SocketAddr = cfg.metrics.listen;
-    let m = metrics.clone();
     let metrics_app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let m = m.clone();
+            let m = metrics.clone();
             async move {
                 (
                     [(
@@ -372,39 +457,47 @@ async fn serve(
         .await
         .with_context(|| format!("metrics.listen {metrics_addr}"))?;
     tracing::info!("metrics on http://{metrics_addr}/metrics");
-    let metrics_task = tokio::spawn(async move { axum::serve(listener, metrics_app).await });
+    Ok(tokio::spawn(async move {
+        axum::serve(listener, metrics_app).await
+    }))
+}
 
-    // Pool gauges.
-    let (m, sh) = (metrics.clone(), shared.clone());
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            m.pools(&sh.usage());
-        }
-    });
-    metrics.pools(&shared.usage());
-    state.ready.store(true, Ordering::Release);
-    metrics.ready.set(1);
-    tracing::info!("ready");
+/// How long shards get to settle and answer what they hold.
+const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        tokio::select! {
-            _ = hup.recv() => match admin::do_reload(&state).await {
-                Ok(msg) => tracing::info!("SIGHUP: {msg}"),
-                Err(e) => tracing::error!("SIGHUP reload refused: {e:?}"),
-            },
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-        }
-        if admin_task.is_finished() || metrics_task.is_finished() {
-            anyhow::bail!("an HTTP server stopped");
+/// Stops every shard (each settles and answers what it holds, then its
+/// thread ends) and joins the threads, within [`SHUTDOWN_DEADLINE`].
+async fn shutdown(
+    state: &admin::AppState,
+    threads: Vec<std::thread::JoinHandle<()>>,
+) -> anyhow::Result<()> {
+    tracing::info!("shutting down: stopping the shards");
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
+    for (i, shard) in state.shards.iter().enumerate() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let stopped = async {
+            shard
+                .control
+                .send(shard::Control::Shutdown(tx))
+                .await
+                .ok()?;
+            rx.await.ok()
+        };
+        if tokio::time::timeout_at(deadline, stopped).await.is_err() {
+            anyhow::bail!("shard {i} did not stop within {SHUTDOWN_DEADLINE:?}");
         }
     }
-    tracing::info!("shutting down");
-    state.ready.store(false, Ordering::Release);
+    for (i, t) in threads.into_iter().enumerate() {
+        while !t.is_finished() {
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!("shard {i}'s thread did not end within {SHUTDOWN_DEADLINE:?}");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        t.join()
+            .map_err(|_| anyhow::anyhow!("shard {i}'s thread panicked"))?;
+    }
+    tracing::info!("stopped");
     Ok(())
 }
 

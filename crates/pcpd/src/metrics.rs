@@ -46,10 +46,13 @@ pub const JOURNAL_ERRORS: &str = "pcpd_journal_errors_total";
 pub const HANDOFFS: &str = "pcpd_handoffs_total";
 /// `pcpd_ready`: 1 once state is restored and sockets are open.
 pub const READY: &str = "pcpd_ready";
+/// `pcpd_state_writable{shard}`: 0 while a shard cannot make its state
+/// durable (full disk, failed fdatasync); it answers NO_RESOURCES then.
+pub const STATE_WRITABLE: &str = "pcpd_state_writable";
 
 /// Every metric name (checked against docs/metrics.md).
 #[cfg(test)]
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 20] = [
     RESPONSES,
     DROPS,
     LATENCY,
@@ -69,6 +72,7 @@ pub const ALL: [&str; 19] = [
     HANDOFFS,
     JOURNAL_LATENCY,
     JOURNAL_ERRORS,
+    STATE_WRITABLE,
 ];
 
 /// Every metric handle, cloned into each shard.
@@ -102,6 +106,7 @@ pub struct Metrics {
     pub journal_latency: Histogram,
     /// Journal failures.
     pub journal_errors: IntCounter,
+    state_writable: IntGaugeVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -112,14 +117,41 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> 
     c
 }
 
+fn counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
+    Ok(reg(r, IntCounter::new(name, help)?))
+}
+
+fn counter_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+) -> Result<IntCounterVec, prometheus::Error> {
+    Ok(reg(r, IntCounterVec::new(Opts::new(name, help), &[label])?))
+}
+
+fn gauge_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+) -> Result<IntGaugeVec, prometheus::Error> {
+    Ok(reg(r, IntGaugeVec::new(Opts::new(name, help), &[label])?))
+}
+
+fn histogram(r: &Registry, name: &str, help: &str) -> Result<Histogram, prometheus::Error> {
+    let buckets = vec![
+        0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5,
+        0.005, 0.01, 0.025, 0.1,
+    ];
+    let opts = HistogramOpts::new(name, help).buckets(buckets);
+    Ok(reg(r, Histogram::with_opts(opts)?))
+}
+
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Result<Self, prometheus::Error> {
         let r = Registry::new();
-        let buckets = vec![
-            0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5,
-            0.005, 0.01, 0.025, 0.1,
-        ];
         let m = Metrics {
             responses: reg(
                 &r,
@@ -131,98 +163,24 @@ impl Metrics {
                     &["opcode", "result"],
                 )?,
             ),
-            drops: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(DROPS, "Datagrams dropped without an answer, by reason."),
-                    &["reason"],
-                )?,
-            ),
-            latency: reg(
-                &r,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        LATENCY,
-                        "Time from receiving a request to its reply being ready, in seconds.",
-                    )
-                    .buckets(buckets.clone()),
-                )?,
-            ),
-            mappings: reg(
-                &r,
-                IntGaugeVec::new(Opts::new(MAPPINGS, "Live mappings, by shard."), &["shard"])?,
-            ),
-            pool_ports: reg(
-                &r,
-                IntGaugeVec::new(
-                    Opts::new(POOL_PORTS, "Ports in a pool's block area."),
-                    &["pool"],
-                )?,
-            ),
-            pool_blocks: reg(
-                &r,
-                IntGaugeVec::new(Opts::new(POOL_BLOCKS, "Port blocks in a pool."), &["pool"])?,
-            ),
-            pool_blocks_allocated: reg(
-                &r,
-                IntGaugeVec::new(
-                    Opts::new(POOL_BLOCKS_ALLOCATED, "Port blocks held by subscribers."),
-                    &["pool"],
-                )?,
-            ),
-            quota: reg(
-                &r,
-                IntCounter::new(QUOTA_REFUSALS, "Requests answered USER_EX_QUOTA.")?,
-            ),
-            rate_limited: reg(
-                &r,
-                IntCounter::new(
-                    RATE_LIMITED,
-                    "Requests refused by the per-subscriber rate limiter.",
-                )?,
-            ),
-            third_party: reg(
-                &r,
-                IntCounter::new(
-                    THIRD_PARTY_REFUSALS,
-                    "THIRD_PARTY requests refused by policy.",
-                )?,
-            ),
-            unsolicited: reg(
-                &r,
-                IntCounter::new(
-                    UNSOLICITED,
-                    "Unsolicited ANNOUNCE and mapping update datagrams sent.",
-                )?,
-            ),
-            dataplane_changes: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(DATAPLANE_CHANGES, "Dataplane changes applied, by result."),
-                    &["result"],
-                )?,
-            ),
-            dataplane_latency: reg(
-                &r,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        DATAPLANE_LATENCY,
-                        "Time to apply one batch of dataplane changes, in seconds.",
-                    )
-                    .buckets(buckets.clone()),
-                )?,
-            ),
-            epoch_start: reg(
-                &r,
-                IntGauge::new(
-                    EPOCH_START,
-                    "Unix time at which the current PCP epoch began (RFC 6887 section 8.5).",
-                )?,
-            ),
+            drops: counter_vec(&r, DROPS, "Datagrams dropped without an answer, by reason.", "reason")?,
+            latency: histogram(&r, LATENCY, "Time from receiving a request to its reply being ready, in seconds.")?,
+            mappings: gauge_vec(&r, MAPPINGS, "Live mappings, by shard.", "shard")?,
+            pool_ports: gauge_vec(&r, POOL_PORTS, "Ports in a pool's block area.", "pool")?,
+            pool_blocks: gauge_vec(&r, POOL_BLOCKS, "Port blocks in a pool.", "pool")?,
+            pool_blocks_allocated: gauge_vec(&r, POOL_BLOCKS_ALLOCATED, "Port blocks held by subscribers.", "pool")?,
+            quota: counter(&r, QUOTA_REFUSALS, "Requests answered USER_EX_QUOTA.")?,
+            rate_limited: counter(&r, RATE_LIMITED, "Requests refused by the per-subscriber rate limiter.")?,
+            third_party: counter(&r, THIRD_PARTY_REFUSALS, "THIRD_PARTY requests refused by policy.")?,
+            unsolicited: counter(&r, UNSOLICITED, "Unsolicited ANNOUNCE and mapping update datagrams sent.")?,
+            dataplane_changes: counter_vec(&r, DATAPLANE_CHANGES, "Dataplane changes applied, by result.", "result")?,
+            dataplane_latency: histogram(&r, DATAPLANE_LATENCY, "Time to apply one batch of dataplane changes, in seconds.")?,
+            epoch_start: reg(&r, IntGauge::new(EPOCH_START, "Unix time at which the current PCP epoch began (RFC 6887 section 8.5).")?),
             ready: reg(&r, IntGauge::new(READY, "1 once pcpd answers requests.")?),
-            journal_latency: reg(&r, Histogram::with_opts(HistogramOpts::new(JOURNAL_LATENCY, "Time of one journal group commit (write and fdatasync), in seconds.").buckets(buckets.clone()))?),
-            journal_errors: reg(&r, IntCounter::new(JOURNAL_ERRORS, "Failed journal commits and snapshots; the batch's replies were not sent.")?),
-            handoffs: reg(&r, IntCounter::new(HANDOFFS, "Datagrams passed to the shard owning their subscriber (kernel steering keeps this near zero).")?),
+            journal_latency: histogram(&r, JOURNAL_LATENCY, "Time of one journal group commit (write and fdatasync), in seconds.")?,
+            journal_errors: counter(&r, JOURNAL_ERRORS, "Failed journal commits and snapshots; the batch's changes were answered NO_RESOURCES.")?,
+            handoffs: counter(&r, HANDOFFS, "Datagrams passed to the shard owning their subscriber (kernel steering keeps this near zero).")?,
+            state_writable: gauge_vec(&r, STATE_WRITABLE, "1 while the shard can make its state durable; 0 while it answers NO_RESOURCES for lack of it.", "shard")?,
             registry: r,
         };
         let build = IntGaugeVec::new(
@@ -232,14 +190,18 @@ impl Metrics {
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         reg(&m.registry, build);
         for name in pcp_engine::Stats::ROWS {
-            for code in pcp_wire::ResultCode::ALL {
-                // Pre-create the common series so rates start at zero.
-                if code == pcp_wire::ResultCode::Success {
-                    m.responses.with_label_values(&[name, code.name()]);
-                }
-            }
+            // Pre-create the common series so rates start at zero.
+            let success = pcp_wire::ResultCode::Success.name();
+            m.responses.with_label_values(&[name, success]);
         }
         Ok(m)
+    }
+
+    /// Sets whether shard `shard` can make its state durable.
+    pub fn state_writable(&self, shard: usize, writable: bool) {
+        self.state_writable
+            .with_label_values(&[&shard.to_string()])
+            .set(i64::from(writable));
     }
 
     /// Adds the difference between two snapshots of a shard's stats.

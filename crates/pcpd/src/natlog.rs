@@ -1,10 +1,15 @@
 //! NAT event log: one JSON line per event, with RFC 8158 (IPFIX NAT
 //! logging) event numbers and field names. Lines are buffered per shard
-//! and written once per batch.
+//! and written once per batch. A write the disk refuses (full) is cut off
+//! again, so the file never holds a torn line; the lost lines are counted
+//! in the log once per interval.
 
-use std::io::Write;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
 use std::net::IpAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use pcp_engine::{DeleteReason, Event, Mapping, Millis};
 use serde_json::{json, Value};
@@ -21,9 +26,51 @@ mod nat_event {
     pub(super) const PORT_BLOCK_DEALLOCATION: u8 = 17;
 }
 
+/// Where the lines go.
+enum Sink {
+    Stdout,
+    /// An append-only file and its length in whole lines.
+    File {
+        file: File,
+        len: u64,
+        lost: u64,
+        last_complaint: Option<Instant>,
+    },
+}
+
+impl Sink {
+    fn write(&mut self, buf: &[u8]) {
+        match self {
+            Sink::Stdout => {
+                let mut out = io::stdout().lock();
+                if let Err(e) = out.write_all(buf).and_then(|_| out.flush()) {
+                    tracing::error!("NAT event log: {e}");
+                }
+            }
+            Sink::File {
+                file,
+                len,
+                lost,
+                last_complaint,
+            } => match file.write_all(buf) {
+                Ok(()) => *len += buf.len() as u64,
+                Err(e) => {
+                    // Cut a partial write off: no torn line.
+                    let _ = file.set_len(*len);
+                    *lost += buf.iter().filter(|b| **b == b'\n').count() as u64;
+                    if last_complaint.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        *last_complaint = Some(Instant::now());
+                        tracing::error!("NAT event log: {e}; {lost} lines lost so far");
+                    }
+                }
+            },
+        }
+    }
+}
+
 /// A shard's handle on the shared log sink.
 pub struct NatLog {
-    sink: Arc<Mutex<Box<dyn Write + Send>>>,
+    sink: Arc<Mutex<Sink>>,
     buf: Vec<u8>,
 }
 
@@ -37,12 +84,28 @@ impl Clone for NatLog {
 }
 
 impl NatLog {
-    /// A log writing to `sink`.
-    pub fn new(sink: Box<dyn Write + Send>) -> Self {
+    fn new(sink: Sink) -> Self {
         NatLog {
             sink: Arc::new(Mutex::new(sink)),
             buf: Vec::new(),
         }
+    }
+
+    /// A log on standard output.
+    pub fn stdout() -> Self {
+        Self::new(Sink::Stdout)
+    }
+
+    /// A log appended to the file at `path`.
+    pub fn file(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let len = file.metadata()?.len();
+        Ok(Self::new(Sink::File {
+            file,
+            len,
+            lost: 0,
+            last_complaint: None,
+        }))
     }
 
     /// Buffers the line for one engine event.
@@ -60,10 +123,10 @@ impl NatLog {
         if self.buf.is_empty() {
             return;
         }
-        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = sink.write_all(&self.buf).and_then(|_| sink.flush()) {
-            tracing::error!("NAT event log: {e}");
-        }
+        self.sink
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write(&self.buf);
         self.buf.clear();
     }
 }

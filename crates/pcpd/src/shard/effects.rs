@@ -1,0 +1,330 @@
+//! The one forward path for effects. Every change the engine makes, from
+//! a request, an operator action or a timer, goes through
+//! [`Effects::settle`]: journal (group commit) first, then the dataplane,
+//! then the NAT event log. Only then is anyone told anything, and what
+//! they are told comes from [`Settled::refusal`]:
+//!
+//! * records that did not reach the journal: the change is not durable;
+//!   a mapping it created is taken back, and the answer is NO_RESOURCES
+//!   (RFC 6887 §7.4, short lifetime) or HTTP 503;
+//! * a mapping the dataplane refused is taken back (journaled) and the
+//!   answer is NETWORK_FAILURE or HTTP 503;
+//! * while the journal is poisoned (a write or fdatasync failed), nothing
+//!   that reports state goes out until the state in memory has been
+//!   rewritten as a snapshot (see pcp-store's `Journal::commit`).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pcp_dataplane::{Change, Dataplane};
+use pcp_engine::{Engine, Event, MappingId};
+use pcp_store::{Journal, Record};
+use pcp_wire::ResultCode;
+
+use super::health::Health;
+use super::now_ms;
+use crate::metrics::Metrics;
+use crate::natlog::NatLog;
+
+/// How often a poisoned journal is retried (a snapshot of the whole shard)
+/// and how often the operator's log hears about it.
+const REPAIR_INTERVAL: Duration = Duration::from_secs(1);
+const COMPLAIN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Who waits for the outcome of a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Origin {
+    /// The request whose reply is held in this slot.
+    Reply(usize),
+    /// An admin API call.
+    Operator,
+    /// Timers (expiry, idle release) and unsolicited messages.
+    Timer,
+}
+
+/// What became of a batch.
+#[derive(Debug, Default)]
+pub(super) struct Settled {
+    /// Everything the shard holds in memory is durable.
+    pub(super) durable: bool,
+    not_durable: HashSet<Origin>,
+    not_installed: HashSet<Origin>,
+}
+
+impl Settled {
+    /// The refusal `origin` must get instead of its answer, if any.
+    pub(super) fn refusal(&self, origin: Origin) -> Option<ResultCode> {
+        if self.not_installed.contains(&origin) {
+            Some(ResultCode::NetworkFailure)
+        } else if self.not_durable.contains(&origin) {
+            Some(ResultCode::NoResources)
+        } else {
+            None
+        }
+    }
+}
+
+/// The shard's durable and kernel state, fed by engine events.
+pub(super) struct Effects {
+    pub(super) index: usize,
+    journal: Journal,
+    journal_max_bytes: u64,
+    dataplane: Box<dyn Dataplane>,
+    natlog: NatLog,
+    metrics: Metrics,
+    health: Arc<Health>,
+    events: Vec<(Origin, Event)>,
+    records: Vec<Record>,
+    changes: Vec<Change>,
+    /// For each change: the mapping an `Upsert` makes real, and who waits.
+    change_origin: Vec<Option<(Origin, MappingId)>>,
+    last_repair: Option<Instant>,
+    last_complaint: Option<Instant>,
+}
+
+impl Effects {
+    pub(super) fn new(
+        index: usize,
+        journal: Journal,
+        journal_max_bytes: u64,
+        dataplane: Box<dyn Dataplane>,
+        sinks: (NatLog, Metrics, Arc<Health>),
+    ) -> Self {
+        let (natlog, metrics, health) = sinks;
+        metrics.state_writable(index, true);
+        Effects {
+            index,
+            journal,
+            journal_max_bytes,
+            dataplane,
+            natlog,
+            metrics,
+            health,
+            events: Vec::new(),
+            records: Vec::new(),
+            changes: Vec::new(),
+            change_origin: Vec::new(),
+            last_repair: None,
+            last_complaint: None,
+        }
+    }
+
+    /// Moves the engine's queued events into the batch, for `origin`.
+    pub(super) fn collect(&mut self, engine: &mut Engine, origin: Origin) {
+        while let Some(event) = engine.poll_event() {
+            self.events.push((origin, event));
+        }
+    }
+
+    /// Whether the shard's state is durable now, repairing a poisoned
+    /// journal first when it is time to try.
+    pub(super) fn durable(&mut self, engine: &Engine) -> bool {
+        self.repair(engine);
+        !self.journal.is_poisoned()
+    }
+
+    /// Applies the batch: journal, dataplane, NAT log; takes back what did
+    /// not hold. The caller answers according to the result.
+    pub(super) fn settle(&mut self, engine: &mut Engine) -> Settled {
+        let mut settled = Settled::default();
+        let repaired = self.repair(engine);
+        let refused = self.apply_round(engine, repaired, &mut settled);
+        if !refused.is_empty() {
+            let now = now_ms();
+            for (origin, id) in refused {
+                if let Some(m) = engine.revoke(now, id) {
+                    tracing::warn!(
+                        shard = self.index,
+                        internal = %m.internal_addr,
+                        port = m.internal_port,
+                        "mapping taken back: the dataplane did not install it"
+                    );
+                }
+                settled.not_installed.insert(origin);
+                self.collect(engine, origin);
+            }
+            let mut second = Settled::default();
+            self.apply_round(engine, false, &mut second);
+        }
+        self.natlog.flush();
+        settled.durable = !self.journal.is_poisoned();
+        if settled.durable && self.journal.len() > self.journal_max_bytes {
+            self.compact(engine);
+        }
+        settled
+    }
+
+    /// One round: the queued events become journal records (committed),
+    /// then dataplane changes, then NAT log lines. Returns the mappings the
+    /// dataplane refused.
+    fn apply_round(
+        &mut self,
+        engine: &mut Engine,
+        repaired: bool,
+        settled: &mut Settled,
+    ) -> Vec<(Origin, MappingId)> {
+        let mut batch = std::mem::take(&mut self.events);
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        let now = now_ms();
+        self.records.clear();
+        let mut with_records = HashSet::new();
+        for (origin, event) in &batch {
+            let before = self.records.len();
+            Record::from_event(event, now, &mut self.records);
+            if self.records.len() > before {
+                with_records.insert(*origin);
+            }
+        }
+        // A snapshot written just now already holds this batch.
+        if !repaired && !self.commit() {
+            settled.not_durable.extend(with_records);
+            take_back_creations(engine, &mut batch, now);
+        }
+        let refused = self.install(&batch);
+        for (_, event) in &batch {
+            self.natlog.record(now, event);
+        }
+        refused
+    }
+
+    /// Journals the round's records; false when they are not durable.
+    fn commit(&mut self) -> bool {
+        if self.records.is_empty() {
+            return true;
+        }
+        for r in &self.records {
+            self.journal.append(r);
+        }
+        let started = Instant::now();
+        match self.journal.commit() {
+            Ok(_) => {
+                self.metrics
+                    .journal_latency
+                    .observe(started.elapsed().as_secs_f64());
+                true
+            }
+            Err(e) => {
+                self.metrics.journal_errors.inc();
+                self.broken(format!("journal: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Applies the round's dataplane changes; returns the refused upserts.
+    fn install(&mut self, batch: &[(Origin, Event)]) -> Vec<(Origin, MappingId)> {
+        self.changes.clear();
+        self.change_origin.clear();
+        for (origin, event) in batch {
+            let before = self.changes.len();
+            Change::from_event(event, &mut self.changes);
+            let made = match event {
+                Event::MappingCreated(m) | Event::MappingRenewed(m) => Some(m.id),
+                Event::MappingMoved { new, .. } => Some(new.id),
+                _ => None,
+            };
+            for c in &self.changes[before..] {
+                let upsert = matches!(c, Change::Upsert(_));
+                self.change_origin
+                    .push(made.filter(|_| upsert).map(|id| (*origin, id)));
+            }
+        }
+        let mut refused = Vec::new();
+        if self.changes.is_empty() {
+            return refused;
+        }
+        let started = Instant::now();
+        let results = self.dataplane.apply(&self.changes);
+        self.metrics
+            .dataplane_latency
+            .observe(started.elapsed().as_secs_f64());
+        for (r, origin) in results.into_iter().zip(&self.change_origin) {
+            let label = if r.is_ok() { "ok" } else { "error" };
+            self.metrics
+                .dataplane_changes
+                .with_label_values(&[label])
+                .inc();
+            if let Err(e) = r {
+                tracing::error!(shard = self.index, "dataplane: {e}");
+                refused.extend(*origin);
+            }
+        }
+        refused
+    }
+
+    /// A poisoned journal is replaced by a snapshot of the state in memory,
+    /// at most once per [`REPAIR_INTERVAL`]. Returns whether it was now.
+    fn repair(&mut self, engine: &Engine) -> bool {
+        if !self.journal.is_poisoned()
+            || self
+                .last_repair
+                .is_some_and(|t| t.elapsed() < REPAIR_INTERVAL)
+        {
+            return false;
+        }
+        self.last_repair = Some(Instant::now());
+        if self.compact(engine) {
+            tracing::warn!(
+                shard = self.index,
+                "state directory writable again: state rewritten as a snapshot; answering again"
+            );
+            self.health.set_ok(self.index);
+            self.metrics.state_writable(self.index, true);
+            self.last_complaint = None;
+            return true;
+        }
+        false
+    }
+
+    /// Replaces journal and snapshot with a snapshot of the engine's state.
+    fn compact(&mut self, engine: &Engine) -> bool {
+        let started = Instant::now();
+        let records = super::restore::state_records(engine);
+        if let Err(e) = self.journal.compact(now_ms(), records) {
+            self.metrics.journal_errors.inc();
+            self.broken(format!("snapshot: {e}"));
+            return false;
+        }
+        tracing::info!(
+            shard = self.index,
+            ms = started.elapsed().as_millis() as u64,
+            "journal compacted into a snapshot"
+        );
+        true
+    }
+
+    /// Records that the state is not durable: readiness, gauge, and one
+    /// log line per [`COMPLAIN_INTERVAL`].
+    fn broken(&mut self, reason: String) {
+        self.metrics.state_writable(self.index, false);
+        if self
+            .last_complaint
+            .is_none_or(|t| t.elapsed() >= COMPLAIN_INTERVAL)
+        {
+            self.last_complaint = Some(Instant::now());
+            tracing::error!(
+                shard = self.index,
+                "{reason}; requests that need a state change are answered NO_RESOURCES until it can be written"
+            );
+        }
+        self.health.set_broken(self.index, reason);
+    }
+}
+
+/// The journal did not take the batch: mappings it created are taken back
+/// (they were never promised), and neither they nor their take-back reach
+/// the dataplane or the NAT log. Everything else in the batch happened in
+/// memory and is applied; the next snapshot makes it durable.
+fn take_back_creations(engine: &mut Engine, batch: &mut Vec<(Origin, Event)>, now: u64) {
+    batch.retain(|(_, event)| match event {
+        Event::MappingCreated(m) => {
+            engine.revoke(now, m.id);
+            false
+        }
+        _ => true,
+    });
+    while engine.poll_event().is_some() {}
+}

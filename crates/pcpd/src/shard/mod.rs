@@ -1,0 +1,293 @@
+//! I/O shards: one thread per shard, each with its own current-thread
+//! runtime, its own engine and dataplane, and one SO_REUSEPORT socket per
+//! listen address.
+//!
+//! | file | what lives there |
+//! |---|---|
+//! | `recv.rs` | batched receive, hand-off to the owning shard, flush |
+//! | `effects.rs` | the one forward path: journal, dataplane, NAT log; refusals |
+//! | `replies.rs` | held replies, replaced by a refusal, sent after settling |
+//! | `timers.rs` | timers and unsolicited messages (§14) |
+//! | `control.rs` | operator requests (admin API, shutdown) |
+//! | `restore.rs` | recovered state, snapshot and reconcile before answering |
+//! | `health.rs` | whether each shard's state is durable (readiness) |
+//!
+//! Per batch: receive up to `quinn_udp::BATCH_SIZE` datagrams (recvmmsg,
+//! with the destination address of each), hand the ones owned by another
+//! shard to it over a bounded queue, answer the rest, settle the engine's
+//! effects, and only then send the replies, from the address the request
+//! was sent to. No task and no heap allocation per datagram.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pcp_dataplane::Dataplane;
+use pcp_engine::{BlockAllocator, Compiled, Engine, Millis, Stats};
+use quinn_udp::UdpSocketState;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::metrics::Metrics;
+use crate::natlog::NatLog;
+
+mod control;
+mod effects;
+mod health;
+mod recv;
+mod replies;
+mod restore;
+mod timers;
+
+pub use control::{Control, MappingFilter, Refused};
+pub use health::Health;
+pub use restore::{Restore, RestoreReport};
+
+use effects::Effects;
+use replies::ReplyArena;
+
+/// Largest PCP datagram (RFC 6887 §7).
+pub const MAX_DATAGRAM: usize = 1100;
+
+/// Wall-clock milliseconds.
+pub fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+/// A datagram handed to the shard that owns its subscriber.
+pub struct Handoff {
+    len: u16,
+    buf: [u8; MAX_DATAGRAM],
+    src: SocketAddr,
+    dst_ip: Option<IpAddr>,
+    socket: u8,
+}
+
+/// The handles other threads use to reach a shard.
+#[derive(Clone)]
+pub struct ShardHandle {
+    /// Operator requests.
+    pub control: mpsc::Sender<Control>,
+    handoff: mpsc::Sender<Handoff>,
+}
+
+/// What a shard needs to start.
+pub struct ShardSpec {
+    /// Shard index.
+    pub index: usize,
+    /// Compiled configuration.
+    pub compiled: Arc<Compiled>,
+    /// The block allocator every shard shares.
+    pub pools: Arc<BlockAllocator>,
+    /// Listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Epoch start.
+    pub epoch_start_ms: Millis,
+    /// Seed for the port randomizer.
+    pub seed: u64,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// NAT event log.
+    pub natlog: NatLog,
+    /// Whether each shard's state is durable.
+    pub health: Arc<Health>,
+    /// Send restart ANNOUNCEs (state was lost).
+    pub announce: bool,
+    /// State recovered for this shard's subscribers.
+    pub restore: Restore,
+    /// Where the journal and snapshots live.
+    pub state_dir: std::path::PathBuf,
+    /// Generation of the snapshot written at start.
+    pub generation: u64,
+    /// Journal size that triggers a snapshot.
+    pub journal_max_bytes: u64,
+    /// Tells the daemon the shard has restored its state.
+    pub restored: oneshot::Sender<Result<RestoreReport, pcp_store::StoreError>>,
+    /// This shard's dataplane (its share of the table for nftables).
+    pub dataplane: Box<dyn Dataplane>,
+}
+
+/// A shard's state, owned by its thread.
+struct State {
+    engine: Engine,
+    effects: Effects,
+    replies: ReplyArena,
+    metrics: Metrics,
+    health: Arc<Health>,
+}
+
+type Sockets = Rc<Vec<(UdpSocket, UdpSocketState)>>;
+
+/// Opens one shard's socket for `addr` with SO_REUSEPORT.
+fn open_socket(addr: SocketAddr) -> io::Result<(UdpSocket, UdpSocketState)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    sock.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    let std_sock: std::net::UdpSocket = sock.into();
+    let state = UdpSocketState::new((&std_sock).into())?;
+    Ok((UdpSocket::from_std(std_sock)?, state))
+}
+
+/// Binds every shard's sockets, then starts the shard threads. Sockets are
+/// opened here so a bind error is reported before anything runs.
+pub fn start(
+    specs: Vec<ShardSpec>,
+    queue: usize,
+) -> io::Result<(Vec<ShardHandle>, Vec<std::thread::JoinHandle<()>>)> {
+    let n = specs.len();
+    let mut handles = Vec::with_capacity(n);
+    let mut receivers = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (ctl_tx, ctl_rx) = mpsc::channel(64);
+        let (ho_tx, ho_rx) = mpsc::channel(queue);
+        handles.push(ShardHandle {
+            control: ctl_tx,
+            handoff: ho_tx,
+        });
+        receivers.push((ctl_rx, ho_rx));
+    }
+    let mut threads = Vec::with_capacity(n);
+    for (spec, (ctl_rx, ho_rx)) in specs.into_iter().zip(receivers) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        // Sockets must be registered with the shard's own runtime.
+        let sockets = {
+            let _guard = rt.enter();
+            spec.listen
+                .iter()
+                .map(|a| open_socket(*a).map_err(|e| io::Error::new(e.kind(), format!("{a}: {e}"))))
+                .collect::<io::Result<Vec<_>>>()?
+        };
+        // Steer by source address in the kernel; without it, hand-offs.
+        for ((sock, _), addr) in sockets.iter().zip(&spec.listen) {
+            if let Err(e) = crate::steer::attach(sock, addr.is_ipv6(), n as u32) {
+                if spec.index == 0 {
+                    tracing::warn!("{addr}: no kernel steering ({e}); requests reach their shard through the hand-off queue");
+                }
+            }
+        }
+        let peers = handles.clone();
+        let name = format!("pcpd-shard-{}", spec.index);
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, run(spec, sockets, peers, ctl_rx, ho_rx));
+        })?;
+        threads.push(thread);
+    }
+    Ok((handles, threads))
+}
+
+/// Restores the shard's state; reports the outcome to the daemon.
+fn open(spec: ShardSpec) -> Option<State> {
+    let index = spec.index;
+    let mut engine = Engine::new(
+        spec.compiled,
+        spec.pools,
+        index as u16,
+        spec.epoch_start_ms,
+        spec.seed,
+    );
+    let mut dataplane = spec.dataplane;
+    let restored = restore::restore(
+        &mut engine,
+        dataplane.as_mut(),
+        spec.restore,
+        &spec.state_dir,
+        index,
+        spec.generation,
+    );
+    let journal = match restored {
+        Ok((journal, report)) => {
+            let _ = spec.restored.send(Ok(report));
+            journal
+        }
+        Err(e) => {
+            let _ = spec.restored.send(Err(e));
+            return None;
+        }
+    };
+    if spec.announce {
+        // RFC 6887 §14.1.3: state was lost; tell clients.
+        engine.announce_restart(now_ms(), &[]);
+    }
+    let sinks = (spec.natlog, spec.metrics.clone(), spec.health.clone());
+    Some(State {
+        engine,
+        effects: Effects::new(index, journal, spec.journal_max_bytes, dataplane, sinks),
+        replies: ReplyArena::new(),
+        metrics: spec.metrics,
+        health: spec.health,
+    })
+}
+
+async fn run(
+    spec: ShardSpec,
+    sockets: Vec<(UdpSocket, UdpSocketState)>,
+    peers: Vec<ShardHandle>,
+    mut ctl_rx: mpsc::Receiver<Control>,
+    ho_rx: mpsc::Receiver<Handoff>,
+) {
+    let index = spec.index;
+    let Some(state) = open(spec) else { return };
+    let state = Rc::new(RefCell::new(state));
+    let sockets: Sockets = Rc::new(sockets);
+    let timer = Rc::new(Notify::new());
+    for si in 0..sockets.len() {
+        let loop_ = recv::recv_loop(
+            si,
+            state.clone(),
+            sockets.clone(),
+            peers.clone(),
+            timer.clone(),
+        );
+        tokio::task::spawn_local(loop_);
+    }
+    tokio::task::spawn_local(recv::handoff_loop(
+        state.clone(),
+        sockets.clone(),
+        ho_rx,
+        timer.clone(),
+    ));
+    tokio::task::spawn_local(timers::timer_loop(
+        state.clone(),
+        sockets.clone(),
+        timer.clone(),
+    ));
+    tokio::task::spawn_local(publish_stats(state.clone(), index));
+    // Every task works on the state between awaits only, so when this
+    // loop ends (Shutdown), no batch is half done: each was settled and
+    // answered before its task yielded. Returning drops the tasks.
+    while let Some(ctl) = ctl_rx.recv().await {
+        let more = control::control(&mut state.borrow_mut(), ctl);
+        timer.notify_one();
+        if !more {
+            break;
+        }
+    }
+    tracing::debug!(shard = index, "stopped");
+}
+
+/// Publishes the engine's counters every half second.
+async fn publish_stats(state: Rc<RefCell<State>>, index: usize) {
+    let mut prev = Stats::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let st = state.borrow();
+        let now = st.engine.stats().clone();
+        st.metrics
+            .publish(&prev, &now, index, st.engine.mapping_count());
+        prev = now;
+    }
+}

@@ -1,0 +1,162 @@
+//! Receiving: batches of datagrams from each socket (recvmmsg through
+//! quinn-udp, with the destination address of each), the hand-off of
+//! datagrams owned by another shard, and the flush that settles a batch
+//! and sends its replies.
+
+use std::cell::RefCell;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use pcp_engine::{shard_of, subscriber_key};
+use quinn_udp::RecvMeta;
+use tokio::io::Interest;
+use tokio::sync::{mpsc, Notify};
+
+use super::effects::Origin;
+use super::replies::{Peer, REPLY_SLOTS};
+use super::{Handoff, ShardHandle, Sockets, State, MAX_DATAGRAM};
+
+/// Receive buffer per datagram: large enough to see oversize requests.
+const RECV_BUF: usize = 1500;
+/// Receives (of up to BATCH datagrams) folded into one journal commit.
+const RECVS_PER_COMMIT: usize = 8;
+/// Datagrams received per system call (at most quinn-udp's batch).
+const BATCH: usize = 32;
+
+/// Answers one datagram into the reply arena (flushing it first when full).
+pub(super) fn handle_one(st: &mut State, sockets: &Sockets, peer: Peer, datagram: &[u8]) {
+    if st.replies.is_full() {
+        flush(st, sockets);
+    }
+    let started = Instant::now();
+    if let Some(slot) = st.replies.answer(&mut st.engine, peer, datagram) {
+        st.effects.collect(&mut st.engine, Origin::Reply(slot));
+    }
+    st.metrics.latency.observe(started.elapsed().as_secs_f64());
+}
+
+/// Settles the batch, then sends the held replies, each as the outcome
+/// allows (see `effects.rs`).
+pub(super) fn flush(st: &mut State, sockets: &Sockets) {
+    let settled = st.effects.settle(&mut st.engine);
+    st.replies.apply(&settled, &st.engine);
+    st.replies.send_all(sockets, &st.metrics);
+}
+
+/// The shard this datagram belongs to.
+fn owner(datagram: &[u8], src: SocketAddr, index: usize, shards: usize) -> usize {
+    // Oversize datagrams only ever get MALFORMED_REQUEST (§8.2), which
+    // changes no state: answer them where they arrive.
+    if datagram.len() > MAX_DATAGRAM {
+        return index;
+    }
+    shard_of(subscriber_key(datagram, src.ip()), shards)
+}
+
+/// The receive loop of socket `si`.
+pub(super) async fn recv_loop(
+    si: usize,
+    state: Rc<RefCell<State>>,
+    sockets: Sockets,
+    peers: Vec<ShardHandle>,
+    timer: Rc<Notify>,
+) {
+    let batch = quinn_udp::BATCH_SIZE.clamp(1, BATCH);
+    let mut bufs: Box<[[u8; RECV_BUF]; BATCH]> = Box::new([[0u8; RECV_BUF]; BATCH]);
+    let mut metas = [RecvMeta::default(); BATCH];
+    loop {
+        let (sock, udp) = &sockets[si];
+        if sock.readable().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        {
+            let mut st = state.borrow_mut();
+            let index = st.effects.index;
+            // Group commit: drain what the socket holds (up to RECVS_PER_COMMIT
+            // receives) into one batch, so one fdatasync covers them all.
+            for _ in 0..RECVS_PER_COMMIT {
+                let mut iovs = bufs.each_mut().map(|b| IoSliceMut::new(&mut b[..]));
+                let n = match sock.try_io(Interest::READABLE, || {
+                    udp.recv(sock.into(), &mut iovs[..batch], &mut metas[..batch])
+                }) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::debug!(shard = index, "recv: {e}");
+                        break;
+                    }
+                };
+                for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
+                    for datagram in buf[..meta.len].chunks(meta.stride.max(1)) {
+                        let src = SocketAddr::new(meta.addr.ip().to_canonical(), meta.addr.port());
+                        let peer = Peer {
+                            socket: si,
+                            src,
+                            dst_ip: meta.dst_ip,
+                        };
+                        let to = owner(datagram, src, index, peers.len());
+                        if to == index {
+                            handle_one(&mut st, &sockets, peer, datagram);
+                        } else {
+                            hand_off(&st, &peers[to], peer, datagram);
+                        }
+                    }
+                }
+            }
+            flush(&mut st, &sockets);
+        }
+        timer.notify_one();
+        // Let the other socket and the timers run (DESIGN.md).
+        tokio::task::yield_now().await;
+    }
+}
+
+fn hand_off(st: &State, to: &ShardHandle, peer: Peer, datagram: &[u8]) {
+    let mut h = Handoff {
+        len: datagram.len() as u16,
+        buf: [0u8; MAX_DATAGRAM],
+        src: peer.src,
+        dst_ip: peer.dst_ip,
+        socket: peer.socket as u8,
+    };
+    h.buf[..datagram.len()].copy_from_slice(datagram);
+    if to.handoff.try_send(h).is_ok() {
+        st.metrics.handoffs.inc();
+    } else {
+        st.metrics.drop_io("handoff_queue_full");
+    }
+}
+
+/// Answers datagrams other shards handed over: this one and what else is
+/// queued, bounded, then one flush.
+pub(super) async fn handoff_loop(
+    state: Rc<RefCell<State>>,
+    sockets: Sockets,
+    mut rx: mpsc::Receiver<Handoff>,
+    timer: Rc<Notify>,
+) {
+    while let Some(first) = rx.recv().await {
+        {
+            let mut st = state.borrow_mut();
+            let mut next = Some(first);
+            let mut budget = REPLY_SLOTS;
+            while let Some(h) = next.take() {
+                let peer = Peer {
+                    socket: usize::from(h.socket),
+                    src: h.src,
+                    dst_ip: h.dst_ip,
+                };
+                handle_one(&mut st, &sockets, peer, &h.buf[..usize::from(h.len)]);
+                budget -= 1;
+                if budget > 0 {
+                    next = rx.try_recv().ok();
+                }
+            }
+            flush(&mut st, &sockets);
+        }
+        timer.notify_one();
+    }
+}

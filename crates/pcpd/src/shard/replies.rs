@@ -1,0 +1,146 @@
+//! Replies held until their batch is settled, then sent from the address
+//! each request was sent to. A refusal from [`Settled::refusal`] replaces
+//! the held answer here and nowhere else.
+
+use std::net::{IpAddr, SocketAddr};
+
+use pcp_engine::Engine;
+use pcp_wire::ResultCode;
+use quinn_udp::Transmit;
+use tokio::io::Interest;
+
+use super::effects::{Origin, Settled};
+use super::{now_ms, Sockets, MAX_DATAGRAM};
+use crate::metrics::Metrics;
+
+/// Replies held before a flush.
+pub(super) const REPLY_SLOTS: usize = 256;
+
+/// A reply waiting in `replies[slot]`, its request in `requests[slot]`.
+#[derive(Clone, Copy)]
+struct Held {
+    socket: usize,
+    dst: SocketAddr,
+    src_ip: Option<IpAddr>,
+    len: usize,
+    request_len: usize,
+}
+
+/// Where a datagram came from and arrived.
+#[derive(Clone, Copy)]
+pub(super) struct Peer {
+    pub(super) socket: usize,
+    pub(super) src: SocketAddr,
+    pub(super) dst_ip: Option<IpAddr>,
+}
+
+/// The held replies of one batch.
+pub(super) struct ReplyArena {
+    held: Vec<Held>,
+    replies: Box<[[u8; MAX_DATAGRAM]; REPLY_SLOTS]>,
+    /// The requests, to answer with an error instead.
+    requests: Box<[[u8; MAX_DATAGRAM]; REPLY_SLOTS]>,
+}
+
+impl ReplyArena {
+    pub(super) fn new() -> Self {
+        ReplyArena {
+            held: Vec::with_capacity(REPLY_SLOTS),
+            replies: Box::new([[0u8; MAX_DATAGRAM]; REPLY_SLOTS]),
+            requests: Box::new([[0u8; MAX_DATAGRAM]; REPLY_SLOTS]),
+        }
+    }
+
+    pub(super) fn is_full(&self) -> bool {
+        self.held.len() == REPLY_SLOTS
+    }
+
+    /// Lets the engine answer `datagram` into the next slot; returns the
+    /// slot when there is a reply to hold.
+    pub(super) fn answer(
+        &mut self,
+        engine: &mut Engine,
+        peer: Peer,
+        datagram: &[u8],
+    ) -> Option<usize> {
+        let slot = self.held.len();
+        let n = engine.handle(now_ms(), peer.src, datagram, &mut self.replies[slot])?;
+        let request_len = datagram.len().min(MAX_DATAGRAM);
+        self.requests[slot][..request_len].copy_from_slice(&datagram[..request_len]);
+        self.held.push(Held {
+            socket: peer.socket,
+            dst: peer.src,
+            src_ip: peer.dst_ip,
+            len: n,
+            request_len,
+        });
+        Some(slot)
+    }
+
+    /// Replaces every held reply the batch's outcome refuses: a refusal
+    /// for its own change, or any success that reports state while the
+    /// state is not durable.
+    pub(super) fn apply(&mut self, settled: &Settled, engine: &Engine) {
+        let now = now_ms();
+        let epoch = engine.epoch(now);
+        for slot in 0..self.held.len() {
+            let refusal = settled.refusal(Origin::Reply(slot)).or_else(|| {
+                (!settled.durable && reports_state(self.reply(slot)))
+                    .then_some(ResultCode::NoResources)
+            });
+            let Some(code) = refusal else { continue };
+            let lifetime = engine.compiled().error_lifetime(code);
+            let h = &mut self.held[slot];
+            let request = &self.requests[slot][..h.request_len];
+            if let Some(n) = pcp_wire::late_error_response(
+                request,
+                code,
+                lifetime,
+                epoch,
+                &mut self.replies[slot],
+            ) {
+                h.len = n;
+            }
+        }
+    }
+
+    fn reply(&self, slot: usize) -> &[u8] {
+        &self.replies[slot][..self.held[slot].len]
+    }
+
+    /// Sends every held reply and empties the arena.
+    pub(super) fn send_all(&mut self, sockets: &Sockets, metrics: &Metrics) {
+        for (i, r) in self.held.iter().enumerate() {
+            let (sock, udp) = &sockets[r.socket];
+            let t = Transmit {
+                destination: r.dst,
+                ecn: None,
+                contents: &self.replies[i][..r.len],
+                segment_size: None,
+                src_ip: r.src_ip,
+            };
+            if sock
+                .try_io(Interest::WRITABLE, || udp.try_send(sock.into(), &t))
+                .is_err()
+            {
+                metrics.drop_io("send_failed");
+            }
+        }
+        self.held.clear();
+    }
+}
+
+/// Whether a reply is a success that tells the client about state: a PCP
+/// MAP or PEER success, or a NAT-PMP success (public address or mapping).
+/// ANNOUNCE and error answers report nothing that could be lost.
+fn reports_state(reply: &[u8]) -> bool {
+    use pcp_wire::pcp::field;
+    match reply.first() {
+        Some(&pcp_wire::natpmp::VERSION) => reply.get(2..4) == Some(&[0, 0]),
+        Some(_) => {
+            let opcode = reply.get(field::OPCODE).map(|o| o & 0x7f);
+            reply.get(field::RESULT) == Some(&0) && matches!(opcode, Some(1) | Some(2))
+        }
+        None => false,
+    }
+}

@@ -1,0 +1,74 @@
+//! The shard's timer loop: sleeps until the engine's next deadline, fires
+//! it, settles the effects (expiries are journaled like anything else),
+//! and sends the due unsolicited messages (RFC 6887 §14) only when the
+//! state they report is durable.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use quinn_udp::Transmit;
+use tokio::io::Interest;
+use tokio::sync::Notify;
+
+use super::effects::Origin;
+use super::{now_ms, Sockets, State};
+
+/// How long the loop sleeps with nothing due; while the state is not
+/// durable, it wakes each second so the journal repair is retried.
+const IDLE: Duration = Duration::from_secs(3600);
+const REPAIR_TICK: Duration = Duration::from_secs(1);
+
+pub(super) async fn timer_loop(state: Rc<RefCell<State>>, sockets: Sockets, notify: Rc<Notify>) {
+    let mut durable = true;
+    loop {
+        let next = state.borrow().engine.poll_timeout();
+        let mut wait = match next {
+            Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),
+            None => IDLE,
+        };
+        if !durable {
+            wait = wait.min(REPAIR_TICK);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = notify.notified() => continue,
+        }
+        let mut st = state.borrow_mut();
+        durable = fire(&mut st, &sockets);
+    }
+}
+
+/// One round of timers; returns whether the state is durable.
+fn fire(st: &mut State, sockets: &Sockets) -> bool {
+    st.engine.handle_timeout(now_ms());
+    st.effects.collect(&mut st.engine, Origin::Timer);
+    let settled = st.effects.settle(&mut st.engine);
+    while let Some(tx) = st.engine.poll_transmit() {
+        if !settled.durable {
+            // A mapping update or ANNOUNCE must not report state that a
+            // restart could lose.
+            st.metrics.drop_io("unsolicited_not_durable");
+            continue;
+        }
+        let family_v6 = tx.dst.is_ipv6();
+        let Some((sock, udp)) = sockets
+            .iter()
+            .find(|(s, _)| s.local_addr().is_ok_and(|a| a.is_ipv6() == family_v6))
+        else {
+            continue;
+        };
+        let t = Transmit {
+            destination: tx.dst,
+            ecn: None,
+            contents: &tx.payload,
+            segment_size: None,
+            src_ip: None,
+        };
+        if let Err(e) = sock.try_io(Interest::WRITABLE, || udp.try_send(sock.into(), &t)) {
+            tracing::debug!("unsolicited to {}: {e}", tx.dst);
+            st.metrics.drop_io("unsolicited_send_failed");
+        }
+    }
+    settled.durable
+}
