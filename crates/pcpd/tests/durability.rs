@@ -4,51 +4,13 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use pcp_wire::{MapData, Nonce, OpData, Options, Request, Response, ResultCode};
-
-#[derive(Debug, Clone, Copy)]
-struct Acked {
-    subscriber: Ipv4Addr,
-    internal_port: u16,
-    nonce: [u8; 12],
-    external: (IpAddr, u16),
-}
-
-fn map_from(
-    subscriber: Ipv4Addr,
-    internal_port: u16,
-    nonce: [u8; 12],
-    server: SocketAddr,
-) -> Option<(ResultCode, (IpAddr, u16), u32)> {
-    let sock = UdpSocket::bind((subscriber, 0)).ok()?;
-    sock.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    let req = Request {
-        lifetime: 3600,
-        client_addr: IpAddr::V4(subscriber),
-        data: OpData::Map(MapData {
-            nonce: Nonce(nonce),
-            protocol: 6,
-            internal_port,
-            external_port: 0,
-            external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        }),
-        options: Options::NONE,
-    };
-    let mut buf = [0u8; 1100];
-    let n = req.emit(&mut buf).unwrap();
-    sock.send_to(&buf[..n], server).ok()?;
-    let n = sock.recv(&mut buf).ok()?;
-    let r = Response::parse(&buf[..n]).ok()?;
-    let m = r.data.map_data()?;
-    Some((r.result, (m.external_addr, m.external_port), r.epoch))
-}
+use pcp_wire::{Response, ResultCode};
 
 /// A tiny deterministic generator, seeded from the clock (printed).
 struct Rng(u64);

@@ -5,8 +5,8 @@
 //! they are told comes from [`Settled::refusal`]:
 //!
 //! * records that did not reach the journal: the change is not durable;
-//!   a mapping it created is taken back, and the answer is NO_RESOURCES
-//!   (RFC 6887 §7.4, short lifetime) or HTTP 503;
+//!   a mapping it created is taken back, one it deleted is put back, and
+//!   the answer is NO_RESOURCES (RFC 6887 §7.4, short lifetime) or HTTP 503;
 //! * a mapping the dataplane refused is taken back (journaled) and the
 //!   answer is NETWORK_FAILURE or HTTP 503;
 //! * while the journal is poisoned (a write or fdatasync failed), nothing
@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pcp_dataplane::{Change, Dataplane};
-use pcp_engine::{Engine, Event, MappingId};
+use pcp_engine::{DeleteReason, Engine, Event, MappingId};
 use pcp_store::{Journal, Record};
 use pcp_wire::ResultCode;
 
@@ -124,6 +124,11 @@ impl Effects {
         !self.journal.is_poisoned()
     }
 
+    /// Whether the journal waits for a snapshot (no repair attempted).
+    pub(super) fn poisoned(&self) -> bool {
+        self.journal.is_poisoned()
+    }
+
     /// Applies the batch: journal, dataplane, NAT log; takes back what did
     /// not hold. The caller answers according to the result.
     pub(super) fn settle(&mut self, engine: &mut Engine) -> Settled {
@@ -181,7 +186,7 @@ impl Effects {
         // A snapshot written just now already holds this batch.
         if !repaired && !self.commit() {
             settled.not_durable.extend(with_records);
-            take_back_creations(engine, &mut batch, now);
+            take_back(engine, &mut batch, now);
         }
         let refused = self.install(&batch);
         for (_, event) in &batch {
@@ -314,16 +319,22 @@ impl Effects {
     }
 }
 
-/// The journal did not take the batch: mappings it created are taken back
-/// (they were never promised), and neither they nor their take-back reach
-/// the dataplane or the NAT log. Everything else in the batch happened in
-/// memory and is applied; the next snapshot makes it durable.
-fn take_back_creations(engine: &mut Engine, batch: &mut Vec<(Origin, Event)>, now: u64) {
+/// The journal did not take the batch, so what a client or operator asked
+/// for in it is undone: mappings it created are taken back, mappings it
+/// deleted are put back, and none of that reaches the dataplane or the NAT
+/// log (nothing was promised; the answer is NO_RESOURCES or 503). What time
+/// did (expiry) and what the operator moved (drain) stays as it is in
+/// memory; the next snapshot makes it durable.
+fn take_back(engine: &mut Engine, batch: &mut Vec<(Origin, Event)>, now: u64) {
     batch.retain(|(_, event)| match event {
         Event::MappingCreated(m) => {
             engine.revoke(now, m.id);
             false
         }
+        Event::MappingDeleted {
+            mapping,
+            reason: DeleteReason::Client | DeleteReason::Operator,
+        } => !engine.restore_mapping(now, mapping.clone()),
         _ => true,
     });
     while engine.poll_event().is_some() {}

@@ -20,27 +20,28 @@ const IDLE: Duration = Duration::from_secs(3600);
 const REPAIR_TICK: Duration = Duration::from_secs(1);
 
 pub(super) async fn timer_loop(state: Rc<RefCell<State>>, sockets: Sockets, notify: Rc<Notify>) {
-    let mut durable = true;
     loop {
-        let next = state.borrow().engine.poll_timeout();
+        let (next, poisoned) = {
+            let st = state.borrow();
+            (st.engine.poll_timeout(), st.effects.poisoned())
+        };
         let mut wait = match next {
             Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),
             None => IDLE,
         };
-        if !durable {
+        if poisoned {
             wait = wait.min(REPAIR_TICK);
         }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = notify.notified() => continue,
         }
-        let mut st = state.borrow_mut();
-        durable = fire(&mut st, &sockets);
+        fire(&mut state.borrow_mut(), &sockets);
     }
 }
 
-/// One round of timers; returns whether the state is durable.
-fn fire(st: &mut State, sockets: &Sockets) -> bool {
+/// One round of timers.
+fn fire(st: &mut State, sockets: &Sockets) {
     st.engine.handle_timeout(now_ms());
     st.effects.collect(&mut st.engine, Origin::Timer);
     let settled = st.effects.settle(&mut st.engine);
@@ -70,5 +71,4 @@ fn fire(st: &mut State, sockets: &Sockets) -> bool {
             st.metrics.drop_io("unsolicited_send_failed");
         }
     }
-    settled.durable
 }

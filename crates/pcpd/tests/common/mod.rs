@@ -112,6 +112,11 @@ impl Daemon {
     pub fn kill9_and_restart(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+        self.restart_after_exit();
+    }
+
+    /// Starts again on the same state, once the process has exited.
+    pub fn restart_after_exit(&mut self) {
         self.child = spawn(&self.config_path, &self.dir, &[]);
         self.wait_ready()
             .unwrap_or_else(|e| panic!("pcpd did not restart: {e}"));
@@ -259,4 +264,79 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .into_iter()
         .find(|(s, _)| s == series)
         .map(|(_, v)| v)
+}
+
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// One admin API call: (status, JSON body or Null).
+pub fn call(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let agent = agent();
+    let mut req = ureq::http::Request::builder().method(method).uri(url);
+    if let Some(t) = token {
+        req = req.header("Authorization", format!("Bearer {t}"));
+    }
+    let resp = match body {
+        Some(b) => agent.run(
+            req.header("Content-Type", "application/json")
+                .body(b.to_string())
+                .unwrap(),
+        ),
+        None => agent.run(req.body(()).unwrap()),
+    }
+    .expect("HTTP exchange");
+    let status = resp.status().as_u16();
+    let text = resp.into_body().read_to_string().unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// A mapping whose success reply a test received.
+#[derive(Debug, Clone, Copy)]
+pub struct Acked {
+    pub subscriber: Ipv4Addr,
+    pub internal_port: u16,
+    pub nonce: [u8; 12],
+    pub external: (IpAddr, u16),
+}
+
+pub fn map_from(
+    subscriber: Ipv4Addr,
+    internal_port: u16,
+    nonce: [u8; 12],
+    server: SocketAddr,
+) -> Option<(pcp_wire::ResultCode, (IpAddr, u16), u32)> {
+    let sock = UdpSocket::bind((subscriber, 0)).ok()?;
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let req = pcp_wire::Request {
+        lifetime: 3600,
+        client_addr: IpAddr::V4(subscriber),
+        data: pcp_wire::OpData::Map(pcp_wire::MapData {
+            nonce: pcp_wire::Nonce(nonce),
+            protocol: 6,
+            internal_port,
+            external_port: 0,
+            external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        }),
+        options: pcp_wire::Options::NONE,
+    };
+    let mut buf = [0u8; 1100];
+    let n = req.emit(&mut buf).unwrap();
+    sock.send_to(&buf[..n], server).ok()?;
+    let n = sock.recv(&mut buf).ok()?;
+    let r = pcp_wire::Response::parse(&buf[..n]).ok()?;
+    let m = r.data.map_data()?;
+    Some((r.result, (m.external_addr, m.external_port), r.epoch))
 }
