@@ -377,6 +377,15 @@ impl Config {
         if self.handoff_queue == 0 {
             err("handoff_queue", "must be at least 1".into());
         }
+        self.validate_admin(&mut err);
+        if self.admin.listen == self.metrics.listen {
+            err("metrics.listen", "must differ from admin.listen".into());
+        }
+        self.validate_nftables(&mut err);
+        p
+    }
+
+    fn validate_admin(&self, err: &mut impl FnMut(&str, String)) {
         let a = &self.admin;
         let loopback = a.listen.ip().is_loopback();
         if a.tls.is_none() && !(loopback && a.allow_plaintext_on_loopback) {
@@ -409,9 +418,9 @@ impl Config {
                 );
             }
         }
-        if a.listen == self.metrics.listen {
-            err("metrics.listen", "must differ from admin.listen".into());
-        }
+    }
+
+    fn validate_nftables(&self, err: &mut impl FnMut(&str, String)) {
         if self.dataplane.backend == DataplaneBackend::Nftables {
             let t = &self.dataplane.nftables.table;
             if t.is_empty() || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
@@ -442,7 +451,6 @@ impl Config {
                 }
             }
         }
-        p
     }
 
     /// Whether every listen address is loopback (no packet leaves the host).

@@ -2,9 +2,9 @@
 //! endpoint-independent mapping (RFC 4787 REQ-1) for the internal endpoint.
 //! Renewal and deletion, shared with MAP, are in `lifetime.rs`.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
-use pcp_wire::{PeerData, ResultCode};
+use pcp_wire::{MapData, PeerData, ResultCode};
 
 use super::map::{suggestion_matches, Ask, Via};
 use super::ports::{PortAsk, Suggestion};
@@ -73,51 +73,7 @@ impl Engine {
     ) -> Result<Granted, Refusal> {
         let m = &p.map;
         self.quota_check(now, ask.subscriber, 1)?;
-        let suggested = (m.external_addr, m.external_port);
-        let suggested_any = suggested.0.is_unspecified() && suggested.1 == 0;
-        // Endpoint-independent mapping (RFC 4787 REQ-1, RFC 6888 REQ-1):
-        // the same internal endpoint keeps its external port for every peer.
-        let inbound = MappingKey {
-            internal: key.internal,
-            remote: None,
-        };
-        let endpoint = self
-            .table
-            .find(&inbound)
-            .and_then(|slot| self.table.get(slot))
-            .filter(|m| m.port_count == 1)
-            .map(|m| m.external_port)
-            .or_else(|| self.table.outbound_port(&key.internal));
-        let (ext_addr, ext_port) = match endpoint {
-            Some(port) => {
-                let ext = self.subscriber_address(ask.subscriber);
-                if !suggested_any && !suggestion_matches(suggested, ext, port) {
-                    // §12.3: a suggestion that cannot be honored.
-                    return Err(ResultCode::CannotProvideExternal.into());
-                }
-                (ext, port)
-            }
-            None => {
-                // §12.3: PEER behaves as if PREFER_FAILURE were present when
-                // it suggests something.
-                let (a, port, _) = self.choose_ports(
-                    now,
-                    &PortAsk {
-                        internal: key.internal,
-                        nonce: m.nonce,
-                        suggested,
-                        count: 1,
-                        suggestion: if suggested_any {
-                            Suggestion::Hint
-                        } else {
-                            Suggestion::Required
-                        },
-                        parity: false,
-                    },
-                )?;
-                (a, port)
-            }
-        };
+        let (ext_addr, ext_port) = self.peer_external(now, ask, key, m)?;
         let opts = ask.opts;
         let extra = (opts.description.is_some() || opts.third_party.is_some()).then(|| {
             Box::new(MappingExtra {
@@ -153,5 +109,56 @@ impl Engine {
             external_port: ext_port,
             port_set: None,
         })
+    }
+
+    /// The external endpoint of a new PEER mapping: the internal endpoint's
+    /// existing one (endpoint-independent mapping, RFC 4787 REQ-1 and RFC
+    /// 6888 REQ-1), else a new port; a suggestion that cannot be honoured
+    /// is CANNOT_PROVIDE_EXTERNAL (§12.3).
+    fn peer_external(
+        &mut self,
+        now: Millis,
+        ask: &Ask<'_>,
+        key: MappingKey,
+        m: &MapData,
+    ) -> Result<(Ipv4Addr, u16), Refusal> {
+        let suggested = (m.external_addr, m.external_port);
+        let suggested_any = suggested.0.is_unspecified() && suggested.1 == 0;
+        let inbound = MappingKey {
+            internal: key.internal,
+            remote: None,
+        };
+        let endpoint = self
+            .table
+            .find(&inbound)
+            .and_then(|slot| self.table.get(slot))
+            .filter(|m| m.port_count == 1)
+            .map(|m| m.external_port)
+            .or_else(|| self.table.outbound_port(&key.internal));
+        if let Some(port) = endpoint {
+            let ext = self.subscriber_address(ask.subscriber);
+            if !suggested_any && !suggestion_matches(suggested, ext, port) {
+                return Err(ResultCode::CannotProvideExternal.into());
+            }
+            return Ok((ext, port));
+        }
+        // §12.3: PEER behaves as if PREFER_FAILURE were present when it
+        // suggests something.
+        let (a, port, _) = self.choose_ports(
+            now,
+            &PortAsk {
+                internal: key.internal,
+                nonce: m.nonce,
+                suggested,
+                count: 1,
+                suggestion: if suggested_any {
+                    Suggestion::Hint
+                } else {
+                    Suggestion::Required
+                },
+                parity: false,
+            },
+        )?;
+        Ok((a, port))
     }
 }

@@ -340,3 +340,22 @@ pub fn map_from(
     let m = r.data.map_data()?;
     Some((r.result, (m.external_addr, m.external_port), r.epoch))
 }
+
+/// Every acknowledged mapping is still there with the same external
+/// endpoint: a renewal with its nonce returns it.
+pub fn all_present(d: &Daemon, acked: &[Acked]) {
+    let mut lost = Vec::new();
+    for a in acked {
+        match map_from(a.subscriber, a.internal_port, a.nonce, d.pcp_addr()) {
+            Some((pcp_wire::ResultCode::Success, ext, _)) if ext == a.external => {}
+            other => lost.push((a, other)),
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged mappings lost, e.g. {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(3)]
+    );
+}
