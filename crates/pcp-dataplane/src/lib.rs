@@ -111,7 +111,7 @@ pub enum Key {
     /// An SNAT entry for one outbound five-tuple: the PEER mapping's key.
     Peer(MappingKey),
     /// A subscriber's port block (SNAT of its ordinary outbound traffic).
-    PortSet {
+    SubscriberBlock {
         /// The subscriber.
         subscriber: IpAddr,
         /// External address.
@@ -129,14 +129,14 @@ pub enum Change {
     /// Remove a mapping.
     Remove(Key),
     /// Give a subscriber a port block.
-    AddPortSet {
+    AddBlock {
         /// The subscriber.
         subscriber: IpAddr,
         /// The block.
         block: Block,
     },
     /// Take a port block away.
-    RemovePortSet {
+    RemoveBlock {
         /// The subscriber.
         subscriber: IpAddr,
         /// The block.
@@ -145,12 +145,12 @@ pub enum Change {
 }
 
 impl Change {
-    /// The key an `Upsert` or `AddPortSet` installs (none for removals).
+    /// The key an `Upsert` or `AddBlock` installs (none for removals).
     pub fn key(&self) -> Option<Key> {
         match self {
             Change::Upsert(e) => Some(e.key()),
-            Change::AddPortSet { subscriber, block } => Some(port_set_key(*subscriber, block)),
-            Change::Remove(_) | Change::RemovePortSet { .. } => None,
+            Change::AddBlock { subscriber, block } => Some(port_set_key(*subscriber, block)),
+            Change::Remove(_) | Change::RemoveBlock { .. } => None,
         }
     }
 
@@ -167,13 +167,13 @@ impl Change {
                 out.push(Change::Remove(Entry::from_mapping(old).key()));
                 out.push(Change::Upsert(Entry::from_mapping(new)));
             }
-            Event::BlockAllocated { subscriber, block } => out.push(Change::AddPortSet {
+            Event::BlockAllocated { subscriber, block } => out.push(Change::AddBlock {
                 subscriber: *subscriber,
                 block: *block,
             }),
             Event::BlockReleased {
                 subscriber, block, ..
-            } => out.push(Change::RemovePortSet {
+            } => out.push(Change::RemoveBlock {
                 subscriber: *subscriber,
                 block: *block,
             }),
@@ -215,7 +215,7 @@ pub struct ReconcilePlan {
 
 impl ReconcilePlan {
     /// Plans from the installed keys, the desired `Upsert`s and
-    /// `AddPortSet`s, and whether a desired change is already in place.
+    /// `AddBlock`s, and whether a desired change is already in place.
     pub fn new(
         installed: impl Iterator<Item = Key>,
         desired: Vec<Change>,
@@ -253,7 +253,7 @@ pub trait Dataplane: Send {
     /// What is installed now.
     fn installed(&self) -> Vec<(Key, Option<Entry>)>;
     /// Makes what is installed equal to `desired` (`Upsert`s and
-    /// `AddPortSet`s): strays removed, missing or different entries
+    /// `AddBlock`s): strays removed, missing or different entries
     /// (re)installed, one batch.
     fn reconcile(&mut self, desired: Vec<Change>) -> Reconciled {
         let have: HashMap<Key, Option<Entry>> = self.installed().into_iter().collect();
@@ -307,10 +307,10 @@ impl Dataplane for MemoryDataplane {
                     Change::Remove(k) => {
                         self.entries.remove(k);
                     }
-                    Change::AddPortSet { subscriber, block } => {
+                    Change::AddBlock { subscriber, block } => {
                         self.entries.insert(port_set_key(*subscriber, block), None);
                     }
-                    Change::RemovePortSet { subscriber, block } => {
+                    Change::RemoveBlock { subscriber, block } => {
                         self.entries.remove(&port_set_key(*subscriber, block));
                     }
                 }
@@ -329,7 +329,7 @@ impl Dataplane for MemoryDataplane {
 }
 
 fn port_set_key(subscriber: IpAddr, block: &Block) -> Key {
-    Key::PortSet {
+    Key::SubscriberBlock {
         subscriber,
         external_addr: block.addr,
         first_port: block.first,

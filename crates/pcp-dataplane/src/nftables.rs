@@ -476,7 +476,7 @@ impl NftablesDataplane {
                 );
                 Ok(vec![Undo::Mapping(key, prev)])
             }
-            Change::Remove(Key::PortSet {
+            Change::Remove(Key::SubscriberBlock {
                 subscriber,
                 external_addr,
                 first_port,
@@ -490,10 +490,10 @@ impl NftablesDataplane {
                 }
                 None => Ok(Vec::new()),
             },
-            Change::AddPortSet { subscriber, block } => {
+            Change::AddBlock { subscriber, block } => {
                 self.stage_port_set(*subscriber, block.addr, block.first, Some(*block), out)
             }
-            Change::RemovePortSet { subscriber, block } => {
+            Change::RemoveBlock { subscriber, block } => {
                 self.stage_port_set(*subscriber, block.addr, block.first, None, out)
             }
         }
@@ -587,7 +587,7 @@ impl NftablesDataplane {
                 got.sort();
                 want == got
             }
-            Change::AddPortSet { subscriber, block } => {
+            Change::AddBlock { subscriber, block } => {
                 let Ok(sub) = v4(*subscriber) else {
                     return false;
                 };
@@ -595,7 +595,7 @@ impl NftablesDataplane {
                     .get(&sub)
                     .is_some_and(|p| p.blocks.contains(block))
             }
-            Change::Remove(_) | Change::RemovePortSet { .. } => false,
+            Change::Remove(_) | Change::RemoveBlock { .. } => false,
         }
     }
 }
@@ -786,7 +786,7 @@ impl Dataplane for NftablesDataplane {
         for (sub, p) in &self.ports {
             for b in &p.blocks {
                 v.push((
-                    Key::PortSet {
+                    Key::SubscriberBlock {
                         subscriber: IpAddr::V4(*sub),
                         external_addr: b.addr,
                         first_port: b.first,

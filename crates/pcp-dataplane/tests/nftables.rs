@@ -105,7 +105,7 @@ fn mappings_become_map_elements_with_kernel_timeouts() {
     };
     let filter = vec![(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 0)), 24, 0)];
     let changes = vec![
-        Change::AddPortSet {
+        Change::AddBlock {
             subscriber: sub,
             block,
         },
@@ -158,7 +158,7 @@ fn mappings_become_map_elements_with_kernel_timeouts() {
     assert!(
         installed.iter().any(|k| matches!(
             k,
-            Key::PortSet {
+            Key::SubscriberBlock {
                 first_port: 1024,
                 ..
             }
@@ -168,7 +168,7 @@ fn mappings_become_map_elements_with_kernel_timeouts() {
     assert!(again
         .apply(&[
             Change::Upsert(peer_entry()),
-            Change::AddPortSet {
+            Change::AddBlock {
                 subscriber: sub,
                 block
             }
@@ -177,7 +177,7 @@ fn mappings_become_map_elements_with_kernel_timeouts() {
         .all(Result::is_ok));
     assert_eq!(elements(&t.0, "peer4").len(), 1);
     assert!(again
-        .apply(&[Change::RemovePortSet {
+        .apply(&[Change::RemoveBlock {
             subscriber: sub,
             block
         }])

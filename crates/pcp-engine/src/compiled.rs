@@ -24,7 +24,7 @@ struct ClassPrefix {
 /// Compiled configuration shared by every shard.
 #[derive(Debug)]
 pub struct Compiled {
-    pub(crate) cfg: EngineConfig,
+    pub(crate) config: EngineConfig,
     /// Longest prefix first.
     prefixes: Vec<ClassPrefix>,
     pub(crate) class_pool: Vec<u16>,
@@ -71,7 +71,7 @@ impl Compiled {
             None => (None, 0),
         };
         Ok(Compiled {
-            cfg,
+            config: cfg,
             prefixes,
             class_pool,
             class_profile,
@@ -120,15 +120,15 @@ impl Compiled {
     /// The lifetime of an error answer with `code` (RFC 6887 §7.4, §15).
     pub fn error_lifetime(&self, code: ResultCode) -> u32 {
         if code.is_short_lifetime() {
-            self.cfg.lifetimes.short_error
+            self.config.lifetimes.short_error
         } else {
-            self.cfg.lifetimes.long_error
+            self.config.lifetimes.long_error
         }
     }
 
     /// §13.1: may `src` use THIRD_PARTY at all?
     pub(crate) fn third_party_allowed(&self, src: IpAddr) -> bool {
-        self.cfg
+        self.config
             .third_party
             .iter()
             .any(|r| r.from.iter().any(|n| n.contains(&src)))
@@ -136,7 +136,7 @@ impl Compiled {
 
     /// §13.1: may `src` act for `target`?
     pub(crate) fn third_party_may_act_for(&self, src: IpAddr, target: IpAddr) -> bool {
-        self.cfg.third_party.iter().any(|r| {
+        self.config.third_party.iter().any(|r| {
             r.from.iter().any(|n| n.contains(&src))
                 && r.for_prefixes.iter().any(|n| n.contains(&target))
         })
@@ -144,7 +144,7 @@ impl Compiled {
 
     /// A requested lifetime clamped to the configured bounds (§15).
     pub(crate) fn clamp_lifetime(&self, requested: u32) -> u32 {
-        let l = &self.cfg.lifetimes;
+        let l = &self.config.lifetimes;
         requested.clamp(l.min, l.max)
     }
 }

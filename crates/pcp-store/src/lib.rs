@@ -546,7 +546,7 @@ fn state_files(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
 
 /// Everything recovered from the state directory.
 #[derive(Debug, Default)]
-pub struct State {
+pub struct Loaded {
     /// When the epoch began, if the state was recovered.
     pub epoch_start: Option<Millis>,
     /// Blocks held, by (address, first port).
@@ -561,7 +561,7 @@ pub struct State {
     pub records: u64,
 }
 
-impl State {
+impl Loaded {
     fn apply(&mut self, rec: Record) {
         self.records += 1;
         match rec {
@@ -594,8 +594,8 @@ impl State {
 
 /// Reads the state directory. Files are applied snapshot then journal, per
 /// shard, oldest generation first, so newer facts win.
-pub fn load(dir: &Path) -> Result<State, StoreError> {
-    let mut state = State::default();
+pub fn load(dir: &Path) -> Result<Loaded, StoreError> {
+    let mut state = Loaded::default();
     let files = state_files(dir)?;
     let corrupt = |file: &Path, offset: u64, reason: &str| StoreError::Corrupt {
         file: file.display().to_string(),
@@ -717,7 +717,12 @@ fn check_header(_p: &Path, b: &[u8], magic: &[u8; 8], generation: u64) -> Result
 /// Applies the records of one file. In a journal, a damaged *last* record
 /// is a torn write (the commit never finished, so no reply was sent): it is
 /// cut off with a warning. Anywhere else, damage is an error.
-fn read_records(p: &Path, b: &[u8], journal: bool, state: &mut State) -> Result<(), (u64, String)> {
+fn read_records(
+    p: &Path,
+    b: &[u8],
+    journal: bool,
+    state: &mut Loaded,
+) -> Result<(), (u64, String)> {
     let mut at = HEADER_LEN;
     while at < b.len() {
         let rest = &b[at..];
@@ -775,7 +780,7 @@ fn read_records(p: &Path, b: &[u8], journal: bool, state: &mut State) -> Result<
     Ok(())
 }
 
-fn truncate_to(p: &Path, at: usize, state: &mut State, warning: String) {
+fn truncate_to(p: &Path, at: usize, state: &mut Loaded, warning: String) {
     // Cut the torn record so new records follow valid ones.
     let r = OpenOptions::new().write(true).open(p).and_then(|f| {
         f.set_len(at as u64)?;

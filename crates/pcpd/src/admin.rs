@@ -531,7 +531,7 @@ pub async fn do_reload(state: &AppState) -> Result<String, ApiError> {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "reload_would_strand",
-            why,
+            why.to_string(),
         ));
     }
     let compiled = pcp_engine::Compiled::new(new.pcp.clone(), &state.shared).map_err(|p| {

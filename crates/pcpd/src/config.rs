@@ -318,10 +318,10 @@ impl Config {
         if let Some(file) = cfg.admin.tokens_file.clone() {
             match read_tokens(&file) {
                 Ok(tokens) => cfg.admin.tokens.extend(tokens),
-                Err(message) => problems.push(Problem {
+                Err(e) => problems.push(Problem {
                     path: "admin.tokens_file".into(),
                     line: None,
-                    message,
+                    message: e.to_string(),
                 }),
             }
         }
@@ -479,43 +479,76 @@ impl Config {
     /// Why a reload to `new` would strand live mappings, if it would: pools
     /// and subscriber classes decide where every mapping lives, so they
     /// must not change under live state.
-    pub fn reload_conflict(&self, new: &Config) -> Option<String> {
+    pub fn reload_conflict(&self, new: &Config) -> Option<ReloadConflict> {
+        use ReloadConflict as C;
         if self.pcp.pools != new.pcp.pools {
-            return Some("pcp.pools changed: live mappings and blocks would be stranded; drain and restart instead".into());
+            return Some(C::Pools);
         }
         if self.pcp.subscribers != new.pcp.subscribers {
-            return Some(
-                "pcp.subscribers changed: subscribers would move between pools; restart instead"
-                    .into(),
-            );
+            return Some(C::Subscribers);
         }
         if self.listen != new.listen || self.shard_count() != new.shard_count() {
-            return Some("listen or shards changed: restart required".into());
+            return Some(C::Sockets);
         }
         if self.state_dir != new.state_dir || self.journal_max_mib != new.journal_max_mib {
-            return Some("state_dir or journal_max_mib changed: restart required".into());
+            return Some(C::State);
         }
         if self.dataplane != new.dataplane {
-            return Some("dataplane changed: restart required".into());
+            return Some(C::Dataplane);
         }
         if self.admin != new.admin || self.metrics != new.metrics {
-            return Some("admin or metrics changed: restart required".into());
+            return Some(C::Http);
         }
         None
     }
 }
 
+/// A change a reload cannot take while mappings are live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReloadConflict {
+    /// Pools decide every external address and block.
+    #[error(
+        "pcp.pools changed: live mappings and blocks would be stranded; drain and restart instead"
+    )]
+    Pools,
+    /// Classes decide which pool a subscriber's mappings come from.
+    #[error("pcp.subscribers changed: subscribers would move between pools; restart instead")]
+    Subscribers,
+    /// Sockets and shards are opened once.
+    #[error("listen or shards changed: restart required")]
+    Sockets,
+    /// The journal is open.
+    #[error("state_dir or journal_max_mib changed: restart required")]
+    State,
+    /// The dataplane is open.
+    #[error("dataplane changed: restart required")]
+    Dataplane,
+    /// The HTTP listeners are bound.
+    #[error("admin or metrics changed: restart required")]
+    Http,
+}
+
+/// Why `admin.tokens_file` was refused.
+#[derive(Debug, thiserror::Error)]
+enum TokensFileError {
+    #[error("{0}: {1}")]
+    Read(String, std::io::Error),
+    #[error("{0}: {1}")]
+    Parse(String, serde_yaml::Error),
+    #[error("{0}: [{1}].sha256 must be 64 hex digits (printf %s TOKEN | sha256sum)")]
+    BadHash(String, usize),
+}
+
 /// Tokens from `admin.tokens_file`, checked like inline ones.
-fn read_tokens(file: &Path) -> Result<Vec<TokenConfig>, String> {
-    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+fn read_tokens(file: &Path) -> Result<Vec<TokenConfig>, TokensFileError> {
+    let name = || file.display().to_string();
+    let text = std::fs::read_to_string(file).map_err(|e| TokensFileError::Read(name(), e))?;
     let tokens: Vec<TokenConfig> =
-        serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+        serde_yaml::from_str(&text).map_err(|e| TokensFileError::Parse(name(), e))?;
     for (i, t) in tokens.iter().enumerate() {
         if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!(
-                "{}: [{i}].sha256 must be 64 hex digits (printf %s TOKEN | sha256sum)",
-                file.display()
-            ));
+            return Err(TokensFileError::BadHash(name(), i));
         }
     }
     Ok(tokens)
@@ -673,7 +706,11 @@ mod tests {
         b.pcp.lifetimes.max = 3600;
         assert_eq!(a.reload_conflict(&b), None);
         b.pcp.pools.get_mut("default").unwrap().block_size = 256;
-        assert!(a.reload_conflict(&b).unwrap().contains("pcp.pools"));
+        assert!(a
+            .reload_conflict(&b)
+            .unwrap()
+            .to_string()
+            .contains("pcp.pools"));
     }
 }
 

@@ -132,7 +132,7 @@ impl Engine {
             payload,
             dst: m.client(),
         };
-        let count = self.cfg.cfg.unsolicited.update_count.max(1);
+        let count = self.compiled.config.unsolicited.update_count.max(1);
         self.queue_update(now, update, count);
     }
 }

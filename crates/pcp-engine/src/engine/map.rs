@@ -63,11 +63,13 @@ impl Engine {
         }
         // §11.3: wildcard (port 0) and DMZ (protocol 0) mappings cannot be
         // fulfilled in their entirety inside a port set: UNSUPP_PROTOCOL.
-        if m.protocol == 0 || m.internal_port == 0 || !self.cfg.cfg.protocols.contains(&m.protocol)
+        if m.protocol == 0
+            || m.internal_port == 0
+            || !self.compiled.config.protocols.contains(&m.protocol)
         {
             return Err(ResultCode::UnsuppProtocol.into());
         }
-        let lifetime = self.cfg.clamp_lifetime(ask.lifetime);
+        let lifetime = self.compiled.clamp_lifetime(ask.lifetime);
         if let Some(slot) = existing {
             return self.map_renew(now, ask, slot, lifetime, m, via);
         }
@@ -84,13 +86,14 @@ impl Engine {
         via: Via,
     ) -> Result<Granted, Refusal> {
         let opts = ask.opts;
-        if opts.filters.len() > self.cfg.cfg.options.max_filters {
+        if opts.filters.len() > self.compiled.config.options.max_filters {
             return Err(ResultCode::ExcessiveRemotePeers.into());
         }
         let wanted = match opts.port_set {
             Some(ps) if ps.size > 1 => {
                 let by_internal = 65536 - u32::from(m.internal_port);
-                u32::from(ps.size.min(self.cfg.cfg.options.max_port_set)).min(by_internal) as u16
+                u32::from(ps.size.min(self.compiled.config.options.max_port_set)).min(by_internal)
+                    as u16
             }
             _ => 1,
         };
@@ -193,7 +196,7 @@ impl Engine {
             self.check_nonce(now, slot, m.nonce)?;
         }
         let filters = merged_filters(mapping.filters(), &opts.filters);
-        if filters.len() > self.cfg.cfg.options.max_filters {
+        if filters.len() > self.compiled.config.options.max_filters {
             return Err(ResultCode::ExcessiveRemotePeers.into());
         }
         let parity = opts.port_set.is_some_and(|p| p.parity);

@@ -101,7 +101,7 @@ pub fn subscriber_key(datagram: &[u8], src: IpAddr) -> IpAddr {
 /// 5. **Queries** (`queries.rs`) read without changing anything.
 pub struct Engine {
     // What the shard answers by.
-    cfg: Arc<Compiled>,
+    compiled: Arc<Compiled>,
     pools: Arc<BlockAllocator>,
     /// When the epoch began (RFC 6887 §8.5).
     epoch_start_ms: Millis,
@@ -129,14 +129,14 @@ impl Engine {
     /// loss; the recovered value otherwise, RFC 6887 §8.5). `seed` feeds the
     /// port randomizer (RFC 6888 REQ-13..15); give each shard its own.
     pub fn new(
-        cfg: Arc<Compiled>,
+        compiled: Arc<Compiled>,
         pools: Arc<BlockAllocator>,
         shard: u16,
         epoch_start_ms: Millis,
         seed: u64,
     ) -> Self {
         Engine {
-            cfg,
+            compiled,
             pools,
             epoch_start_ms,
             rng: seed ^ 0x9e37_79b9_7f4a_7c15,
@@ -169,15 +169,15 @@ impl Engine {
 
     /// The compiled configuration.
     pub fn compiled(&self) -> &Arc<Compiled> {
-        &self.cfg
+        &self.compiled
     }
 
     /// Swaps in a new configuration (reload). The caller guarantees pools
     /// and subscriber classes are unchanged, so every live mapping and block
     /// stays valid; lifetimes, quotas, THIRD_PARTY and options take effect
     /// for the next request.
-    pub fn reconfigure(&mut self, cfg: Arc<Compiled>) {
-        self.cfg = cfg;
+    pub fn reconfigure(&mut self, compiled: Arc<Compiled>) {
+        self.compiled = compiled;
     }
 
     /// Drains the effects of the last calls, in order.

@@ -76,7 +76,7 @@ impl Engine {
     }
 
     fn public_address(&mut self, now: Millis, subscriber: IpAddr) -> Result<Ipv4Addr, ResultCode> {
-        if self.cfg.class_of(subscriber).is_none() {
+        if self.compiled.class_of(subscriber).is_none() {
             return Err(ResultCode::NotAuthorized);
         }
         self.rate_limit(now, subscriber).map_err(|r| r.code)?;
@@ -94,7 +94,7 @@ impl Engine {
         subscriber: IpAddr,
         req: natpmp::Mapping,
     ) -> Result<(u16, u32), ResultCode> {
-        if self.cfg.class_of(subscriber).is_none() {
+        if self.compiled.class_of(subscriber).is_none() {
             return Err(ResultCode::NotAuthorized);
         }
         self.rate_limit(now, subscriber).map_err(|r| r.code)?;

@@ -23,10 +23,10 @@ impl Engine {
         internal: InternalEndpoint,
         external_port: u16,
     ) -> Result<Mapping, ResultCode> {
-        if self.cfg.class_of(internal.addr).is_none() {
+        if self.compiled.class_of(internal.addr).is_none() {
             return Err(ResultCode::NotAuthorized);
         }
-        if internal.port == 0 || !self.cfg.cfg.protocols.contains(&internal.protocol) {
+        if internal.port == 0 || !self.compiled.config.protocols.contains(&internal.protocol) {
             return Err(ResultCode::UnsuppProtocol);
         }
         let key = MappingKey {

@@ -27,7 +27,7 @@ impl Engine {
         if m.protocol == 0 || m.internal_port == 0 {
             return Err(ResultCode::MalformedRequest.into());
         }
-        if !self.cfg.cfg.protocols.contains(&m.protocol) {
+        if !self.compiled.config.protocols.contains(&m.protocol) {
             return Err(ResultCode::UnsuppProtocol.into());
         }
         // §12.3: an invalid remote peer is MALFORMED_REQUEST.
@@ -55,7 +55,7 @@ impl Engine {
         if ask.lifetime == 0 {
             return self.delete_by_client(now, existing, m, Via::Pcp);
         }
-        let lifetime = self.cfg.clamp_lifetime(ask.lifetime);
+        let lifetime = self.compiled.clamp_lifetime(ask.lifetime);
         if let Some(slot) = existing {
             self.check_nonce(now, slot, m.nonce)?;
             return self.extend(now, slot, lifetime, ask.client, |_| {});

@@ -66,7 +66,7 @@ impl Engine {
         let Some(sub) = self.subscribers.get(&subscriber) else {
             return 0;
         };
-        self.cfg.class_profile[usize::from(sub.class)]
+        self.compiled.class_profile[usize::from(sub.class)]
             .max_mappings
             .saturating_sub(sub.quota_used)
     }
@@ -96,7 +96,7 @@ impl Engine {
                 .map(|m| m.remaining_secs(now))
                 .min()
         });
-        let short = self.cfg.cfg.lifetimes.short_error;
+        let short = self.compiled.config.lifetimes.short_error;
         Refusal {
             code: ResultCode::UserExQuota,
             lifetime: Some(soonest.map_or(short, |s| s.clamp(1, short.max(1)))),
@@ -147,7 +147,7 @@ impl Engine {
             return Err(ResultCode::NotAuthorized.into());
         };
         let pool = usize::from(sub.pool);
-        let max_blocks = self.cfg.class_profile[usize::from(sub.class)].max_blocks as usize;
+        let max_blocks = self.compiled.class_profile[usize::from(sub.class)].max_blocks as usize;
         if self.pools.pools[pool].mode == PoolMode::Deterministic || sub.blocks.len() >= max_blocks
         {
             return Err(self.quota_refusal(now, subscriber));

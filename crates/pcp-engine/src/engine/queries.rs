@@ -56,11 +56,11 @@ impl Engine {
         Some(SubscriberUsage {
             internal_addr: addr,
             pool: self.pools.pools[usize::from(s.pool)].name.clone(),
-            profile: self.cfg.class_profile_name[class].clone(),
+            profile: self.compiled.class_profile_name[class].clone(),
             external_addr: s.ext,
             blocks: s.blocks.iter().map(|(b, _)| *b).collect(),
             mappings: s.quota_used,
-            max_mappings: self.cfg.class_profile[class].max_mappings,
+            max_mappings: self.compiled.class_profile[class].max_mappings,
         })
     }
 
@@ -111,12 +111,12 @@ impl Engine {
             return Some(None);
         };
         let holder = self
-            .cfg
+            .compiled
             .class_pool
             .iter()
             .enumerate()
             .filter(|(_, p)| usize::from(**p) == pi)
-            .find_map(|(ci, _)| self.cfg.address_at(ci as u16, idx))
+            .find_map(|(ci, _)| self.compiled.address_at(ci as u16, idx))
             .map(|internal_addr| Holder {
                 internal_addr,
                 block: deterministic_block(pool, idx).unwrap_or(Block {

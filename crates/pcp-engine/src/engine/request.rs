@@ -117,7 +117,7 @@ impl Engine {
             epoch,
         };
         // RFC 6887 §9: with NAT-PMP off, version 0 is just an unsupported version.
-        if datagram.first() == Some(&natpmp::VERSION) && !self.cfg.cfg.natpmp {
+        if datagram.first() == Some(&natpmp::VERSION) && !self.compiled.config.natpmp {
             return self.answer_error(&to, ResultCode::UnsuppVersion.into(), out);
         }
         match parse_request(datagram) {
@@ -161,7 +161,7 @@ impl Engine {
         self.count(to.row, r.code);
         let lifetime = r
             .lifetime
-            .unwrap_or_else(|| self.cfg.error_lifetime(r.code));
+            .unwrap_or_else(|| self.compiled.error_lifetime(r.code));
         let parsed = to.parsed == Parsed::Yes;
         emit_error_response(to.datagram, r.code, lifetime, to.epoch, parsed, out).ok()
     }
@@ -240,9 +240,9 @@ impl Engine {
                 }
                 PcpOption::Description(_) if opts.description.is_some() => Some(opt),
                 PcpOption::PortSet(_) => port_set.map(PcpOption::PortSet),
-                PcpOption::Prefix64(_) if opts.prefix64 => self.cfg.prefix64.map(|p| {
+                PcpOption::Prefix64(_) if opts.prefix64 => self.compiled.prefix64.map(|p| {
                     PcpOption::Prefix64(Prefix64 {
-                        prefix_len: self.cfg.prefix64_len,
+                        prefix_len: self.compiled.prefix64_len,
                         prefix_and_suffix: p,
                         ipv4_prefixes: None,
                     })
@@ -265,14 +265,14 @@ impl Engine {
 
     /// §7.3 and §13: which options apply, and which refuse the request.
     fn process_options<'a>(&self, req: &Request<'a>) -> Result<ReqOptions<'a>, Refusal> {
-        let o = &self.cfg.cfg.options;
+        let o = &self.compiled.config.options;
         let opcode = req.opcode();
         let is_map = opcode == Opcode::Map;
         let mut r = ReqOptions::default();
         for opt in req.options.iter() {
             match opt {
                 PcpOption::ThirdParty(addr) => {
-                    if opcode == Opcode::Announce || self.cfg.cfg.third_party.is_empty() {
+                    if opcode == Opcode::Announce || self.compiled.config.third_party.is_empty() {
                         // §13.1: disabled THIRD_PARTY is UNSUPP_OPTION.
                         return Err(ResultCode::UnsuppOption.into());
                     }
@@ -332,10 +332,10 @@ impl Engine {
                 let refusal = if target == src {
                     // §13.1: the sender's own address is MALFORMED_REQUEST.
                     Some(ResultCode::MalformedRequest)
-                } else if !self.cfg.third_party_allowed(src) {
+                } else if !self.compiled.third_party_allowed(src) {
                     // §13.1: an unauthorized host gets UNSUPP_OPTION.
                     Some(ResultCode::UnsuppOption)
-                } else if !self.cfg.third_party_may_act_for(src, target) {
+                } else if !self.compiled.third_party_may_act_for(src, target) {
                     Some(ResultCode::NotAuthorized)
                 } else {
                     None
@@ -347,7 +347,7 @@ impl Engine {
                 target
             }
         };
-        if self.cfg.class_of(subscriber).is_none() {
+        if self.compiled.class_of(subscriber).is_none() {
             // Not a subscriber of this NAT: refused by policy (§7.4 NOT_AUTHORIZED).
             return Err(ResultCode::NotAuthorized.into());
         }

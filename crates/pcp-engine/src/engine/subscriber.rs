@@ -69,13 +69,13 @@ impl Engine {
         addr: IpAddr,
     ) -> Option<&mut Subscriber> {
         if !self.subscribers.contains_key(&addr) {
-            let (class, det_index) = self.cfg.class_of(addr)?;
-            let profile = self.cfg.class_profile[usize::from(class)];
+            let (class, det_index) = self.compiled.class_of(addr)?;
+            let profile = self.compiled.class_profile[usize::from(class)];
             self.subscribers.insert(
                 addr,
                 Subscriber {
                     class,
-                    pool: self.cfg.class_pool[usize::from(class)],
+                    pool: self.compiled.class_pool[usize::from(class)],
                     det_index,
                     ext: None,
                     blocks: Vec::new(),
@@ -110,14 +110,14 @@ impl Engine {
     }
 
     fn idle_hold_ms(&self, class: u16) -> u64 {
-        let pool = &self.pools.pools[usize::from(self.cfg.class_pool[usize::from(class)])];
+        let pool = &self.pools.pools[usize::from(self.compiled.class_pool[usize::from(class)])];
         pool.block_hold_ms.max(1000)
     }
 
     /// Token bucket per subscriber; when empty, RFC 6887 §8.2 lets the server
     /// answer NO_RESOURCES (the lifetime says when a token is back).
     pub(super) fn rate_limit(&mut self, now: Millis, subscriber: IpAddr) -> Result<(), Refusal> {
-        let cfg = std::sync::Arc::clone(&self.cfg);
+        let cfg = std::sync::Arc::clone(&self.compiled);
         let Some(sub) = self.subscriber_entry(now, subscriber) else {
             return Err(ResultCode::NotAuthorized.into());
         };
@@ -196,7 +196,7 @@ impl Engine {
             if dynamic {
                 self.pools.release_block(pool, block);
                 self.history
-                    .record(&self.cfg.cfg, now, subscriber, block, since);
+                    .record(&self.compiled.config, now, subscriber, block, since);
             }
             self.events.push_back(Event::BlockReleased {
                 subscriber,

@@ -69,10 +69,10 @@ impl Engine {
     /// Queues restart ANNOUNCEs (RFC 6887 §14.1.3) to the configured groups
     /// (port 5350) and to `clients`: call after starting with lost state.
     pub fn announce_restart(&mut self, now: Millis, clients: &[SocketAddr]) {
-        let count = self.cfg.cfg.unsolicited.announce_count.clamp(1, 10);
+        let count = self.compiled.config.unsolicited.announce_count.clamp(1, 10);
         let groups: Vec<SocketAddr> = self
-            .cfg
-            .cfg
+            .compiled
+            .config
             .unsolicited
             .announce_targets
             .iter()
@@ -194,7 +194,7 @@ impl Engine {
         let lifetime = if result == ResultCode::Success {
             m.remaining_secs(now)
         } else {
-            self.cfg.error_lifetime(result)
+            self.compiled.error_lifetime(result)
         };
         let resp = Response {
             result,

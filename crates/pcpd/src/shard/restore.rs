@@ -26,7 +26,7 @@ pub struct Restore {
 impl Restore {
     /// Splits what was loaded among `n` shards by the subscriber that owns
     /// each record now (the shard count may have changed).
-    pub fn split(state: pcp_store::State, n: usize) -> Vec<Restore> {
+    pub fn split(state: pcp_store::Loaded, n: usize) -> Vec<Restore> {
         let mut out: Vec<Restore> = (0..n).map(|_| Restore::default()).collect();
         for (_, (subscriber, block, since)) in state.blocks {
             out[shard_of(subscriber, n)]
@@ -123,7 +123,7 @@ pub(super) fn restore(
     // Reconcile: what the engine holds is what must be installed.
     let mut desired: Vec<Change> = Vec::new();
     for (subscriber, block, _) in engine.blocks() {
-        desired.push(Change::AddPortSet { subscriber, block });
+        desired.push(Change::AddBlock { subscriber, block });
     }
     for m in engine.mappings() {
         Change::from_event(&Event::MappingCreated(m.clone()), &mut desired);
