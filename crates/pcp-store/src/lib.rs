@@ -70,6 +70,30 @@ pub enum Record {
 }
 
 impl Record {
+    /// Moves every instant in the record by `delta` ms (`Millis::MAX`,
+    /// "never", stays): the daemon writes records in wall time while its
+    /// engine runs on a monotonic clock, and the two differ after a step of
+    /// the wall clock.
+    pub fn shift(&mut self, delta: i64) {
+        let at = |ms: &mut Millis| {
+            if *ms != Millis::MAX {
+                *ms = ms.saturating_add_signed(delta);
+            }
+        };
+        match self {
+            Record::Block { since, .. } => at(since),
+            Record::History(h) => {
+                h.from_ms.as_mut().map(at);
+                h.to_ms.as_mut().map(at);
+            }
+            Record::Mapping(m) => {
+                at(&mut m.created_ms);
+                at(&mut m.expires_ms);
+            }
+            Record::BlockGone { .. } | Record::Gone(_) => {}
+        }
+    }
+
     /// The records an engine event implies.
     pub fn from_event(event: &Event, now: Millis, out: &mut Vec<Record>) {
         match event {

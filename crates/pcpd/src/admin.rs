@@ -248,7 +248,9 @@ fn mapping_json(m: &pcp_engine::Mapping) -> Value {
     v
 }
 
+/// An engine-clock instant, shown in wall time (RFC 3339).
 fn rfc3339(ms: u64) -> String {
+    let ms = crate::clock::to_wall(ms);
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
         .and_then(|t| {
@@ -463,12 +465,13 @@ async fn lookup(
         return Err(ApiError::bad("external must be an IPv4 address:port"));
     };
     let at = match &q.at {
-        None => crate::shard::now_ms(),
+        None => crate::clock::now_ms(),
         Some(s) => {
             let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
                 .map_err(|e| ApiError::bad(format!("at {s:?} is not RFC 3339: {e}")))?;
-            u64::try_from(t.unix_timestamp_nanos() / 1_000_000)
-                .map_err(|_| ApiError::bad("at is before 1970"))?
+            let wall = u64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+                .map_err(|_| ApiError::bad("at is before 1970"))?;
+            crate::clock::from_wall(wall)
         }
     };
     // Who holds it now is known without asking every shard: the block

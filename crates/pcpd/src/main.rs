@@ -25,6 +25,7 @@ use pcp_dataplane::{Dataplane, MemoryDataplane, NftablesDataplane};
 use pcp_engine::{BlockAllocator, Compiled};
 
 mod admin;
+mod clock;
 mod config;
 mod metrics;
 mod natlog;
@@ -191,7 +192,7 @@ fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Resul
     {
         tracing::warn!("the admin API accepts the development token; replace it outside of trials");
     }
-    rt.block_on(serve(cfg, state.clone(), metrics))?;
+    rt.block_on(serve(cfg, state.clone(), metrics, recovered.epoch_start))?;
     rt.block_on(shutdown(&state, threads))
 }
 
@@ -230,7 +231,7 @@ struct Recovered {
 }
 
 fn load_state(cfg: &Config, discard_state: bool) -> anyhow::Result<Recovered> {
-    let now = shard::now_ms();
+    let now = clock::now_ms();
     if discard_state {
         if let Some(aside) = pcp_store::discard(&cfg.state_dir, now)? {
             tracing::warn!(
@@ -368,6 +369,7 @@ async fn serve(
     cfg: Config,
     state: Arc<admin::AppState>,
     metrics: metrics::Metrics,
+    epoch_start: u64,
 ) -> anyhow::Result<()> {
     let admin_task = serve_admin(&cfg, admin::router(state.clone())).await?;
     let metrics_task = serve_metrics(&cfg, metrics.clone()).await?;
@@ -381,6 +383,11 @@ async fn serve(
         }
     });
     metrics.pools(&state.shared.usage());
+    tokio::spawn(watch_clock(
+        state.clone(),
+        cfg.state_dir.clone(),
+        epoch_start,
+    ));
     state.ready.store(true, Ordering::Release);
     metrics.ready.set(1);
     tracing::info!("ready");
@@ -405,6 +412,35 @@ async fn serve(
     state.ready.store(false, Ordering::Release);
     metrics.ready.set(0);
     Ok(())
+}
+
+/// Watches for steps of the wall clock (NTP). Expiry runs on the engine's
+/// monotonic clock and is not affected; what is on disk is rewritten in the
+/// new wall time (the epoch file, and each shard's snapshot), so a restart,
+/// which re-anchors on the wall clock, sees the same remaining lifetimes
+/// and epoch (RFC 6887 §8.5).
+async fn watch_clock(state: Arc<admin::AppState>, state_dir: PathBuf, epoch_start: u64) {
+    let mut written = 0i64;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let offset = clock::wall_offset_ms();
+        if (offset - written).abs() < 1000 {
+            continue;
+        }
+        tracing::warn!(
+            step_ms = offset - written,
+            "the wall clock was stepped; mappings keep their lifetimes (monotonic clock); rewriting the state in the new wall time"
+        );
+        if let Err(e) = pcp_store::write_epoch(&state_dir, clock::shift(epoch_start, offset)) {
+            tracing::error!("epoch file: {e}");
+            continue;
+        }
+        for shard in &state.shards {
+            let _ = shard.control.send(shard::Control::ClockStep).await;
+        }
+        written = offset;
+    }
 }
 
 type ServerTask = tokio::task::JoinHandle<std::io::Result<()>>;

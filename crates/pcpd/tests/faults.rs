@@ -357,3 +357,90 @@ fn sigterm_under_load_answers_what_was_committed_and_exits_0() {
     d.restart_after_exit();
     all_present(&d, &acked);
 }
+
+/// Debian's libfaketime (package faketime, installed by .ci/prereqs).
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// A MAP from 127.0.0.1 that must succeed: (external port, epoch).
+fn map_lifetime(d: &Daemon, nonce: u8, port: u16, lifetime: u32) -> (u16, u32) {
+    let bytes = d
+        .pcp_exchange(&map_request(nonce, port, lifetime, &[]))
+        .expect("answered");
+    let r = Response::parse(&bytes).unwrap();
+    assert_eq!(r.result, ResultCode::Success);
+    (r.data.map_data().unwrap().external_port, r.epoch)
+}
+
+fn internal_ports(d: &Daemon) -> Vec<u64> {
+    let url = d.url("/v1/mappings?subscriber=127.0.0.1");
+    let (_, list) = call("GET", &url, Some(TOKEN_READ), None);
+    let mut ports: Vec<u64> = list["items"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|m| m["internal_port"].as_u64().unwrap())
+        .collect();
+    ports.sort_unstable();
+    ports
+}
+
+#[test]
+fn wall_clock_steps_neither_expire_nor_keep_mappings() {
+    assert!(
+        Path::new(FAKETIME).exists(),
+        "{FAKETIME} missing: install Debian's faketime (.ci/prereqs does)"
+    );
+    let ip = Ipv4Addr::new(127, 0, 0, 43);
+    let dir = temp_dir("clock");
+    let offset = dir.join("faketime");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let mut cfg = config_for(ip, &dir);
+    cfg["pcp"]["lifetimes"]["min"] = 2.into();
+    let offset_file = offset.display().to_string();
+    // Only the real-time clock moves: the monotonic clock is left alone.
+    let env = [
+        ("LD_PRELOAD", FAKETIME),
+        ("FAKETIME_TIMESTAMP_FILE", offset_file.as_str()),
+        ("FAKETIME_NO_CACHE", "1"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ("DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let mut d = Daemon::try_start_env(dir, ip, cfg, &[], &env).unwrap();
+    let started = Instant::now();
+    let long = map_lifetime(&d, 1, 100, 3600);
+    map_lifetime(&d, 2, 101, 4);
+    // An hour or two forward: nothing expires at once.
+    std::fs::write(&offset, "+2h\n").unwrap();
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(
+        internal_ports(&d),
+        vec![100, 101],
+        "a forward step expired mappings"
+    );
+    // The 4 s mapping still ends on time.
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(
+        internal_ports(&d),
+        vec![100],
+        "the short mapping expires on time"
+    );
+    // Back four hours: a dead mapping is not kept.
+    map_lifetime(&d, 3, 102, 4);
+    std::fs::write(&offset, "-2h\n").unwrap();
+    std::thread::sleep(Duration::from_millis(5500));
+    assert_eq!(
+        internal_ports(&d),
+        vec![100],
+        "a backward step kept a dead mapping"
+    );
+    // A restart re-anchors on the (stepped) wall clock: the mapping keeps
+    // its external endpoint and lifetime, and the epoch continues (§8.5).
+    d.kill9_and_restart();
+    let (port, epoch) = map_lifetime(&d, 1, 100, 3600);
+    assert_eq!(port, long.0, "the same external endpoint after the restart");
+    let elapsed = started.elapsed().as_secs() as u32;
+    assert!(
+        epoch + 3 >= elapsed && epoch <= elapsed + 3,
+        "epoch {epoch} after {elapsed} s"
+    );
+}

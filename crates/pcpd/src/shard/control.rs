@@ -52,6 +52,9 @@ pub enum Control {
     Lookup(Ipv4Addr, u16, Millis, oneshot::Sender<Option<Holder>>),
     /// New configuration.
     Reload(Arc<Compiled>, oneshot::Sender<()>),
+    /// The wall clock was stepped: rewrite the state as a snapshot, so every
+    /// record on disk is in the new wall time.
+    ClockStep,
     /// Stop: settle and answer what is held, then end the shard's thread.
     Shutdown(oneshot::Sender<()>),
 }
@@ -108,6 +111,9 @@ pub(super) fn control(st: &mut State, ctl: Control) -> bool {
         Control::Reload(compiled, reply) => {
             st.engine.reconfigure(compiled);
             let _ = reply.send(());
+        }
+        Control::ClockStep => {
+            st.effects.compact(&st.engine);
         }
         Control::Shutdown(reply) => {
             let _ = reply.send(());

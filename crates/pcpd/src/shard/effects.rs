@@ -183,14 +183,20 @@ impl Effects {
                 with_records.insert(*origin);
             }
         }
+        // Records are persisted in wall time (see clock.rs).
+        let offset = crate::clock::wall_offset_ms();
+        if offset != 0 {
+            self.records.iter_mut().for_each(|r| r.shift(offset));
+        }
         // A snapshot written just now already holds this batch.
         if !repaired && !self.commit() {
             settled.not_durable.extend(with_records);
             take_back(engine, &mut batch, now);
         }
         let refused = self.install(&batch);
+        let wall = crate::clock::wall_ms();
         for (_, event) in &batch {
-            self.natlog.record(now, event);
+            self.natlog.record(wall, event);
         }
         refused
     }
@@ -284,11 +290,12 @@ impl Effects {
         false
     }
 
-    /// Replaces journal and snapshot with a snapshot of the engine's state.
-    fn compact(&mut self, engine: &Engine) -> bool {
+    /// Replaces journal and snapshot with a snapshot of the engine's state
+    /// (in wall time, like every record).
+    pub(super) fn compact(&mut self, engine: &Engine) -> bool {
         let started = Instant::now();
-        let records = super::restore::state_records(engine);
-        if let Err(e) = self.journal.compact(now_ms(), records) {
+        let records = super::restore::state_records(engine, crate::clock::wall_offset_ms());
+        if let Err(e) = self.journal.compact(crate::clock::wall_ms(), records) {
             self.metrics.journal_errors.inc();
             self.broken(format!("snapshot: {e}"));
             return false;

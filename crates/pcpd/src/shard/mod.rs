@@ -23,7 +23,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use pcp_dataplane::Dataplane;
 use pcp_engine::{BlockAllocator, Compiled, Engine, Millis, Stats};
@@ -52,12 +52,7 @@ use replies::ReplyArena;
 /// Largest PCP datagram (RFC 6887 §7).
 pub const MAX_DATAGRAM: usize = 1100;
 
-/// Wall-clock milliseconds.
-pub fn now_ms() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as Millis)
-}
+pub(crate) use crate::clock::now_ms;
 
 /// A datagram handed to the shard that owns its subscriber.
 pub struct Handoff {

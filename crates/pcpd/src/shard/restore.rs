@@ -74,8 +74,9 @@ impl AddAssign for RestoreReport {
     }
 }
 
-/// The engine's whole state as records (for snapshots).
-pub(super) fn state_records(engine: &Engine) -> Vec<Record> {
+/// The engine's whole state as records (for snapshots), moved by `offset`
+/// ms into wall time (see clock.rs).
+pub(super) fn state_records(engine: &Engine, offset: i64) -> Vec<Record> {
     let mut v: Vec<Record> = engine
         .blocks()
         .map(|(subscriber, block, since)| Record::Block {
@@ -86,6 +87,9 @@ pub(super) fn state_records(engine: &Engine) -> Vec<Record> {
         .collect();
     v.extend(engine.mappings().map(|m| Record::Mapping(m.clone())));
     v.extend(engine.history().map(|h| Record::History(h.clone())));
+    if offset != 0 {
+        v.iter_mut().for_each(|r| r.shift(offset));
+    }
     v
 }
 
@@ -119,7 +123,8 @@ pub(super) fn restore(
         engine.restore_history(h);
     }
     while engine.poll_event().is_some() {}
-    let journal = pcp_store::write_snapshot(state_dir, index, generation, state_records(engine))?;
+    let records = state_records(engine, crate::clock::wall_offset_ms());
+    let journal = pcp_store::write_snapshot(state_dir, index, generation, records)?;
     // Reconcile: what the engine holds is what must be installed.
     let mut desired: Vec<Change> = Vec::new();
     for (subscriber, block, _) in engine.blocks() {

@@ -12,6 +12,8 @@ pub const TOKEN_READ: &str = "read-only-token";
 pub struct Daemon {
     pub child: Child,
     pub args: Vec<String>,
+    /// Extra environment (e.g. libfaketime's), kept for restarts.
+    pub env: Vec<(String, String)>,
     pub ip: Ipv4Addr,
     pub dir: PathBuf,
     pub config_path: PathBuf,
@@ -87,11 +89,27 @@ impl Daemon {
         cfg: serde_yaml::Value,
         args: &[&str],
     ) -> Result<Daemon, String> {
+        Self::try_start_env(dir, ip, cfg, args, &[])
+    }
+
+    /// [`Daemon::try_start`] with extra environment variables.
+    pub fn try_start_env(
+        dir: PathBuf,
+        ip: Ipv4Addr,
+        cfg: serde_yaml::Value,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Daemon, String> {
         let config_path = dir.join("pcpd.yaml");
         std::fs::write(&config_path, serde_yaml::to_string(&cfg).unwrap()).unwrap();
         let tls = cfg["admin"]["tls"].is_mapping();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut d = Daemon {
-            child: spawn(&config_path, &dir, args),
+            child: spawn(&config_path, &dir, args, &env),
+            env,
             args: args.iter().map(|a| a.to_string()).collect(),
             ip,
             dir,
@@ -117,7 +135,7 @@ impl Daemon {
 
     /// Starts again on the same state, once the process has exited.
     pub fn restart_after_exit(&mut self) {
-        self.child = spawn(&self.config_path, &self.dir, &[]);
+        self.child = spawn(&self.config_path, &self.dir, &[], &self.env);
         self.wait_ready()
             .unwrap_or_else(|e| panic!("pcpd did not restart: {e}"));
     }
@@ -185,7 +203,12 @@ impl Daemon {
     }
 }
 
-fn spawn(config: &std::path::Path, dir: &std::path::Path, args: &[&str]) -> Child {
+fn spawn(
+    config: &std::path::Path,
+    dir: &std::path::Path,
+    args: &[&str],
+    env: &[(String, String)],
+) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -196,6 +219,7 @@ fn spawn(config: &std::path::Path, dir: &std::path::Path, args: &[&str]) -> Chil
         .arg(config)
         .args(args)
         .env("PCPD_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

@@ -1,0 +1,52 @@
+//! The daemon's clocks. Expiry, timers and the epoch run on the *engine
+//! clock*: the wall clock read once at start, advanced by the monotonic
+//! clock, so an NTP step (forward or back) neither expires every mapping
+//! at once nor keeps dead ones alive. The wall clock is used for what is
+//! persisted, logged or shown: journal records are written in wall time
+//! (shifted by the current difference), NAT log timestamps and API times
+//! are wall time, and the next start re-anchors on the wall clock.
+
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use pcp_engine::Millis;
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn wall_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+/// The engine clock, in milliseconds: wall time at the first call, then
+/// monotonic.
+pub fn now_ms() -> Millis {
+    static ANCHOR: OnceLock<(Instant, Millis)> = OnceLock::new();
+    let (at, wall) = *ANCHOR.get_or_init(|| (Instant::now(), wall_ms()));
+    wall + at.elapsed().as_millis() as Millis
+}
+
+/// How far the wall clock is ahead of the engine clock (negative: behind).
+/// Zero until the wall clock is stepped while pcpd runs.
+pub fn wall_offset_ms() -> i64 {
+    let engine = now_ms();
+    wall_ms() as i64 - engine as i64
+}
+
+/// An engine-clock instant as wall time (for the API and logs).
+pub fn to_wall(ms: Millis) -> Millis {
+    shift(ms, wall_offset_ms())
+}
+
+/// A wall-clock instant as engine time (for questions asked in wall time).
+pub fn from_wall(ms: Millis) -> Millis {
+    shift(ms, -wall_offset_ms())
+}
+
+/// `ms` moved by `delta`; `Millis::MAX` ("never") stays.
+pub fn shift(ms: Millis, delta: i64) -> Millis {
+    if ms == Millis::MAX {
+        return ms;
+    }
+    ms.saturating_add_signed(delta)
+}
