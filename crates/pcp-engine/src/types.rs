@@ -312,6 +312,8 @@ pub struct Stats {
     pub third_party_refusals: u64,
     /// Unsolicited datagrams produced.
     pub unsolicited: u64,
+    /// Requests refused NO_RESOURCES because the pool had no free block.
+    pub pool_exhausted: u64,
 }
 
 impl Stats {
@@ -343,6 +345,7 @@ impl Stats {
         self.rate_limited += other.rate_limited;
         self.third_party_refusals += other.third_party_refusals;
         self.unsolicited += other.unsolicited;
+        self.pool_exhausted += other.pool_exhausted;
     }
 }
 

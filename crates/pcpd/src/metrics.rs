@@ -46,13 +46,18 @@ pub const JOURNAL_ERRORS: &str = "pcpd_journal_errors_total";
 pub const HANDOFFS: &str = "pcpd_handoffs_total";
 /// `pcpd_ready`: 1 once state is restored and sockets are open.
 pub const READY: &str = "pcpd_ready";
+/// `pcpd_subscribers{shard}`: subscribers holding a block or a mapping.
+pub const SUBSCRIBERS: &str = "pcpd_subscribers";
+/// `pcpd_pool_exhausted_total`: requests refused NO_RESOURCES for lack of a
+/// free block in the subscriber's pool.
+pub const POOL_EXHAUSTED: &str = "pcpd_pool_exhausted_total";
 /// `pcpd_state_writable{shard}`: 0 while a shard cannot make its state
 /// durable (full disk, failed fdatasync); it answers NO_RESOURCES then.
 pub const STATE_WRITABLE: &str = "pcpd_state_writable";
 
 /// Every metric name (checked against docs/metrics.md).
 #[cfg(test)]
-pub const ALL: [&str; 20] = [
+pub const ALL: [&str; 22] = [
     RESPONSES,
     DROPS,
     LATENCY,
@@ -73,7 +78,18 @@ pub const ALL: [&str; 20] = [
     JOURNAL_LATENCY,
     JOURNAL_ERRORS,
     STATE_WRITABLE,
+    SUBSCRIBERS,
+    POOL_EXHAUSTED,
 ];
+
+/// What a shard holds, for the gauges.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Held {
+    /// Live mappings.
+    pub mappings: usize,
+    /// Subscribers with a record (a block or a mapping).
+    pub subscribers: usize,
+}
 
 /// Every metric handle, cloned into each shard.
 #[derive(Clone)]
@@ -107,6 +123,8 @@ pub struct Metrics {
     /// Journal failures.
     pub journal_errors: IntCounter,
     state_writable: IntGaugeVec,
+    subscribers: IntGaugeVec,
+    pool_exhausted: IntCounter,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -181,6 +199,8 @@ impl Metrics {
             journal_errors: counter(&r, JOURNAL_ERRORS, "Failed journal commits and snapshots; the batch's changes were answered NO_RESOURCES.")?,
             handoffs: counter(&r, HANDOFFS, "Datagrams passed to the shard owning their subscriber (kernel steering keeps this near zero).")?,
             state_writable: gauge_vec(&r, STATE_WRITABLE, "1 while the shard can make its state durable; 0 while it answers NO_RESOURCES for lack of it.", "shard")?,
+            subscribers: gauge_vec(&r, SUBSCRIBERS, "Subscribers holding a port block or a mapping, by shard.", "shard")?,
+            pool_exhausted: counter(&r, POOL_EXHAUSTED, "Requests refused NO_RESOURCES because the pool had no free block.")?,
             registry: r,
         };
         let build = IntGaugeVec::new(
@@ -205,7 +225,7 @@ impl Metrics {
     }
 
     /// Adds the difference between two snapshots of a shard's stats.
-    pub fn publish(&self, prev: &Stats, now: &Stats, shard: usize, mappings: usize) {
+    pub fn publish(&self, prev: &Stats, now: &Stats, shard: usize, held: Held) {
         for (row, name) in Stats::ROWS.iter().enumerate() {
             for (code, (a, b)) in prev.responses[row]
                 .iter()
@@ -236,9 +256,15 @@ impl Metrics {
         );
         self.unsolicited
             .inc_by(now.unsolicited.saturating_sub(prev.unsolicited));
+        self.pool_exhausted
+            .inc_by(now.pool_exhausted.saturating_sub(prev.pool_exhausted));
+        let shard = shard.to_string();
         self.mappings
-            .with_label_values(&[&shard.to_string()])
-            .set(mappings as i64);
+            .with_label_values(&[&shard])
+            .set(held.mappings as i64);
+        self.subscribers
+            .with_label_values(&[&shard])
+            .set(held.subscribers as i64);
     }
 
     /// Counts drops the I/O layer decided (queue full, send failure).
@@ -282,7 +308,12 @@ mod tests {
         let doc = include_str!("../../../docs/metrics.md");
         m.drop_io("x");
         m.dataplane_changes.with_label_values(&["ok"]).inc();
-        m.publish(&Default::default(), &Default::default(), 0, 0);
+        m.publish(
+            &Default::default(),
+            &Default::default(),
+            0,
+            super::Held::default(),
+        );
         m.pools(&[]);
         let text = m.render();
         let rendered: Vec<&str> = text

@@ -444,3 +444,134 @@ fn wall_clock_steps_neither_expire_nor_keep_mappings() {
         "epoch {epoch} after {elapsed} s"
     );
 }
+
+/// pcpd's resident memory, from /proc.
+fn rss_bytes(d: &Daemon) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+fn metric_sum(d: &Daemon, prefix: &str) -> f64 {
+    parse_metrics(&d.metrics_text())
+        .iter()
+        .filter(|(s, _)| s == prefix || s.starts_with(&format!("{prefix}{{")))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Sends one request from each of `count` source addresses in 127/8, 64
+/// in flight, and waits for the answers (bounded): returns how many came.
+fn flood(d: &Daemon, first: u32, count: u32, make: impl Fn(u32, Ipv4Addr) -> Vec<u8>) -> u32 {
+    let mut answered = 0;
+    let mut buf = [0u8; 1100];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for window in (first..first + count).collect::<Vec<_>>().chunks(64) {
+        assert!(Instant::now() < deadline, "flood did not finish in time");
+        let socks: Vec<UdpSocket> = window
+            .iter()
+            .map(|&i| {
+                let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 64, 0, 0)) + i);
+                let s = UdpSocket::bind((src, 0)).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
+                s.send_to(&make(i, src), d.pcp_addr()).unwrap();
+                s
+            })
+            .collect();
+        answered += socks.iter().filter(|s| s.recv(&mut buf).is_ok()).count() as u32;
+    }
+    answered
+}
+
+fn pcp_map(src: Ipv4Addr, nonce: u32, lifetime: u32, options: &[u8]) -> Vec<u8> {
+    let req = pcp_wire::Request {
+        lifetime,
+        client_addr: std::net::IpAddr::V4(src),
+        data: pcp_wire::OpData::Map(pcp_wire::MapData {
+            nonce: pcp_wire::Nonce([nonce as u8; 12]),
+            protocol: 6,
+            internal_port: 8080,
+            external_port: 0,
+            external_addr: std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        }),
+        options: pcp_wire::Options::NONE,
+    };
+    let mut b = vec![0u8; req.buffer_len()];
+    req.emit(&mut b).unwrap();
+    b.extend_from_slice(options);
+    b
+}
+
+#[test]
+fn floods_from_100k_sources_leave_no_state_and_valid_ones_stop_at_the_pool() {
+    let ip = Ipv4Addr::new(127, 0, 0, 44);
+    let dir = temp_dir("exhaust");
+    let mut cfg = config_for(ip, &dir);
+    // 4 addresses x 126 blocks: the pool runs out within the flood.
+    cfg["pcp"]["pools"]["default"]["prefixes"] =
+        serde_yaml::to_value(vec!["192.0.2.0/30"]).unwrap();
+    let d = Daemon::start_in(dir, ip, cfg);
+    let baseline_rss = rss_bytes(&d);
+    // 100 k sources, each sending what creates no state: a malformed
+    // option, a disabled option (THIRD_PARTY), an unknown mandatory option,
+    // or a delete (lifetime 0) of a mapping it does not have.
+    let answered = flood(&d, 0, 100_000, |i, src| match i % 4 {
+        0 => pcp_map(src, i, 3600, &[0x01, 0, 0, 4, 0, 0, 0, 0]),
+        1 => pcp_map(
+            src,
+            i,
+            3600,
+            &[
+                0x01, 0, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 100, 64, 0, 1,
+            ],
+        ),
+        2 => pcp_map(src, i, 3600, &[0x7f, 0, 0, 0]),
+        _ => pcp_map(src, i, 0, &[]),
+    });
+    assert!(answered >= 99_000, "the flood is answered: {answered}");
+    std::thread::sleep(Duration::from_millis(1200)); // a stats period
+    assert_eq!(
+        metric_sum(&d, "pcpd_subscribers"),
+        0.0,
+        "no subscriber record outlives its request"
+    );
+    assert_eq!(
+        metric_sum(&d, "pcpd_pool_blocks_allocated"),
+        0.0,
+        "no block"
+    );
+    let after = rss_bytes(&d);
+    assert!(
+        after < baseline_rss + (16 << 20),
+        "RSS stays flat: {baseline_rss} -> {after} bytes"
+    );
+    // Valid creates from 100 k sources: bounded by the pool (504 blocks),
+    // then NO_RESOURCES, and the pool-exhaustion alert's metric and NAT
+    // log event fire.
+    let answered = flood(&d, 100_000, 100_000, |i, src| pcp_map(src, i, 3600, &[]));
+    assert!(
+        answered >= 99_000,
+        "the valid flood is answered: {answered}"
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(metric_sum(&d, "pcpd_pool_blocks_allocated"), 504.0);
+    assert_eq!(
+        metric_sum(&d, "pcpd_subscribers"),
+        504.0,
+        "only holders are remembered"
+    );
+    assert!(metric_sum(&d, "pcpd_pool_exhausted_total") > 90_000.0);
+    let events = std::fs::read_to_string(d.dir.join("state/nat-events.jsonl")).unwrap();
+    assert!(events.contains("\"addresses_exhausted\""), "NAT log event");
+    let after = rss_bytes(&d);
+    assert!(
+        after < baseline_rss + (32 << 20),
+        "RSS bounded by the pool, not the flood: {baseline_rss} -> {after} bytes"
+    );
+}

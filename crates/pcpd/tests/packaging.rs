@@ -206,4 +206,13 @@ fn prometheus_scrapes_pcpd_with_the_shipped_config() {
         .filter_map(|r| r["name"].as_str())
         .collect();
     assert!(names.contains(&"PcpdDataplaneErrors"), "{names:?}");
+    assert!(names.contains(&"PcpdPoolExhausted"), "{names:?}");
+    // The alerts fire on the series pcpd exports (promtool's rule tests).
+    let (ok, text) = output(
+        Command::new("promtool")
+            .args(["test", "rules"])
+            .arg(repo().join("deploy/prometheus/pcpd-rules.test.yml")),
+        "promtool",
+    );
+    assert!(ok, "promtool test rules:\n{text}");
 }

@@ -59,6 +59,7 @@ impl Engine {
                 }
             }
         };
+        self.forget_if_stateless(subscriber);
         let code = match resp {
             natpmp::Response::PublicAddress { result, .. }
             | natpmp::Response::Map { result, .. } => result,

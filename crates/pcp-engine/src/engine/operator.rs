@@ -46,7 +46,9 @@ impl Engine {
             suggestion: Suggestion::Hint,
             parity: false,
         };
-        let (addr, port, _) = self.choose_ports(now, &ask).map_err(|r| r.code)?;
+        let chosen = self.choose_ports(now, &ask);
+        self.forget_if_stateless(internal.addr);
+        let (addr, port, _) = chosen.map_err(|r| r.code)?;
         let mapping = Mapping {
             id: UNASSIGNED,
             kind: MappingKind::Static,

@@ -55,10 +55,12 @@ struct Cooling {
     nonce: Nonce,
 }
 
-/// Ports in their reuse delay (§15).
+/// Ports in their reuse delay (§15), and when each pool's exhaustion
+/// was last reported.
 #[derive(Default)]
 pub(super) struct ReuseDelay {
     ports: HashMap<ExternalEndpoint, Cooling>,
+    exhausted_logged: Vec<Option<Millis>>,
 }
 
 impl Engine {
@@ -103,10 +105,21 @@ impl Engine {
         }
     }
 
-    fn pool_exhausted(&mut self, pool: usize) -> Refusal {
-        self.events.push_back(Event::PoolExhausted {
-            pool: self.pools.pools[pool].name.clone(),
-        });
+    /// NO_RESOURCES for lack of a block; the event (NAT log:
+    /// addresses_exhausted) at most once a second per pool, so a flood of
+    /// refused creates does not become a flood of log lines.
+    fn pool_exhausted(&mut self, now: Millis, pool: usize) -> Refusal {
+        self.stats.pool_exhausted += 1;
+        if self.reuse.exhausted_logged.len() <= pool {
+            self.reuse.exhausted_logged.resize(pool + 1, None);
+        }
+        let last = &mut self.reuse.exhausted_logged[pool];
+        if last.is_none_or(|t| now >= t + 1000) {
+            *last = Some(now);
+            self.events.push_back(Event::PoolExhausted {
+                pool: self.pools.pools[pool].name.clone(),
+            });
+        }
         ResultCode::NoResources.into()
     }
 
@@ -124,7 +137,7 @@ impl Engine {
                 .ok_or(ResultCode::NoResources)?,
             PoolMode::Dynamic => match self.pools.allocate_block(pool, subscriber, None) {
                 Ok(b) => b,
-                Err(_) => return Err(self.pool_exhausted(pool)),
+                Err(_) => return Err(self.pool_exhausted(now, pool)),
             },
         };
         self.add_block(now, subscriber, block);
@@ -136,6 +149,7 @@ impl Engine {
             sub.ext = Some(block.addr);
             sub.blocks.push((block, now));
         }
+        self.arm_idle(now, subscriber);
         self.events
             .push_back(Event::BlockAllocated { subscriber, block });
     }
@@ -158,7 +172,7 @@ impl Engine {
                 Ok(())
             }
             Err(BlockError::AddressFull) | Err(BlockError::PoolExhausted) => {
-                Err(self.pool_exhausted(pool))
+                Err(self.pool_exhausted(now, pool))
             }
         }
     }

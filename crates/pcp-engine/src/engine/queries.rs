@@ -15,6 +15,12 @@ impl Engine {
         self.table.iter()
     }
 
+    /// Subscribers with a record in this shard (each holds a block or a
+    /// mapping).
+    pub fn subscriber_count(&self) -> usize {
+        self.subscribers.len()
+    }
+
     /// A mapping by id.
     pub fn mapping(&self, id: MappingId) -> Option<&Mapping> {
         self.table.by_id(id)

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use pcp_wire::{
     natpmp, parse_request, pcp::emit_error_response, Disposition, Filter, Message, OpData, Opcode,
-    Options, PcpOption, PeerData, PortSet, Prefix64, Request, Response, ResultCode,
+    Options, PcpOption, PortSet, Prefix64, Request, Response, ResultCode,
 };
 
 use super::Engine;
@@ -182,22 +182,35 @@ impl Engine {
         let granted = match req.data {
             // §14.1.2: a solicited ANNOUNCE gets SUCCESS with lifetime 0.
             OpData::Announce => None,
-            OpData::Map(m) | OpData::Peer(PeerData { map: m, .. }) => {
+            OpData::Map(_) | OpData::Peer(_) => {
                 let subscriber = self.authorize(src_ip, &opts)?;
-                self.rate_limit(now, subscriber)?;
                 let ask = super::map::Ask {
                     client: src,
                     subscriber,
                     lifetime: req.lifetime,
                     opts: &opts,
                 };
-                Some(match req.data {
-                    OpData::Peer(p) => self.peer(now, &ask, &p)?,
-                    _ => self.map(now, &ask, &m, super::map::Via::Pcp)?,
-                })
+                let granted = self.map_or_peer(now, &ask, req);
+                // Nothing held, nothing kept (a flood leaves no records).
+                self.forget_if_stateless(subscriber);
+                Some(granted?)
             }
         };
         self.emit_success(now, req, &opts, granted.as_ref(), out)
+    }
+
+    fn map_or_peer(
+        &mut self,
+        now: Millis,
+        ask: &super::map::Ask<'_>,
+        req: &Request<'_>,
+    ) -> Result<Granted, Refusal> {
+        self.rate_limit(now, ask.subscriber)?;
+        match req.data {
+            OpData::Peer(p) => self.peer(now, ask, &p),
+            OpData::Map(m) => self.map(now, ask, &m, super::map::Via::Pcp),
+            OpData::Announce => Err(ResultCode::MalformedRequest.into()),
+        }
     }
 
     /// The SUCCESS response: the request's data with the assigned external

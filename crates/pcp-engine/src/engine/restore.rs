@@ -51,6 +51,9 @@ impl Engine {
                 sub.ext = Some(block.addr);
                 sub.blocks.push((block, since));
             }
+            self.arm_idle(now, subscriber);
+        } else {
+            self.forget_if_stateless(subscriber);
         }
         ok
     }

@@ -62,7 +62,10 @@ pub(super) struct Subscriber {
 }
 
 impl Engine {
-    /// The subscriber's record, made on first use (with a full bucket).
+    /// The subscriber's record, made on first use (with a full bucket). A
+    /// record that ends a request with no block and no mapping is dropped
+    /// again ([`Engine::forget_if_stateless`]), so a flood from many
+    /// sources leaves nothing behind.
     pub(super) fn subscriber_entry(
         &mut self,
         now: Millis,
@@ -85,12 +88,38 @@ impl Engine {
                     idle_since: Some(now),
                 },
             );
-            self.timers.schedule(
-                now + self.idle_hold_ms(class),
-                Timer::Idle { subscriber: addr },
-            );
         }
         self.subscribers.get_mut(&addr)
+    }
+
+    /// Drops the record of a subscriber that holds nothing (no block, no
+    /// mapping): its token bucket goes with it. Requests that change no
+    /// state are therefore not rate-limited per subscriber; they cost CPU
+    /// only, and a flood of them from any number of sources keeps memory
+    /// flat.
+    pub(super) fn forget_if_stateless(&mut self, subscriber: IpAddr) {
+        if self
+            .subscribers
+            .get(&subscriber)
+            .is_some_and(|s| s.blocks.is_empty() && s.slots.is_empty())
+        {
+            self.subscribers.remove(&subscriber);
+        }
+    }
+
+    /// Arms the idle release of a subscriber that holds blocks but no
+    /// mapping.
+    pub(super) fn arm_idle(&mut self, now: Millis, subscriber: IpAddr) {
+        let Some(class) = self
+            .subscribers
+            .get(&subscriber)
+            .filter(|s| s.slots.is_empty())
+            .map(|s| s.class)
+        else {
+            return;
+        };
+        let hold = self.idle_hold_ms(class);
+        self.timers.schedule(now + hold, Timer::Idle { subscriber });
     }
 
     /// The subscriber's external address (unspecified before its first block).
@@ -151,19 +180,14 @@ impl Engine {
         slot: u32,
         counted: Option<u32>,
     ) {
-        let mut idle_class = None;
         if let Some(s) = self.subscribers.get_mut(&subscriber) {
             s.quota_used = s.quota_used.saturating_sub(counted.unwrap_or(0));
             s.slots.retain(|x| *x != slot);
             if s.slots.is_empty() {
                 s.idle_since = Some(now);
-                idle_class = Some(s.class);
             }
         }
-        if let Some(class) = idle_class {
-            let hold = self.idle_hold_ms(class);
-            self.timers.schedule(now + hold, Timer::Idle { subscriber });
-        }
+        self.arm_idle(now, subscriber);
     }
 
     /// Forgets a subscriber idle for its pool's hold time, giving its blocks

@@ -281,8 +281,11 @@ async fn publish_stats(state: Rc<RefCell<State>>, index: usize) {
         tick.tick().await;
         let st = state.borrow();
         let now = st.engine.stats().clone();
-        st.metrics
-            .publish(&prev, &now, index, st.engine.mapping_count());
+        let held = crate::metrics::Held {
+            mappings: st.engine.mapping_count(),
+            subscribers: st.engine.subscriber_count(),
+        };
+        st.metrics.publish(&prev, &now, index, held);
         prev = now;
     }
 }
