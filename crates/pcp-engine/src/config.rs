@@ -340,6 +340,10 @@ impl std::fmt::Display for ConfigProblem {
     }
 }
 
+/// Largest dynamic pool, in addresses (a /12): beyond any CGNAT's public
+/// space, and what keeps the per-address free lists small.
+pub const MAX_DYNAMIC_ADDRESSES: u64 = 1 << 20;
+
 /// Problems found so far, each with its path.
 struct Problems(Vec<ConfigProblem>);
 
@@ -411,6 +415,16 @@ impl EngineConfig {
             p.overlaps(&at, &pool.prefixes, &mut pool_nets, |n, o| {
                 n.contains(&o.network()) || o.contains(&n.network())
             });
+            // Each address of a dynamic pool has its free list in memory.
+            if pool.mode == PoolMode::Dynamic && pool.address_count() > MAX_DYNAMIC_ADDRESSES {
+                p.add(
+                    format!("{at}.prefixes"),
+                    format!(
+                        "{} addresses; a dynamic pool takes at most {MAX_DYNAMIC_ADDRESSES} (a /12): split it into pools",
+                        pool.address_count()
+                    ),
+                );
+            }
             if pool.ports.is_empty() || pool.ports.first == 0 {
                 p.add(format!("{at}.ports"), "first must be >= 1 and <= last");
             }

@@ -586,7 +586,8 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    fn apply(&mut self, rec: Record) {
+    /// Applies one record (a replay: later records win).
+    pub fn apply(&mut self, rec: Record) {
         self.records += 1;
         match rec {
             Record::Block {
@@ -694,7 +695,7 @@ pub fn load(dir: &Path) -> Result<Loaded, StoreError> {
     for (generation, snap, journal) in bufs {
         if let Some((p, b)) = snap {
             check_header(&p, &b, SNAP_MAGIC, generation).map_err(|r| corrupt(&p, 0, &r))?;
-            read_records(&p, &b, false, &mut state).map_err(|(off, r)| corrupt(&p, off, &r))?;
+            apply_file(&p, &b, false, &mut state).map_err(|(off, r)| corrupt(&p, off, &r))?;
         }
         if let Some((p, b)) = journal {
             if older_generation(&b, generation) {
@@ -708,7 +709,7 @@ pub fn load(dir: &Path) -> Result<Loaded, StoreError> {
                 continue;
             }
             check_header(&p, &b, JOURNAL_MAGIC, generation).map_err(|r| corrupt(&p, 0, &r))?;
-            read_records(&p, &b, true, &mut state).map_err(|(off, r)| corrupt(&p, off, &r))?;
+            apply_file(&p, &b, true, &mut state).map_err(|(off, r)| corrupt(&p, off, &r))?;
         }
     }
     if state.epoch_start.is_none() && (!state.mappings.is_empty() || !state.blocks.is_empty()) {
@@ -738,50 +739,43 @@ fn check_header(_p: &Path, b: &[u8], magic: &[u8; 8], generation: u64) -> Result
     Ok(())
 }
 
+/// A torn last record of a journal: where it starts and why it is torn.
+struct Torn {
+    at: usize,
+    reason: &'static str,
+}
+
 /// Applies the records of one file. In a journal, a damaged *last* record
 /// is a torn write (the commit never finished, so no reply was sent): it is
-/// cut off with a warning. Anywhere else, damage is an error.
+/// returned for the caller to cut off. Anywhere else, damage is an error.
 fn read_records(
-    p: &Path,
     b: &[u8],
     journal: bool,
     state: &mut Loaded,
-) -> Result<(), (u64, String)> {
+) -> Result<Option<Torn>, (u64, String)> {
     let mut at = HEADER_LEN;
     while at < b.len() {
         let rest = &b[at..];
-        let damaged = |reason: &str, end: usize| -> Option<String> {
-            // Torn tail: nothing valid could follow.
-            (journal && end >= b.len()).then(|| {
-                format!(
-                    "{}: cut off a torn last record at byte {at} ({reason}); it was never acknowledged",
-                    p.display()
-                )
-            })
+        // Torn tail: nothing valid could follow.
+        let torn = |reason: &'static str, end: usize| {
+            (journal && end >= b.len()).then_some(Torn { at, reason })
         };
         if rest.len() < 8 {
-            return match damaged("truncated frame", b.len()) {
-                Some(w) => {
-                    truncate_to(p, at, state, w);
-                    Ok(())
-                }
-                None => Err((at as u64, "truncated record frame".into())),
-            };
+            return torn("truncated frame", b.len())
+                .map(Some)
+                .ok_or((at as u64, "truncated record frame".into()));
         }
         let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         let crc = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
-        let end = at + 8 + len;
+        let end = at.saturating_add(8).saturating_add(len);
         if len > MAX_RECORD || end > b.len() {
-            return match damaged("record runs past the end", b.len()) {
-                Some(w) if len <= MAX_RECORD => {
-                    truncate_to(p, at, state, w);
-                    Ok(())
-                }
-                _ => Err((
+            return torn("record runs past the end", b.len())
+                .filter(|_| len <= MAX_RECORD)
+                .map(Some)
+                .ok_or((
                     at as u64,
                     format!("record length {len} runs past the end of the file"),
-                )),
-            };
+                ));
         }
         let body = &b[at + 8..end];
         let rec = (crc32fast::hash(body) == crc)
@@ -790,16 +784,49 @@ fn read_records(
         match rec {
             Some(r) => state.apply(r),
             None => {
-                return match damaged("checksum mismatch", end) {
-                    Some(w) => {
-                        truncate_to(p, at, state, w);
-                        Ok(())
-                    }
-                    None => Err((at as u64, "checksum mismatch or unreadable record".into())),
-                }
+                return torn("checksum mismatch", end)
+                    .map(Some)
+                    .ok_or((at as u64, "checksum mismatch or unreadable record".into()))
             }
         }
         at = end;
+    }
+    Ok(None)
+}
+
+/// What [`decode_file`] read.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    /// The state the records describe.
+    pub state: Loaded,
+    /// Where a torn last record starts (journals only).
+    pub torn_at: Option<u64>,
+}
+
+/// Decodes one snapshot (`journal` false) or journal file held in memory,
+/// as [`load`] does, without touching any file: the records, or the offset
+/// of the damage and what it is.
+pub fn decode_file(b: &[u8], journal: bool) -> Result<Decoded, (u64, String)> {
+    let magic = if journal { JOURNAL_MAGIC } else { SNAP_MAGIC };
+    if b.len() < HEADER_LEN || &b[..8] != magic {
+        return Err((0, "not a pcpd state file (bad header)".into()));
+    }
+    let mut d = Decoded::default();
+    d.torn_at = read_records(b, journal, &mut d.state)?.map(|t| t.at as u64);
+    Ok(d)
+}
+
+/// Reads one file's records into `state`, cutting a torn tail off the
+/// file (with a warning) so new records follow valid ones.
+fn apply_file(p: &Path, b: &[u8], journal: bool, state: &mut Loaded) -> Result<(), (u64, String)> {
+    if let Some(t) = read_records(b, journal, state)? {
+        let warning = format!(
+            "{}: cut off a torn last record at byte {} ({}); it was never acknowledged",
+            p.display(),
+            t.at,
+            t.reason
+        );
+        truncate_to(p, t.at, state, warning);
     }
     Ok(())
 }
