@@ -391,3 +391,17 @@ impl serde::Serialize for Block {
         st.end()
     }
 }
+
+/// What a datagram is worth when there is no time for all of them
+/// (overload): the I/O layer answers the higher ones first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    /// Refreshes a mapping that exists (same nonce): a client keeps what it
+    /// has, and losing it would break a running service.
+    Renewal,
+    /// Asks for something new (create, delete, ANNOUNCE, public address).
+    Create,
+    /// Would be refused or dropped anyway: unparsable, bad options, not a
+    /// subscriber.
+    Garbage,
+}

@@ -575,3 +575,219 @@ fn floods_from_100k_sources_leave_no_state_and_valid_ones_stop_at_the_pool() {
         "RSS bounded by the pool, not the flood: {baseline_rss} -> {after} bytes"
     );
 }
+
+/// One class of the overload test: its sockets and what happened to them.
+struct Class {
+    socks: Vec<UdpSocket>,
+    sent: std::sync::atomic::AtomicU64,
+    answered: std::sync::atomic::AtomicU64,
+}
+
+impl Class {
+    fn new(first: Ipv4Addr, n: u32) -> Class {
+        let socks = (0..n)
+            .map(|i| {
+                let s = UdpSocket::bind((Ipv4Addr::from(u32::from(first) + i), 0)).unwrap();
+                s.set_nonblocking(true).unwrap();
+                s
+            })
+            .collect();
+        Class {
+            socks,
+            sent: Default::default(),
+            answered: Default::default(),
+        }
+    }
+
+    fn src(&self, i: usize) -> Ipv4Addr {
+        match self.socks[i].local_addr().unwrap().ip() {
+            std::net::IpAddr::V4(a) => a,
+            other => panic!("{other}"),
+        }
+    }
+}
+
+fn map_bytes(src: Ipv4Addr, nonce: u8, port: u16, extra: &[u8]) -> Vec<u8> {
+    let req = pcp_wire::Request {
+        lifetime: 3600,
+        client_addr: std::net::IpAddr::V4(src),
+        data: pcp_wire::OpData::Map(pcp_wire::MapData {
+            nonce: pcp_wire::Nonce([nonce; 12]),
+            protocol: 6,
+            internal_port: port,
+            external_port: 0,
+            external_addr: std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        }),
+        options: pcp_wire::Options::NONE,
+    };
+    let mut b = vec![0u8; req.buffer_len()];
+    req.emit(&mut b).unwrap();
+    b.extend_from_slice(extra);
+    b
+}
+
+/// Receives on every socket of the classes until `stop`; records answers
+/// per class and the latency of each (by socket and internal port).
+fn receive(
+    classes: &[Arc<Class>],
+    sent_at: &Mutex<std::collections::HashMap<(usize, usize, u16), Instant>>,
+    latencies: &Mutex<Vec<Duration>>,
+    acked: &Mutex<Vec<(Ipv4Addr, u16, u16)>>,
+    stop: &AtomicBool,
+) {
+    let mut buf = [0u8; 1100];
+    while !stop.load(Ordering::Relaxed) {
+        for (ci, c) in classes.iter().enumerate() {
+            for (si, s) in c.socks.iter().enumerate() {
+                while let Ok(n) = s.recv(&mut buf) {
+                    c.answered.fetch_add(1, Ordering::Relaxed);
+                    let Ok(r) = Response::parse(&buf[..n]) else {
+                        continue;
+                    };
+                    let (port, ext) = r
+                        .data
+                        .map_data()
+                        .map_or((0, 0), |m| (m.internal_port, m.external_port));
+                    if let Some(t) = sent_at.lock().unwrap().remove(&(ci, si, port)) {
+                        latencies.lock().unwrap().push(t.elapsed());
+                    }
+                    if ci == 1 && r.result == ResultCode::Success {
+                        acked.lock().unwrap().push((c.src(si), port, ext));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn overload_twice_capacity_sheds_garbage_before_creates_before_renewals() {
+    let ip = Ipv4Addr::new(127, 0, 0, 45);
+    let dir = temp_dir("overload");
+    let mut cfg = config_for(ip, &dir);
+    let profile = &mut cfg["pcp"]["profiles"]["residential"];
+    profile["rate_per_sec"] = 1_000_000.into();
+    profile["burst"] = 1_000_000.into();
+    profile["max_mappings"] = 100_000.into();
+    profile["max_blocks"] = 16.into();
+    let mut d = Daemon::start_in(dir, ip, cfg);
+    // Renewals: 64 subscribers x 8 mappings that exist.
+    let renew = Arc::new(Class::new(Ipv4Addr::new(127, 45, 0, 1), 64));
+    for i in 0..64 {
+        for port in 0..8u16 {
+            let src = renew.src(i);
+            let r = map_from(src, 1000 + port, [1; 12], d.pcp_addr()).expect("answered");
+            assert_eq!(r.0, ResultCode::Success);
+        }
+    }
+    let create = Arc::new(Class::new(Ipv4Addr::new(127, 46, 0, 1), 64));
+    let garbage = Arc::new(Class::new(Ipv4Addr::new(127, 47, 0, 1), 64));
+    let classes = vec![renew.clone(), create.clone(), garbage.clone()];
+    let baseline_rss = rss_bytes(&d);
+    let sent_at = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let receiver = {
+        let (classes, sent_at, latencies, acked, stop) = (
+            classes.clone(),
+            sent_at.clone(),
+            latencies.clone(),
+            acked.clone(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || receive(&classes, &sent_at, &latencies, &acked, &stop))
+    };
+    // As fast as one thread sends, in turn: renewal, create, garbage.
+    let started = Instant::now();
+    let server = d.pcp_addr();
+    let mut n: u64 = 0;
+    while started.elapsed() < Duration::from_secs(4) && n < 3_000_000 {
+        let i = (n / 3 % 64) as usize;
+        let k = n / 192;
+        let (ci, bytes, port) = match n % 3 {
+            0 => {
+                let port = 1000 + (k % 8) as u16;
+                (0, map_bytes(renew.src(i), 1, port, &[]), port)
+            }
+            1 => {
+                let port = 2000 + (k % 60_000) as u16;
+                (1, map_bytes(create.src(i), 2, port, &[]), port)
+            }
+            // An unknown mandatory option: UNSUPP_OPTION, no state.
+            _ => (
+                2,
+                map_bytes(garbage.src(i), 3, 4000, &[0x7f, 0, 0, 0]),
+                4000,
+            ),
+        };
+        if classes[ci].socks[i].send_to(&bytes, server).is_ok() {
+            classes[ci].sent.fetch_add(1, Ordering::Relaxed);
+            sent_at
+                .lock()
+                .unwrap()
+                .insert((ci, i, port), Instant::now());
+        }
+        n += 1;
+    }
+    let overload = started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    receiver.join().unwrap();
+    let frac = |c: &Class| {
+        c.answered.load(Ordering::Relaxed) as f64 / c.sent.load(Ordering::Relaxed).max(1) as f64
+    };
+    let sent: u64 = classes.iter().map(|c| c.sent.load(Ordering::Relaxed)).sum();
+    let answered: u64 = classes
+        .iter()
+        .map(|c| c.answered.load(Ordering::Relaxed))
+        .sum();
+    eprintln!(
+        "overload: {sent} sent, {answered} answered in {overload:?}; renewals {:.3}, creates {:.3}, garbage {:.3}",
+        frac(&renew),
+        frac(&create),
+        frac(&garbage)
+    );
+    assert!(
+        sent as f64 >= 1.6 * answered as f64,
+        "not an overload: {sent} sent, {answered} answered"
+    );
+    assert!(frac(&renew) > 0.9, "renewals win: {:.3}", frac(&renew));
+    assert!(frac(&renew) > frac(&create) && frac(&create) >= frac(&garbage));
+    let mut lat = latencies.lock().unwrap().clone();
+    lat.sort();
+    let p99 = lat[lat.len() * 99 / 100];
+    assert!(
+        p99 < Duration::from_millis(500),
+        "answered within bounded latency: p99 {p99:?}"
+    );
+    assert!(
+        rss_bytes(&d) < baseline_rss + (64 << 20),
+        "memory stays bounded"
+    );
+    // Within a second after the overload, renewals are answered at once.
+    let probe = Instant::now();
+    for i in 0..64 {
+        let t = Instant::now();
+        let r = map_from(renew.src(i), 1000, [1; 12], d.pcp_addr()).expect("answered");
+        assert_eq!(r.0, ResultCode::Success);
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "back to normal: {:?}",
+            t.elapsed()
+        );
+    }
+    assert!(probe.elapsed() < Duration::from_secs(1));
+    // Nothing acknowledged was lost.
+    let acked = acked.lock().unwrap().clone();
+    d.kill9_and_restart();
+    assert!(!acked.is_empty(), "some creates were answered");
+    for &(src, port, ext) in acked.iter().step_by((acked.len() / 500).max(1)) {
+        let r = map_from(src, port, [2; 12], d.pcp_addr()).expect("answered");
+        assert_eq!(
+            (r.0, r.1 .1),
+            (ResultCode::Success, ext),
+            "acknowledged create {src}:{port} kept"
+        );
+    }
+}

@@ -5,12 +5,12 @@
 use std::net::{IpAddr, SocketAddr};
 
 use pcp_wire::{
-    natpmp, parse_request, pcp::emit_error_response, Disposition, Filter, Message, OpData, Opcode,
-    Options, PcpOption, PortSet, Prefix64, Request, Response, ResultCode,
+    natpmp, parse_request, pcp::emit_error_response, Disposition, Filter, Message, Nonce, OpData,
+    Opcode, Options, PcpOption, PortSet, Prefix64, Request, Response, ResultCode,
 };
 
 use super::Engine;
-use crate::types::Millis;
+use crate::types::{InternalEndpoint, MappingKey, Millis, Priority, RemoteEndpoint};
 
 /// A row of [`crate::Stats::responses`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +153,68 @@ impl Engine {
         }
     }
 
+    /// How much `datagram` from `src` is worth under overload (see
+    /// [`Priority`]); reads only, and costs a parse and a lookup.
+    pub fn priority(&self, src: SocketAddr, datagram: &[u8]) -> Priority {
+        let src_ip = src.ip().to_canonical();
+        let exists = |key: MappingKey, nonce: Option<Nonce>| {
+            let found = self.table.find(&key).and_then(|slot| self.table.get(slot));
+            found.is_some_and(|m| nonce.is_none_or(|n| n == m.nonce))
+        };
+        match parse_request(datagram) {
+            Err(_) => Priority::Garbage,
+            Ok(Message::NatPmp(natpmp::Request::Map(m))) => {
+                let key = MappingKey {
+                    internal: InternalEndpoint {
+                        addr: src_ip,
+                        protocol: m.protocol.ip_protocol(),
+                        port: m.internal_port,
+                    },
+                    remote: None,
+                };
+                if m.lifetime != 0 && exists(key, None) {
+                    Priority::Renewal
+                } else {
+                    Priority::Create
+                }
+            }
+            Ok(Message::NatPmp(_)) => Priority::Create,
+            Ok(Message::Pcp(req)) => {
+                let Ok(opts) = self.process_options(&req) else {
+                    return Priority::Garbage;
+                };
+                let subscriber = opts.third_party.unwrap_or(src_ip);
+                if req.client_addr != src_ip || self.compiled.class_of(subscriber).is_none() {
+                    return Priority::Garbage;
+                }
+                let (m, remote) = match req.data {
+                    OpData::Announce => return Priority::Create,
+                    OpData::Map(m) => (m, None),
+                    OpData::Peer(p) => (
+                        p.map,
+                        Some(RemoteEndpoint {
+                            addr: p.remote_addr,
+                            port: p.remote_port,
+                        }),
+                    ),
+                };
+                let key = MappingKey {
+                    internal: InternalEndpoint {
+                        addr: subscriber,
+                        protocol: m.protocol,
+                        port: m.internal_port,
+                    },
+                    remote,
+                };
+                if req.lifetime != 0 && exists(key, Some(m.nonce)) {
+                    Priority::Renewal
+                } else {
+                    Priority::Create
+                }
+            }
+        }
+    }
+
     pub(super) fn count(&mut self, row: Row, code: ResultCode) {
         self.stats.count(row as usize, code);
     }
@@ -190,9 +252,13 @@ impl Engine {
                     lifetime: req.lifetime,
                     opts: &opts,
                 };
+                let records = self.subscribers.len();
                 let granted = self.map_or_peer(now, &ask, req);
-                // Nothing held, nothing kept (a flood leaves no records).
-                self.forget_if_stateless(subscriber);
+                // A record this request made but left empty goes again (a
+                // flood leaves no records).
+                if self.subscribers.len() > records {
+                    self.forget_if_stateless(subscriber);
+                }
                 Some(granted?)
             }
         };

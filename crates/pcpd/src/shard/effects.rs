@@ -13,7 +13,6 @@
 //!   that reports state goes out until the state in memory has been
 //!   rewritten as a snapshot (see pcp-store's `Journal::commit`).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +23,7 @@ use pcp_wire::ResultCode;
 
 use super::health::Health;
 use super::now_ms;
+use super::replies::REPLY_SLOTS;
 use crate::metrics::Metrics;
 use crate::natlog::NatLog;
 
@@ -43,21 +43,57 @@ pub(super) enum Origin {
     Timer,
 }
 
+/// A set of origins: one bit per reply slot, plus the operator and timers
+/// (no hashing on the request path).
+#[derive(Debug, Default, Clone)]
+struct Origins {
+    replies: [u64; REPLY_SLOTS / 64],
+    operator: bool,
+    timer: bool,
+}
+
+impl Origins {
+    fn insert(&mut self, origin: Origin) {
+        match origin {
+            Origin::Reply(i) if i < REPLY_SLOTS => self.replies[i / 64] |= 1 << (i % 64),
+            Origin::Reply(_) => {}
+            Origin::Operator => self.operator = true,
+            Origin::Timer => self.timer = true,
+        }
+    }
+
+    fn contains(&self, origin: Origin) -> bool {
+        match origin {
+            Origin::Reply(i) => i < REPLY_SLOTS && self.replies[i / 64] & (1 << (i % 64)) != 0,
+            Origin::Operator => self.operator,
+            Origin::Timer => self.timer,
+        }
+    }
+
+    fn extend(&mut self, other: &Origins) {
+        for (a, b) in self.replies.iter_mut().zip(other.replies.iter()) {
+            *a |= b;
+        }
+        self.operator |= other.operator;
+        self.timer |= other.timer;
+    }
+}
+
 /// What became of a batch.
 #[derive(Debug, Default)]
 pub(super) struct Settled {
     /// Everything the shard holds in memory is durable.
     pub(super) durable: bool,
-    not_durable: HashSet<Origin>,
-    not_installed: HashSet<Origin>,
+    not_durable: Origins,
+    not_installed: Origins,
 }
 
 impl Settled {
     /// The refusal `origin` must get instead of its answer, if any.
     pub(super) fn refusal(&self, origin: Origin) -> Option<ResultCode> {
-        if self.not_installed.contains(&origin) {
+        if self.not_installed.contains(origin) {
             Some(ResultCode::NetworkFailure)
-        } else if self.not_durable.contains(&origin) {
+        } else if self.not_durable.contains(origin) {
             Some(ResultCode::NoResources)
         } else {
             None
@@ -169,13 +205,15 @@ impl Effects {
         repaired: bool,
         settled: &mut Settled,
     ) -> Vec<(Origin, MappingId)> {
-        let mut batch = std::mem::take(&mut self.events);
-        if batch.is_empty() {
+        if self.events.is_empty() {
             return Vec::new();
         }
+        // The batch's buffer goes back to `events` at the end (no
+        // reallocation per batch).
+        let mut batch = std::mem::take(&mut self.events);
         let now = now_ms();
         self.records.clear();
-        let mut with_records = HashSet::new();
+        let mut with_records = Origins::default();
         for (origin, event) in &batch {
             let before = self.records.len();
             Record::from_event(event, now, &mut self.records);
@@ -190,13 +228,17 @@ impl Effects {
         }
         // A snapshot written just now already holds this batch.
         if !repaired && !self.commit() {
-            settled.not_durable.extend(with_records);
+            settled.not_durable.extend(&with_records);
             take_back(engine, &mut batch, now);
         }
         let refused = self.install(&batch);
         let wall = crate::clock::wall_ms();
         for (_, event) in &batch {
             self.natlog.record(wall, event);
+        }
+        batch.clear();
+        if self.events.is_empty() {
+            self.events = batch;
         }
         refused
     }

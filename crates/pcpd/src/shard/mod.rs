@@ -5,6 +5,7 @@
 //! | file | what lives there |
 //! |---|---|
 //! | `recv.rs` | batched receive, hand-off to the owning shard, flush |
+//! | `stage.rs` | overload shedding: what is answered when not all can be |
 //! | `effects.rs` | the one forward path: journal, dataplane, NAT log; refusals |
 //! | `replies.rs` | held replies, replaced by a refusal, sent after settling |
 //! | `timers.rs` | timers and unsolicited messages (§14) |
@@ -40,6 +41,7 @@ mod health;
 mod recv;
 mod replies;
 mod restore;
+mod stage;
 mod timers;
 
 pub use control::{Control, MappingFilter, Refused};

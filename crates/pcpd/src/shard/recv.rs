@@ -16,12 +16,11 @@ use tokio::sync::{mpsc, Notify};
 
 use super::effects::Origin;
 use super::replies::{Peer, REPLY_SLOTS};
+use super::stage::{Stage, STAGE};
 use super::{Handoff, ShardHandle, Sockets, State, MAX_DATAGRAM};
 
 /// Receive buffer per datagram: large enough to see oversize requests.
 const RECV_BUF: usize = 1500;
-/// Receives (of up to BATCH datagrams) folded into one journal commit.
-const RECVS_PER_COMMIT: usize = 8;
 /// Datagrams received per system call (at most quinn-udp's batch).
 const BATCH: usize = 32;
 
@@ -45,17 +44,10 @@ pub(super) fn flush(st: &mut State, sockets: &Sockets) {
     st.replies.send_all(sockets, &st.metrics);
 }
 
-/// The shard this datagram belongs to.
-fn owner(datagram: &[u8], src: SocketAddr, index: usize, shards: usize) -> usize {
-    // Oversize datagrams only ever get MALFORMED_REQUEST (§8.2), which
-    // changes no state: answer them where they arrive.
-    if datagram.len() > MAX_DATAGRAM {
-        return index;
-    }
-    shard_of(subscriber_key(datagram, src.ip()), shards)
-}
-
-/// The receive loop of socket `si`.
+/// The receive loop of socket `si`: per cycle, read what the socket holds
+/// (up to the stage), hand off what another shard owns, answer the rest
+/// (see `stage.rs` for what happens when that is more than the budget),
+/// then yield.
 pub(super) async fn recv_loop(
     si: usize,
     state: Rc<RefCell<State>>,
@@ -66,6 +58,7 @@ pub(super) async fn recv_loop(
     let batch = quinn_udp::BATCH_SIZE.clamp(1, BATCH);
     let mut bufs: Box<[[u8; RECV_BUF]; BATCH]> = Box::new([[0u8; RECV_BUF]; BATCH]);
     let mut metas = [RecvMeta::default(); BATCH];
+    let mut stage = Stage::new();
     loop {
         let (sock, udp) = &sockets[si];
         if sock.readable().await.is_err() {
@@ -75,12 +68,13 @@ pub(super) async fn recv_loop(
         {
             let mut st = state.borrow_mut();
             let index = st.effects.index;
-            // Group commit: drain what the socket holds (up to RECVS_PER_COMMIT
-            // receives) into one batch, so one fdatasync covers them all.
-            for _ in 0..RECVS_PER_COMMIT {
+            // Group commit: what the socket holds goes into one cycle, so
+            // one fdatasync covers many requests.
+            while !stage.is_full() {
                 let mut iovs = bufs.each_mut().map(|b| IoSliceMut::new(&mut b[..]));
+                let room = batch.min(STAGE - stage.len());
                 let n = match sock.try_io(Interest::READABLE, || {
-                    udp.recv(sock.into(), &mut iovs[..batch], &mut metas[..batch])
+                    udp.recv(sock.into(), &mut iovs[..room], &mut metas[..room])
                 }) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -97,16 +91,24 @@ pub(super) async fn recv_loop(
                             src,
                             dst_ip: meta.dst_ip,
                         };
-                        let to = owner(datagram, src, index, peers.len());
-                        if to == index {
+                        // Oversize datagrams only ever get MALFORMED_REQUEST
+                        // (§8.2), which changes no state: answer them here.
+                        if datagram.len() > MAX_DATAGRAM {
                             handle_one(&mut st, &sockets, peer, datagram);
-                        } else {
+                            continue;
+                        }
+                        let to = shard_of(subscriber_key(datagram, src.ip()), peers.len());
+                        if to != index {
                             hand_off(&st, &peers[to], peer, datagram);
+                        } else if stage.is_full() {
+                            st.metrics.drop_io("overload_stage_full");
+                        } else {
+                            stage.push(peer, datagram);
                         }
                     }
                 }
             }
-            flush(&mut st, &sockets);
+            stage.answer(&mut st, &sockets);
         }
         timer.notify_one();
         // Let the other socket and the timers run (DESIGN.md).
