@@ -53,7 +53,7 @@ use replies::ReplyArena;
 
 /// Socket receive buffer asked for (the kernel doubles it for its own
 /// bookkeeping and caps it at net.core.rmem_max).
-const RECV_BUFFER: usize = 2 << 20;
+const RECV_BUFFER: usize = 4 << 20;
 
 /// Largest PCP datagram (RFC 6887 §7).
 pub const MAX_DATAGRAM: usize = 1100;
@@ -133,7 +133,7 @@ fn open_socket(addr: SocketAddr) -> io::Result<(UdpSocket, UdpSocketState)> {
         sock.set_only_v6(true)?;
     }
     sock.set_nonblocking(true)?;
-    // Room for two receive cycles, so that under overload pcpd, not the
+    // Room for a receive cycle or two, so that under overload pcpd, not the
     // kernel, chooses what is dropped (stage.rs).
     let _ = sock.set_recv_buffer_size(RECV_BUFFER);
     if sock.recv_buffer_size().is_ok_and(|n| n < RECV_BUFFER) {

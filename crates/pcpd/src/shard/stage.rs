@@ -6,9 +6,9 @@
 //! garbage (unparsable, refused options, not a subscriber) last; the rest
 //! is dropped and counted (`pcpd_drops_total{reason="overload_<class>"}`).
 //! RFC 6887 §8.2 lets a server drop under overload; clients retransmit
-//! (§8.1.1). Reading twice what is answered costs far less than answering
-//! (no journal, no allocation), so up to twice the shard's capacity the
-//! choice is pcpd's, not the kernel's.
+//! (§8.1.1). Reading four times what is answered costs far less than
+//! answering (no journal, no allocation), so up to four times the shard's
+//! capacity the choice is pcpd's, not the kernel's.
 
 use pcp_engine::Priority;
 
@@ -16,7 +16,7 @@ use super::replies::{Peer, REPLY_SLOTS};
 use super::{Sockets, State, MAX_DATAGRAM};
 
 /// Datagrams read per cycle at most.
-pub(super) const STAGE: usize = 4 * REPLY_SLOTS;
+pub(super) const STAGE: usize = 8 * REPLY_SLOTS;
 /// Datagrams answered per cycle at most (two group commits).
 pub(super) const BUDGET: usize = 2 * REPLY_SLOTS;
 
