@@ -227,6 +227,8 @@ pub enum Reply {
         result: ResultCode,
         /// External port (MAP/PEER).
         external_port: u16,
+        /// Granted lifetime, seconds.
+        lifetime: u32,
     },
     /// A NAT-PMP public address response.
     NatPmp {
@@ -268,6 +270,7 @@ pub fn validate(bytes: &[u8], echo: bool) -> Result<Reply, String> {
                 opcode: h.opcode,
                 result: h.result,
                 external_port: port,
+                lifetime: h.lifetime,
             })
         }
     }
@@ -318,6 +321,9 @@ pub struct Summary {
     pub lost: u64,
     /// Invalid replies (unparseable, unknown nonce, port changed on renew).
     pub invalid: u64,
+    /// Unsolicited mapping updates received (RFC 6887 §14.2), not counted
+    /// as replies.
+    pub unsolicited: u64,
     /// Replies by kind and result name.
     pub results: BTreeMap<String, BTreeMap<String, u64>>,
     /// Measured seconds.

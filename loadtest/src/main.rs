@@ -196,7 +196,8 @@ fn reflect(listen: SocketAddr, threads: usize, lifetime: Duration) -> anyhow::Re
 
 struct Sub {
     /// (internal port, nonce seq, external port) of live mappings.
-    mappings: Vec<(u16, u64, u16)>,
+    /// (internal port, nonce key, external port, when it expires).
+    mappings: Vec<(u16, u64, u16, Instant)>,
     next_port: u16,
     cursor: usize,
 }
@@ -207,6 +208,14 @@ struct Outstanding {
     port: u16,
     sent: Instant,
 }
+
+/// Client and server start a lifetime at slightly different moments: a
+/// renewal sent this close to the client's idea of the expiry may find the
+/// mapping gone.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
+
+/// What `on_reply` says of an unsolicited update (not an invalid reply).
+const UNSOLICITED: &str = "unsolicited";
 
 /// Keys of requests without a nonce: one in flight per subscriber and kind.
 fn nonceless_key(sub: u32, kind: Kind) -> u64 {
@@ -252,7 +261,7 @@ impl Gen {
                         continue;
                     }
                     sub.cursor = (sub.cursor + 1) % sub.mappings.len();
-                    let (port, seq, _) = sub.mappings[sub.cursor];
+                    let (port, seq, _, _) = sub.mappings[sub.cursor];
                     (seq, port, seq)
                 }
                 Kind::Peer => {
@@ -293,6 +302,7 @@ impl Gen {
             Some(IpAddr::V4(a)) => u32::from(a).checked_sub(FIRST_SUBSCRIBER),
             _ => None,
         };
+        let mut lifetime = 0;
         let (key, result_name, ext_port, ok) = match reply {
             Reply::Echo { seq } => (
                 seq.ok_or("echo without our nonce")?,
@@ -314,7 +324,9 @@ impl Gen {
                 opcode,
                 result,
                 external_port,
+                lifetime: granted,
             } => {
+                lifetime = granted;
                 let key = match (opcode, seq) {
                     (pcp_wire::Opcode::Announce, _) => nonceless_key(
                         sub_of(dst).ok_or("ANNOUNCE reply to an unknown address")?,
@@ -331,24 +343,37 @@ impl Gen {
                 )
             }
         };
-        let o = self
-            .out
-            .remove(&key)
-            .ok_or("reply to no outstanding request")?;
+        let Some(o) = self.out.remove(&key) else {
+            // An unsolicited MAP/PEER response (RFC 6887 §14.2: the mapping
+            // moved, e.g. a drain) for a mapping we hold: take the new port.
+            let moved = self.subs.iter_mut().find_map(|s| s.mappings.iter_mut().find(|m| m.1 == key));
+            return match moved {
+                Some(m) if ok => {
+                    m.2 = ext_port;
+                    summary.unsolicited += 1;
+                    Err(UNSOLICITED.into())
+                }
+                _ => Err("reply to no outstanding request".into()),
+            };
+        };
         let latency = o.sent.elapsed();
         summary.count(o.kind, &result_name);
         if ok && !self.args.echo {
             let sub = &mut self.subs[o.sub as usize];
+            let expires = Instant::now() + Duration::from_secs(u64::from(lifetime));
             match o.kind {
-                Kind::Create => sub.mappings.push((o.port, key, ext_port)),
+                Kind::Create => sub.mappings.push((o.port, key, ext_port, expires)),
                 Kind::Renew => {
-                    if let Some(m) = sub.mappings.iter().find(|m| m.1 == key) {
-                        if m.2 != ext_port {
+                    if let Some(m) = sub.mappings.iter_mut().find(|m| m.1 == key) {
+                        // A mapping that expired before its renewal was sent
+                        // is made anew, on any port; a live one keeps its port.
+                        if m.2 != ext_port && o.sent + EXPIRY_MARGIN < m.3 {
                             return Err(format!(
                                 "renewal moved the mapping from port {} to {ext_port}",
                                 m.2
                             ));
                         }
+                        (m.2, m.3) = (ext_port, expires);
                     }
                 }
                 Kind::Delete => sub.mappings.retain(|m| m.1 != key),
@@ -527,6 +552,7 @@ async fn drive(
                         summary.replies += 1;
                         let _ = hist.record((lat.as_micros() as u64).max(1));
                     }
+                    Err(e) if e == UNSOLICITED => {}
                     Err(_) => summary.invalid += 1,
                 }
             }
