@@ -505,7 +505,6 @@ impl Config {
 
 /// A change a reload cannot take while mappings are live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
 pub enum ReloadConflict {
     /// Pools decide every external address and block.
     #[error(

@@ -28,8 +28,7 @@ fn acknowledged_mappings_survive_kill_9_and_the_epoch_continues() {
     let ip = Ipv4Addr::new(127, 0, 0, 18);
     let dir = temp_dir("crash");
     let mut cfg = config_for(ip, &dir);
-    cfg["pcp"]["profiles"]["residential"]["rate_per_sec"] = 100_000.into();
-    cfg["pcp"]["profiles"]["residential"]["burst"] = 100_000.into();
+    no_rate_limit(&mut cfg);
     let mut d = Daemon::start_in(dir, ip, cfg);
     let server = d.pcp_addr();
     let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();

@@ -124,8 +124,7 @@ fn a_full_disk_is_answered_no_resources_and_loses_no_acknowledged_mapping() {
     let dir = temp_dir("disk-full");
     let fs = Tmpfs::mount(&dir.join("state"), "1m");
     let mut cfg = config_for(ip, &dir);
-    cfg["pcp"]["profiles"]["residential"]["rate_per_sec"] = 100_000.into();
-    cfg["pcp"]["profiles"]["residential"]["burst"] = 100_000.into();
+    no_rate_limit(&mut cfg);
     let mut d = Daemon::start_in(dir, ip, cfg);
     let mut acked = Vec::new();
     create_until(&d, 0, 40, &mut acked, |_| false);
@@ -268,8 +267,7 @@ fn sigterm_under_load_answers_what_was_committed_and_exits_0() {
     let ip = Ipv4Addr::new(127, 0, 0, 42);
     let dir = temp_dir("sigterm");
     let mut cfg = config_for(ip, &dir);
-    cfg["pcp"]["profiles"]["residential"]["rate_per_sec"] = 100_000.into();
-    cfg["pcp"]["profiles"]["residential"]["burst"] = 100_000.into();
+    no_rate_limit(&mut cfg);
     let mut d = Daemon::start_in(dir, ip, cfg);
     let server = d.pcp_addr();
     let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
@@ -489,25 +487,6 @@ fn flood(d: &Daemon, first: u32, count: u32, make: impl Fn(u32, Ipv4Addr) -> Vec
     answered
 }
 
-fn pcp_map(src: Ipv4Addr, nonce: u32, lifetime: u32, options: &[u8]) -> Vec<u8> {
-    let req = pcp_wire::Request {
-        lifetime,
-        client_addr: std::net::IpAddr::V4(src),
-        data: pcp_wire::OpData::Map(pcp_wire::MapData {
-            nonce: pcp_wire::Nonce([nonce as u8; 12]),
-            protocol: 6,
-            internal_port: 8080,
-            external_port: 0,
-            external_addr: std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        }),
-        options: pcp_wire::Options::NONE,
-    };
-    let mut b = vec![0u8; req.buffer_len()];
-    req.emit(&mut b).unwrap();
-    b.extend_from_slice(options);
-    b
-}
-
 #[test]
 fn floods_from_100k_sources_leave_no_state_and_valid_ones_stop_at_the_pool() {
     let ip = Ipv4Addr::new(127, 0, 0, 44);
@@ -522,17 +501,18 @@ fn floods_from_100k_sources_leave_no_state_and_valid_ones_stop_at_the_pool() {
     // option, a disabled option (THIRD_PARTY), an unknown mandatory option,
     // or a delete (lifetime 0) of a mapping it does not have.
     let answered = flood(&d, 0, 100_000, |i, src| match i % 4 {
-        0 => pcp_map(src, i, 3600, &[0x01, 0, 0, 4, 0, 0, 0, 0]),
-        1 => pcp_map(
+        0 => map_bytes(src, i as u8, 8080, 3600, &[0x01, 0, 0, 4, 0, 0, 0, 0]),
+        1 => map_bytes(
             src,
-            i,
+            i as u8,
+            8080,
             3600,
             &[
                 0x01, 0, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 100, 64, 0, 1,
             ],
         ),
-        2 => pcp_map(src, i, 3600, &[0x7f, 0, 0, 0]),
-        _ => pcp_map(src, i, 0, &[]),
+        2 => map_bytes(src, i as u8, 8080, 3600, &[0x7f, 0, 0, 0]),
+        _ => map_bytes(src, i as u8, 8080, 0, &[]),
     });
     assert!(answered >= 99_000, "the flood is answered: {answered}");
     std::thread::sleep(Duration::from_millis(1200)); // a stats period
@@ -554,7 +534,9 @@ fn floods_from_100k_sources_leave_no_state_and_valid_ones_stop_at_the_pool() {
     // Valid creates from 100 k sources: bounded by the pool (504 blocks),
     // then NO_RESOURCES, and the pool-exhaustion alert's metric and NAT
     // log event fire.
-    let answered = flood(&d, 100_000, 100_000, |i, src| pcp_map(src, i, 3600, &[]));
+    let answered = flood(&d, 100_000, 100_000, |i, src| {
+        map_bytes(src, i as u8, 8080, 3600, &[])
+    });
     assert!(
         answered >= 99_000,
         "the valid flood is answered: {answered}"
@@ -607,9 +589,10 @@ impl Class {
     }
 }
 
-fn map_bytes(src: Ipv4Addr, nonce: u8, port: u16, extra: &[u8]) -> Vec<u8> {
+/// A MAP from `src` with `extra` option bytes appended.
+fn map_bytes(src: Ipv4Addr, nonce: u8, port: u16, lifetime: u32, extra: &[u8]) -> Vec<u8> {
     let req = pcp_wire::Request {
-        lifetime: 3600,
+        lifetime,
         client_addr: std::net::IpAddr::V4(src),
         data: pcp_wire::OpData::Map(pcp_wire::MapData {
             nonce: pcp_wire::Nonce([nonce; 12]),
@@ -717,16 +700,16 @@ fn overload_twice_capacity_sheds_garbage_before_creates_before_renewals() {
             let (ci, bytes, port) = match n % 3 {
                 0 => {
                     let port = 1000 + (k % 8) as u16;
-                    (0, map_bytes(renew.src(i), 1, port, &[]), port)
+                    (0, map_bytes(renew.src(i), 1, port, 3600, &[]), port)
                 }
                 1 => {
                     let port = 2000 + (k % 60_000) as u16;
-                    (1, map_bytes(create.src(i), 2, port, &[]), port)
+                    (1, map_bytes(create.src(i), 2, port, 3600, &[]), port)
                 }
                 // An unknown mandatory option: UNSUPP_OPTION, no state.
                 _ => (
                     2,
-                    map_bytes(garbage.src(i), 3, 4000, &[0x7f, 0, 0, 0]),
+                    map_bytes(garbage.src(i), 3, 4000, 3600, &[0x7f, 0, 0, 0]),
                     4000,
                 ),
             };

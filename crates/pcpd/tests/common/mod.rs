@@ -61,6 +61,12 @@ pub fn config_for(ip: Ipv4Addr, dir: &std::path::Path) -> serde_yaml::Value {
     v
 }
 
+/// The default profile's rate limit out of the way of a load test.
+pub fn no_rate_limit(cfg: &mut serde_yaml::Value) {
+    cfg["pcp"]["profiles"]["residential"]["rate_per_sec"] = 100_000.into();
+    cfg["pcp"]["profiles"]["residential"]["burst"] = 100_000.into();
+}
+
 pub fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("pcpd-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
