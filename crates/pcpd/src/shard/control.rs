@@ -149,3 +149,142 @@ fn not_durable(st: &State) -> Refused {
             .unwrap_or_else(|| "the journal could not be written".into()),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    //! The operator paths against a journal that fails (pcp-store's fault
+    //! seam): an API delete or drain is answered only after its commit, a
+    //! failed commit is refused (HTTP 503) and undone where it can be, and
+    //! the unsolicited updates of a drain wait until the state is durable.
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use pcp_dataplane::MemoryDataplane;
+    use pcp_engine::{BlockAllocator, Compiled, Engine, MappingId};
+    use pcp_store::Faults;
+    use tokio::sync::oneshot;
+
+    use super::super::effects::{Effects, Origin};
+    use super::super::replies::ReplyArena;
+    use super::super::{now_ms, Health, State};
+    use super::{control, Control, Refused};
+
+    fn state(dir: &std::path::Path, faults: Arc<Faults>) -> (State, Arc<BlockAllocator>) {
+        let cfg = crate::config::Config::builtin();
+        let pools = Arc::new(BlockAllocator::new(&cfg.pcp));
+        let compiled = Arc::new(Compiled::new(cfg.pcp, &pools).unwrap());
+        let engine = Engine::new(compiled, pools.clone(), 0, now_ms(), 1);
+        let journal = pcp_store::write_snapshot_with(dir, 0, 1, Vec::new(), Some(faults)).unwrap();
+        let metrics = crate::metrics::Metrics::new().unwrap();
+        let health = Arc::new(Health::new(1));
+        let sinks = (
+            crate::natlog::NatLog::stdout(),
+            metrics.clone(),
+            health.clone(),
+        );
+        let st = State {
+            engine,
+            effects: Effects::new(0, journal, 1 << 30, Box::new(MemoryDataplane::new()), sinks),
+            replies: ReplyArena::new(),
+            metrics,
+            health,
+        };
+        (st, pools)
+    }
+
+    /// A committed MAP from 127.0.0.1 (its client listens on port 40000).
+    fn mapping(st: &mut State, port: u16) -> MappingId {
+        let req = pcp_wire::Request {
+            lifetime: 3600,
+            client_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            data: pcp_wire::OpData::Map(pcp_wire::MapData {
+                nonce: pcp_wire::Nonce([7; 12]),
+                protocol: 6,
+                internal_port: port,
+                external_port: 0,
+                external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            }),
+            options: pcp_wire::Options::NONE,
+        };
+        let mut buf = [0u8; 1100];
+        let n = req.emit(&mut buf).unwrap();
+        let src = SocketAddr::from((Ipv4Addr::LOCALHOST, 40000));
+        st.engine
+            .handle(now_ms(), src, &buf[..n], &mut [0u8; 1100])
+            .unwrap();
+        st.effects.collect(&mut st.engine, Origin::Timer);
+        assert!(st.effects.settle(&mut st.engine).durable);
+        st.engine
+            .mappings()
+            .find(|m| m.internal_port == port)
+            .unwrap()
+            .id
+    }
+
+    fn ask<T>(st: &mut State, make: impl FnOnce(oneshot::Sender<T>) -> Control) -> T {
+        let (tx, mut rx) = oneshot::channel();
+        assert!(control(st, make(tx)));
+        rx.try_recv().expect("answered before control() returns")
+    }
+
+    fn dir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("pcpd-control-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_delete_whose_commit_fails_is_refused_and_undone() {
+        let faults = Arc::new(Faults::default());
+        let (mut st, _) = state(&dir("delete"), faults.clone());
+        let id = mapping(&mut st, 80);
+        faults.fail_writes(3);
+        let r = ask(&mut st, |tx| Control::Delete(id, tx));
+        assert!(matches!(r, Err(Refused::NotDurable(_))), "{r:?}");
+        assert!(
+            st.engine.mappings().any(|m| m.internal_port == 80),
+            "a refused delete keeps the mapping"
+        );
+        // Refused up front while the state cannot be written.
+        let r = ask(&mut st, |tx| {
+            Control::Drain(Ipv4Addr::new(192, 0, 2, 0), tx)
+        });
+        assert!(matches!(r, Err(Refused::NotDurable(_))), "{r:?}");
+    }
+
+    #[test]
+    fn drain_updates_wait_until_the_state_is_durable() {
+        let faults = Arc::new(Faults::default());
+        let (mut st, pools) = state(&dir("drain"), faults.clone());
+        let id = mapping(&mut st, 80);
+        let ext = st.engine.mapping(id).unwrap().external_addr;
+        assert!(pools.set_draining(ext, true));
+        // The drain's own commit fails (and the snapshot that would repair it).
+        faults.fail_writes(2);
+        let r = ask(&mut st, |tx| Control::Drain(ext, tx));
+        assert!(matches!(r, Err(Refused::NotDurable(_))), "{r:?}");
+        // The timer path: the update is due, but the state it reports is not
+        // durable, so it must not go out.
+        st.engine.handle_timeout(now_ms());
+        st.effects.collect(&mut st.engine, Origin::Timer);
+        assert!(!st.effects.settle(&mut st.engine).durable);
+        assert!(st.effects.poisoned());
+        let mut held = 0;
+        while st.engine.poll_transmit().is_some() {
+            held += 1; // timers.rs drops these: not durable
+        }
+        assert!(held >= 1, "the engine had an update to send");
+        // Once a snapshot can be written, the state is durable again and
+        // updates may go out.
+        std::thread::sleep(Duration::from_millis(1100));
+        st.engine.handle_timeout(now_ms());
+        st.effects.collect(&mut st.engine, Origin::Timer);
+        assert!(st.effects.settle(&mut st.engine).durable);
+        assert!(
+            st.engine.poll_transmit().is_some(),
+            "the §14.2 retransmission goes out now"
+        );
+    }
+}
