@@ -16,6 +16,15 @@ use std::time::{Duration, Instant};
 use common::*;
 use pcp_wire::{Response, ResultCode};
 
+/// The tests of this file load the machine; each runs alone, so one's
+/// load does not distort another's measurements (the overload test
+/// measures pcpd's capacity, then sends twice that).
+static ALONE: Mutex<()> = Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    ALONE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A tmpfs of `size` mounted on `at`; unmounted on drop.
 struct Tmpfs(PathBuf);
 
@@ -120,6 +129,7 @@ fn wait_ready_again(d: &Daemon) {
 
 #[test]
 fn a_full_disk_is_answered_no_resources_and_loses_no_acknowledged_mapping() {
+    let _alone = alone();
     let ip = Ipv4Addr::new(127, 0, 0, 41);
     let dir = temp_dir("disk-full");
     let fs = Tmpfs::mount(&dir.join("state"), "1m");
@@ -264,6 +274,7 @@ fn a_full_disk_is_answered_no_resources_and_loses_no_acknowledged_mapping() {
 
 #[test]
 fn sigterm_under_load_answers_what_was_committed_and_exits_0() {
+    let _alone = alone();
     let ip = Ipv4Addr::new(127, 0, 0, 42);
     let dir = temp_dir("sigterm");
     let mut cfg = config_for(ip, &dir);
@@ -384,6 +395,7 @@ fn internal_ports(d: &Daemon) -> Vec<u64> {
 
 #[test]
 fn wall_clock_steps_neither_expire_nor_keep_mappings() {
+    let _alone = alone();
     assert!(
         Path::new(FAKETIME).exists(),
         "{FAKETIME} missing: install Debian's faketime (.ci/prereqs does)"
@@ -489,6 +501,7 @@ fn flood(d: &Daemon, first: u32, count: u32, make: impl Fn(u32, Ipv4Addr) -> Vec
 
 #[test]
 fn floods_from_100k_sources_leave_no_state_and_valid_ones_stop_at_the_pool() {
+    let _alone = alone();
     let ip = Ipv4Addr::new(127, 0, 0, 44);
     let dir = temp_dir("exhaust");
     let mut cfg = config_for(ip, &dir);
@@ -645,6 +658,7 @@ fn receive(
 
 #[test]
 fn overload_twice_capacity_sheds_garbage_before_creates_before_renewals() {
+    let _alone = alone();
     let ip = Ipv4Addr::new(127, 0, 0, 45);
     let dir = temp_dir("overload");
     let mut cfg = config_for(ip, &dir);
