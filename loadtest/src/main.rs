@@ -346,7 +346,10 @@ impl Gen {
         let Some(o) = self.out.remove(&key) else {
             // An unsolicited MAP/PEER response (RFC 6887 §14.2: the mapping
             // moved, e.g. a drain) for a mapping we hold: take the new port.
-            let moved = self.subs.iter_mut().find_map(|s| s.mappings.iter_mut().find(|m| m.1 == key));
+            let moved = self
+                .subs
+                .iter_mut()
+                .find_map(|s| s.mappings.iter_mut().find(|m| m.1 == key));
             return match moved {
                 Some(m) if ok => {
                     m.2 = ext_port;
