@@ -1272,3 +1272,20 @@ fn description_not_utf8_is_ignored_rfc7220_section_3() {
         .and_then(|e| e.description.as_ref())
         .is_none());
 }
+
+#[test]
+fn dynamic_pools_above_2_to_the_20_addresses_are_refused_with_their_path() {
+    // Each address of a dynamic pool has its free list in memory: a /0
+    // would be 2^32 of them. The limit is a /12.
+    let mut cfg = test_config();
+    cfg.pools.get_mut("cgnat").unwrap().prefixes = vec!["10.0.0.0/11".parse().unwrap()];
+    let problems = cfg.validate();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.path == "pools.cgnat.prefixes" && p.message.contains("at most 1048576")),
+        "{problems:?}"
+    );
+    cfg.pools.get_mut("cgnat").unwrap().prefixes = vec!["10.0.0.0/12".parse().unwrap()];
+    assert!(cfg.validate().is_empty());
+}
