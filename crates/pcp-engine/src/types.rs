@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use pcp_wire::{Filter, Nonce, ResultCode};
+use pcp_wire::{Filter, Nonce, OpData, PeerData, ResultCode};
 
 use crate::alloc::Block;
 
@@ -66,6 +66,54 @@ pub struct MappingKey {
     pub internal: InternalEndpoint,
     /// The remote peer, for PEER mappings; `None` for MAP and static ones.
     pub remote: Option<RemoteEndpoint>,
+}
+
+impl MappingKey {
+    /// The key of a MAP (or static) mapping of `internal`.
+    pub fn inbound(internal: InternalEndpoint) -> Self {
+        MappingKey {
+            internal,
+            remote: None,
+        }
+    }
+
+    /// The key a PEER request for `subscriber` names.
+    pub fn of_peer(subscriber: IpAddr, p: &PeerData) -> Self {
+        MappingKey {
+            internal: InternalEndpoint {
+                addr: subscriber,
+                protocol: p.map.protocol,
+                port: p.map.internal_port,
+            },
+            remote: Some(RemoteEndpoint {
+                addr: p.remote_addr,
+                port: p.remote_port,
+            }),
+        }
+    }
+
+    /// The mapping a MAP or PEER request for `subscriber` names; `None`
+    /// for ANNOUNCE.
+    pub fn of_request(subscriber: IpAddr, data: &OpData) -> Option<Self> {
+        match data {
+            OpData::Announce => None,
+            OpData::Map(m) => Some(Self::inbound(InternalEndpoint {
+                addr: subscriber,
+                protocol: m.protocol,
+                port: m.internal_port,
+            })),
+            OpData::Peer(p) => Some(Self::of_peer(subscriber, p)),
+        }
+    }
+}
+
+/// `ms` moved by `delta` ms; `Millis::MAX` ("never", static mappings)
+/// stays.
+pub fn shift_ms(ms: Millis, delta: i64) -> Millis {
+    if ms == Millis::MAX {
+        return ms;
+    }
+    ms.saturating_add_signed(delta)
 }
 
 /// What created a mapping.

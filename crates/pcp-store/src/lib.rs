@@ -75,11 +75,7 @@ impl Record {
     /// engine runs on a monotonic clock, and the two differ after a step of
     /// the wall clock.
     pub fn shift(&mut self, delta: i64) {
-        let at = |ms: &mut Millis| {
-            if *ms != Millis::MAX {
-                *ms = ms.saturating_add_signed(delta);
-            }
-        };
+        let at = |ms: &mut Millis| *ms = pcp_engine::shift_ms(*ms, delta);
         match self {
             Record::Block { since, .. } => at(since),
             Record::History(h) => {

@@ -9,7 +9,7 @@
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use pcp_engine::Millis;
+use pcp_engine::{shift_ms, Millis};
 
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn wall_ms() -> Millis {
@@ -35,18 +35,10 @@ pub fn wall_offset_ms() -> i64 {
 
 /// An engine-clock instant as wall time (for the API and logs).
 pub fn to_wall(ms: Millis) -> Millis {
-    shift(ms, wall_offset_ms())
+    shift_ms(ms, wall_offset_ms())
 }
 
 /// A wall-clock instant as engine time (for questions asked in wall time).
 pub fn from_wall(ms: Millis) -> Millis {
-    shift(ms, -wall_offset_ms())
-}
-
-/// `ms` moved by `delta`; `Millis::MAX` ("never") stays.
-pub fn shift(ms: Millis, delta: i64) -> Millis {
-    if ms == Millis::MAX {
-        return ms;
-    }
-    ms.saturating_add_signed(delta)
+    shift_ms(ms, -wall_offset_ms())
 }

@@ -432,7 +432,9 @@ async fn watch_clock(state: Arc<admin::AppState>, state_dir: PathBuf, epoch_star
             step_ms = offset - written,
             "the wall clock was stepped; mappings keep their lifetimes (monotonic clock); rewriting the state in the new wall time"
         );
-        if let Err(e) = pcp_store::write_epoch(&state_dir, clock::shift(epoch_start, offset)) {
+        if let Err(e) =
+            pcp_store::write_epoch(&state_dir, pcp_engine::shift_ms(epoch_start, offset))
+        {
             tracing::error!("epoch file: {e}");
             continue;
         }

@@ -49,11 +49,7 @@ impl Engine {
             protocol: m.protocol,
             port: m.internal_port,
         };
-        let key = MappingKey {
-            internal,
-            remote: None,
-        };
-        let existing = self.table.find(&key);
+        let existing = self.table.find(&MappingKey::inbound(internal));
         if ask.lifetime == 0 {
             if existing.is_none() && self.table.outbound_port(&internal).is_some() {
                 // §15.1: MAP cannot delete an outbound (PEER-created) mapping.

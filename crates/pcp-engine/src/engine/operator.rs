@@ -29,11 +29,7 @@ impl Engine {
         if internal.port == 0 || !self.compiled.config.protocols.contains(&internal.protocol) {
             return Err(ResultCode::UnsuppProtocol);
         }
-        let key = MappingKey {
-            internal,
-            remote: None,
-        };
-        if self.table.find(&key).is_some() {
+        if self.table.find(&MappingKey::inbound(internal)).is_some() {
             return Err(ResultCode::CannotProvideExternal);
         }
         self.subscriber_entry(now, internal.addr)

@@ -11,9 +11,7 @@ use super::ports::{PortAsk, Suggestion};
 use super::request::{Granted, Refusal};
 use super::table::UNASSIGNED;
 use super::Engine;
-use crate::types::{
-    InternalEndpoint, Mapping, MappingExtra, MappingKey, MappingKind, Millis, RemoteEndpoint,
-};
+use crate::types::{Mapping, MappingExtra, MappingKey, MappingKind, Millis};
 
 impl Engine {
     /// RFC 6887 §12.3.
@@ -40,17 +38,7 @@ impl Engine {
         {
             return Err(ResultCode::MalformedRequest.into());
         }
-        let key = MappingKey {
-            internal: InternalEndpoint {
-                addr: ask.subscriber,
-                protocol: m.protocol,
-                port: m.internal_port,
-            },
-            remote: Some(RemoteEndpoint {
-                addr: r,
-                port: p.remote_port,
-            }),
-        };
+        let key = MappingKey::of_peer(ask.subscriber, p);
         let existing = self.table.find(&key);
         if ask.lifetime == 0 {
             return self.delete_by_client(now, existing, m, Via::Pcp);
@@ -124,13 +112,9 @@ impl Engine {
     ) -> Result<(Ipv4Addr, u16), Refusal> {
         let suggested = (m.external_addr, m.external_port);
         let suggested_any = suggested.0.is_unspecified() && suggested.1 == 0;
-        let inbound = MappingKey {
-            internal: key.internal,
-            remote: None,
-        };
         let endpoint = self
             .table
-            .find(&inbound)
+            .find(&MappingKey::inbound(key.internal))
             .and_then(|slot| self.table.get(slot))
             .filter(|m| m.port_count == 1)
             .map(|m| m.external_port)

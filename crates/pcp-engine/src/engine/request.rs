@@ -10,7 +10,7 @@ use pcp_wire::{
 };
 
 use super::Engine;
-use crate::types::{InternalEndpoint, MappingKey, Millis, Priority, RemoteEndpoint};
+use crate::types::{InternalEndpoint, MappingKey, Millis, Priority};
 
 /// A row of [`crate::Stats::responses`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,14 +164,11 @@ impl Engine {
         match parse_request(datagram) {
             Err(_) => Priority::Garbage,
             Ok(Message::NatPmp(natpmp::Request::Map(m))) => {
-                let key = MappingKey {
-                    internal: InternalEndpoint {
-                        addr: src_ip,
-                        protocol: m.protocol.ip_protocol(),
-                        port: m.internal_port,
-                    },
-                    remote: None,
-                };
+                let key = MappingKey::inbound(InternalEndpoint {
+                    addr: src_ip,
+                    protocol: m.protocol.ip_protocol(),
+                    port: m.internal_port,
+                });
                 if m.lifetime != 0 && exists(key, None) {
                     Priority::Renewal
                 } else {
@@ -187,26 +184,11 @@ impl Engine {
                 if req.client_addr != src_ip || self.compiled.class_of(subscriber).is_none() {
                     return Priority::Garbage;
                 }
-                let (m, remote) = match req.data {
-                    OpData::Announce => return Priority::Create,
-                    OpData::Map(m) => (m, None),
-                    OpData::Peer(p) => (
-                        p.map,
-                        Some(RemoteEndpoint {
-                            addr: p.remote_addr,
-                            port: p.remote_port,
-                        }),
-                    ),
+                let Some(key) = MappingKey::of_request(subscriber, &req.data) else {
+                    return Priority::Create; // ANNOUNCE
                 };
-                let key = MappingKey {
-                    internal: InternalEndpoint {
-                        addr: subscriber,
-                        protocol: m.protocol,
-                        port: m.internal_port,
-                    },
-                    remote,
-                };
-                if req.lifetime != 0 && exists(key, Some(m.nonce)) {
+                let nonce = req.data.map_data().map(|m| m.nonce);
+                if req.lifetime != 0 && exists(key, nonce) {
                     Priority::Renewal
                 } else {
                     Priority::Create

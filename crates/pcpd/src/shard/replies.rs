@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use pcp_engine::Engine;
-use pcp_wire::ResultCode;
+use pcp_wire::{Opcode, ResultCode};
 use quinn_udp::Transmit;
 use tokio::io::Interest;
 
@@ -138,8 +138,9 @@ fn reports_state(reply: &[u8]) -> bool {
     match reply.first() {
         Some(&pcp_wire::natpmp::VERSION) => reply.get(2..4) == Some(&[0, 0]),
         Some(_) => {
-            let opcode = reply.get(field::OPCODE).map(|o| o & 0x7f);
-            reply.get(field::RESULT) == Some(&0) && matches!(opcode, Some(1) | Some(2))
+            let opcode = reply.get(field::OPCODE).map(|o| Opcode::from(o & 0x7f));
+            reply.get(field::RESULT) == Some(&u8::from(ResultCode::Success))
+                && matches!(opcode, Some(Opcode::Map | Opcode::Peer))
         }
         None => false,
     }

@@ -28,7 +28,8 @@ struct Staged {
 
 /// The datagrams of one cycle, owned by this shard.
 pub(super) struct Stage {
-    bufs: Box<[[u8; MAX_DATAGRAM]; STAGE]>,
+    /// `STAGE` buffers, on the heap (too large for a stack).
+    bufs: Vec<[u8; MAX_DATAGRAM]>,
     staged: Vec<Staged>,
     order: Vec<usize>,
 }
@@ -36,10 +37,7 @@ pub(super) struct Stage {
 impl Stage {
     pub(super) fn new() -> Self {
         Stage {
-            bufs: vec![[0u8; MAX_DATAGRAM]; STAGE]
-                .into_boxed_slice()
-                .try_into()
-                .unwrap_or_else(|_| unreachable!("STAGE buffers")),
+            bufs: vec![[0u8; MAX_DATAGRAM]; STAGE],
             staged: Vec::with_capacity(STAGE),
             order: Vec::with_capacity(STAGE),
         }
