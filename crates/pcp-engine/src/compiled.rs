@@ -81,6 +81,12 @@ impl Compiled {
         })
     }
 
+    /// The index of `addr`'s subscriber class in the configuration's
+    /// `subscribers` list (in pcpd's cluster mode, its partition).
+    pub fn class_index(&self, addr: IpAddr) -> Option<usize> {
+        self.class_of(addr).map(|(c, _)| usize::from(c))
+    }
+
     /// The subscriber class of `addr` and its index within the class.
     pub(crate) fn class_of(&self, addr: IpAddr) -> Option<(u16, u64)> {
         self.prefixes.iter().find_map(|p| {

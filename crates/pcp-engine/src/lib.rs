@@ -36,5 +36,5 @@ pub mod types;
 pub use alloc::{Block, BlockAllocator, PoolUsage};
 pub use compiled::Compiled;
 pub use config::{ConfigProblem, EngineConfig};
-pub use engine::{shard_of, subscriber_key, Engine};
+pub use engine::{shard_of, subscriber_key, Engine, Forgotten};
 pub use types::*;

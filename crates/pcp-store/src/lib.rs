@@ -167,6 +167,18 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
+/// Encodes one record's body (no framing) into `out`: the value format of
+/// pcpd's cluster store in etcd, where each record is one key's value.
+pub fn encode_record(rec: &Record, out: &mut Vec<u8>) {
+    codec::encode(rec, out)
+}
+
+/// Decodes one record body written by [`encode_record`]; `None` when it is
+/// damaged or of an unknown kind.
+pub fn decode_record(body: &[u8]) -> Option<Record> {
+    codec::decode(body)
+}
+
 /// Frames a record into `out`.
 fn frame(rec: &Record, out: &mut Vec<u8>) {
     let at = out.len();

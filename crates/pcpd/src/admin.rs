@@ -24,6 +24,9 @@ pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 
 /// What the handlers share.
 pub struct AppState {
+    /// Cluster mode: this node's membership.
+    #[cfg(feature = "cluster")]
+    pub cluster: Option<crate::cluster::node::NodeHandle>,
     /// Shards, by index.
     pub shards: Vec<ShardHandle>,
     /// The block allocator (pools, and who holds each block now).
@@ -99,7 +102,7 @@ impl IntoResponse for ApiError {
 }
 
 type ApiResult = Result<Response, ApiError>;
-type AppRef = Arc<AppState>;
+pub(crate) type AppRef = Arc<AppState>;
 
 /// The router: public health endpoints, then read and write scopes.
 pub fn router(state: AppRef) -> Router {
@@ -109,6 +112,7 @@ pub fn router(state: AppRef) -> Router {
         .route("/v1/subscribers/{ip}", get(get_subscriber))
         .route("/v1/pools", get(get_pools))
         .route("/v1/lookup", get(lookup))
+        .route("/v1/cluster", get(crate::cluster::api::status))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_read));
     let write = Router::new()
         .route("/v1/mappings", post(create_mapping))
@@ -116,10 +120,12 @@ pub fn router(state: AppRef) -> Router {
         .route("/v1/pools/drain", post(drain))
         .route("/v1/pools/undrain", post(undrain))
         .route("/v1/reload", post(reload))
+        .route("/v1/cluster/partitions/{name}/handover", post(crate::cluster::api::handover))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_write));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
+        .route("/v1/cluster/partitions/{name}/health", get(crate::cluster::api::partition_health))
         .route("/v1/openapi.json", get(openapi))
         .merge(read)
         .merge(write)
@@ -192,6 +198,9 @@ async fn readyz(State(state): State<AppRef>) -> Response {
             "state is being restored, or pcpd is stopping",
         )
         .into_response();
+    }
+    if let Some(problem) = crate::cluster::api::not_ready(&state) {
+        return problem.into_response();
     }
     match state.health.problem() {
         None => Json(json!({"status": "ready"})).into_response(),

@@ -26,6 +26,7 @@ use pcp_engine::{BlockAllocator, Compiled};
 
 mod admin;
 mod clock;
+mod cluster;
 mod config;
 mod metrics;
 mod natlog;
@@ -141,7 +142,22 @@ fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Resul
             .collect::<Vec<_>>()
             .join("; "))
     })?);
-    let mut recovered = load_state(&cfg, discard_state)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("pcpd-admin")
+        .enable_all()
+        .build()?;
+    #[cfg(feature = "cluster")]
+    let boot = match &cfg.cluster {
+        Some(c) => Some(cluster::Boot::new(c, &rt)?),
+        None => None,
+    };
+    let mut recovered = if cfg.cluster.is_some() {
+        // Cluster mode: the state is in etcd; nothing local is read.
+        Recovered::in_etcd()
+    } else {
+        load_state(&cfg, discard_state)?
+    };
     metrics
         .epoch_start
         .set((recovered.epoch_start / 1000) as i64);
@@ -155,7 +171,14 @@ fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Resul
         natlog,
         health: health.clone(),
     };
-    let (specs, restored_rx) = shard_specs(&cfg, &mut recovered, shared, dataplanes);
+    #[allow(unused_mut)]
+    let (mut specs, restored_rx) = shard_specs(&cfg, &mut recovered, shared, dataplanes);
+    #[cfg(feature = "cluster")]
+    if let Some(boot) = &boot {
+        for spec in &mut specs {
+            spec.cluster = Some(boot.shard(&metrics));
+        }
+    }
     let (shards, threads) =
         shard::start(specs, cfg.handoff_queue).context("opening UDP sockets")?;
     wait_restored(&cfg, &recovered, restored_rx)?;
@@ -165,12 +188,11 @@ fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Resul
         loopback_only = cfg.loopback_only(),
         "pcpd answering PCP and NAT-PMP"
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("pcpd-admin")
-        .enable_all()
-        .build()?;
+    #[cfg(feature = "cluster")]
+    let node = boot.map(|b| b.start(shards.clone(), &metrics, &rt));
     let state = Arc::new(admin::AppState {
+        #[cfg(feature = "cluster")]
+        cluster: node,
         shards,
         shared: pools,
         tokens: cfg
@@ -230,6 +252,22 @@ struct Recovered {
     now: u64,
 }
 
+impl Recovered {
+    /// Cluster mode: each partition's state comes from etcd once owned, and
+    /// the epoch is the cluster's (set by the node task).
+    fn in_etcd() -> Recovered {
+        let now = clock::now_ms();
+        Recovered {
+            restores: Vec::new(),
+            epoch_start: now,
+            recovered: true,
+            records: 0,
+            started: std::time::Instant::now(),
+            now,
+        }
+    }
+}
+
 fn load_state(cfg: &Config, discard_state: bool) -> anyhow::Result<Recovered> {
     let now = clock::now_ms();
     if discard_state {
@@ -276,7 +314,8 @@ fn shard_specs(
     let now = recovered.now;
     let seed_base = now ^ u64::from(std::process::id()).rotate_left(32);
     let mut restored_rx = Vec::new();
-    let restores = std::mem::take(&mut recovered.restores);
+    let mut restores = std::mem::take(&mut recovered.restores);
+    restores.resize_with(dataplanes.len(), shard::Restore::default);
     let specs = dataplanes
         .into_iter()
         .zip(restores)
@@ -303,6 +342,8 @@ fn shard_specs(
                 journal_max_bytes: cfg.journal_max_mib << 20,
                 restored: tx,
                 dataplane,
+                #[cfg(feature = "cluster")]
+                cluster: None,
             }
         })
         .collect();
@@ -411,6 +452,14 @@ async fn serve(
     }
     state.ready.store(false, Ordering::Release);
     metrics.ready.set(0);
+    #[cfg(feature = "cluster")]
+    if let Some(node) = &state.cluster {
+        // Hand every partition to a peer before the shards stop.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if node.tx.send(cluster::node::NodeCommand::Leave(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
     Ok(())
 }
 

@@ -54,10 +54,22 @@ pub const POOL_EXHAUSTED: &str = "pcpd_pool_exhausted_total";
 /// `pcpd_state_writable{shard}`: 0 while a shard cannot make its state
 /// durable (full disk, failed fdatasync); it answers NO_RESOURCES then.
 pub const STATE_WRITABLE: &str = "pcpd_state_writable";
+/// `pcpd_cluster_partitions_owned`: partitions this node answers for.
+pub const CLUSTER_OWNED: &str = "pcpd_cluster_partitions_owned";
+/// `pcpd_cluster_ownership_changes_total{change}`: claimed, released, lost.
+pub const CLUSTER_CHANGES: &str = "pcpd_cluster_ownership_changes_total";
+/// `pcpd_cluster_etcd_txn_seconds`: one fenced etcd write transaction.
+pub const CLUSTER_TXN_LATENCY: &str = "pcpd_cluster_etcd_txn_seconds";
+/// `pcpd_cluster_etcd_failures_total{reason}`: etcd writes not committed.
+pub const CLUSTER_FAILURES: &str = "pcpd_cluster_etcd_failures_total";
+/// `pcpd_cluster_takeover_seconds{phase}`: the last takeover's phases.
+pub const CLUSTER_TAKEOVER: &str = "pcpd_cluster_takeover_seconds";
+/// `pcpd_cluster_lease_certain`: 1 while the node's etcd lease is certainly alive.
+pub const CLUSTER_CERTAIN: &str = "pcpd_cluster_lease_certain";
 
 /// Every metric name (checked against docs/metrics.md).
 #[cfg(test)]
-pub const ALL: [&str; 22] = [
+pub const ALL: [&str; 28] = [
     RESPONSES,
     DROPS,
     LATENCY,
@@ -80,6 +92,12 @@ pub const ALL: [&str; 22] = [
     STATE_WRITABLE,
     SUBSCRIBERS,
     POOL_EXHAUSTED,
+    CLUSTER_OWNED,
+    CLUSTER_CHANGES,
+    CLUSTER_TXN_LATENCY,
+    CLUSTER_FAILURES,
+    CLUSTER_TAKEOVER,
+    CLUSTER_CERTAIN,
 ];
 
 /// What a shard holds, for the gauges.
@@ -125,6 +143,25 @@ pub struct Metrics {
     state_writable: IntGaugeVec,
     subscribers: IntGaugeVec,
     pool_exhausted: IntCounter,
+    /// Cluster mode (zero on a single node).
+    pub cluster: ClusterMetrics,
+}
+
+/// The cluster-mode metrics.
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    /// Partitions owned.
+    pub owned: IntGauge,
+    /// Ownership changes, by change.
+    pub changes: IntCounterVec,
+    /// etcd write latency.
+    pub txn_latency: Histogram,
+    /// etcd writes not committed, by reason (unreachable, fenced).
+    pub failures: IntCounterVec,
+    /// The last takeover's phases (detection, etcd_read, install).
+    pub takeover: prometheus::GaugeVec,
+    /// Lease certainty.
+    pub certain: IntGauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -201,6 +238,14 @@ impl Metrics {
             state_writable: gauge_vec(&r, STATE_WRITABLE, "1 while the shard can make its state durable; 0 while it answers NO_RESOURCES for lack of it.", "shard")?,
             subscribers: gauge_vec(&r, SUBSCRIBERS, "Subscribers holding a port block or a mapping, by shard.", "shard")?,
             pool_exhausted: counter(&r, POOL_EXHAUSTED, "Requests refused NO_RESOURCES because the pool had no free block.")?,
+            cluster: ClusterMetrics {
+                owned: reg(&r, IntGauge::new(CLUSTER_OWNED, "Partitions this node owns and answers for (cluster mode).")?),
+                changes: counter_vec(&r, CLUSTER_CHANGES, "Partition ownership changes of this node: claimed, released, lost.", "change")?,
+                txn_latency: histogram(&r, CLUSTER_TXN_LATENCY, "Time of one fenced etcd write transaction, in seconds.")?,
+                failures: counter_vec(&r, CLUSTER_FAILURES, "etcd writes not committed, by reason (unreachable, fenced); their requests were answered NO_RESOURCES.", "reason")?,
+                takeover: reg(&r, prometheus::GaugeVec::new(Opts::new(CLUSTER_TAKEOVER, "Seconds each phase of this node's last partition takeover took (detection, etcd_read, install)."), &["phase"])?),
+                certain: reg(&r, IntGauge::new(CLUSTER_CERTAIN, "1 while this node's etcd lease is certainly alive (cluster mode).")?),
+            },
             registry: r,
         };
         let build = IntGaugeVec::new(

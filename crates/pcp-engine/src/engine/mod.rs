@@ -38,6 +38,7 @@ mod lifetime;
 mod map;
 mod natpmp;
 mod operator;
+mod partition;
 mod peer;
 mod ports;
 mod queries;
@@ -48,6 +49,7 @@ mod table;
 mod timers;
 mod unsolicited;
 
+pub use partition::Forgotten;
 use history::History;
 use ports::ReuseDelay;
 use subscriber::Subscriber;

@@ -57,6 +57,22 @@ pub enum Control {
     ClockStep,
     /// Stop: settle and answer what is held, then end the shard's thread.
     Shutdown(oneshot::Sender<()>),
+    /// Cluster mode: install a partition's state read from etcd.
+    #[cfg(feature = "cluster")]
+    Adopt(super::Restore, oneshot::Sender<super::RestoreReport>),
+    /// Cluster mode: drop partition `.0`'s state (handed over or lost);
+    /// with `.1`, remove its kernel entries too. Answers the mappings dropped.
+    #[cfg(feature = "cluster")]
+    Forget(usize, bool, oneshot::Sender<usize>),
+    /// Cluster mode: the cluster's epoch base (RFC 6887 §8.5).
+    #[cfg(feature = "cluster")]
+    Epoch(Millis),
+    /// Cluster mode: mappings held, per partition.
+    #[cfg(feature = "cluster")]
+    Counts(oneshot::Sender<Vec<usize>>),
+    /// Answered once every batch before it has settled and been answered
+    /// (a planned handover waits for it).
+    Barrier(oneshot::Sender<()>),
 }
 
 /// Filter for listing mappings.
@@ -118,6 +134,25 @@ pub(super) fn control(st: &mut State, ctl: Control) -> bool {
         Control::Shutdown(reply) => {
             let _ = reply.send(());
             return false;
+        }
+        // Control runs between batches (see shard::run), so nothing is in
+        // flight when it is answered.
+        Control::Barrier(reply) => {
+            let _ = reply.send(());
+        }
+        #[cfg(feature = "cluster")]
+        Control::Adopt(restore, reply) => {
+            let _ = reply.send(super::partition::adopt(st, restore));
+        }
+        #[cfg(feature = "cluster")]
+        Control::Forget(p, uninstall, reply) => {
+            let _ = reply.send(super::partition::forget(st, p, uninstall));
+        }
+        #[cfg(feature = "cluster")]
+        Control::Epoch(start) => st.engine.set_epoch_start(start),
+        #[cfg(feature = "cluster")]
+        Control::Counts(reply) => {
+            let _ = reply.send(super::partition::counts(st));
         }
     }
     true

@@ -12,6 +12,9 @@
 //! * while the journal is poisoned (a write or fdatasync failed), nothing
 //!   that reports state goes out until the state in memory has been
 //!   rewritten as a snapshot (see pcp-store's `Journal::commit`).
+//!
+//! In cluster mode the store is etcd instead of the journal
+//! (`cluster/store.rs`): the same rule, with fenced transactions.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +22,9 @@ use std::time::{Duration, Instant};
 use pcp_dataplane::{Change, Dataplane};
 use pcp_engine::{DeleteReason, Engine, Event, MappingId};
 use pcp_store::{Journal, Record};
+
+#[cfg(feature = "cluster")]
+use crate::cluster::store::{ClusterError, EtcdStore};
 use pcp_wire::ResultCode;
 
 use super::health::Health;
@@ -101,10 +107,19 @@ impl Settled {
     }
 }
 
+/// Where a shard's state is made durable.
+pub(super) enum Store {
+    /// The local journal and snapshots (single node, the default).
+    Journal(Journal),
+    /// etcd, in cluster mode.
+    #[cfg(feature = "cluster")]
+    Etcd(Box<EtcdStore>),
+}
+
 /// The shard's durable and kernel state, fed by engine events.
 pub(super) struct Effects {
     pub(super) index: usize,
-    journal: Journal,
+    store: Store,
     journal_max_bytes: u64,
     dataplane: Box<dyn Dataplane>,
     natlog: NatLog,
@@ -122,7 +137,7 @@ pub(super) struct Effects {
 impl Effects {
     pub(super) fn new(
         index: usize,
-        journal: Journal,
+        store: Store,
         journal_max_bytes: u64,
         dataplane: Box<dyn Dataplane>,
         sinks: (NatLog, Metrics, Arc<Health>),
@@ -131,7 +146,7 @@ impl Effects {
         metrics.state_writable(index, true);
         Effects {
             index,
-            journal,
+            store,
             journal_max_bytes,
             dataplane,
             natlog,
@@ -157,12 +172,45 @@ impl Effects {
     /// journal first when it is time to try.
     pub(super) fn durable(&mut self, engine: &Engine) -> bool {
         self.repair(engine);
-        !self.journal.is_poisoned()
+        !self.poisoned()
     }
 
     /// Whether the journal waits for a snapshot (no repair attempted).
+    /// etcd is never poisoned: each batch stands on its own transaction.
     pub(super) fn poisoned(&self) -> bool {
-        self.journal.is_poisoned()
+        match &self.store {
+            Store::Journal(j) => j.is_poisoned(),
+            #[cfg(feature = "cluster")]
+            Store::Etcd(_) => false,
+        }
+    }
+
+    /// The etcd writer, in cluster mode.
+    #[cfg(feature = "cluster")]
+    pub(super) fn etcd(&mut self) -> Option<&mut EtcdStore> {
+        match &mut self.store {
+            Store::Etcd(e) => Some(e),
+            Store::Journal(_) => None,
+        }
+    }
+
+    /// Applies dataplane changes that no engine event stands for (a
+    /// partition installed or handed over); returns how many failed.
+    #[cfg(feature = "cluster")]
+    pub(super) fn install_direct(&mut self, changes: &[Change]) -> usize {
+        if changes.is_empty() {
+            return 0;
+        }
+        let failed = self
+            .dataplane
+            .apply(changes)
+            .into_iter()
+            .filter(|r| r.is_err())
+            .count();
+        if failed > 0 {
+            tracing::error!(shard = self.index, failed, "dataplane: partition changes refused");
+        }
+        failed
     }
 
     /// Applies the batch: journal, dataplane, NAT log; takes back what did
@@ -189,8 +237,9 @@ impl Effects {
             self.apply_round(engine, false, &mut second);
         }
         self.natlog.flush();
-        settled.durable = !self.journal.is_poisoned();
-        if settled.durable && self.journal.len() > self.journal_max_bytes {
+        settled.durable = !self.poisoned();
+        let full = matches!(&self.store, Store::Journal(j) if j.len() > self.journal_max_bytes);
+        if settled.durable && full {
             self.compact(engine);
         }
         settled
@@ -229,7 +278,8 @@ impl Effects {
         // A snapshot written just now already holds this batch.
         if !repaired && !self.commit() {
             settled.not_durable.extend(&with_records);
-            take_back(engine, &mut batch, now);
+            let undone = take_back(engine, &mut batch, now);
+            self.retry_later(undone, offset);
         }
         let refused = self.install(&batch);
         let wall = crate::clock::wall_ms();
@@ -243,16 +293,51 @@ impl Effects {
         refused
     }
 
-    /// Journals the round's records; false when they are not durable.
+    /// In cluster mode, what was taken back is written too (a transaction
+    /// that timed out may have committed).
+    fn retry_later(&mut self, undone: Vec<Record>, offset: i64) {
+        #[cfg(feature = "cluster")]
+        if let Store::Etcd(e) = &mut self.store {
+            e.retry_later(undone.into_iter().map(|mut r| {
+                r.shift(offset);
+                r
+            }));
+        }
+        #[cfg(not(feature = "cluster"))]
+        let _ = (undone, offset);
+    }
+
+    /// Makes the round's records durable; false when they are not.
     fn commit(&mut self) -> bool {
         if self.records.is_empty() {
             return true;
         }
+        let journal = match &mut self.store {
+            Store::Journal(j) => j,
+            #[cfg(feature = "cluster")]
+            Store::Etcd(e) => {
+                return match e.commit(&self.records, crate::clock::wall_ms()) {
+                    Ok(()) => {
+                        if self.last_complaint.take().is_some() {
+                            tracing::warn!(shard = self.index, "etcd writable again; answering again");
+                            self.health.set_ok(self.index);
+                            self.metrics.state_writable(self.index, true);
+                        }
+                        true
+                    }
+                    Err(ClusterError::Fenced(_)) => false,
+                    Err(err) => {
+                        self.broken(err.to_string());
+                        false
+                    }
+                };
+            }
+        };
         for r in &self.records {
-            self.journal.append(r);
+            journal.append(r);
         }
         let started = Instant::now();
-        match self.journal.commit() {
+        match journal.commit() {
             Ok(_) => {
                 self.metrics
                     .journal_latency
@@ -311,7 +396,7 @@ impl Effects {
     /// A poisoned journal is replaced by a snapshot of the state in memory,
     /// at most once per [`REPAIR_INTERVAL`]. Returns whether it was now.
     fn repair(&mut self, engine: &Engine) -> bool {
-        if !self.journal.is_poisoned()
+        if !self.poisoned()
             || self
                 .last_repair
                 .is_some_and(|t| t.elapsed() < REPAIR_INTERVAL)
@@ -335,9 +420,12 @@ impl Effects {
     /// Replaces journal and snapshot with a snapshot of the engine's state
     /// (in wall time, like every record).
     pub(super) fn compact(&mut self, engine: &Engine) -> bool {
+        let Store::Journal(journal) = &mut self.store else {
+            return true; // etcd holds each record under its own key
+        };
         let started = Instant::now();
         let records = super::restore::state_records(engine, crate::clock::wall_offset_ms());
-        if let Err(e) = self.journal.compact(crate::clock::wall_ms(), records) {
+        if let Err(e) = journal.compact(crate::clock::wall_ms(), records) {
             self.metrics.journal_errors.inc();
             self.broken(format!("snapshot: {e}"));
             return false;
@@ -373,18 +461,28 @@ impl Effects {
 /// deleted are put back, and none of that reaches the dataplane or the NAT
 /// log (nothing was promised; the answer is NO_RESOURCES or 503). What time
 /// did (expiry) and what the operator moved (drain) stays as it is in
-/// memory; the next snapshot makes it durable.
-fn take_back(engine: &mut Engine, batch: &mut Vec<(Origin, Event)>, now: u64) {
+/// memory; the next snapshot makes it durable. Returns the records that
+/// say what was undone.
+fn take_back(engine: &mut Engine, batch: &mut Vec<(Origin, Event)>, now: u64) -> Vec<Record> {
+    let mut undone = Vec::new();
     batch.retain(|(_, event)| match event {
         Event::MappingCreated(m) => {
             engine.revoke(now, m.id);
+            undone.push(Record::Gone(m.key()));
             false
         }
         Event::MappingDeleted {
             mapping,
             reason: DeleteReason::Client | DeleteReason::Operator,
-        } => !engine.restore_mapping(now, mapping.clone()),
+        } => {
+            let restored = engine.restore_mapping(now, mapping.clone());
+            if restored {
+                undone.push(Record::Mapping(mapping.clone()));
+            }
+            !restored
+        }
         _ => true,
     });
     while engine.poll_event().is_some() {}
+    undone
 }

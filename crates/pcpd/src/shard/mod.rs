@@ -12,6 +12,7 @@
 //! | `control.rs` | operator requests (admin API, shutdown) |
 //! | `restore.rs` | recovered state, snapshot and reconcile before answering |
 //! | `health.rs` | whether each shard's state is durable (readiness) |
+//! | `partition.rs` | cluster mode: a partition's state installed or handed over |
 //!
 //! Per batch: receive up to `quinn_udp::BATCH_SIZE` datagrams (recvmmsg,
 //! with the destination address of each), hand the ones owned by another
@@ -38,6 +39,8 @@ use crate::natlog::NatLog;
 mod control;
 mod effects;
 mod health;
+#[cfg(feature = "cluster")]
+mod partition;
 mod recv;
 mod replies;
 mod restore;
@@ -48,7 +51,7 @@ pub use control::{Control, MappingFilter, Refused};
 pub use health::Health;
 pub use restore::{Restore, RestoreReport};
 
-use effects::Effects;
+use effects::{Effects, Store};
 use replies::ReplyArena;
 
 /// Socket receive buffer asked for (the kernel doubles it for its own
@@ -111,6 +114,18 @@ pub struct ShardSpec {
     pub restored: oneshot::Sender<Result<RestoreReport, pcp_store::StoreError>>,
     /// This shard's dataplane (its share of the table for nftables).
     pub dataplane: Box<dyn Dataplane>,
+    /// Cluster mode: no local state; partitions come and go through etcd.
+    #[cfg(feature = "cluster")]
+    pub cluster: Option<ShardCluster>,
+}
+
+/// What a shard needs in cluster mode.
+#[cfg(feature = "cluster")]
+pub struct ShardCluster {
+    /// What this node answers for.
+    pub ownership: Arc<crate::cluster::Ownership>,
+    /// The shard's etcd writer.
+    pub store: crate::cluster::store::EtcdStore,
 }
 
 /// A shard's state, owned by its thread.
@@ -120,6 +135,8 @@ struct State {
     replies: ReplyArena,
     metrics: Metrics,
     health: Arc<Health>,
+    /// Cluster mode: what this node answers for (`None`: everything).
+    ownership: Option<Arc<crate::cluster::Ownership>>,
 }
 
 type Sockets = Rc<Vec<(UdpSocket, UdpSocketState)>>;
@@ -200,6 +217,12 @@ pub fn start(
 
 /// Restores the shard's state; reports the outcome to the daemon.
 fn open(spec: ShardSpec) -> Option<State> {
+    #[cfg(feature = "cluster")]
+    let mut spec = spec;
+    #[cfg(feature = "cluster")]
+    if let Some(cluster) = spec.cluster.take() {
+        return Some(open_clustered(spec, cluster));
+    }
     let index = spec.index;
     let mut engine = Engine::new(
         spec.compiled,
@@ -232,13 +255,39 @@ fn open(spec: ShardSpec) -> Option<State> {
         engine.announce_restart(now_ms(), &[]);
     }
     let sinks = (spec.natlog, spec.metrics.clone(), spec.health.clone());
+    let store = Store::Journal(journal);
     Some(State {
         engine,
-        effects: Effects::new(index, journal, spec.journal_max_bytes, dataplane, sinks),
+        effects: Effects::new(index, store, spec.journal_max_bytes, dataplane, sinks),
         replies: ReplyArena::new(),
         metrics: spec.metrics,
         health: spec.health,
+        ownership: None,
     })
+}
+
+/// Cluster mode: nothing local to restore; the node task installs each
+/// partition's state from etcd once it owns it (`Control::Adopt`).
+#[cfg(feature = "cluster")]
+fn open_clustered(spec: ShardSpec, cluster: ShardCluster) -> State {
+    let engine = Engine::new(
+        spec.compiled,
+        spec.pools,
+        spec.index as u16,
+        spec.epoch_start_ms,
+        spec.seed,
+    );
+    let _ = spec.restored.send(Ok(RestoreReport::default()));
+    let sinks = (spec.natlog, spec.metrics.clone(), spec.health.clone());
+    let store = Store::Etcd(Box::new(cluster.store));
+    State {
+        engine,
+        effects: Effects::new(spec.index, store, spec.journal_max_bytes, spec.dataplane, sinks),
+        replies: ReplyArena::new(),
+        metrics: spec.metrics,
+        health: spec.health,
+        ownership: Some(cluster.ownership),
+    }
 }
 
 async fn run(

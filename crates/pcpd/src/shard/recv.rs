@@ -14,7 +14,11 @@ use quinn_udp::RecvMeta;
 use tokio::io::Interest;
 use tokio::sync::{mpsc, Notify};
 
+use pcp_wire::ResultCode;
+
 use super::effects::Origin;
+use super::now_ms;
+use crate::cluster::Admit;
 use super::replies::{Peer, REPLY_SLOTS};
 use super::stage::{Stage, STAGE};
 use super::{Handoff, ShardHandle, Sockets, State, MAX_DATAGRAM};
@@ -30,6 +34,22 @@ pub(super) fn handle_one(st: &mut State, sockets: &Sockets, peer: Peer, datagram
         flush(st, sockets);
     }
     let started = Instant::now();
+    if let Some(own) = &st.ownership {
+        // Cluster mode: only partitions this node certainly owns.
+        let subscriber = subscriber_key(datagram, peer.src.ip());
+        match own.admit(subscriber, now_ms()) {
+            Admit::Yes => {}
+            Admit::Uncertain => {
+                st.replies
+                    .refuse(&st.engine, peer, datagram, ResultCode::NoResources);
+                return;
+            }
+            Admit::NotOwner => {
+                st.metrics.drop_io("cluster_not_owner");
+                return;
+            }
+        }
+    }
     if let Some(slot) = st.replies.answer(&mut st.engine, peer, datagram) {
         st.effects.collect(&mut st.engine, Origin::Reply(slot));
     }

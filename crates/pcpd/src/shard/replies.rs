@@ -77,6 +77,26 @@ impl ReplyArena {
         Some(slot)
     }
 
+    /// Holds an error answer with `code` for `datagram`, without asking
+    /// the engine (cluster mode: the partition's lease is uncertain).
+    pub(super) fn refuse(&mut self, engine: &Engine, peer: Peer, datagram: &[u8], code: ResultCode) {
+        let slot = self.held.len();
+        let lifetime = engine.compiled().error_lifetime(code);
+        let epoch = engine.epoch(now_ms());
+        let Some(n) =
+            pcp_wire::late_error_response(datagram, code, lifetime, epoch, &mut self.replies[slot])
+        else {
+            return;
+        };
+        self.held.push(Held {
+            socket: peer.socket,
+            dst: peer.src,
+            src_ip: peer.dst_ip,
+            len: n,
+            request_len: 0,
+        });
+    }
+
     /// Replaces every held reply the batch's outcome refuses: a refusal
     /// for its own change, or any success that reports state while the
     /// state is not durable.

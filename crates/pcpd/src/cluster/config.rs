@@ -1,0 +1,239 @@
+//! The `cluster:` section: how pcpd joins a cluster coordinated through
+//! etcd, and how the operator's pools are cut into partitions.
+//!
+//! A partition is a set of subscriber prefixes together with the external
+//! prefixes their blocks come from (docs/architecture.md "Cluster"). Both
+//! move between nodes together, because routing sends both to the owner.
+//! In cluster mode the engine sees one subscriber class and one pool per
+//! partition, in the order of `cluster.partitions`: the class index is the
+//! partition index, and the pool is named after the partition.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use ipnet::{IpNet, Ipv4Net};
+use pcp_engine::config::{PoolConfig, SubscriberClass};
+use pcp_engine::EngineConfig;
+use serde::{Deserialize, Serialize};
+
+/// `cluster:`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's name; default: `$PCPD_NODE`, else the host name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The etcd cluster.
+    pub etcd: EtcdConfig,
+    /// TTL of the node's etcd lease, in seconds: a dead node's partitions
+    /// are taken over this long after its last keep-alive.
+    #[serde(default = "default_ttl")]
+    pub lease_ttl_secs: u64,
+    /// A node stops answering for its partitions this long before its lease
+    /// could have expired without a keep-alive, in milliseconds.
+    #[serde(default = "default_margin")]
+    pub margin_ms: u64,
+    /// A mapping is written to etcd with an expiry this many lifetimes past
+    /// the one granted, so that renewals within it cost no write (no client
+    /// is ever told an expiry later than the one etcd holds).
+    #[serde(default = "default_slack")]
+    pub renewal_slack: u32,
+    /// The partitions, in a fixed order every node shares.
+    pub partitions: Vec<PartitionConfig>,
+}
+
+/// `cluster.etcd`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client URLs of the members (`http://10.0.0.1:2379`, or `https://` with `tls`).
+    pub endpoints: Vec<String>,
+    /// Key prefix of this cluster's keys.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Timeout of each etcd call, in milliseconds; a write that takes
+    /// longer is not acknowledged (the client gets NO_RESOURCES).
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    /// TLS to etcd (e.g. files from a mounted Kubernetes Secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<EtcdTls>,
+}
+
+/// `cluster.etcd.tls`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTls {
+    /// CA certificate that signed the members' certificates (PEM).
+    pub ca: PathBuf,
+    /// Client certificate (PEM), for etcd's `--client-cert-auth`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+}
+
+/// `cluster.partitions[]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionConfig {
+    /// Name (letters, digits, `-`, `_`): the etcd keys and the pool's name.
+    pub name: String,
+    /// Subscriber prefixes, each inside one of `pcp.subscribers` (whose
+    /// quota profile they keep).
+    pub subscribers: Vec<IpNet>,
+    /// The `pcp.pools` entry whose settings the partition's pool takes.
+    pub pool: String,
+    /// External prefixes, inside that pool's, disjoint from every other
+    /// partition's.
+    pub external: Vec<Ipv4Net>,
+    /// Nodes that should own it, most preferred first; other nodes take it
+    /// only when none of these is up.
+    #[serde(default)]
+    pub prefer: Vec<String>,
+}
+
+fn default_ttl() -> u64 {
+    5
+}
+fn default_margin() -> u64 {
+    1000
+}
+fn default_slack() -> u32 {
+    2
+}
+fn default_prefix() -> String {
+    "/pcpd".into()
+}
+fn default_timeout() -> u64 {
+    2000
+}
+
+/// A problem with its YAML path.
+pub type Problem = (String, String);
+
+impl ClusterConfig {
+    /// This node's name.
+    pub fn node_name(&self) -> String {
+        self.node
+            .clone()
+            .or_else(|| std::env::var("PCPD_NODE").ok().filter(|s| !s.is_empty()))
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|s| s.trim().to_string())
+            })
+            .unwrap_or_else(|| "pcpd".into())
+    }
+
+    /// Checks the section against the engine configuration it cuts up.
+    pub fn validate(&self, pcp: &EngineConfig) -> Vec<Problem> {
+        let mut p: Vec<Problem> = Vec::new();
+        let mut err = |path: String, msg: String| p.push((path, msg));
+        if self.etcd.endpoints.is_empty() {
+            err("cluster.etcd.endpoints".into(), "at least one endpoint is needed".into());
+        }
+        for (i, e) in self.etcd.endpoints.iter().enumerate() {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                err(format!("cluster.etcd.endpoints[{i}]"), format!("{e:?}: must start with http:// or https://"));
+            }
+        }
+        if !self.etcd.prefix.starts_with('/') {
+            err("cluster.etcd.prefix".into(), "must start with /".into());
+        }
+        if !(2..=60).contains(&self.lease_ttl_secs) {
+            err("cluster.lease_ttl_secs".into(), format!("{}: must be 2 to 60", self.lease_ttl_secs));
+        }
+        if self.margin_ms == 0 || self.margin_ms * 2 > self.lease_ttl_secs * 1000 {
+            err("cluster.margin_ms".into(), "must be above 0 and at most half the lease TTL".into());
+        }
+        if self.etcd.timeout_ms == 0 || self.etcd.timeout_ms >= self.lease_ttl_secs * 1000 {
+            err("cluster.etcd.timeout_ms".into(), "must be above 0 and below the lease TTL".into());
+        }
+        if self.partitions.is_empty() {
+            err("cluster.partitions".into(), "at least one partition is needed".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, part) in self.partitions.iter().enumerate() {
+            let at = format!("cluster.partitions[{i}]");
+            let name_ok = !part.name.is_empty()
+                && part.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !name_ok {
+                err(format!("{at}.name"), format!("{:?}: letters, digits, - and _ only", part.name));
+            }
+            if !names.insert(&part.name) {
+                err(format!("{at}.name"), format!("{:?} is used twice", part.name));
+            }
+            let Some(pool) = pcp.pools.get(&part.pool) else {
+                err(format!("{at}.pool"), format!("{:?} is not in pcp.pools", part.pool));
+                continue;
+            };
+            if part.external.is_empty() {
+                err(format!("{at}.external"), "at least one prefix is needed".into());
+            }
+            for (j, x) in part.external.iter().enumerate() {
+                if !pool.prefixes.iter().any(|n| n.contains(x)) {
+                    err(format!("{at}.external[{j}]"), format!("{x} is not inside pool {:?}", part.pool));
+                }
+                for (k, other) in self.partitions.iter().enumerate().take(i) {
+                    if other.external.iter().any(|o| o.contains(x) || x.contains(o)) {
+                        err(format!("{at}.external[{j}]"), format!("{x} overlaps partition {k} ({:?})", other.name));
+                    }
+                }
+            }
+            if part.subscribers.is_empty() {
+                err(format!("{at}.subscribers"), "at least one prefix is needed".into());
+            }
+            for (j, s) in part.subscribers.iter().enumerate() {
+                if class_of(pcp, s).is_none() {
+                    err(format!("{at}.subscribers[{j}]"), format!("{s} is not inside any pcp.subscribers prefix"));
+                }
+                for (k, other) in self.partitions.iter().enumerate().take(i) {
+                    if other.subscribers.iter().any(|o| o.contains(s) || s.contains(o)) {
+                        err(format!("{at}.subscribers[{j}]"), format!("{s} overlaps partition {k} ({:?})", other.name));
+                    }
+                }
+            }
+        }
+        p
+    }
+
+    /// The engine configuration of cluster mode: one subscriber class and
+    /// one pool per partition, in partition order. Call after `validate`.
+    pub fn engine_config(&self, pcp: &EngineConfig) -> EngineConfig {
+        let mut out = pcp.clone();
+        let mut pools = BTreeMap::new();
+        let mut classes = Vec::new();
+        for part in &self.partitions {
+            let base = &pcp.pools[&part.pool];
+            pools.insert(
+                part.name.clone(),
+                PoolConfig {
+                    prefixes: part.external.clone(),
+                    ..base.clone()
+                },
+            );
+            let profile = part
+                .subscribers
+                .first()
+                .and_then(|s| class_of(pcp, s))
+                .map_or_else(String::new, |c| c.profile.clone());
+            classes.push(SubscriberClass {
+                prefixes: part.subscribers.clone(),
+                pool: part.name.clone(),
+                profile,
+            });
+        }
+        out.pools = pools;
+        out.subscribers = classes;
+        out
+    }
+}
+
+/// The configured class a partition's subscriber prefix lies in.
+fn class_of<'a>(pcp: &'a EngineConfig, net: &IpNet) -> Option<&'a SubscriberClass> {
+    pcp.subscribers
+        .iter()
+        .find(|c| c.prefixes.iter().any(|n| n.contains(net)))
+}
