@@ -380,6 +380,7 @@ fn refused(r: Refused) -> ApiError {
     let (status, api_code) = match &r {
         Refused::NotDurable(_) => (StatusCode::SERVICE_UNAVAILABLE, "state_not_durable"),
         Refused::NotInstalled => (StatusCode::SERVICE_UNAVAILABLE, "dataplane_failed"),
+        Refused::NotOwner => (StatusCode::CONFLICT, "not_owner"),
         Refused::Engine(code) => match code {
             R::NotAuthorized => (StatusCode::UNPROCESSABLE_ENTITY, "not_a_subscriber"),
             R::UnsuppProtocol => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_protocol"),

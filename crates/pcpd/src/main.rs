@@ -80,6 +80,15 @@ fn main() -> ExitCode {
                     cfg.listen.len(),
                     cfg.shard_count()
                 );
+                if let Some(c) = &cfg.cluster {
+                    println!(
+                        "{}: cluster node {:?}, {} partitions, etcd {:?}",
+                        file.display(),
+                        c.node_name(),
+                        c.partitions.len(),
+                        c.etcd.endpoints
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(problems) => {

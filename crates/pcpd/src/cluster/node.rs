@@ -20,7 +20,7 @@
 //! compaction or a reconnect), and the takeover delay it adds (at most one
 //! `POLL`) is small next to the lease TTL.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,8 +46,6 @@ const POLL: Duration = Duration::from_millis(250);
 const STAGGER: Duration = Duration::from_millis(400);
 /// A preferred node gets its partitions back once it has been up this long.
 const FAILBACK_AFTER: Duration = Duration::from_secs(3);
-/// After handing a partition over, this node does not take it back for this long.
-const HOLD_OFF: Duration = Duration::from_secs(10);
 /// Keys read per page when loading a partition.
 const PAGE: i64 = 5000;
 
@@ -135,6 +133,18 @@ pub async fn client(cfg: &ClusterConfig) -> anyhow::Result<Client> {
         .context("cluster.etcd.endpoints")
 }
 
+/// What a node publishes in its liveness key.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+struct NodeInfo {
+    /// Shutting down: never first in line, its partitions go elsewhere.
+    #[serde(default)]
+    leaving: bool,
+    /// Partitions handed over by the operator: this node comes last in
+    /// their line (it takes them only when no other node can).
+    #[serde(default)]
+    cordoned: Vec<String>,
+}
+
 /// What the node knows of one partition's owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Owner {
@@ -160,12 +170,12 @@ pub struct Node {
     lease: Option<Lease>,
     epoch_start_wall: Option<u64>,
     owners: Vec<Option<Owner>>,
-    /// Live nodes, with when this node first saw each (and whether leaving).
-    nodes: BTreeMap<String, (Instant, bool)>,
+    /// Live nodes, with when this node first saw each.
+    nodes: BTreeMap<String, (Instant, NodeInfo)>,
     free_since: Vec<Option<Instant>>,
     owned_until: Vec<Option<Instant>>,
-    hold_off: HashMap<usize, Instant>,
-    leaving: bool,
+    /// What this node publishes.
+    me: NodeInfo,
     last_complaint: Option<Instant>,
 }
 
@@ -200,8 +210,7 @@ impl Node {
             nodes: BTreeMap::new(),
             free_since: vec![None; n],
             owned_until: vec![None; n],
-            hold_off: HashMap::new(),
-            leaving: false,
+            me: NodeInfo::default(),
             last_complaint: None,
         };
         (node, handle, rx)
@@ -274,14 +283,7 @@ impl Node {
             let granted = self.client.lease_grant(ttl as i64, None).await?;
             let sent = crate::clock::now_ms();
             let id = granted.id();
-            let value = serde_json::json!({"leaving": self.leaving}).to_string();
-            self.client
-                .put(
-                    self.keys.node(&self.own.node),
-                    value,
-                    Some(PutOptions::new().with_lease(id)),
-                )
-                .await?;
+            self.publish(id).await?;
             self.set_certain(sent, granted.ttl());
             tracing::info!(node = %self.own.node, lease = id, ttl, "joined the cluster");
             self.lease = Some(Lease {
@@ -334,6 +336,16 @@ impl Node {
                 )))
             }
         }
+    }
+
+    /// Writes this node's liveness key (bound to lease `id`).
+    async fn publish(&mut self, id: i64) -> Result<(), etcd_client::Error> {
+        let value = serde_json::to_string(&self.me).unwrap_or_default();
+        let opts = PutOptions::new().with_lease(id);
+        self.client
+            .put(self.keys.node(&self.own.node), value, Some(opts))
+            .await?;
+        Ok(())
     }
 
     fn set_certain(&self, sent: u64, ttl_secs: i64) {
@@ -401,9 +413,13 @@ impl Node {
             let Some(name) = kv.key_str().ok().and_then(|k| k.rsplit('/').next()) else {
                 continue;
             };
-            let leaving = kv.value_str().is_ok_and(|v| v.contains("\"leaving\":true"));
+            let info: NodeInfo = kv
+                .value_str()
+                .ok()
+                .and_then(|v| serde_json::from_str(v).ok())
+                .unwrap_or_default();
             let since = self.nodes.get(name).map_or(now, |(t, _)| *t);
-            live.insert(name.to_string(), (since, leaving));
+            live.insert(name.to_string(), (since, info));
         }
         self.nodes = live;
         let mut seen: Vec<Option<Owner>> = vec![None; self.own.count()];
@@ -440,7 +456,7 @@ impl Node {
             let mine = self.own.fence(p);
             match self.owners[p].clone() {
                 Some(o) if Some(o.revision) == mine => {
-                    if !self.leaving && self.should_fail_back(p) {
+                    if !self.me.leaving && self.should_fail_back(p) {
                         let name = self.own.names[p].clone();
                         tracing::info!(partition = %name, "its preferred node is back: handing it over");
                         self.release(p).await;
@@ -469,37 +485,41 @@ impl Node {
     }
 
     /// The nodes that may claim `p`, in order: preferred, then the others
-    /// by a hash of partition and node (rendezvous), leaving nodes never.
+    /// by a hash of partition and node (rendezvous), then those that
+    /// cordoned it; leaving nodes never.
     fn line(&self, p: usize) -> Vec<&str> {
         let prefer = &self.cfg.partitions[p].prefer;
-        let up = |n: &str| self.nodes.get(n).is_some_and(|(_, leaving)| !leaving);
-        let mut line: Vec<&str> = prefer.iter().map(String::as_str).filter(|n| up(n)).collect();
-        let mut rest: Vec<&str> = self
-            .nodes
-            .keys()
-            .map(String::as_str)
-            .filter(|n| up(n) && !prefer.iter().any(|x| x == n))
-            .collect();
         let name = &self.own.names[p];
-        rest.sort_by_key(|n| rendezvous(name, n));
-        line.extend(rest);
-        line
+        let mut open = Vec::new();
+        let mut cordoned = Vec::new();
+        for (n, (_, info)) in self.nodes.iter().filter(|(_, (_, i))| !i.leaving) {
+            if info.cordoned.contains(name) {
+                cordoned.push(n.as_str());
+            } else {
+                open.push(n.as_str());
+            }
+        }
+        let rank = |n: &&str| match prefer.iter().position(|x| x == n) {
+            Some(i) => (0, i as u64),
+            None => (1, rendezvous(name, n)),
+        };
+        open.sort_by_key(rank);
+        cordoned.sort_by_key(rank);
+        open.extend(cordoned);
+        open
     }
 
     fn first_in_line(&self, p: usize) -> bool {
-        if self.leaving || self.lease.is_none() {
+        if self.me.leaving || self.lease.is_none() {
             return false;
         }
         let Some(free) = self.free_since[p] else {
             return false;
         };
         let line = self.line(p);
-        let Some(mut rank) = line.iter().position(|n| *n == self.own.node) else {
+        let Some(rank) = line.iter().position(|n| *n == self.own.node) else {
             return false;
         };
-        if self.hold_off.get(&p).is_some_and(|t| t.elapsed() < HOLD_OFF) {
-            rank = line.len();
-        }
         free.elapsed() >= STAGGER * rank as u32
     }
 
@@ -670,7 +690,6 @@ impl Node {
             tracing::error!(partition = %self.own.names[p], "releasing: {e}");
         }
         self.own.set_state(p, PartState::Lost);
-        self.hold_off.insert(p, Instant::now());
         self.owners[p] = None;
         self.free_since[p] = Some(Instant::now());
         self.metrics.changes.with_label_values(&["released"]).inc();
@@ -696,6 +715,13 @@ impl Node {
         if self.own.state(p) != PartState::Active {
             return Err(format!("partition {name:?} is not owned by this node"));
         }
+        // Cordon first, so no peer hands it straight back (failback).
+        if !self.me.cordoned.iter().any(|n| n == name) {
+            self.me.cordoned.push(name.to_string());
+        }
+        if let Some(id) = self.lease.as_ref().map(|l| l.id) {
+            self.publish(id).await.map_err(|e| format!("etcd: {e}"))?;
+        }
         self.release(p).await;
         Ok(())
     }
@@ -704,14 +730,11 @@ impl Node {
     /// release every partition, wait (bounded) until each has a new owner
     /// and its entries are removed here, then end the lease.
     async fn leave(&mut self) {
-        self.leaving = true;
-        if let Some(lease) = &self.lease {
-            let value = serde_json::json!({"leaving": true}).to_string();
-            let opts = PutOptions::new().with_lease(lease.id);
-            let _ = self
-                .client
-                .put(self.keys.node(&self.own.node), value, Some(opts))
-                .await;
+        self.me.leaving = true;
+        if let Some(id) = self.lease.as_ref().map(|l| l.id) {
+            if let Err(e) = self.publish(id).await {
+                self.complain(&e);
+            }
         }
         for p in 0..self.own.count() {
             if self.own.state(p) == PartState::Active {

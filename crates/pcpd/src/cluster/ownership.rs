@@ -8,6 +8,9 @@
 //! another node, so requests get NO_RESOURCES with the short error lifetime
 //! (RFC 6887 §7.4) until a keep-alive succeeds again.
 
+// Without the `cluster` feature only the gate reads it (and never finds one).
+#![cfg_attr(not(feature = "cluster"), allow(dead_code))]
+
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 

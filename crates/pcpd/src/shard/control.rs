@@ -27,6 +27,10 @@ pub enum Refused {
     /// The engine refused it, with the PCP result code it would answer.
     #[error("refused: {0}")]
     Engine(ResultCode),
+    /// Cluster mode: the subscriber's partition is not answered by this
+    /// node now (HTTP 409; ask its owner, `GET /v1/cluster`).
+    #[error("the subscriber's partition is not owned by this node, or its lease is uncertain")]
+    NotOwner,
 }
 
 /// Operator requests a shard answers.
@@ -72,6 +76,7 @@ pub enum Control {
     Counts(oneshot::Sender<Vec<usize>>),
     /// Answered once every batch before it has settled and been answered
     /// (a planned handover waits for it).
+    #[cfg(feature = "cluster")]
     Barrier(oneshot::Sender<()>),
 }
 
@@ -108,6 +113,10 @@ pub(super) fn control(st: &mut State, ctl: Control) -> bool {
             let _ = reply.send(st.engine.subscriber(ip));
         }
         Control::CreateStatic(internal, external_port, reply) => {
+            if !admitted(st, internal.addr) {
+                let _ = reply.send(Err(Refused::NotOwner));
+                return true;
+            }
             let r = write(st, |engine, now| {
                 engine
                     .create_static(now, internal, external_port)
@@ -116,6 +125,11 @@ pub(super) fn control(st: &mut State, ctl: Control) -> bool {
             let _ = reply.send(r);
         }
         Control::Delete(id, reply) => {
+            let of = st.engine.mapping(id).map(|m| m.internal_addr);
+            if of.is_some_and(|a| !admitted(st, a)) {
+                let _ = reply.send(Err(Refused::NotOwner));
+                return true;
+            }
             let _ = reply.send(write(st, |engine, now| Ok(engine.delete(now, id))));
         }
         Control::Drain(addr, reply) => {
@@ -137,6 +151,7 @@ pub(super) fn control(st: &mut State, ctl: Control) -> bool {
         }
         // Control runs between batches (see shard::run), so nothing is in
         // flight when it is answered.
+        #[cfg(feature = "cluster")]
         Control::Barrier(reply) => {
             let _ = reply.send(());
         }
@@ -156,6 +171,13 @@ pub(super) fn control(st: &mut State, ctl: Control) -> bool {
         }
     }
     true
+}
+
+/// Whether this node answers for `subscriber` now (always, on a single node).
+fn admitted(st: &State, subscriber: IpAddr) -> bool {
+    st.ownership
+        .as_ref()
+        .is_none_or(|o| o.admit(subscriber, now_ms()) == crate::cluster::Admit::Yes)
 }
 
 /// An operator write: refused up front while the state cannot be made
