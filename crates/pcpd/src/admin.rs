@@ -120,12 +120,18 @@ pub fn router(state: AppRef) -> Router {
         .route("/v1/pools/drain", post(drain))
         .route("/v1/pools/undrain", post(undrain))
         .route("/v1/reload", post(reload))
-        .route("/v1/cluster/partitions/{name}/handover", post(crate::cluster::api::handover))
+        .route(
+            "/v1/cluster/partitions/{name}/handover",
+            post(crate::cluster::api::handover),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_write));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
-        .route("/v1/cluster/partitions/{name}/health", get(crate::cluster::api::partition_health))
+        .route(
+            "/v1/cluster/partitions/{name}/health",
+            get(crate::cluster::api::partition_health),
+        )
         .route("/v1/openapi.json", get(openapi))
         .merge(read)
         .merge(write)

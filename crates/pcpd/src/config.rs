@@ -332,7 +332,8 @@ impl Config {
                 problems.push(Problem {
                     path: "cluster".into(),
                     line: None,
-                    message: "this pcpd was built without cluster mode (cargo feature `cluster`)".into(),
+                    message: "this pcpd was built without cluster mode (cargo feature `cluster`)"
+                        .into(),
                 });
             }
             let found = cluster.validate(&cfg.pcp);

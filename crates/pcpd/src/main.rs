@@ -465,7 +465,12 @@ async fn serve(
     if let Some(node) = &state.cluster {
         // Hand every partition to a peer before the shards stop.
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if node.tx.send(cluster::node::NodeCommand::Leave(tx)).await.is_ok() {
+        if node
+            .tx
+            .send(cluster::node::NodeCommand::Leave(tx))
+            .await
+            .is_ok()
+        {
             let _ = rx.await;
         }
     }

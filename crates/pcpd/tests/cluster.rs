@@ -52,7 +52,12 @@ fn two_nodes_share_one_pool_without_holding_any_port_or_block_twice() {
     let mut work = jobs(0, 0..1000, &[80, 443]);
     work.extend(jobs(1, 0..1000, &[80, 443]));
     let (acked, other) = create_all(work, |s| if s.octets()[1] == 1 { pa } else { pb }, 8, 3);
-    assert!(other.is_empty(), "{} requests not acknowledged, e.g. {:?}", other.len(), &other[..other.len().min(3)]);
+    assert!(
+        other.is_empty(),
+        "{} requests not acknowledged, e.g. {:?}",
+        other.len(),
+        &other[..other.len().min(3)]
+    );
     assert_eq!(acked.len(), 4000);
 
     // From etcd: every mapping once, its port inside a block of its own
@@ -61,10 +66,20 @@ fn two_nodes_share_one_pool_without_holding_any_port_or_block_twice() {
     let mut blocks: HashMap<IpAddr, Vec<pcp_engine::Block>> = HashMap::new();
     let mut block_keys = HashSet::new();
     for (part, r) in &records {
-        if let Record::Block { subscriber, block, .. } = r {
-            assert!(block_keys.insert((block.addr, block.first)), "block {block:?} held twice");
+        if let Record::Block {
+            subscriber, block, ..
+        } = r
+        {
+            assert!(
+                block_keys.insert((block.addr, block.first)),
+                "block {block:?} held twice"
+            );
             let in_p0 = block.addr.octets()[3] < 128;
-            assert_eq!(in_p0, part == "p0", "{block:?} of {part} is outside the partition's prefix");
+            assert_eq!(
+                in_p0,
+                part == "p0",
+                "{block:?} of {part} is outside the partition's prefix"
+            );
             blocks.entry(*subscriber).or_default().push(*block);
         }
     }
@@ -73,7 +88,10 @@ fn two_nodes_share_one_pool_without_holding_any_port_or_block_twice() {
     for (_, r) in &records {
         if let Record::Mapping(m) = r {
             n += 1;
-            assert!(external.insert((m.external_addr, m.protocol, m.external_port)), "{m:?}: external port held twice");
+            assert!(
+                external.insert((m.external_addr, m.protocol, m.external_port)),
+                "{m:?}: external port held twice"
+            );
             let inside = blocks[&m.internal_addr]
                 .iter()
                 .any(|b| b.addr == m.external_addr && b.contains(m.external_port));
@@ -90,8 +108,15 @@ fn two_nodes_share_one_pool_without_holding_any_port_or_block_twice() {
         assert_eq!(list.len(), 2000);
         for m in list {
             let internal: Ipv4Addr = m["internal_addr"].as_str().unwrap().parse().unwrap();
-            assert_eq!(internal.octets()[1], second_octet, "a node lists only its partitions");
-            let ext = (m["external_addr"].as_str().unwrap().to_string(), m["external_port"].as_u64().unwrap());
+            assert_eq!(
+                internal.octets()[1],
+                second_octet,
+                "a node lists only its partitions"
+            );
+            let ext = (
+                m["external_addr"].as_str().unwrap().to_string(),
+                m["external_port"].as_u64().unwrap(),
+            );
             assert!(seen.insert(ext.clone()), "{ext:?} listed by both nodes");
         }
     }
@@ -124,7 +149,12 @@ fn p0_load(
             let nonce = nonce_of(sub, port);
             let server = if to_b.load(Ordering::Acquire) { b } else { a };
             match map_once(sub, port, nonce, server) {
-                Some((ResultCode::Success, ext, _)) => acked.push(Acked { subscriber: sub, internal_port: port, nonce, external: ext }),
+                Some((ResultCode::Success, ext, _)) => acked.push(Acked {
+                    subscriber: sub,
+                    internal_port: port,
+                    nonce,
+                    external: ext,
+                }),
                 Some(_) => refused += 1,
                 None => {}
             }
@@ -144,7 +174,8 @@ fn kill9_of_a_node_under_load_moves_its_partitions_with_every_mapping() {
     assert!(other.is_empty(), "{other:?}");
     // The §8.5 baseline: one client's last epoch from a, and when.
     let probe = acked[0];
-    let (code, _, epoch_a) = map_once(probe.subscriber, probe.internal_port, probe.nonce, pa).unwrap();
+    let (code, _, epoch_a) =
+        map_once(probe.subscriber, probe.internal_port, probe.nonce, pa).unwrap();
     assert_eq!(code, ResultCode::Success);
     let seen_a = Instant::now();
 
@@ -160,7 +191,10 @@ fn kill9_of_a_node_under_load_moves_its_partitions_with_every_mapping() {
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Release);
     let (during, _) = load.join().unwrap();
-    eprintln!("p0 owned by b {took:?} after a was killed ({} acknowledged under load)", during.len());
+    eprintln!(
+        "p0 owned by b {took:?} after a was killed ({} acknowledged under load)",
+        during.len()
+    );
     assert!(killed.elapsed() >= took);
     assert!(during.len() > 10, "the load ran");
     acked.extend(during);
@@ -169,7 +203,8 @@ fn kill9_of_a_node_under_load_moves_its_partitions_with_every_mapping() {
     // the same external address and port…
     common::all_present(&b, &acked);
     // …and the client's epoch check passes: state was kept (§8.5).
-    let (code, ext, epoch_b) = map_once(probe.subscriber, probe.internal_port, probe.nonce, pb).unwrap();
+    let (code, ext, epoch_b) =
+        map_once(probe.subscriber, probe.internal_port, probe.nonce, pb).unwrap();
     assert_eq!((code, ext), (ResultCode::Success, probe.external));
     let client_delta = seen_a.elapsed().as_secs();
     assert!(
@@ -178,18 +213,32 @@ fn kill9_of_a_node_under_load_moves_its_partitions_with_every_mapping() {
     );
     let status = cluster_status(&b);
     assert_eq!(status["partitions"][0]["state"], "active");
-    assert_eq!(status["partitions"][0]["mappings"].as_u64().unwrap() as usize, acked.len());
+    assert_eq!(
+        status["partitions"][0]["mappings"].as_u64().unwrap() as usize,
+        acked.len()
+    );
 }
 
 /// Points `to_b` at whichever node's health endpoint says it owns p0, as
 /// a BGP speaker following the partition's health would.
-fn follow_p0(a: &Daemon, b: &Daemon, to_b: Arc<AtomicBool>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    let urls = [a.url("/v1/cluster/partitions/p0/health"), b.url("/v1/cluster/partitions/p0/health")];
+fn follow_p0(
+    a: &Daemon,
+    b: &Daemon,
+    to_b: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let urls = [
+        a.url("/v1/cluster/partitions/p0/health"),
+        b.url("/v1/cluster/partitions/p0/health"),
+    ];
     std::thread::spawn(move || {
         while !stop.load(Ordering::Acquire) {
             for (i, url) in urls.iter().enumerate() {
                 // A stopped node does not answer at all.
-                let up = std::net::TcpStream::connect(url.trim_start_matches("http://").split('/').next().unwrap()).is_ok();
+                let up = std::net::TcpStream::connect(
+                    url.trim_start_matches("http://").split('/').next().unwrap(),
+                )
+                .is_ok();
                 if up && common::call("GET", url, None, None).0 == 200 {
                     to_b.store(i == 1, Ordering::Release);
                 }
@@ -216,15 +265,26 @@ fn planned_handover_under_load_loses_no_acknowledged_request() {
     let follow = follow_p0(&a, &b, to_b.clone(), stop.clone());
     let load = p0_load(pa, pb, to_b.clone(), stop.clone(), 1000);
     std::thread::sleep(Duration::from_millis(500));
-    let (status, body) = common::call("POST", &a.url("/v1/cluster/partitions/p0/handover"), Some(common::TOKEN_WRITE), None);
+    let (status, body) = common::call(
+        "POST",
+        &a.url("/v1/cluster/partitions/p0/handover"),
+        Some(common::TOKEN_WRITE),
+        None,
+    );
     assert_eq!(status, 200, "{body}");
     let took = wait_owns(&b, "p0", Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(4)); // past failback: it stays on b
-    assert!(owns(&b, "p0") && !owns(&a, "p0"), "a handed-over partition stays where it was sent");
+    assert!(
+        owns(&b, "p0") && !owns(&a, "p0"),
+        "a handed-over partition stays where it was sent"
+    );
     stop.store(true, Ordering::Release);
     let (during, refused) = load.join().unwrap();
     follow.join().unwrap();
-    eprintln!("API handover took {took:?}; {} acknowledged under load, {refused} refused", during.len());
+    eprintln!(
+        "API handover took {took:?}; {} acknowledged under load, {refused} refused",
+        during.len()
+    );
     assert_eq!(refused, 0, "a planned handover refuses nothing");
     assert!(during.len() > 10, "the load ran");
     acked.extend(during);
@@ -245,7 +305,10 @@ fn planned_handover_under_load_loses_no_acknowledged_request() {
     stop.store(true, Ordering::Release);
     let (during, refused) = load.join().unwrap();
     follow.join().unwrap();
-    eprintln!("SIGTERM handover: {} acknowledged under load, {refused} refused", during.len());
+    eprintln!(
+        "SIGTERM handover: {} acknowledged under load, {refused} refused",
+        during.len()
+    );
     assert_eq!(refused, 0, "a planned handover refuses nothing");
     acked.extend(during);
     common::all_present(&a, &acked);
@@ -261,14 +324,22 @@ fn etcd_member_loss_is_invisible_and_quorum_loss_refuses_then_recovers() {
     let route = |s: Ipv4Addr| if s.octets()[1] == 1 { pa } else { pb };
 
     // One member of three killed while requests run: none fails.
-    let work: Vec<_> = jobs(0, 0..400, &[22]).into_iter().chain(jobs(1, 0..400, &[22])).collect();
+    let work: Vec<_> = jobs(0, 0..400, &[22])
+        .into_iter()
+        .chain(jobs(1, 0..400, &[22]))
+        .collect();
     let (acked, other) = std::thread::scope(|s| {
         let load = s.spawn(|| create_all(work, route, 4, 3));
         std::thread::sleep(Duration::from_millis(300));
         etcd.kill(0);
         load.join().unwrap()
     });
-    assert!(other.is_empty(), "{} requests failed with a member down, e.g. {:?}", other.len(), &other[..other.len().min(3)]);
+    assert!(
+        other.is_empty(),
+        "{} requests failed with a member down, e.g. {:?}",
+        other.len(),
+        &other[..other.len().min(3)]
+    );
     assert_eq!(acked.len(), 800);
 
     // Every member stopped: once the lease is no longer certain, creates
@@ -278,7 +349,9 @@ fn etcd_member_loss_is_invisible_and_quorum_loss_refuses_then_recovers() {
     let (none, refused) = create_all(jobs(0, 2000..2020, &[22]), route, 2, 10);
     assert!(none.is_empty(), "nothing is acknowledged without etcd");
     assert!(
-        refused.iter().all(|(_, r)| *r == Some(ResultCode::NoResources)),
+        refused
+            .iter()
+            .all(|(_, r)| *r == Some(ResultCode::NoResources)),
         "{refused:?}"
     );
     let (status, _) = common::call("GET", &a.url("/readyz"), None, None);
@@ -288,14 +361,24 @@ fn etcd_member_loss_is_invisible_and_quorum_loss_refuses_then_recovers() {
     etcd.restart_all();
     let deadline = Instant::now() + Duration::from_secs(20);
     while common::call("GET", &a.url("/readyz"), None, None).0 != 200 {
-        assert!(Instant::now() < deadline, "a did not resume: {}", cluster_status(&a));
+        assert!(
+            Instant::now() < deadline,
+            "a did not resume: {}",
+            cluster_status(&a)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(owns(&a, "p0") && owns(&b, "p1"), "ownership kept: {}", cluster_status(&a));
+    assert!(
+        owns(&a, "p0") && owns(&b, "p1"),
+        "ownership kept: {}",
+        cluster_status(&a)
+    );
     let (after, other) = create_all(jobs(0, 3000..3050, &[22]), route, 2, 5);
     assert!(other.is_empty(), "{other:?}");
     assert_eq!(after.len(), 50);
-    let (p0, p1): (Vec<Acked>, Vec<Acked>) = acked.into_iter().partition(|x| x.subscriber.octets()[1] == 1);
+    let (p0, p1): (Vec<Acked>, Vec<Acked>) = acked
+        .into_iter()
+        .partition(|x| x.subscriber.octets()[1] == 1);
     common::all_present(&a, &p0);
     common::all_present(&b, &p1);
 }
@@ -347,7 +430,8 @@ fn a_node_paused_past_its_lease_answers_nothing_and_writes_nothing_after() {
     a.signal("CONT");
     let mut answers = Vec::new();
     for s in &queued {
-        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
         let mut buf = [0u8; 1100];
         if let Ok(n) = s.recv(&mut buf) {
             answers.push(pcp_wire::Response::parse(&buf[..n]).unwrap().result);
@@ -362,9 +446,14 @@ fn a_node_paused_past_its_lease_answers_nothing_and_writes_nothing_after() {
         "POST",
         &a.url("/v1/mappings"),
         Some(common::TOKEN_WRITE),
-        Some(serde_json::json!({"internal_addr": "127.1.9.9", "internal_port": 25, "protocol": "tcp"})),
+        Some(
+            serde_json::json!({"internal_addr": "127.1.9.9", "internal_port": 25, "protocol": "tcp"}),
+        ),
     );
-    assert_ne!(status, 201, "a static mapping made by a node that lost its partition");
+    assert_ne!(
+        status, 201,
+        "a static mapping made by a node that lost its partition"
+    );
     std::thread::sleep(Duration::from_secs(1));
     // None of its writes landed: p0's state in etcd is what b loaded.
     let after = etcd.get_prefix(&format!("{prefix}/state/p0/"));

@@ -49,8 +49,8 @@ mod table;
 mod timers;
 mod unsolicited;
 
-pub use partition::Forgotten;
 use history::History;
+pub use partition::Forgotten;
 use ports::ReuseDelay;
 use subscriber::Subscriber;
 use table::MappingTable;

@@ -67,7 +67,12 @@ pub(crate) async fn status(State(state): State<AppRef>) -> Response {
                 return Json(s).into_response();
             }
         }
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopping", "the node task has stopped").into_response()
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopping",
+            "the node task has stopped",
+        )
+        .into_response()
     }
     #[cfg(not(feature = "cluster"))]
     {
@@ -85,16 +90,36 @@ pub(crate) async fn handover(State(state): State<AppRef>, Path(name): Path<Strin
             Err(e) => return e.into_response(),
         };
         if !node.ownership.names.contains(&name) {
-            return ApiError::new(StatusCode::NOT_FOUND, "no_such_partition", format!("no partition {name:?}")).into_response();
+            return ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no_such_partition",
+                format!("no partition {name:?}"),
+            )
+            .into_response();
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if node.tx.send(NodeCommand::Handover(name.clone(), tx)).await.is_err() {
-            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopping", "the node task has stopped").into_response();
+        if node
+            .tx
+            .send(NodeCommand::Handover(name.clone(), tx))
+            .await
+            .is_err()
+        {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "stopping",
+                "the node task has stopped",
+            )
+            .into_response();
         }
         match rx.await {
             Ok(Ok(())) => Json(json!({"partition": name, "released": true})).into_response(),
             Ok(Err(msg)) => ApiError::new(StatusCode::CONFLICT, "not_owner", msg).into_response(),
-            Err(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopping", "the node task has stopped").into_response(),
+            Err(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "stopping",
+                "the node task has stopped",
+            )
+            .into_response(),
         }
     }
     #[cfg(not(feature = "cluster"))]
@@ -105,7 +130,10 @@ pub(crate) async fn handover(State(state): State<AppRef>, Path(name): Path<Strin
 }
 
 /// `GET /v1/cluster/partitions/{name}/health`.
-pub(crate) async fn partition_health(State(state): State<AppRef>, Path(name): Path<String>) -> Response {
+pub(crate) async fn partition_health(
+    State(state): State<AppRef>,
+    Path(name): Path<String>,
+) -> Response {
     #[cfg(feature = "cluster")]
     {
         let node = match node(&state) {
@@ -114,7 +142,12 @@ pub(crate) async fn partition_health(State(state): State<AppRef>, Path(name): Pa
         };
         let own = &node.ownership;
         let Some(p) = own.names.iter().position(|n| *n == name) else {
-            return ApiError::new(StatusCode::NOT_FOUND, "no_such_partition", format!("no partition {name:?}")).into_response();
+            return ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no_such_partition",
+                format!("no partition {name:?}"),
+            )
+            .into_response();
         };
         let certain = crate::clock::now_ms() < own.certain_until();
         let state_here = own.state(p);

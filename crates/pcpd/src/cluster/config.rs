@@ -132,66 +132,122 @@ impl ClusterConfig {
         let mut p: Vec<Problem> = Vec::new();
         let mut err = |path: String, msg: String| p.push((path, msg));
         if self.etcd.endpoints.is_empty() {
-            err("cluster.etcd.endpoints".into(), "at least one endpoint is needed".into());
+            err(
+                "cluster.etcd.endpoints".into(),
+                "at least one endpoint is needed".into(),
+            );
         }
         for (i, e) in self.etcd.endpoints.iter().enumerate() {
             if !(e.starts_with("http://") || e.starts_with("https://")) {
-                err(format!("cluster.etcd.endpoints[{i}]"), format!("{e:?}: must start with http:// or https://"));
+                err(
+                    format!("cluster.etcd.endpoints[{i}]"),
+                    format!("{e:?}: must start with http:// or https://"),
+                );
             }
         }
         if !self.etcd.prefix.starts_with('/') {
             err("cluster.etcd.prefix".into(), "must start with /".into());
         }
         if !(2..=60).contains(&self.lease_ttl_secs) {
-            err("cluster.lease_ttl_secs".into(), format!("{}: must be 2 to 60", self.lease_ttl_secs));
+            err(
+                "cluster.lease_ttl_secs".into(),
+                format!("{}: must be 2 to 60", self.lease_ttl_secs),
+            );
         }
         if self.margin_ms == 0 || self.margin_ms * 2 > self.lease_ttl_secs * 1000 {
-            err("cluster.margin_ms".into(), "must be above 0 and at most half the lease TTL".into());
+            err(
+                "cluster.margin_ms".into(),
+                "must be above 0 and at most half the lease TTL".into(),
+            );
         }
         if self.etcd.timeout_ms == 0 || self.etcd.timeout_ms >= self.lease_ttl_secs * 1000 {
-            err("cluster.etcd.timeout_ms".into(), "must be above 0 and below the lease TTL".into());
+            err(
+                "cluster.etcd.timeout_ms".into(),
+                "must be above 0 and below the lease TTL".into(),
+            );
         }
         if self.partitions.is_empty() {
-            err("cluster.partitions".into(), "at least one partition is needed".into());
+            err(
+                "cluster.partitions".into(),
+                "at least one partition is needed".into(),
+            );
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, part) in self.partitions.iter().enumerate() {
             let at = format!("cluster.partitions[{i}]");
             let name_ok = !part.name.is_empty()
-                && part.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                && part
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
             if !name_ok {
-                err(format!("{at}.name"), format!("{:?}: letters, digits, - and _ only", part.name));
+                err(
+                    format!("{at}.name"),
+                    format!("{:?}: letters, digits, - and _ only", part.name),
+                );
             }
             if !names.insert(&part.name) {
-                err(format!("{at}.name"), format!("{:?} is used twice", part.name));
+                err(
+                    format!("{at}.name"),
+                    format!("{:?} is used twice", part.name),
+                );
             }
             let Some(pool) = pcp.pools.get(&part.pool) else {
-                err(format!("{at}.pool"), format!("{:?} is not in pcp.pools", part.pool));
+                err(
+                    format!("{at}.pool"),
+                    format!("{:?} is not in pcp.pools", part.pool),
+                );
                 continue;
             };
             if part.external.is_empty() {
-                err(format!("{at}.external"), "at least one prefix is needed".into());
+                err(
+                    format!("{at}.external"),
+                    "at least one prefix is needed".into(),
+                );
             }
             for (j, x) in part.external.iter().enumerate() {
                 if !pool.prefixes.iter().any(|n| n.contains(x)) {
-                    err(format!("{at}.external[{j}]"), format!("{x} is not inside pool {:?}", part.pool));
+                    err(
+                        format!("{at}.external[{j}]"),
+                        format!("{x} is not inside pool {:?}", part.pool),
+                    );
                 }
                 for (k, other) in self.partitions.iter().enumerate().take(i) {
-                    if other.external.iter().any(|o| o.contains(x) || x.contains(o)) {
-                        err(format!("{at}.external[{j}]"), format!("{x} overlaps partition {k} ({:?})", other.name));
+                    if other
+                        .external
+                        .iter()
+                        .any(|o| o.contains(x) || x.contains(o))
+                    {
+                        err(
+                            format!("{at}.external[{j}]"),
+                            format!("{x} overlaps partition {k} ({:?})", other.name),
+                        );
                     }
                 }
             }
             if part.subscribers.is_empty() {
-                err(format!("{at}.subscribers"), "at least one prefix is needed".into());
+                err(
+                    format!("{at}.subscribers"),
+                    "at least one prefix is needed".into(),
+                );
             }
             for (j, s) in part.subscribers.iter().enumerate() {
                 if class_of(pcp, s).is_none() {
-                    err(format!("{at}.subscribers[{j}]"), format!("{s} is not inside any pcp.subscribers prefix"));
+                    err(
+                        format!("{at}.subscribers[{j}]"),
+                        format!("{s} is not inside any pcp.subscribers prefix"),
+                    );
                 }
                 for (k, other) in self.partitions.iter().enumerate().take(i) {
-                    if other.subscribers.iter().any(|o| o.contains(s) || s.contains(o)) {
-                        err(format!("{at}.subscribers[{j}]"), format!("{s} overlaps partition {k} ({:?})", other.name));
+                    if other
+                        .subscribers
+                        .iter()
+                        .any(|o| o.contains(s) || s.contains(o))
+                    {
+                        err(
+                            format!("{at}.subscribers[{j}]"),
+                            format!("{s} overlaps partition {k} ({:?})", other.name),
+                        );
                     }
                 }
             }

@@ -73,7 +73,12 @@ impl Keys {
     /// The key a record is kept under, and what to do with it; `None` for
     /// records not kept in etcd (allocation history stays in the node's
     /// memory and in the NAT event log).
-    pub fn record(&self, partition: &str, rec: &Record, value: &mut Vec<u8>) -> Option<(String, Op)> {
+    pub fn record(
+        &self,
+        partition: &str,
+        rec: &Record,
+        value: &mut Vec<u8>,
+    ) -> Option<(String, Op)> {
         let base = self.state(partition);
         let encode = |value: &mut Vec<u8>| {
             value.clear();
@@ -102,7 +107,10 @@ fn mapping_key(base: &str, k: &MappingKey) -> String {
     let i = &k.internal;
     match &k.remote {
         None => format!("{base}m/{}/{}/{}", i.addr, i.protocol, i.port),
-        Some(r) => format!("{base}m/{}/{}/{}/{}/{}", i.addr, i.protocol, i.port, r.addr, r.port),
+        Some(r) => format!(
+            "{base}m/{}/{}/{}/{}/{}",
+            i.addr, i.protocol, i.port, r.addr, r.port
+        ),
     }
 }
 
@@ -122,17 +130,31 @@ mod tests {
             len: 512,
         };
         let mut v = Vec::new();
-        let put = keys.record("p0", &Record::Block { subscriber, block, since: 5 }, &mut v);
+        let put = keys.record(
+            "p0",
+            &Record::Block {
+                subscriber,
+                block,
+                since: 5,
+            },
+            &mut v,
+        );
         let del = keys.record("p0", &Record::BlockGone { subscriber, block }, &mut v);
         let (k1, op1) = put.unwrap();
         let (k2, op2) = del.unwrap();
         assert_eq!(k1, "/pcpd/state/p0/b/100.64.0.1/192.0.2.1/1024");
         assert_eq!(k1, k2);
         assert_eq!(op2, Op::Delete);
-        let Op::Put(body) = op1 else { panic!("a block is put") };
+        let Op::Put(body) = op1 else {
+            panic!("a block is put")
+        };
         assert_eq!(
             pcp_store::decode_record(&body),
-            Some(Record::Block { subscriber, block, since: 5 })
+            Some(Record::Block {
+                subscriber,
+                block,
+                since: 5
+            })
         );
     }
 }

@@ -18,9 +18,9 @@ pub mod api;
 pub mod config;
 mod ownership;
 
-pub use ownership::{Admit, Ownership};
 #[cfg(feature = "cluster")]
 pub use ownership::PartState;
+pub use ownership::{Admit, Ownership};
 
 #[cfg(feature = "cluster")]
 pub mod keys;

@@ -114,7 +114,10 @@ pub async fn client(cfg: &ClusterConfig) -> anyhow::Result<Client> {
     let mut opts = etcd_client::ConnectOptions::new()
         .with_timeout(Duration::from_millis(cfg.etcd.timeout_ms))
         .with_connect_timeout(Duration::from_millis(cfg.etcd.timeout_ms))
-        .with_keep_alive(Duration::from_secs(1), Duration::from_millis(cfg.etcd.timeout_ms))
+        .with_keep_alive(
+            Duration::from_secs(1),
+            Duration::from_millis(cfg.etcd.timeout_ms),
+        )
         // A member without a leader (quorum lost) refuses at once.
         .with_require_leader(true);
     if let Some(tls) = &cfg.etcd.tls {
@@ -245,7 +248,8 @@ impl Node {
             }
             let certain = crate::clock::now_ms() < self.own.certain_until();
             self.metrics.certain.set(i64::from(certain));
-            self.ready.store(self.lease.is_some() && certain, Ordering::Release);
+            self.ready
+                .store(self.lease.is_some() && certain, Ordering::Release);
         }
     }
 
@@ -580,7 +584,12 @@ impl Node {
         let mut total = RestoreReport::default();
         for (shard, restore) in self.shards.iter().zip(restores) {
             let (tx, rx) = oneshot::channel();
-            if shard.control.send(Control::Adopt(restore, tx)).await.is_ok() {
+            if shard
+                .control
+                .send(Control::Adopt(restore, tx))
+                .await
+                .is_ok()
+            {
                 if let Ok(r) = rx.await {
                     total += r;
                 }
@@ -649,11 +658,15 @@ impl Node {
                             } => out[shard_of(subscriber, n)]
                                 .blocks
                                 .push((subscriber, block, since)),
-                            Record::Mapping(m) => out[shard_of(m.internal_addr, n)].mappings.push(m),
+                            Record::Mapping(m) => {
+                                out[shard_of(m.internal_addr, n)].mappings.push(m)
+                            }
                             _ => {}
                         }
                     }
-                    None => tracing::error!(key = ?kv.key_str(), "etcd: a value pcpd cannot decode; skipped"),
+                    None => {
+                        tracing::error!(key = ?kv.key_str(), "etcd: a value pcpd cannot decode; skipped")
+                    }
                 }
             }
             match page.kvs().last() {
@@ -683,7 +696,11 @@ impl Node {
         }
         let key = self.keys.owner(&self.own.names[p]);
         let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, fence)])
+            .when([Compare::create_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                fence,
+            )])
             .and_then([TxnOp::delete(key.as_str(), None)]);
         if let Err(e) = self.client.txn(txn).await {
             // The key goes with the lease in any case.
@@ -699,7 +716,11 @@ impl Node {
     async fn forget(&mut self, p: usize, uninstall: bool) {
         for s in &self.shards {
             let (tx, rx) = oneshot::channel();
-            if s.control.send(Control::Forget(p, uninstall, tx)).await.is_ok() {
+            if s.control
+                .send(Control::Forget(p, uninstall, tx))
+                .await
+                .is_ok()
+            {
                 let _ = rx.await;
             }
         }

@@ -123,9 +123,9 @@ impl Ownership {
 
     /// A partition's state.
     pub fn state(&self, p: usize) -> PartState {
-        self.states
-            .get(p)
-            .map_or(PartState::NotOwned, |s| PartState::from_u8(s.load(Ordering::Acquire)))
+        self.states.get(p).map_or(PartState::NotOwned, |s| {
+            PartState::from_u8(s.load(Ordering::Acquire))
+        })
     }
 
     /// Sets a partition's state.

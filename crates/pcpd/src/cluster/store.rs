@@ -79,7 +79,9 @@ impl EtcdLink {
             let r = match tokio::time::timeout(timeout, fut).await {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(e)) => Err(ClusterError::Unreachable(e.to_string())),
-                Err(_) => Err(ClusterError::Unreachable(format!("no answer within {timeout:?}"))),
+                Err(_) => Err(ClusterError::Unreachable(format!(
+                    "no answer within {timeout:?}"
+                ))),
             };
             let _ = tx.send(r);
         });
@@ -177,7 +179,8 @@ impl EtcdStore {
         let mut value = Vec::new();
         let pending = std::mem::take(&mut self.pending);
         for rec in pending.iter().chain(records) {
-            let Some(p) = record_subscriber(rec).and_then(|s| self.ownership.partition_of(s)) else {
+            let Some(p) = record_subscriber(rec).and_then(|s| self.ownership.partition_of(s))
+            else {
                 continue;
             };
             if !matches!(
@@ -205,7 +208,7 @@ impl EtcdStore {
                     Record::Mapping(inflated)
                 }
                 Record::Gone(key) => {
-                    written.push((key.clone(), None));
+                    written.push((*key, None));
                     rec.clone()
                 }
                 _ => rec.clone(),
@@ -263,7 +266,9 @@ impl EtcdStore {
     /// and waits for all of them.
     fn send(&mut self, by_part: &HashMap<usize, PartitionOps>) -> Result<(), ClusterError> {
         if self.failed_at.is_some_and(|t| t.elapsed() < BACKOFF) {
-            return Err(ClusterError::Unreachable("etcd did not answer just now".into()));
+            return Err(ClusterError::Unreachable(
+                "etcd did not answer just now".into(),
+            ));
         }
         let mut txns: Vec<(usize, Txn)> = Vec::new();
         for (&p, ops) in by_part {
@@ -281,7 +286,11 @@ impl EtcdStore {
                     })
                     .collect();
                 let txn = Txn::new()
-                    .when([Compare::create_revision(owner.as_str(), CompareOp::Equal, fence)])
+                    .when([Compare::create_revision(
+                        owner.as_str(),
+                        CompareOp::Equal,
+                        fence,
+                    )])
                     .and_then(then);
                 txns.push((p, txn));
             }
@@ -304,7 +313,9 @@ impl EtcdStore {
                 }
             }
         });
-        self.metrics.txn_latency.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .txn_latency
+            .observe(started.elapsed().as_secs_f64());
         match outcome {
             Ok(fenced) if fenced.is_empty() => {
                 self.failed_at = None;
@@ -319,10 +330,15 @@ impl EtcdStore {
                         "a write was refused by fencing: the partition has another owner; not answering for it"
                     );
                 }
-                Err(ClusterError::Fenced(self.ownership.names[fenced[0]].clone()))
+                Err(ClusterError::Fenced(
+                    self.ownership.names[fenced[0]].clone(),
+                ))
             }
             Err(e) => {
-                self.metrics.failures.with_label_values(&["unreachable"]).inc();
+                self.metrics
+                    .failures
+                    .with_label_values(&["unreachable"])
+                    .inc();
                 self.failed_at = Some(Instant::now());
                 Err(e)
             }

@@ -242,7 +242,14 @@ mod tests {
         );
         let st = State {
             engine,
-            effects: Effects::new(0, journal, 1 << 30, Box::new(MemoryDataplane::new()), sinks),
+            effects: Effects::new(
+                0,
+                super::super::effects::Store::Journal(journal),
+                1 << 30,
+                Box::new(MemoryDataplane::new()),
+                sinks,
+            ),
+            ownership: None,
             replies: ReplyArena::new(),
             metrics,
             health,

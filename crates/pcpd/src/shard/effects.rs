@@ -16,6 +16,13 @@
 //! In cluster mode the store is etcd instead of the journal
 //! (`cluster/store.rs`): the same rule, with fenced transactions.
 
+// Without the cluster feature the store has one kind, and its matches look
+// infallible to clippy.
+#![cfg_attr(
+    not(feature = "cluster"),
+    allow(clippy::infallible_destructuring_match)
+)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -208,7 +215,11 @@ impl Effects {
             .filter(|r| r.is_err())
             .count();
         if failed > 0 {
-            tracing::error!(shard = self.index, failed, "dataplane: partition changes refused");
+            tracing::error!(
+                shard = self.index,
+                failed,
+                "dataplane: partition changes refused"
+            );
         }
         failed
     }
@@ -319,7 +330,10 @@ impl Effects {
                 return match e.commit(&self.records, crate::clock::wall_ms()) {
                     Ok(()) => {
                         if self.last_complaint.take().is_some() {
-                            tracing::warn!(shard = self.index, "etcd writable again; answering again");
+                            tracing::warn!(
+                                shard = self.index,
+                                "etcd writable again; answering again"
+                            );
                             self.health.set_ok(self.index);
                             self.metrics.state_writable(self.index, true);
                         }

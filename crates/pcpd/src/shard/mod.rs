@@ -282,7 +282,13 @@ fn open_clustered(spec: ShardSpec, cluster: ShardCluster) -> State {
     let store = Store::Etcd(Box::new(cluster.store));
     State {
         engine,
-        effects: Effects::new(spec.index, store, spec.journal_max_bytes, spec.dataplane, sinks),
+        effects: Effects::new(
+            spec.index,
+            store,
+            spec.journal_max_bytes,
+            spec.dataplane,
+            sinks,
+        ),
         replies: ReplyArena::new(),
         metrics: spec.metrics,
         health: spec.health,

@@ -18,10 +18,10 @@ use pcp_wire::ResultCode;
 
 use super::effects::Origin;
 use super::now_ms;
-use crate::cluster::Admit;
 use super::replies::{Peer, REPLY_SLOTS};
 use super::stage::{Stage, STAGE};
 use super::{Handoff, ShardHandle, Sockets, State, MAX_DATAGRAM};
+use crate::cluster::Admit;
 
 /// Receive buffer per datagram: large enough to see oversize requests.
 const RECV_BUF: usize = 1500;

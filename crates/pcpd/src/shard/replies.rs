@@ -79,7 +79,13 @@ impl ReplyArena {
 
     /// Holds an error answer with `code` for `datagram`, without asking
     /// the engine (cluster mode: the partition's lease is uncertain).
-    pub(super) fn refuse(&mut self, engine: &Engine, peer: Peer, datagram: &[u8], code: ResultCode) {
+    pub(super) fn refuse(
+        &mut self,
+        engine: &Engine,
+        peer: Peer,
+        datagram: &[u8],
+        code: ResultCode,
+    ) {
         let slot = self.held.len();
         let lifetime = engine.compiled().error_lifetime(code);
         let epoch = engine.epoch(now_ms());

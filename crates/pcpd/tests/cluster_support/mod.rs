@@ -53,7 +53,10 @@ impl Etcd {
     }
 
     pub fn endpoints(&self) -> Vec<String> {
-        MEMBERS.iter().map(|ip| format!("http://{ip}:2379")).collect()
+        MEMBERS
+            .iter()
+            .map(|ip| format!("http://{ip}:2379"))
+            .collect()
     }
 
     /// Starts (or restarts, on its data) member `i`.
@@ -71,7 +74,10 @@ impl Etcd {
             .args(["--listen-client-urls", &format!("http://{ip}:2379")])
             .args(["--advertise-client-urls", &format!("http://{ip}:2379")])
             .args(["--listen-peer-urls", &format!("http://{ip}:2380")])
-            .args(["--initial-advertise-peer-urls", &format!("http://{ip}:2380")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://{ip}:2380"),
+            ])
             .args(["--initial-cluster", &initial_cluster()])
             .args(["--initial-cluster-token", "pcpd-test"])
             .args(["--initial-cluster-state", "new"])
@@ -112,13 +118,19 @@ impl Etcd {
                 let opts = etcd_client::ConnectOptions::new()
                     .with_timeout(Duration::from_secs(1))
                     .with_require_leader(true);
-                let mut c = etcd_client::Client::connect(self.endpoints(), Some(opts)).await.ok()?;
+                let mut c = etcd_client::Client::connect(self.endpoints(), Some(opts))
+                    .await
+                    .ok()?;
                 c.put("/health-check", "1", None).await.ok()
             });
             if ok.is_some() {
                 return;
             }
-            assert!(Instant::now() < deadline, "etcd did not become healthy; logs in {}", self.dir.display());
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not become healthy; logs in {}",
+                self.dir.display()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -126,7 +138,9 @@ impl Etcd {
     /// Every key under `prefix` with its value.
     pub fn get_prefix(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
         self.rt.block_on(async {
-            let mut c = etcd_client::Client::connect(self.endpoints(), None).await.unwrap();
+            let mut c = etcd_client::Client::connect(self.endpoints(), None)
+                .await
+                .unwrap();
             let r = c
                 .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
                 .await
@@ -157,7 +171,12 @@ pub fn node_ip(node: &str) -> Ipv4Addr {
 
 /// Partition p0 (subscribers 127.1.0.0/16, prefers a) and p1 (127.2.0.0/16,
 /// prefers b), cut from the default pool 192.0.2.0/24.
-pub fn cluster_config(node: &str, dir: &std::path::Path, etcd: &Etcd, prefix: &str) -> serde_yaml::Value {
+pub fn cluster_config(
+    node: &str,
+    dir: &std::path::Path,
+    etcd: &Etcd,
+    prefix: &str,
+) -> serde_yaml::Value {
     let mut v = common::config_for(node_ip(node), dir);
     common::no_rate_limit(&mut v);
     v["cluster"] = serde_yaml::to_value(serde_json::json!({
@@ -191,7 +210,12 @@ pub fn cluster_status(d: &Daemon) -> serde_json::Value {
 
 /// Whether `d` owns `partition` and answers for it.
 pub fn owns(d: &Daemon, partition: &str) -> bool {
-    let (status, body) = common::call("GET", &d.url(&format!("/v1/cluster/partitions/{partition}/health")), None, None);
+    let (status, body) = common::call(
+        "GET",
+        &d.url(&format!("/v1/cluster/partitions/{partition}/health")),
+        None,
+        None,
+    );
     status == 200 && body["state"] == "active"
 }
 
@@ -199,7 +223,11 @@ pub fn owns(d: &Daemon, partition: &str) -> bool {
 pub fn wait_owns(d: &Daemon, partition: &str, within: Duration) -> Duration {
     let started = Instant::now();
     while !owns(d, partition) {
-        assert!(started.elapsed() < within, "{partition} not owned within {within:?}: {}", cluster_status(d));
+        assert!(
+            started.elapsed() < within,
+            "{partition} not owned within {within:?}: {}",
+            cluster_status(d)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     started.elapsed()
@@ -227,6 +255,9 @@ pub fn nonce_of(s: Ipv4Addr, port: u16) -> [u8; 12] {
     n
 }
 
+/// A request that got no success: what it asked, and the last answer.
+pub type Unacked = ((Ipv4Addr, u16), Option<pcp_wire::ResultCode>);
+
 /// Creates a mapping for each (subscriber, port) against the server
 /// `target` names at the time (as routing would), on `threads` threads,
 /// retrying a request without an answer up to `tries` times. Returns the
@@ -236,7 +267,7 @@ pub fn create_all(
     target: impl Fn(Ipv4Addr) -> SocketAddr + Sync,
     threads: usize,
     tries: u32,
-) -> (Vec<Acked>, Vec<((Ipv4Addr, u16), Option<pcp_wire::ResultCode>)>) {
+) -> (Vec<Acked>, Vec<Unacked>) {
     let chunks: Vec<Vec<(Ipv4Addr, u16)>> = {
         let mut c = vec![Vec::new(); threads];
         for (i, j) in jobs.into_iter().enumerate() {
@@ -258,7 +289,12 @@ pub fn create_all(
                         for _ in 0..tries {
                             match map_once(sub, port, nonce, target(sub)) {
                                 Some((pcp_wire::ResultCode::Success, ext, _)) => {
-                                    acked.push(Acked { subscriber: sub, internal_port: port, nonce, external: ext });
+                                    acked.push(Acked {
+                                        subscriber: sub,
+                                        internal_port: port,
+                                        nonce,
+                                        external: ext,
+                                    });
                                     last = Some(pcp_wire::ResultCode::Success);
                                     break;
                                 }
@@ -311,7 +347,8 @@ pub fn state_records(etcd: &Etcd, prefix: &str) -> Vec<(String, pcp_store::Recor
                 .and_then(|r| r.split('/').next())
                 .unwrap()
                 .to_string();
-            let rec = pcp_store::decode_record(&v).unwrap_or_else(|| panic!("{k}: undecodable value"));
+            let rec =
+                pcp_store::decode_record(&v).unwrap_or_else(|| panic!("{k}: undecodable value"));
             (partition, rec)
         })
         .collect()
@@ -319,7 +356,12 @@ pub fn state_records(etcd: &Etcd, prefix: &str) -> Vec<(String, pcp_store::Recor
 
 /// Mappings an admin API lists (up to 10 000).
 pub fn api_mappings(d: &Daemon) -> Vec<serde_json::Value> {
-    let (status, body) = common::call("GET", &d.url("/v1/mappings?limit=10000"), Some(common::TOKEN_READ), None);
+    let (status, body) = common::call(
+        "GET",
+        &d.url("/v1/mappings?limit=10000"),
+        Some(common::TOKEN_READ),
+        None,
+    );
     assert_eq!(status, 200, "{body}");
     body["items"].as_array().unwrap().clone()
 }
