@@ -51,7 +51,10 @@ def check_config(pcpd, config_text, secret, where):
         with open(path, "w") as f:
             f.write(cfg)
         out = subprocess.run([pcpd, "check-config", path], capture_output=True, text=True)
-        if out.returncode != 0:
+        if "built without cluster mode" in out.stdout + out.stderr:
+            fail(f"{where}: this pcpd lacks the cluster feature: build the tests with "
+                 "--features pcpd/cluster (the README's test command does)")
+        elif out.returncode != 0:
             fail(f"{where}: pcpd check-config refused the rendered config:\n{out.stdout}{out.stderr}\n{cfg}")
         else:
             print(f"ok   {where}: pcpd check-config: {out.stdout.strip()}")
@@ -113,6 +116,9 @@ def main():
         ({"dataplane": {"backend": "iptables"}}, "backend"),
         ({"secret": {"tokens": [{"name": "x", "sha256": "short", "scope": "write"}]}}, "sha256"),
         ({"secret": {"tokens": []}}, "tlsCrt"),
+        ({"cluster": {"enabled": True, "partitions": [{"name": "p", "subscribers": ["100.64.0.0/10"],
+                                                       "pool": "default", "external": ["192.0.2.0/24"]}]}},
+         "cluster.etcd.endpoints"),
     ]:
         try:
             chart.render(bad, name="pcpd", namespace="cgnat", is_install=True)

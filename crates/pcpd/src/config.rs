@@ -532,6 +532,9 @@ impl Config {
         if self.admin != new.admin || self.metrics != new.metrics {
             return Some(C::Http);
         }
+        if self.cluster != new.cluster {
+            return Some(C::Cluster);
+        }
         None
     }
 }
@@ -559,6 +562,9 @@ pub enum ReloadConflict {
     /// The HTTP listeners are bound.
     #[error("admin or metrics changed: restart required")]
     Http,
+    /// Every node must cut the pools the same way.
+    #[error("cluster changed: partitions are shared by every node; change them on all nodes and restart each (docs/operations.md, \"Cluster\")")]
+    Cluster,
 }
 
 /// Why `admin.tokens_file` was refused.

@@ -433,11 +433,15 @@ async fn serve(
         }
     });
     metrics.pools(&state.shared.usage());
-    tokio::spawn(watch_clock(
-        state.clone(),
-        cfg.state_dir.clone(),
-        epoch_start,
-    ));
+    if cfg.cluster.is_none() {
+        // Cluster mode keeps no state on disk (etcd records are in wall
+        // time as written; the epoch base is the cluster's).
+        tokio::spawn(watch_clock(
+            state.clone(),
+            cfg.state_dir.clone(),
+            epoch_start,
+        ));
+    }
     state.ready.store(true, Ordering::Release);
     metrics.ready.set(1);
     tracing::info!("ready");

@@ -201,7 +201,7 @@ fn kill9_of_a_node_under_load_moves_its_partitions_with_every_mapping() {
 
     // Every mapping the dead node acknowledged renews on the survivor with
     // the same external address and port…
-    common::all_present(&b, &acked);
+    all_renew(&b, &acked);
     // …and the client's epoch check passes: state was kept (§8.5).
     let (code, ext, epoch_b) =
         map_once(probe.subscriber, probe.internal_port, probe.nonce, pb).unwrap();
@@ -288,7 +288,7 @@ fn planned_handover_under_load_loses_no_acknowledged_request() {
     assert_eq!(refused, 0, "a planned handover refuses nothing");
     assert!(during.len() > 10, "the load ran");
     acked.extend(during);
-    common::all_present(&b, &acked);
+    all_renew(&b, &acked);
 
     // 2. SIGTERM of b (a rolling upgrade): both partitions go to a.
     let stop = Arc::new(AtomicBool::new(false));
@@ -311,7 +311,7 @@ fn planned_handover_under_load_loses_no_acknowledged_request() {
     );
     assert_eq!(refused, 0, "a planned handover refuses nothing");
     acked.extend(during);
-    common::all_present(&a, &acked);
+    all_renew(&a, &acked);
 }
 
 #[test]
@@ -379,8 +379,8 @@ fn etcd_member_loss_is_invisible_and_quorum_loss_refuses_then_recovers() {
     let (p0, p1): (Vec<Acked>, Vec<Acked>) = acked
         .into_iter()
         .partition(|x| x.subscriber.octets()[1] == 1);
-    common::all_present(&a, &p0);
-    common::all_present(&b, &p1);
+    all_renew(&a, &p0);
+    all_renew(&b, &p1);
 }
 
 /// A PCP MAP for TCP `port` from `sub` with `lifetime` (0: delete).
@@ -461,5 +461,5 @@ fn a_node_paused_past_its_lease_answers_nothing_and_writes_nothing_after() {
     assert!(!owns(&a, "p0"));
     let status = cluster_status(&a);
     assert_ne!(status["partitions"][0]["state"], "active", "{status}");
-    common::all_present(&b, &acked);
+    all_renew(&b, &acked);
 }

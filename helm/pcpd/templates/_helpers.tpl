@@ -105,4 +105,35 @@ metrics:
 log:
   format: {{ .Values.log.format }}
   nat_events: {{ .Values.log.natEvents | quote }}
+{{- with .Values.cluster }}
+{{- if .enabled }}
+{{- if not .etcd.endpoints }}{{ fail "cluster.etcd.endpoints: at least one endpoint is needed in cluster mode" }}{{ end }}
+{{- if not .partitions }}{{ fail "cluster.partitions: at least one partition is needed in cluster mode" }}{{ end }}
+cluster:
+  # The node's name comes from $PCPD_NODE (the pod's spec.nodeName).
+  etcd:
+    endpoints: {{ toJson .etcd.endpoints }}
+    prefix: {{ .etcd.prefix | quote }}
+    timeout_ms: {{ .etcd.timeoutMs }}
+    {{- if .etcd.tlsSecret }}
+    tls:
+      ca: /etc/pcpd/etcd/ca.crt
+      {{- if .etcd.clientCert }}
+      cert: /etc/pcpd/etcd/tls.crt
+      key: /etc/pcpd/etcd/tls.key
+      {{- end }}
+    {{- end }}
+  lease_ttl_secs: {{ .leaseTtlSecs }}
+  margin_ms: {{ .marginMs }}
+  renewal_slack: {{ .renewalSlack }}
+  partitions:
+    {{- range .partitions }}
+    - name: {{ .name | quote }}
+      subscribers: {{ toJson .subscribers }}
+      pool: {{ .pool | quote }}
+      external: {{ toJson .external }}
+      prefer: {{ toJson (default (list) .prefer) }}
+    {{- end }}
+{{- end }}
+{{- end }}
 {{- end -}}

@@ -370,3 +370,30 @@ pub fn api_mappings(d: &Daemon) -> Vec<serde_json::Value> {
 pub fn loopback_ok(ip: Ipv4Addr) -> bool {
     UdpSocket::bind((ip, 0)).is_ok()
 }
+
+/// Every acknowledged mapping renews on `d` with the same external
+/// endpoint. A request without an answer is sent again (a client
+/// retransmits, RFC 6887 §8.1.1); any other answer is a loss.
+pub fn all_renew(d: &Daemon, acked: &[Acked]) {
+    let mut lost = Vec::new();
+    for a in acked {
+        let mut got = None;
+        for _ in 0..5 {
+            got = map_once(a.subscriber, a.internal_port, a.nonce, d.pcp_addr());
+            if got.is_some() {
+                break;
+            }
+        }
+        match got {
+            Some((pcp_wire::ResultCode::Success, ext, _)) if ext == a.external => {}
+            other => lost.push((a, other)),
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged mappings lost, e.g. {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(3)]
+    );
+}
