@@ -135,6 +135,32 @@ impl Etcd {
         }
     }
 
+    /// The cluster's current revision (every write bumps it).
+    pub fn revision(&self) -> i64 {
+        self.rt.block_on(async {
+            let mut c = etcd_client::Client::connect(self.endpoints(), None)
+                .await
+                .unwrap();
+            let r = c.get("/", None).await.unwrap();
+            r.header().unwrap().revision()
+        })
+    }
+
+    /// Replaces partition `p`'s ownership key with one of an intruder
+    /// (its own lease), as a new owner's claim would.
+    pub fn steal(&self, prefix: &str, partition: &str) {
+        self.rt.block_on(async {
+            let mut c = etcd_client::Client::connect(self.endpoints(), None)
+                .await
+                .unwrap();
+            let lease = c.lease_grant(60, None).await.unwrap().id();
+            let key = format!("{prefix}/owner/{partition}");
+            c.delete(key.as_str(), None).await.unwrap();
+            let opts = etcd_client::PutOptions::new().with_lease(lease);
+            c.put(key.as_str(), "intruder", Some(opts)).await.unwrap();
+        })
+    }
+
     /// Every key under `prefix` with its value.
     pub fn get_prefix(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
         self.rt.block_on(async {
