@@ -17,8 +17,8 @@
 
 mod common;
 
-use std::fs::File;
-use std::io::{Read, Write};
+use common::ns::{in_ns, run, PROBE};
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
 use std::num::NonZeroU16;
 use std::path::PathBuf;
@@ -35,38 +35,6 @@ const GATEWAY: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
 const INET: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 const INET_OTHER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
 const TOKEN: &str = "netns-test-token";
-/// How long a probe waits for a packet or a connection.
-const PROBE: Duration = Duration::from_millis(1500);
-
-/// Runs `f` on a thread that has joined network namespace `ns`; sockets
-/// made there stay in that namespace wherever they are used afterwards.
-fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let fd = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)
-                .unwrap_or_else(|e| panic!("setns {ns}: {e} (the netns test needs root)"));
-            f()
-        })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    })
-}
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e} (install iproute2, nftables, natpmpc)", args[0]));
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{args:?} failed (the netns test needs root): {}{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
 
 /// The three namespaces, and pcpd running in `cgn`.
 struct Lab {
@@ -253,37 +221,7 @@ impl Lab {
     /// Whether a TCP connection from the internet host (source `from`)
     /// to `to` reaches `listener` in the subscriber's namespace.
     fn tcp_reaches(&self, listener: &TcpListener, from: Ipv4Addr, to: SocketAddrV4) -> bool {
-        let stream = in_ns(&self.inet, || {
-            use socket2::{Domain, Socket, Type};
-            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-            s.bind(&SocketAddr::from((from, 0)).into()).unwrap();
-            s.connect_timeout(&SocketAddr::V4(to).into(), PROBE)
-                .map(|()| std::net::TcpStream::from(s))
-        });
-        let Ok(mut stream) = stream else {
-            return false;
-        };
-        listener.set_nonblocking(true).unwrap();
-        let deadline = Instant::now() + PROBE;
-        let mut accepted = loop {
-            match listener.accept() {
-                Ok((s, peer)) => {
-                    assert_eq!(peer.ip(), IpAddr::V4(from), "DNAT keeps the remote address");
-                    break s;
-                }
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                Err(e) => panic!("connected but never accepted: {e}"),
-            }
-        };
-        accepted.set_nonblocking(false).unwrap();
-        accepted.write_all(b"hello from the subscriber").unwrap();
-        drop(accepted);
-        stream.set_read_timeout(Some(PROBE)).unwrap();
-        let mut got = String::new();
-        let _ = stream.read_to_string(&mut got);
-        got == "hello from the subscriber"
+        common::ns::tcp_reaches(&self.inet, listener, from, to)
     }
 
     /// Whether a UDP datagram from the internet host to `to` reaches

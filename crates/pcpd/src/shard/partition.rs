@@ -5,6 +5,7 @@
 
 use pcp_dataplane::Change;
 use pcp_engine::{DeleteReason, Event};
+use pcp_store::Record;
 
 use super::restore::Restore;
 use super::{now_ms, RestoreReport, State};
@@ -22,9 +23,13 @@ pub(super) fn adopt(st: &mut State, restore: Restore) -> RestoreReport {
             report.blocks_dropped += 1;
         }
     }
+    let offset = crate::clock::wall_offset_ms();
     for m in restore.mappings {
         if let Some(store) = st.effects.etcd() {
-            store.remember(&m);
+            // What etcd holds, in the wall time records are written in.
+            if let Record::Mapping(wall) = shifted(Record::Mapping(m.clone()), offset) {
+                store.remember(&wall);
+            }
         }
         if st.engine.restore_mapping(now, m.clone()) {
             report.mappings += 1;
@@ -37,6 +42,11 @@ pub(super) fn adopt(st: &mut State, restore: Restore) -> RestoreReport {
     report.failed = st.effects.install_direct(&changes);
     report.installed = changes.len() - report.failed;
     report
+}
+
+fn shifted(mut r: Record, offset: i64) -> Record {
+    r.shift(offset);
+    r
 }
 
 /// Drops partition `p`'s state; with `uninstall`, its kernel entries too.

@@ -1,6 +1,8 @@
 //! Starts the real pcpd binary on a loopback address of its own.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod ns;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
