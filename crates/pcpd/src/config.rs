@@ -262,15 +262,6 @@ impl std::fmt::Display for Problem {
     }
 }
 
-/// Problems of the engine configuration derived from `cluster.partitions`.
-fn found_engine(pcp: &EngineConfig, problems: &mut Vec<Problem>) {
-    problems.extend(pcp.validate().into_iter().map(|p| Problem {
-        path: format!("cluster.partitions (as pcp.{})", p.path),
-        line: None,
-        message: p.message,
-    }));
-}
-
 /// The built-in default: loopback only, in-memory dataplane, a local state
 /// directory, plaintext admin API on loopback with a development token.
 pub const DEFAULT_YAML: &str = include_str!("default.yaml");
@@ -327,26 +318,9 @@ impl Config {
             .collect();
         problems.extend(cfg.validate_daemon());
         let mut cfg = cfg;
-        if let Some(cluster) = &cfg.cluster {
-            if !cfg!(feature = "cluster") {
-                problems.push(Problem {
-                    path: "cluster".into(),
-                    line: None,
-                    message: "this pcpd was built without cluster mode (cargo feature `cluster`)"
-                        .into(),
-                });
-            }
-            let found = cluster.validate(&cfg.pcp);
-            if found.is_empty() && problems.is_empty() {
-                // The engine sees one class and one pool per partition.
-                cfg.pcp = cluster.engine_config(&cfg.pcp);
-                found_engine(&cfg.pcp, &mut problems);
-            }
-            problems.extend(found.into_iter().map(|(path, message)| Problem {
-                path,
-                line: None,
-                message,
-            }));
+        // Cluster mode: the engine sees one class and one pool per partition.
+        if problems.is_empty() {
+            problems.extend(crate::cluster::config::apply(&mut cfg));
         }
         if let Some(file) = cfg.admin.tokens_file.clone() {
             match read_tokens(&file) {

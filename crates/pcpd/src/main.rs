@@ -143,14 +143,7 @@ fn init_logging(format: LogFormat) {
 fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Result<()> {
     let natlog = open_natlog(&cfg)?;
     let metrics = metrics::Metrics::new().context("metrics")?;
-    let pools = Arc::new(BlockAllocator::new(&cfg.pcp));
-    let compiled = Arc::new(Compiled::new(cfg.pcp.clone(), &pools).map_err(|p| {
-        anyhow::anyhow!(p
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; "))
-    })?);
+    let (pools, compiled) = compile(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("pcpd-admin")
@@ -204,27 +197,36 @@ fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Resul
         cluster: node,
         shards,
         shared: pools,
-        tokens: cfg
-            .admin
-            .tokens
-            .iter()
-            .map(|t| (t.name.clone(), t.sha256.to_ascii_lowercase(), t.scope))
-            .collect(),
+        tokens: tokens(&cfg),
         ready: Default::default(),
         health,
         config_path: path,
         config: Mutex::new(cfg.clone()),
     });
-    if cfg
-        .admin
-        .tokens
-        .iter()
-        .any(|t| t.sha256 == config::token_hash(config::DEFAULT_DEV_TOKEN))
-    {
-        tracing::warn!("the admin API accepts the development token; replace it outside of trials");
-    }
     rt.block_on(serve(cfg, state.clone(), metrics, recovered.epoch_start))?;
     rt.block_on(shutdown(&state, threads))
+}
+
+/// The pools and the engine configuration every shard runs.
+fn compile(cfg: &Config) -> anyhow::Result<(Arc<BlockAllocator>, Arc<Compiled>)> {
+    let pools = Arc::new(BlockAllocator::new(&cfg.pcp));
+    let compiled = Compiled::new(cfg.pcp.clone(), &pools).map_err(|p| {
+        let all: Vec<String> = p.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!(all.join("; "))
+    })?;
+    Ok((pools, Arc::new(compiled)))
+}
+
+/// The admin API's tokens (name, hash, scope); warns about the dev token.
+fn tokens(cfg: &Config) -> Vec<(String, String, config::Scope)> {
+    let dev = config::token_hash(config::DEFAULT_DEV_TOKEN);
+    if cfg.admin.tokens.iter().any(|t| t.sha256 == dev) {
+        tracing::warn!("the admin API accepts the development token; replace it outside of trials");
+    }
+    let t = &cfg.admin.tokens;
+    t.iter()
+        .map(|t| (t.name.clone(), t.sha256.to_ascii_lowercase(), t.scope))
+        .collect()
 }
 
 /// What every shard shares.
@@ -467,16 +469,7 @@ async fn serve(
     metrics.ready.set(0);
     #[cfg(feature = "cluster")]
     if let Some(node) = &state.cluster {
-        // Hand every partition to a peer before the shards stop.
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if node
-            .tx
-            .send(cluster::node::NodeCommand::Leave(tx))
-            .await
-            .is_ok()
-        {
-            let _ = rx.await;
-        }
+        node.leave().await;
     }
     Ok(())
 }

@@ -130,129 +130,128 @@ impl ClusterConfig {
     /// Checks the section against the engine configuration it cuts up.
     pub fn validate(&self, pcp: &EngineConfig) -> Vec<Problem> {
         let mut p: Vec<Problem> = Vec::new();
-        let mut err = |path: String, msg: String| p.push((path, msg));
+        self.validate_timing(&mut p);
+        if self.partitions.is_empty() {
+            p.push((
+                "cluster.partitions".into(),
+                "at least one partition is needed".into(),
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, part) in self.partitions.iter().enumerate() {
+            if !names.insert(&part.name) {
+                let msg = format!("{:?} is used twice", part.name);
+                p.push((format!("cluster.partitions[{i}].name"), msg));
+            }
+            self.validate_partition(i, pcp, &mut p);
+        }
+        p
+    }
+
+    /// etcd endpoints and the lease's timing.
+    fn validate_timing(&self, p: &mut Vec<Problem>) {
+        let mut err = |path: &str, msg: String| p.push((path.to_string(), msg));
         if self.etcd.endpoints.is_empty() {
             err(
-                "cluster.etcd.endpoints".into(),
+                "cluster.etcd.endpoints",
                 "at least one endpoint is needed".into(),
             );
         }
         for (i, e) in self.etcd.endpoints.iter().enumerate() {
             if !(e.starts_with("http://") || e.starts_with("https://")) {
-                err(
-                    format!("cluster.etcd.endpoints[{i}]"),
-                    format!("{e:?}: must start with http:// or https://"),
-                );
+                let msg = format!("{e:?}: must start with http:// or https://");
+                err(&format!("cluster.etcd.endpoints[{i}]"), msg);
             }
         }
         if !self.etcd.prefix.starts_with('/') {
-            err("cluster.etcd.prefix".into(), "must start with /".into());
+            err("cluster.etcd.prefix", "must start with /".into());
         }
+        let ttl_ms = self.lease_ttl_secs * 1000;
         if !(2..=60).contains(&self.lease_ttl_secs) {
             err(
-                "cluster.lease_ttl_secs".into(),
+                "cluster.lease_ttl_secs",
                 format!("{}: must be 2 to 60", self.lease_ttl_secs),
             );
         }
-        if self.margin_ms == 0 || self.margin_ms * 2 > self.lease_ttl_secs * 1000 {
+        if self.margin_ms == 0 || self.margin_ms * 2 > ttl_ms {
             err(
-                "cluster.margin_ms".into(),
+                "cluster.margin_ms",
                 "must be above 0 and at most half the lease TTL".into(),
             );
         }
-        if self.etcd.timeout_ms == 0 || self.etcd.timeout_ms >= self.lease_ttl_secs * 1000 {
+        if self.etcd.timeout_ms == 0 || self.etcd.timeout_ms >= ttl_ms {
             err(
-                "cluster.etcd.timeout_ms".into(),
+                "cluster.etcd.timeout_ms",
                 "must be above 0 and below the lease TTL".into(),
             );
         }
-        if self.partitions.is_empty() {
+    }
+
+    /// Partition `i`: its name, pool, and prefixes (inside the pool and
+    /// the subscriber classes, disjoint from the partitions before it).
+    fn validate_partition(&self, i: usize, pcp: &EngineConfig, p: &mut Vec<Problem>) {
+        let part = &self.partitions[i];
+        let at = format!("cluster.partitions[{i}]");
+        let mut err = |path: String, msg: String| p.push((path, msg));
+        let name_ok = !part.name.is_empty()
+            && part
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !name_ok {
             err(
-                "cluster.partitions".into(),
-                "at least one partition is needed".into(),
+                format!("{at}.name"),
+                format!("{:?}: letters, digits, - and _ only", part.name),
             );
         }
-        let mut names = std::collections::BTreeSet::new();
-        for (i, part) in self.partitions.iter().enumerate() {
-            let at = format!("cluster.partitions[{i}]");
-            let name_ok = !part.name.is_empty()
-                && part
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if !name_ok {
+        let Some(pool) = pcp.pools.get(&part.pool) else {
+            err(
+                format!("{at}.pool"),
+                format!("{:?} is not in pcp.pools", part.pool),
+            );
+            return;
+        };
+        if part.external.is_empty() {
+            err(
+                format!("{at}.external"),
+                "at least one prefix is needed".into(),
+            );
+        }
+        if part.subscribers.is_empty() {
+            err(
+                format!("{at}.subscribers"),
+                "at least one prefix is needed".into(),
+            );
+        }
+        let earlier = &self.partitions[..i];
+        for (j, x) in part.external.iter().enumerate() {
+            if !pool.prefixes.iter().any(|n| n.contains(x)) {
                 err(
-                    format!("{at}.name"),
-                    format!("{:?}: letters, digits, - and _ only", part.name),
+                    format!("{at}.external[{j}]"),
+                    format!("{x} is not inside pool {:?}", part.pool),
                 );
             }
-            if !names.insert(&part.name) {
-                err(
-                    format!("{at}.name"),
-                    format!("{:?} is used twice", part.name),
-                );
-            }
-            let Some(pool) = pcp.pools.get(&part.pool) else {
-                err(
-                    format!("{at}.pool"),
-                    format!("{:?} is not in pcp.pools", part.pool),
-                );
-                continue;
-            };
-            if part.external.is_empty() {
-                err(
-                    format!("{at}.external"),
-                    "at least one prefix is needed".into(),
-                );
-            }
-            for (j, x) in part.external.iter().enumerate() {
-                if !pool.prefixes.iter().any(|n| n.contains(x)) {
-                    err(
-                        format!("{at}.external[{j}]"),
-                        format!("{x} is not inside pool {:?}", part.pool),
-                    );
-                }
-                for (k, other) in self.partitions.iter().enumerate().take(i) {
-                    if other
-                        .external
-                        .iter()
-                        .any(|o| o.contains(x) || x.contains(o))
-                    {
-                        err(
-                            format!("{at}.external[{j}]"),
-                            format!("{x} overlaps partition {k} ({:?})", other.name),
-                        );
-                    }
-                }
-            }
-            if part.subscribers.is_empty() {
-                err(
-                    format!("{at}.subscribers"),
-                    "at least one prefix is needed".into(),
-                );
-            }
-            for (j, s) in part.subscribers.iter().enumerate() {
-                if class_of(pcp, s).is_none() {
-                    err(
-                        format!("{at}.subscribers[{j}]"),
-                        format!("{s} is not inside any pcp.subscribers prefix"),
-                    );
-                }
-                for (k, other) in self.partitions.iter().enumerate().take(i) {
-                    if other
-                        .subscribers
-                        .iter()
-                        .any(|o| o.contains(s) || s.contains(o))
-                    {
-                        err(
-                            format!("{at}.subscribers[{j}]"),
-                            format!("{s} overlaps partition {k} ({:?})", other.name),
-                        );
-                    }
-                }
+            let hit = earlier
+                .iter()
+                .position(|o| o.external.iter().any(|o| o.contains(x) || x.contains(o)));
+            if let Some(k) = hit {
+                let msg = format!("{x} overlaps partition {k} ({:?})", earlier[k].name);
+                err(format!("{at}.external[{j}]"), msg);
             }
         }
-        p
+        for (j, s) in part.subscribers.iter().enumerate() {
+            if class_of(pcp, s).is_none() {
+                let msg = format!("{s} is not inside any pcp.subscribers prefix");
+                err(format!("{at}.subscribers[{j}]"), msg);
+            }
+            let hit = earlier
+                .iter()
+                .position(|o| o.subscribers.iter().any(|o| o.contains(s) || s.contains(o)));
+            if let Some(k) = hit {
+                let msg = format!("{s} overlaps partition {k} ({:?})", earlier[k].name);
+                err(format!("{at}.subscribers[{j}]"), msg);
+            }
+        }
     }
 
     /// The engine configuration of cluster mode: one subscriber class and
@@ -285,6 +284,33 @@ impl ClusterConfig {
         out.subscribers = classes;
         out
     }
+}
+
+/// Checks `cfg.cluster` (if any) and, when it holds, replaces the engine
+/// configuration by the partitions' (one class and one pool each).
+pub(crate) fn apply(cfg: &mut crate::config::Config) -> Vec<crate::config::Problem> {
+    let Some(cluster) = &cfg.cluster else {
+        return Vec::new();
+    };
+    let problem = |path: String, message: String| crate::config::Problem {
+        path,
+        line: None,
+        message,
+    };
+    if !cfg!(feature = "cluster") {
+        let msg = "this pcpd was built without cluster mode (cargo feature `cluster`)";
+        return vec![problem("cluster".into(), msg.into())];
+    }
+    let found = cluster.validate(&cfg.pcp);
+    if !found.is_empty() {
+        return found.into_iter().map(|(p, m)| problem(p, m)).collect();
+    }
+    cfg.pcp = cluster.engine_config(&cfg.pcp);
+    cfg.pcp
+        .validate()
+        .into_iter()
+        .map(|p| problem(format!("cluster.partitions (as pcp.{})", p.path), p.message))
+        .collect()
 }
 
 /// The configured class a partition's subscriber prefix lies in.
