@@ -7,7 +7,8 @@
 //! | `ownership.rs` | what this node may answer for, read by every shard per request |
 //! | `keys.rs` | the etcd key layout and values |
 //! | `store.rs` | a shard's writes: fenced, batched etcd transactions |
-//! | `node.rs` | the node: lease, keep-alive, watch, claim, load, release |
+//! | `node/` | the node task: lease and keep-alive, polling, claim, load, release, leave |
+//! | `api.rs` | `/v1/cluster`, handover, per-partition health |
 //!
 //! The shards never wait on the coordinator: they read [`Ownership`]
 //! (atomics) for each request, and write through their own [`store::EtcdStore`]
