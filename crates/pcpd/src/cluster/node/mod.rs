@@ -41,8 +41,12 @@ const POLL: Duration = Duration::from_millis(250);
 const STAGGER: Duration = Duration::from_millis(400);
 /// A preferred node gets its partitions back once it has been up this long.
 const FAILBACK_AFTER: Duration = Duration::from_secs(3);
-/// Keys read per page when loading a partition.
-const PAGE: i64 = 5000;
+/// Keys read per page when loading a partition. etcd 3.4 walks the whole
+/// range's index for every page (its cost is the range, not the limit), so
+/// pages are large: 200 000 records are about 30 MB.
+const PAGE: i64 = 200_000;
+/// Largest page accepted from etcd.
+const PAGE_BYTES: usize = 64 << 20;
 
 mod lease;
 mod moves;

@@ -8,7 +8,7 @@ use pcp_engine::shard_of;
 use pcp_store::Record;
 use tokio::sync::oneshot;
 
-use super::{Node, Owner, PAGE, POLL};
+use super::{Node, Owner, PAGE, PAGE_BYTES, POLL};
 use crate::cluster::PartState;
 use crate::shard::{Control, Restore, RestoreReport};
 
@@ -116,13 +116,14 @@ impl Node {
         let mut out: Vec<Restore> = (0..n).map(|_| Restore::default()).collect();
         let offset = -crate::clock::wall_offset_ms();
         let mut from = prefix.into_bytes();
+        let mut kv = self.client.kv_client().max_decoding_message_size(PAGE_BYTES);
         let mut revision = 0;
         loop {
             let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
             if revision > 0 {
                 opts = opts.with_revision(revision);
             }
-            let page = self.client.get(from.clone(), Some(opts)).await?;
+            let page = kv.get(from.clone(), Some(opts)).await?;
             if revision == 0 {
                 revision = page.header().map_or(0, |h| h.revision());
             }
