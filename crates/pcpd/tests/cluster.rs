@@ -568,3 +568,44 @@ fn a_write_after_the_ownership_key_changed_hands_is_fenced() {
     assert_eq!(cluster_status(&a)["partitions"][0]["owner"], "intruder");
     drop(acked);
 }
+
+#[test]
+fn etcd_unreachable_at_start_is_said_and_the_node_is_ready_once_it_is_up() {
+    let _g = alone();
+    let mut etcd = Etcd::stopped("late");
+    let a = start_node("late", "a", &etcd, "/pcpd/late");
+    std::thread::sleep(Duration::from_secs(2));
+    let (status, body) = common::call("GET", &a.url("/readyz"), None, None);
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("etcd_unreachable")),
+        "{body}"
+    );
+    let log = std::fs::read_to_string(a.dir.join("stderr.log")).unwrap();
+    assert!(
+        log.contains("etcd"),
+        "pcpd says etcd is unreachable:\n{log}"
+    );
+    // Nothing is answered for a partition meanwhile.
+    assert_eq!(
+        map_once(
+            subscriber(0, 1),
+            22,
+            nonce_of(subscriber(0, 1), 22),
+            a.pcp_addr()
+        ),
+        None
+    );
+    etcd.restart_all();
+    wait_owns(&a, "p0", Duration::from_secs(20));
+    let (status, _) = common::call("GET", &a.url("/readyz"), None, None);
+    assert_eq!(status, 200);
+    let (code, _, _) = map_once(
+        subscriber(0, 1),
+        22,
+        nonce_of(subscriber(0, 1), 22),
+        a.pcp_addr(),
+    )
+    .unwrap();
+    assert_eq!(code, ResultCode::Success);
+}

@@ -35,21 +35,22 @@ fn initial_cluster() -> String {
 impl Etcd {
     /// Three fresh members; waits (bounded) until the cluster has a leader.
     pub fn start(name: &str) -> Etcd {
-        let dir = common::temp_dir(&format!("etcd-{name}"));
+        let mut e = Etcd::stopped(name);
+        e.restart_all();
+        e
+    }
+
+    /// The cluster's directory and addresses, no member running yet.
+    pub fn stopped(name: &str) -> Etcd {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let mut e = Etcd {
-            dir,
+        Etcd {
+            dir: common::temp_dir(&format!("etcd-{name}")),
             children: vec![None, None, None],
             rt,
-        };
-        for i in 0..3 {
-            e.start_member(i);
         }
-        e.wait_healthy(Duration::from_secs(30));
-        e
     }
 
     pub fn endpoints(&self) -> Vec<String> {

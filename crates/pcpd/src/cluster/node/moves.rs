@@ -116,7 +116,10 @@ impl Node {
         let mut out: Vec<Restore> = (0..n).map(|_| Restore::default()).collect();
         let offset = -crate::clock::wall_offset_ms();
         let mut from = prefix.into_bytes();
-        let mut kv = self.client.kv_client().max_decoding_message_size(PAGE_BYTES);
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(PAGE_BYTES);
         let mut revision = 0;
         loop {
             let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
