@@ -349,6 +349,11 @@ fn etcd_member_loss_is_invisible_and_quorum_loss_refuses_then_recovers() {
     // Every member stopped: once the lease is no longer certain, creates
     // get NO_RESOURCES (short lifetime, §7.4).
     etcd.stop_all();
+    // While the lease is still certain, a create reaches the engine and its
+    // write fails (after the etcd timeout): NO_RESOURCES, and the shard
+    // knows its writes fail until one succeeds again.
+    let failed = subscriber(0, 1999);
+    let _ = create_all(vec![(failed, 22)], route, 1, 1);
     std::thread::sleep(TTL);
     let (none, refused) = create_all(jobs(0, 2000..2020, &[22]), route, 2, 10);
     assert!(none.is_empty(), "nothing is acknowledged without etcd");
@@ -361,7 +366,9 @@ fn etcd_member_loss_is_invisible_and_quorum_loss_refuses_then_recovers() {
     let (status, _) = common::call("GET", &a.url("/readyz"), None, None);
     assert_eq!(status, 503, "not ready without etcd");
 
-    // etcd back: service resumes by itself, nothing acknowledged is lost.
+    // etcd back: service resumes by itself, with no request to prompt it
+    // (the failed write is retried each second), and nothing acknowledged
+    // is lost.
     etcd.restart_all();
     let deadline = Instant::now() + Duration::from_secs(20);
     while common::call("GET", &a.url("/readyz"), None, None).0 != 200 {

@@ -298,26 +298,7 @@ impl Drop for Lab {
 /// GET on a router's admin API (127.0.0.1:8351 in its namespace); status 0
 /// when nothing answers.
 fn api(ns: &str, path: &str) -> (u16, Value) {
-    let url = format!("http://127.0.0.1:8351{path}");
-    in_ns(ns, move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(5)))
-            .build()
-            .into();
-        match agent
-            .get(&url)
-            .header("Authorization", format!("Bearer {TOKEN}"))
-            .call()
-        {
-            Ok(mut r) => {
-                let status = r.status().as_u16();
-                let text = r.body_mut().read_to_string().unwrap_or_default();
-                (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-            }
-            Err(_) => (0, Value::Null),
-        }
-    })
+    common::ns::api_get(ns, path, TOKEN)
 }
 
 /// Whether `r`'s kernel holds a NAT element for external endpoint `ext`.

@@ -175,26 +175,7 @@ impl Lab {
     /// GET on the admin API (127.0.0.1:8351 inside the router namespace);
     /// status 0 when it does not answer.
     fn api(&self, path: &str) -> (u16, Value) {
-        let url = format!("http://127.0.0.1:8351{path}");
-        in_ns(&self.cgn, move || {
-            let agent: ureq::Agent = ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(5)))
-                .build()
-                .into();
-            match agent
-                .get(&url)
-                .header("Authorization", format!("Bearer {TOKEN}"))
-                .call()
-            {
-                Ok(mut r) => {
-                    let status = r.status().as_u16();
-                    let text = r.body_mut().read_to_string().unwrap_or_default();
-                    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-                }
-                Err(_) => (0, Value::Null),
-            }
-        })
+        common::ns::api_get(&self.cgn, path, TOKEN)
     }
 
     fn mappings(&self) -> Vec<Value> {

@@ -165,6 +165,11 @@ impl EtcdStore {
             .retain(|r| record_subscriber(r).and_then(|s| own.partition_of(s)) != Some(p));
     }
 
+    /// Whether records wait to be written again (etcd and memory differ).
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// Records to write before anything else next time: what failed, and
     /// the caller's compensations for what it took back.
     pub fn retry_later(&mut self, records: impl IntoIterator<Item = Record>) {

@@ -192,6 +192,16 @@ impl Effects {
         }
     }
 
+    /// Whether the timers must wake each second to retry writing: the
+    /// journal is poisoned, or (cluster mode) failed records wait.
+    pub(super) fn needs_repair(&self) -> bool {
+        match &self.store {
+            Store::Journal(j) => j.is_poisoned(),
+            #[cfg(feature = "cluster")]
+            Store::Etcd(e) => e.has_pending() || self.last_complaint.is_some(),
+        }
+    }
+
     /// The etcd writer, in cluster mode.
     #[cfg(feature = "cluster")]
     pub(super) fn etcd(&mut self) -> Option<&mut EtcdStore> {
@@ -329,13 +339,8 @@ impl Effects {
             Store::Etcd(e) => {
                 return match e.commit(&self.records, crate::clock::wall_ms()) {
                     Ok(()) => {
-                        if self.last_complaint.take().is_some() {
-                            tracing::warn!(
-                                shard = self.index,
-                                "etcd writable again; answering again"
-                            );
-                            self.health.set_ok(self.index);
-                            self.metrics.state_writable(self.index, true);
+                        if self.last_complaint.is_some() {
+                            self.healed();
                         }
                         true
                     }
@@ -410,6 +415,11 @@ impl Effects {
     /// A poisoned journal is replaced by a snapshot of the state in memory,
     /// at most once per [`REPAIR_INTERVAL`]. Returns whether it was now.
     fn repair(&mut self, engine: &Engine) -> bool {
+        #[cfg(feature = "cluster")]
+        if let Store::Etcd(_) = &self.store {
+            self.repair_etcd();
+            return false;
+        }
         if !self.poisoned()
             || self
                 .last_repair
@@ -429,6 +439,36 @@ impl Effects {
             return true;
         }
         false
+    }
+
+    /// Cluster mode: writes what failed before (at most once per
+    /// [`REPAIR_INTERVAL`], also when no request comes), and says so once
+    /// etcd and memory agree again.
+    #[cfg(feature = "cluster")]
+    fn repair_etcd(&mut self) {
+        let Store::Etcd(e) = &mut self.store else {
+            return;
+        };
+        let broken = self.last_complaint.is_some();
+        let due = self
+            .last_repair
+            .is_none_or(|t| t.elapsed() >= REPAIR_INTERVAL);
+        if !(broken || e.has_pending()) || !due {
+            return;
+        }
+        self.last_repair = Some(Instant::now());
+        if e.commit(&[], crate::clock::wall_ms()).is_ok() && broken {
+            self.healed();
+        }
+    }
+
+    /// etcd takes writes again: readiness and the gauge say so.
+    #[cfg(feature = "cluster")]
+    fn healed(&mut self) {
+        tracing::warn!(shard = self.index, "etcd writable again; answering again");
+        self.last_complaint = None;
+        self.health.set_ok(self.index);
+        self.metrics.state_writable(self.index, true);
     }
 
     /// Replaces journal and snapshot with a snapshot of the engine's state

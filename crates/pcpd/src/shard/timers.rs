@@ -23,7 +23,7 @@ pub(super) async fn timer_loop(state: Rc<RefCell<State>>, sockets: Sockets, noti
     loop {
         let (next, poisoned) = {
             let st = state.borrow();
-            (st.engine.poll_timeout(), st.effects.poisoned())
+            (st.engine.poll_timeout(), st.effects.needs_repair())
         };
         let mut wait = match next {
             Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),

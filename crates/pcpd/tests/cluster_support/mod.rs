@@ -3,7 +3,7 @@
 //! started here, in its own temporary directory, and killed on drop.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -393,34 +393,8 @@ pub fn api_mappings(d: &Daemon) -> Vec<serde_json::Value> {
     body["items"].as_array().unwrap().clone()
 }
 
-/// Binds a UDP socket to `ip` to check the address is usable here.
-pub fn loopback_ok(ip: Ipv4Addr) -> bool {
-    UdpSocket::bind((ip, 0)).is_ok()
-}
-
 /// Every acknowledged mapping renews on `d` with the same external
-/// endpoint. A request without an answer is sent again (a client
-/// retransmits, RFC 6887 §8.1.1); any other answer is a loss.
+/// endpoint (a request without an answer is sent again, up to 5 times).
 pub fn all_renew(d: &Daemon, acked: &[Acked]) {
-    let mut lost = Vec::new();
-    for a in acked {
-        let mut got = None;
-        for _ in 0..5 {
-            got = map_once(a.subscriber, a.internal_port, a.nonce, d.pcp_addr());
-            if got.is_some() {
-                break;
-            }
-        }
-        match got {
-            Some((pcp_wire::ResultCode::Success, ext, _)) if ext == a.external => {}
-            other => lost.push((a, other)),
-        }
-    }
-    assert!(
-        lost.is_empty(),
-        "{} of {} acknowledged mappings lost, e.g. {:?}",
-        lost.len(),
-        acked.len(),
-        &lost[..lost.len().min(3)]
-    );
+    common::all_present_retrying(d, acked, 5)
 }

@@ -376,9 +376,22 @@ pub fn map_from(
 /// Every acknowledged mapping is still there with the same external
 /// endpoint: a renewal with its nonce returns it.
 pub fn all_present(d: &Daemon, acked: &[Acked]) {
+    all_present_retrying(d, acked, 1)
+}
+
+/// [`all_present`], sending a request without an answer up to `tries`
+/// times (a client retransmits, RFC 6887 §8.1.1); any other answer is a loss.
+pub fn all_present_retrying(d: &Daemon, acked: &[Acked], tries: u32) {
     let mut lost = Vec::new();
     for a in acked {
-        match map_from(a.subscriber, a.internal_port, a.nonce, d.pcp_addr()) {
+        let mut got = None;
+        for _ in 0..tries {
+            got = map_from(a.subscriber, a.internal_port, a.nonce, d.pcp_addr());
+            if got.is_some() {
+                break;
+            }
+        }
+        match got {
             Some((pcp_wire::ResultCode::Success, ext, _)) if ext == a.external => {}
             other => lost.push((a, other)),
         }

@@ -82,3 +82,29 @@ pub fn tcp_reaches(
     let _ = stream.read_to_string(&mut got);
     got == "hello from the subscriber"
 }
+
+/// GET on an admin API at 127.0.0.1:8351 inside namespace `ns`, with a
+/// bearer token; status 0 when nothing answers.
+pub fn api_get(ns: &str, path: &str, token: &str) -> (u16, serde_json::Value) {
+    let url = format!("http://127.0.0.1:8351{path}");
+    in_ns(ns, move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        match agent
+            .get(&url)
+            .header("Authorization", format!("Bearer {token}"))
+            .call()
+        {
+            Ok(mut r) => {
+                let status = r.status().as_u16();
+                let text = r.body_mut().read_to_string().unwrap_or_default();
+                let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+                (status, body)
+            }
+            Err(_) => (0, serde_json::Value::Null),
+        }
+    })
+}
