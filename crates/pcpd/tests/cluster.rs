@@ -323,7 +323,17 @@ fn etcd_member_loss_is_invisible_and_quorum_loss_refuses_then_recovers() {
     let _g = alone();
     let mut etcd = Etcd::start("quorum");
     let prefix = "/pcpd/quorum";
-    let (a, b) = two_nodes("quorum", &etcd, prefix);
+    // Losing etcd's leader stops writes for an election; pcpd's defaults
+    // (lease TTL 5 s, etcd timeout 2 s, each attempt given up after 0.5 s)
+    // ride through it.
+    let defaults = |c: &mut serde_yaml::Value| {
+        c["cluster"]["lease_ttl_secs"] = 5.into();
+        c["cluster"]["etcd"]["timeout_ms"] = 2000.into();
+    };
+    let a = start_node_with("quorum", "a", &etcd, prefix, defaults);
+    let b = start_node_with("quorum", "b", &etcd, prefix, defaults);
+    wait_owns(&a, "p0", Duration::from_secs(15));
+    wait_owns(&b, "p1", Duration::from_secs(15));
     let (pa, pb) = (a.pcp_addr(), b.pcp_addr());
     let route = |s: Ipv4Addr| if s.octets()[1] == 1 { pa } else { pb };
 
@@ -332,29 +342,45 @@ fn etcd_member_loss_is_invisible_and_quorum_loss_refuses_then_recovers() {
         .into_iter()
         .chain(jobs(1, 0..400, &[22]))
         .collect();
+    // Clients retransmit for as long as an election may take (§8.1.1).
     let (acked, other) = std::thread::scope(|s| {
-        let load = s.spawn(|| create_all(work, route, 4, 3));
+        let load = s.spawn(|| create_all(work, route, 4, 12));
         std::thread::sleep(Duration::from_millis(300));
         etcd.kill(0);
         load.join().unwrap()
     });
     assert!(
         other.is_empty(),
-        "{} requests failed with a member down, e.g. {:?}",
+        "{} requests failed with a member down, e.g. {:?}\na: {}\nb: {}",
         other.len(),
-        &other[..other.len().min(3)]
+        &other[..other.len().min(3)],
+        std::fs::read_to_string(a.dir.join("stderr.log")).unwrap_or_default(),
+        std::fs::read_to_string(b.dir.join("stderr.log")).unwrap_or_default(),
     );
     assert_eq!(acked.len(), 800);
 
     // Every member stopped: once the lease is no longer certain, creates
     // get NO_RESOURCES (short lifetime, §7.4).
     etcd.stop_all();
+    // While the lease is still certain (at least a second: keep-alives go
+    // every TTL/3, certainty lasts TTL − margin), a renewal that needs no
+    // write is answered from memory.
+    let first = acked
+        .iter()
+        .find(|x| x.subscriber.octets()[1] == 1)
+        .unwrap();
+    let renewed = map_once(first.subscriber, first.internal_port, first.nonce, pa);
+    assert_eq!(
+        renewed.map(|(code, ext, _)| (code, ext)),
+        Some((ResultCode::Success, first.external)),
+        "a renewal without a write, etcd down, lease still certain"
+    );
     // While the lease is still certain, a create reaches the engine and its
     // write fails (after the etcd timeout): NO_RESOURCES, and the shard
     // knows its writes fail until one succeeds again.
     let failed = subscriber(0, 1999);
     let _ = create_all(vec![(failed, 22)], route, 1, 1);
-    std::thread::sleep(TTL);
+    std::thread::sleep(Duration::from_secs(5));
     let (none, refused) = create_all(jobs(0, 2000..2020, &[22]), route, 2, 10);
     assert!(none.is_empty(), "nothing is acknowledged without etcd");
     assert!(

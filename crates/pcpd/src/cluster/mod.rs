@@ -82,13 +82,8 @@ impl Boot {
         metrics: &crate::metrics::Metrics,
         rt: &tokio::runtime::Runtime,
     ) -> node::NodeHandle {
-        let (n, handle, rx) = node::Node::new(
-            self.cfg,
-            self.client,
-            self.ownership,
-            shards,
-            metrics.cluster.clone(),
-        );
+        let (n, handle, rx) =
+            node::Node::new(self.cfg, self.client, self.ownership, shards, metrics);
         rt.spawn(n.run(rx));
         handle
     }

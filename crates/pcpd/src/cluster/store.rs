@@ -37,8 +37,9 @@ use crate::metrics::ClusterMetrics;
 /// due in spirit, and coalesced batches stay well under the 1.5 MiB limit
 /// (a record is under 200 bytes).
 pub const MAX_TXN_OPS: usize = 127;
-/// How long writes fail fast after etcd did not answer.
-const BACKOFF: Duration = Duration::from_secs(1);
+/// How long writes fail fast after etcd did not answer for a whole
+/// timeout (so that, etcd down, not every batch waits the timeout).
+const BACKOFF: Duration = Duration::from_millis(500);
 /// Pause between two attempts of a write that failed in transport.
 const RETRY: Duration = Duration::from_millis(100);
 
@@ -310,19 +311,27 @@ impl EtcdStore {
         let kv = self.link.kv.clone();
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.link.timeout;
-        // Every transaction is idempotent (puts of final values, deletes),
-        // so one that failed in transport (a member died, a leader election)
-        // is sent again until the deadline.
+        // One attempt may hang on a follower whose leader just died (it
+        // waits for the election): give up on it after a quarter of the
+        // timeout and send again. Every transaction is idempotent (puts of
+        // final values, deletes), so an abandoned attempt that commits late
+        // changes nothing.
+        let attempt =
+            (self.link.timeout / 4).clamp(Duration::from_millis(200), Duration::from_secs(1));
         let outcome = self.link.wait(async move {
             loop {
-                match send_all(&kv, &txns).await {
-                    Ok(fenced) => return Ok(fenced),
-                    Err(e) if tokio::time::Instant::now() + RETRY < deadline => {
-                        tracing::debug!("etcd write failed ({e}); retrying");
-                        tokio::time::sleep(RETRY).await;
+                let error = match tokio::time::timeout(attempt, send_all(&kv, &txns)).await {
+                    Ok(Ok(fenced)) => return Ok(fenced),
+                    Ok(Err(e)) => e,
+                    Err(_) => {
+                        etcd_client::Error::InvalidArgs(format!("no answer within {attempt:?}"))
                     }
-                    Err(e) => return Err(e),
+                };
+                if tokio::time::Instant::now() + RETRY >= deadline {
+                    return Err(error);
                 }
+                tracing::debug!("etcd write failed ({error}); retrying");
+                tokio::time::sleep(RETRY).await;
             }
         });
         self.metrics

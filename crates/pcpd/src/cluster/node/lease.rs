@@ -12,6 +12,9 @@ use super::{Lease, Node, NodeInfo, Owner};
 use crate::cluster::{Ownership, PartState};
 use crate::shard::Control;
 
+/// Pause before a keep-alive is tried again after a failure.
+const KEEPALIVE_RETRY: Duration = Duration::from_millis(200);
+
 /// Keeps lease `id` alive every third of its TTL, on a task of its own so
 /// that a long claim (reading a million mappings) never starves it.
 /// Certainty runs from the time each keep-alive was sent. Ends, setting
@@ -25,8 +28,13 @@ async fn keep_alive(
 ) {
     let (every, timeout, margin_ms) = cfg;
     let mut keeper = None;
+    let mut wait = every;
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(wait).await;
+        // After a failure (a member died: the stream broke, or the channel
+        // picked the dead member), try again soon, not a third of the TTL
+        // later: certainty runs out at TTL minus the margin.
+        wait = KEEPALIVE_RETRY;
         let sent = crate::clock::now_ms();
         if keeper.is_none() {
             keeper = tokio::time::timeout(timeout, client.lease_keep_alive(id))
@@ -46,6 +54,7 @@ async fn keep_alive(
             Ok(Ok(Some(r))) if r.ttl() > 0 => {
                 let until = (sent + r.ttl() as u64 * 1000).saturating_sub(margin_ms);
                 own.set_certain_until(until);
+                wait = every;
             }
             Ok(Ok(Some(_))) => break, // TTL 0: expired
             Ok(Err(e)) if e.to_string().contains("lease not found") => break,
@@ -150,6 +159,7 @@ impl Node {
         for s in &self.shards {
             let _ = s.control.send(Control::Epoch(engine_ms)).await;
         }
+        self.epoch_gauge.set((wall / 1000) as i64);
         tracing::info!(epoch_start_ms = wall, "cluster epoch (RFC 6887 §8.5)");
         self.epoch_start_wall = Some(wall);
         Ok(())

@@ -153,6 +153,8 @@ pub struct Node {
     own: Arc<Ownership>,
     shards: Vec<ShardHandle>,
     metrics: ClusterMetrics,
+    /// `pcpd_epoch_start_timestamp_seconds`: the cluster's epoch base.
+    epoch_gauge: prometheus::IntGauge,
     ready: Arc<AtomicBool>,
     lease: Option<Lease>,
     epoch_start_wall: Option<u64>,
@@ -173,7 +175,7 @@ impl Node {
         client: Client,
         own: Arc<Ownership>,
         shards: Vec<ShardHandle>,
-        metrics: ClusterMetrics,
+        metrics: &crate::metrics::Metrics,
     ) -> (Node, NodeHandle, mpsc::Receiver<NodeCommand>) {
         let n = own.count();
         let ready = Arc::new(AtomicBool::new(false));
@@ -189,7 +191,8 @@ impl Node {
             client,
             own,
             shards,
-            metrics,
+            metrics: metrics.cluster.clone(),
+            epoch_gauge: metrics.epoch_start.clone(),
             ready,
             lease: None,
             epoch_start_wall: None,
