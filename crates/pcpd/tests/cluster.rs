@@ -238,12 +238,8 @@ fn follow_p0(
     std::thread::spawn(move || {
         while !stop.load(Ordering::Acquire) {
             for (i, url) in urls.iter().enumerate() {
-                // A stopped node does not answer at all.
-                let up = std::net::TcpStream::connect(
-                    url.trim_start_matches("http://").split('/').next().unwrap(),
-                )
-                .is_ok();
-                if up && common::call("GET", url, None, None).0 == 200 {
+                // A stopped node does not answer at all (status 0).
+                if common::status_of(url) == 200 {
                     to_b.store(i == 1, Ordering::Release);
                 }
             }

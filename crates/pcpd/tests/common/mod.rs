@@ -334,6 +334,12 @@ pub fn call(
     )
 }
 
+/// The status of a GET without a token; 0 when nothing answers (a node
+/// that stopped, or is stopping).
+pub fn status_of(url: &str) -> u16 {
+    agent().get(url).call().map_or(0, |r| r.status().as_u16())
+}
+
 /// A mapping whose success reply a test received.
 #[derive(Debug, Clone, Copy)]
 pub struct Acked {
