@@ -82,11 +82,6 @@ impl Etcd {
             .args(["--initial-cluster", &initial_cluster()])
             .args(["--initial-cluster-token", "pcpd-test"])
             .args(["--initial-cluster-state", "new"])
-            // A LAN's settings (etcd's tuning guide: heartbeat about the
-            // round trip, election ten times that); the defaults (100 ms,
-            // 1 s) are for wider networks and make a leader's loss stop
-            // writes for 2-3 s on a loaded machine.
-            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
