@@ -803,3 +803,13 @@ fn admin_api_can_require_client_certificates() {
         .expect("mTLS works");
     assert_eq!(r.status().as_u16(), 200);
 }
+
+#[test]
+fn log_lines_to_a_file_carry_no_colour_codes() {
+    let ip = Ipv4Addr::new(127, 0, 0, 19);
+    let d = Daemon::on_default("plainlog", ip);
+    // The development token's warning is always logged (PCPD_LOG=warn).
+    let log = std::fs::read_to_string(d.dir.join("stderr.log")).unwrap();
+    assert!(log.contains("WARN"), "{log}");
+    assert!(!log.contains('\x1b'), "ANSI escapes in a log file: {log:?}");
+}
