@@ -1289,3 +1289,40 @@ fn dynamic_pools_above_2_to_the_20_addresses_are_refused_with_their_path() {
     cfg.pools.get_mut("cgnat").unwrap().prefixes = vec!["10.0.0.0/12".parse().unwrap()];
     assert!(cfg.validate().is_empty());
 }
+
+#[test]
+fn a_mapping_is_gone_the_instant_its_lifetime_ends_section_15() {
+    let mut h = H::default();
+    // Off a whole second, so the timer wheel (whole seconds) reaps it late.
+    h.advance(500);
+    let r = h.map(sub(1), nonce(1), 8080, 0, 3600);
+    assert_eq!(r.result, ResultCode::Success);
+    h.take_events();
+    // 5 ms after expiry, before any sweep: a new nonce for the same
+    // internal port is a new mapping, not NOT_AUTHORIZED (§15: the old one
+    // no longer exists).
+    h.now += 3_600_000 + 5;
+    let again = h.map(sub(1), nonce(2), 8080, 0, 3600);
+    assert_eq!((again.result, again.lifetime), (ResultCode::Success, 3600));
+    let events = h.take_events();
+    assert!(
+        matches!(
+            events[..],
+            [
+                Event::MappingDeleted {
+                    reason: DeleteReason::Expired,
+                    ..
+                },
+                Event::MappingCreated(_)
+            ]
+        ),
+        "{events:?}"
+    );
+    // A PEER likewise.
+    let remote = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7));
+    let p = h.peer(sub(2), nonce(3), 5000, remote, 443, 0, 120);
+    assert_eq!(p.result, ResultCode::Success);
+    h.now += 120_000 + 5;
+    let p2 = h.peer(sub(2), nonce(4), 5000, remote, 443, 0, 120);
+    assert_eq!(p2.result, ResultCode::Success);
+}

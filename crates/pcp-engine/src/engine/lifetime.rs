@@ -11,7 +11,7 @@ use super::map::Via;
 use super::request::{Granted, Refusal};
 use super::timers::Timer;
 use super::Engine;
-use crate::types::{DeleteReason, Event, Mapping, MappingId, MappingKind, Millis};
+use crate::types::{DeleteReason, Event, Mapping, MappingId, MappingKey, MappingKind, Millis};
 
 /// Whether a new mapping is reported as created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +123,23 @@ impl Engine {
             }
         }
         id
+    }
+
+    /// The slot of the mapping `key` names, if it is still alive at `now`.
+    /// A mapping whose lifetime has passed is gone from that instant for
+    /// every request (§15), even before the timer wheel's sweep (which runs
+    /// on whole seconds) reaps it: it is removed here, as expired.
+    pub(super) fn find_live(&mut self, now: Millis, key: &MappingKey) -> Option<u32> {
+        let slot = self.table.find(key)?;
+        let expired = self
+            .table
+            .get(slot)
+            .is_some_and(|m| m.counts_against_quota() && m.expires_ms <= now);
+        if expired {
+            self.remove(now, slot, DeleteReason::Expired);
+            return None;
+        }
+        Some(slot)
     }
 
     /// Takes the mapping in `slot` out and reports why.

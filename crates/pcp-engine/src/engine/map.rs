@@ -49,7 +49,7 @@ impl Engine {
             protocol: m.protocol,
             port: m.internal_port,
         };
-        let existing = self.table.find(&MappingKey::inbound(internal));
+        let existing = self.find_live(now, &MappingKey::inbound(internal));
         if ask.lifetime == 0 {
             if existing.is_none() && self.table.outbound_port(&internal).is_some() {
                 // §15.1: MAP cannot delete an outbound (PEER-created) mapping.

@@ -39,7 +39,7 @@ impl Engine {
             return Err(ResultCode::MalformedRequest.into());
         }
         let key = MappingKey::of_peer(ask.subscriber, p);
-        let existing = self.table.find(&key);
+        let existing = self.find_live(now, &key);
         if ask.lifetime == 0 {
             return self.delete_by_client(now, existing, m, Via::Pcp);
         }
