@@ -565,7 +565,14 @@ fn natpmp_rfc6886_shares_state_with_pcp() {
         ResultCode::NotAuthorized,
         "adopted nonce holds"
     );
-    // Delete all TCP mappings (§3.4).
+    // Delete all TCP mappings (§3.4): those NAT-PMP made. The one PCP
+    // adopted is PCP's now and stays; a NAT-PMP one on 8081 goes.
+    let other = natpmp::Mapping {
+        internal_port: 8081,
+        ..m
+    };
+    h.natpmp(sub(1), natpmp::Request::Map(other));
+    assert_eq!(h.engine.mapping_count(), 2);
     let all = natpmp::Mapping {
         internal_port: 0,
         external_port: 0,
@@ -576,7 +583,7 @@ fn natpmp_rfc6886_shares_state_with_pcp() {
         panic!()
     };
     assert_eq!(result, NatPmpResult::Success);
-    assert_eq!(h.engine.mapping_count(), 0);
+    assert_eq!(h.engine.mapping_count(), 1, "the PCP mapping stays");
     // A non-subscriber is refused.
     let outsider: IpAddr = "198.18.0.1".parse().unwrap();
     let natpmp::Response::Map {
@@ -1325,4 +1332,43 @@ fn a_mapping_is_gone_the_instant_its_lifetime_ends_section_15() {
     h.now += 120_000 + 5;
     let p2 = h.peer(sub(2), nonce(4), 5000, remote, 443, 0, 120);
     assert_eq!(p2.result, ResultCode::Success);
+}
+
+#[test]
+fn natpmp_cannot_renew_shorten_or_delete_a_pcp_mapping() {
+    let mut h = H::default();
+    let pcp = h.map(sub(1), nonce(1), 8080, 0, 3600);
+    assert_eq!(pcp.result, ResultCode::Success);
+    // Renew, shorten, delete: NAT-PMP has no nonce to prove it is the
+    // client that made the mapping, so result 2 (Not Authorized/Refused).
+    for lifetime in [7200, 60, 0] {
+        let m = natpmp::Mapping {
+            protocol: natpmp::Protocol::Tcp,
+            internal_port: 8080,
+            external_port: 0,
+            lifetime,
+        };
+        let natpmp::Response::Map { result, .. } = h.natpmp(sub(1), natpmp::Request::Map(m)) else {
+            panic!()
+        };
+        assert_eq!(result, NatPmpResult::NotAuthorized, "lifetime {lifetime}");
+    }
+    // Nor does NAT-PMP's delete-all (RFC 6886 §3.4) take it.
+    let all = natpmp::Mapping {
+        protocol: natpmp::Protocol::Tcp,
+        internal_port: 0,
+        external_port: 0,
+        lifetime: 0,
+    };
+    let natpmp::Response::Map { result, .. } = h.natpmp(sub(1), natpmp::Request::Map(all)) else {
+        panic!()
+    };
+    assert_eq!(result, NatPmpResult::Success);
+    // The PCP mapping is untouched: same port, its lifetime left.
+    let again = h.map(sub(1), nonce(1), 8080, 0, 3600);
+    assert_eq!(
+        (again.result, again.ext()),
+        (ResultCode::Success, pcp.ext())
+    );
+    assert_eq!(h.engine.mapping_count(), 1);
 }

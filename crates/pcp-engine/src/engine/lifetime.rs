@@ -88,8 +88,12 @@ impl Engine {
             if mapping.kind == MappingKind::Static {
                 return Err(ResultCode::NotAuthorized.into());
             }
-            if via == Via::Pcp {
-                self.check_nonce(now, slot, m.nonce)?;
+            match via {
+                Via::Pcp => self.check_nonce(now, slot, m.nonce)?,
+                // NAT-PMP deletes only what NAT-PMP made (no nonce to prove
+                // it is the PCP client's).
+                Via::NatPmp if !mapping.natpmp => return Err(ResultCode::NotAuthorized.into()),
+                Via::NatPmp => {}
             }
             self.remove(now, slot, DeleteReason::Client);
         }

@@ -185,6 +185,14 @@ impl Engine {
                 port_set: None,
             });
         }
+        // NAT-PMP carries no nonce: it may renew only what NAT-PMP made, not
+        // a PCP client's mapping (which its nonce protects, §11.3).
+        if via == Via::NatPmp && !mapping.natpmp {
+            return Err(Refusal {
+                code: ResultCode::NotAuthorized,
+                lifetime: Some(mapping.remaining_secs(now)),
+            });
+        }
         // A NAT-PMP mapping has no nonce (RFC 6886); PCP from the same host
         // adopts it and its nonce from then on.
         let adopt = via == Via::Pcp && mapping.natpmp;

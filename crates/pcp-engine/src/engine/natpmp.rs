@@ -101,13 +101,12 @@ impl Engine {
         self.rate_limit(now, subscriber).map_err(|r| r.code)?;
         let protocol = req.protocol.ip_protocol();
         if req.lifetime == 0 && req.internal_port == 0 {
-            // RFC 6886 §3.4: delete all of this client's mappings for the protocol.
+            // RFC 6886 §3.4: delete all of this client's mappings for the
+            // protocol, those NAT-PMP made: PCP clients' mappings are theirs.
             for slot in self.slots_of(subscriber) {
-                if self
-                    .table
-                    .get(slot)
-                    .is_some_and(|m| m.protocol == protocol && m.kind == MappingKind::Map)
-                {
+                if self.table.get(slot).is_some_and(|m| {
+                    m.protocol == protocol && m.kind == MappingKind::Map && m.natpmp
+                }) {
                     self.remove(now, slot, DeleteReason::Client);
                 }
             }
