@@ -813,3 +813,41 @@ fn log_lines_to_a_file_carry_no_colour_codes() {
     assert!(log.contains("WARN"), "{log}");
     assert!(!log.contains('\x1b'), "ANSI escapes in a log file: {log:?}");
 }
+
+#[test]
+fn debug_log_has_one_line_per_answer_with_its_result_and_no_nonce() {
+    let ip = Ipv4Addr::new(127, 0, 0, 18);
+    let dir = temp_dir("debuglog");
+    let cfg = config_for(ip, &dir);
+    let env = [("PCPD_LOG", "warn,pcpd::shard=debug")];
+    let d = Daemon::try_start_env(dir, ip, cfg, &[], &env).unwrap();
+    let reply = d.pcp_exchange(&map_request(0xab, 9000, 600, &[])).unwrap();
+    assert_eq!(Response::parse(&reply).unwrap().result, ResultCode::Success);
+    let bad = d.pcp_exchange(&map_request(0xcd, 9000, 600, &[])).unwrap();
+    assert_eq!(
+        Response::parse(&bad).unwrap().result,
+        ResultCode::NotAuthorized
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let log = std::fs::read_to_string(d.dir.join("stderr.log")).unwrap();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("answered") && l.contains("opcode=\"MAP\""))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("result=\"SUCCESS\"") && l.contains("lifetime=600")),
+        "{log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("result=\"NOT_AUTHORIZED\"")),
+        "{log}"
+    );
+    assert!(
+        !log.contains("abababab") && !log.contains("cdcdcdcd"),
+        "a nonce in the log: {log}"
+    );
+}

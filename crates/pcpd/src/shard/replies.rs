@@ -136,7 +136,11 @@ impl ReplyArena {
 
     /// Sends every held reply and empties the arena.
     pub(super) fn send_all(&mut self, sockets: &Sockets, metrics: &Metrics) {
+        let log = tracing::enabled!(tracing::Level::DEBUG);
         for (i, r) in self.held.iter().enumerate() {
+            if log {
+                log_reply(r.dst, &self.replies[i][..r.len]);
+            }
             let (sock, udp) = &sockets[r.socket];
             let t = Transmit {
                 destination: r.dst,
@@ -153,6 +157,41 @@ impl ReplyArena {
             }
         }
         self.held.clear();
+    }
+}
+
+/// One debug line per answered request, as sent (after any refusal):
+/// protocol, opcode, result and lifetime; never the nonce.
+fn log_reply(client: SocketAddr, reply: &[u8]) {
+    use pcp_wire::pcp::field;
+    match reply.first() {
+        Some(&pcp_wire::natpmp::VERSION) => {
+            let opcode = reply.get(1).map_or(0, |o| o & 0x7f);
+            let result = reply
+                .get(2..4)
+                .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+            tracing::debug!(%client, protocol = "nat-pmp", opcode, result, "answered");
+        }
+        Some(_) => {
+            let opcode = reply
+                .get(field::OPCODE)
+                .map_or(Opcode::from(0), |o| Opcode::from(o & 0x7f));
+            let result = reply
+                .get(field::RESULT)
+                .map_or(ResultCode::from(0), |r| ResultCode::from(*r));
+            let lifetime = reply
+                .get(4..8)
+                .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+            tracing::debug!(
+                %client,
+                protocol = "pcp",
+                opcode = opcode.name(),
+                result = result.name(),
+                lifetime,
+                "answered"
+            );
+        }
+        None => {}
     }
 }
 
