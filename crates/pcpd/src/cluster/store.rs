@@ -275,14 +275,13 @@ impl EtcdStore {
         expires.saturating_add(lifetime.saturating_mul(u64::from(self.slack)))
     }
 
-    /// Sends one fenced transaction per partition and chunk, concurrently,
-    /// and waits for all of them.
-    fn send(&mut self, by_part: &HashMap<usize, PartitionOps>) -> Result<(), ClusterError> {
-        if self.failed_at.is_some_and(|t| t.elapsed() < BACKOFF) {
-            return Err(ClusterError::Unreachable(
-                "etcd did not answer just now".into(),
-            ));
-        }
+    /// The fenced transactions of a batch: per partition, chunks of at
+    /// most [`MAX_TXN_OPS`] operations, each comparing the partition's
+    /// ownership key's create revision with this node's claim.
+    fn transactions(
+        &self,
+        by_part: &HashMap<usize, PartitionOps>,
+    ) -> Result<Vec<(usize, Txn)>, ClusterError> {
         let mut txns: Vec<(usize, Txn)> = Vec::new();
         for (&p, ops) in by_part {
             let fence = self
@@ -308,6 +307,18 @@ impl EtcdStore {
                 txns.push((p, txn));
             }
         }
+        Ok(txns)
+    }
+
+    /// Sends one fenced transaction per partition and chunk, concurrently,
+    /// and waits for all of them.
+    fn send(&mut self, by_part: &HashMap<usize, PartitionOps>) -> Result<(), ClusterError> {
+        if self.failed_at.is_some_and(|t| t.elapsed() < BACKOFF) {
+            return Err(ClusterError::Unreachable(
+                "etcd did not answer just now".into(),
+            ));
+        }
+        let txns = self.transactions(by_part)?;
         let kv = self.link.kv.clone();
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.link.timeout;
