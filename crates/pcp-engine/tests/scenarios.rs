@@ -1372,3 +1372,32 @@ fn natpmp_cannot_renew_shorten_or_delete_a_pcp_mapping() {
     );
     assert_eq!(h.engine.mapping_count(), 1);
 }
+
+#[test]
+fn no_suggested_address_in_either_form_and_port_zero_mean_any_section_11_1() {
+    // §11.1: an IPv4 client says "no suggestion" with ::ffff:0.0.0.0 or,
+    // as some clients do, with ::; a suggested port 0 means "any".
+    let mut h = H::default();
+    let forms = [
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    ];
+    for (i, suggested) in forms.into_iter().enumerate() {
+        let req = Request {
+            lifetime: 600,
+            client_addr: sub(1),
+            data: OpData::Map(MapData {
+                nonce: nonce(1),
+                protocol: 6,
+                internal_port: 8000 + i as u16,
+                external_port: 0,
+                external_addr: suggested,
+            }),
+            options: Options::NONE,
+        };
+        let r = h.pcp(from(sub(1)), &req);
+        assert_eq!(r.result, ResultCode::Success, "{suggested}");
+        assert!(in_pool(r.ext().0), "{suggested}: {:?}", r.ext());
+        assert_ne!(r.ext_port(), 0);
+    }
+}
