@@ -26,11 +26,24 @@ pub fn now_ms() -> Millis {
     wall + at.elapsed().as_millis() as Millis
 }
 
+/// A change of the wall clock's lead under this is jitter (two clocks read
+/// a moment apart) or slow drift, not a step.
+const STEP_MS: i64 = 1000;
+
 /// How far the wall clock is ahead of the engine clock (negative: behind).
-/// Zero until the wall clock is stepped while pcpd runs.
+/// Zero until the wall clock is stepped while pcpd runs; it changes only by
+/// a step of a second or more, so the same engine instant is the same wall
+/// instant in every record written meanwhile.
 pub fn wall_offset_ms() -> i64 {
-    let engine = now_ms();
-    wall_ms() as i64 - engine as i64
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static HELD: AtomicI64 = AtomicI64::new(0);
+    let raw = wall_ms() as i64 - now_ms() as i64;
+    let held = HELD.load(Ordering::Relaxed);
+    if (raw - held).abs() < STEP_MS {
+        return held;
+    }
+    HELD.store(raw, Ordering::Relaxed);
+    raw
 }
 
 /// An engine-clock instant as wall time (for the API and logs).

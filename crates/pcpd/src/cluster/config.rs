@@ -231,11 +231,9 @@ impl ClusterConfig {
                     format!("{x} is not inside pool {:?}", part.pool),
                 );
             }
-            let hit = earlier
-                .iter()
-                .position(|o| o.external.iter().any(|o| o.contains(x) || x.contains(o)));
-            if let Some(k) = hit {
-                let msg = format!("{x} overlaps partition {k} ({:?})", earlier[k].name);
+            if let Some(msg) = overlap(earlier, IpNet::V4(*x), |o| {
+                o.external.iter().map(|n| IpNet::V4(*n)).collect()
+            }) {
                 err(format!("{at}.external[{j}]"), msg);
             }
         }
@@ -244,11 +242,7 @@ impl ClusterConfig {
                 let msg = format!("{s} is not inside any pcp.subscribers prefix");
                 err(format!("{at}.subscribers[{j}]"), msg);
             }
-            let hit = earlier
-                .iter()
-                .position(|o| o.subscribers.iter().any(|o| o.contains(s) || s.contains(o)));
-            if let Some(k) = hit {
-                let msg = format!("{s} overlaps partition {k} ({:?})", earlier[k].name);
+            if let Some(msg) = overlap(earlier, *s, |o| o.subscribers.clone()) {
                 err(format!("{at}.subscribers[{j}]"), msg);
             }
         }
@@ -313,9 +307,57 @@ pub(crate) fn apply(cfg: &mut crate::config::Config) -> Vec<crate::config::Probl
         .collect()
 }
 
+/// Which earlier partition, if any, has a prefix (of the kind `prefixes`
+/// gives) overlapping `net`, said as a problem.
+fn overlap(
+    earlier: &[PartitionConfig],
+    net: IpNet,
+    prefixes: impl Fn(&PartitionConfig) -> Vec<IpNet>,
+) -> Option<String> {
+    let k = earlier.iter().position(|o| {
+        prefixes(o)
+            .iter()
+            .any(|o| o.contains(&net) || net.contains(o))
+    })?;
+    Some(format!(
+        "{net} overlaps partition {k} ({:?})",
+        earlier[k].name
+    ))
+}
+
 /// The configured class a partition's subscriber prefix lies in.
 fn class_of<'a>(pcp: &'a EngineConfig, net: &IpNet) -> Option<&'a SubscriberClass> {
     pcp.subscribers
         .iter()
         .find(|c| c.prefixes.iter().any(|n| n.contains(net)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlapping_partitions_are_refused_with_their_yaml_paths() {
+        let cfg = crate::config::Config::builtin();
+        let cluster: ClusterConfig = serde_yaml::from_str(
+            "etcd: { endpoints: [http://127.0.0.1:2379] }\n\
+             partitions:\n\
+             - { name: p0, subscribers: [100.64.0.0/16], pool: default, external: [192.0.2.0/25] }\n\
+             - { name: p1, subscribers: [100.64.1.0/24], pool: default, external: [192.0.2.64/26] }\n\
+             - { name: p2, subscribers: [10.0.0.0/8], pool: nope, external: [192.0.2.128/25] }\n",
+        )
+        .unwrap();
+        let problems = cluster.validate(&cfg.pcp);
+        let paths: Vec<&str> = problems.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "cluster.partitions[1].external[0]",
+                "cluster.partitions[1].subscribers[0]",
+                "cluster.partitions[2].pool",
+            ],
+            "{problems:?}"
+        );
+        assert!(problems[0].1.contains("overlaps partition 0 (\"p0\")"));
+    }
 }

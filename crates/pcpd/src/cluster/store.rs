@@ -253,12 +253,9 @@ impl EtcdStore {
             m.expires_ms <= s.expires_ms && {
                 // The client's port (for unsolicited messages, §14.2) is
                 // refreshed with the next write: a client renewing from a
-                // new ephemeral port costs no write. Instants are compared
-                // by expiry only: moved into wall time, the same creation
-                // instant can differ by a millisecond between two records.
+                // new ephemeral port costs no write.
                 let mut same = m.clone();
                 same.expires_ms = s.mapping.expires_ms;
-                same.created_ms = s.mapping.created_ms;
                 same.id = s.mapping.id;
                 same.client_port = s.mapping.client_port;
                 same == s.mapping
