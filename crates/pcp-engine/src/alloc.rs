@@ -284,6 +284,25 @@ impl BlockAllocator {
         true
     }
 
+    /// Takes the free block that holds `addr:port` for `owner`, unless the
+    /// address is draining: a client back after the server lost its state
+    /// suggests its old endpoint (RFC 6887 §11.2.1, §16.3.1).
+    pub(crate) fn claim_containing(
+        &self,
+        pool: usize,
+        owner: IpAddr,
+        addr: Ipv4Addr,
+        port: u16,
+    ) -> Option<Block> {
+        let p = &self.pools[pool];
+        let ai = p.address_index(addr)?;
+        let block = p.block(addr, p.block_index(port)?);
+        if self.lock(pool).addrs[ai as usize].draining {
+            return None;
+        }
+        self.claim_block(pool, owner, block).then_some(block)
+    }
+
     /// Stops (or resumes) handing out blocks on `addr`. Returns false when
     /// no dynamic pool holds the address.
     pub fn set_draining(&self, addr: Ipv4Addr, draining: bool) -> bool {

@@ -1401,3 +1401,78 @@ fn no_suggested_address_in_either_form_and_port_zero_mean_any_section_11_1() {
         assert_ne!(r.ext_port(), 0);
     }
 }
+
+/// §11.2.1, §14.1.3, §16.3.1: after a restart that lost state, clients
+/// re-send their mappings suggesting the old external endpoints; a
+/// subscriber with no block gets the block that holds them, when free.
+#[test]
+fn old_endpoints_come_back_after_state_loss_section_11_2_1() {
+    let peer: IpAddr = "203.0.113.9".parse().unwrap();
+    // Before the loss: four others take block 0 of every address, so the
+    // subscriber's block is the second one of its address.
+    let mut before = H::default();
+    for n in 3..=6 {
+        assert_eq!(
+            before.map(sub(n), nonce(n), 80, 0, 3600).result,
+            ResultCode::Success
+        );
+    }
+    let map = before.map(sub(1), nonce(1), 8080, 0, 3600);
+    let peer_old = before.peer(sub(1), nonce(2), 5000, peer, 443, 0, 3600);
+    assert_eq!(
+        (map.result, peer_old.result),
+        (ResultCode::Success, ResultCode::Success)
+    );
+    let block = before.engine.subscriber(sub(1)).unwrap().blocks[0];
+    assert_ne!(
+        block.first, 1024,
+        "the test needs a block other than the first"
+    );
+
+    // State lost: a fresh engine, where the first free block would be
+    // another one. The client comes back suggesting its old endpoints.
+    let mut after = H::default();
+    let again = after.suggest(sub(1), nonce(1), 8080, None, map.ext(), 3600);
+    assert_eq!(
+        (again.result, again.ext()),
+        (ResultCode::Success, map.ext())
+    );
+    // The PEER (which fails rather than move, §12.3) gets its port back too.
+    let peer_new = after.suggest(
+        sub(1),
+        nonce(2),
+        5000,
+        Some((peer, 443)),
+        peer_old.ext(),
+        3600,
+    );
+    assert_eq!(
+        (peer_new.result, peer_new.ext()),
+        (ResultCode::Success, peer_old.ext())
+    );
+    assert_eq!(after.engine.subscriber(sub(1)).unwrap().blocks, vec![block]);
+
+    // A block someone else holds now is not taken from them: the MAP's
+    // suggestion stays a hint (§11.3), answered from a block of its own.
+    let mut taken = H::default();
+    for n in 3..=6 {
+        taken.map(sub(n), nonce(n), 80, 0, 3600);
+    }
+    taken.map(sub(7), nonce(7), 80, 0, 3600);
+    let owner = taken.engine.subscriber(sub(7)).unwrap().blocks[0];
+    assert_eq!(owner, block);
+    let moved = taken.suggest(sub(1), nonce(1), 8080, None, map.ext(), 3600);
+    assert_eq!(moved.result, ResultCode::Success);
+    assert_ne!(taken.engine.subscriber(sub(1)).unwrap().blocks[0], block);
+    assert_eq!(taken.engine.subscriber(sub(7)).unwrap().blocks, vec![owner]);
+
+    // A draining address gives out no block, not even a suggested one.
+    let mut draining = H::default();
+    let IpAddr::V4(addr) = map.ext().0 else {
+        panic!("IPv4")
+    };
+    assert!(draining.shared.set_draining(addr, true));
+    let elsewhere = draining.suggest(sub(1), nonce(1), 8080, None, map.ext(), 3600);
+    assert_eq!(elsewhere.result, ResultCode::Success);
+    assert_ne!(elsewhere.ext().0, map.ext().0);
+}

@@ -88,7 +88,7 @@ impl Engine {
             return Err(ResultCode::CannotProvideExternal.into());
         }
         let subscriber = m.internal_addr;
-        self.ensure_blocks(now, subscriber)?;
+        self.ensure_blocks(now, subscriber, None)?;
         let first = self.subscribers[&subscriber].blocks[0].0.first;
         let (addr, port, count) = self.choose_ports(
             now,

@@ -81,7 +81,8 @@ impl Engine {
             return Err(ResultCode::NotAuthorized);
         }
         self.rate_limit(now, subscriber).map_err(|r| r.code)?;
-        self.ensure_blocks(now, subscriber).map_err(|r| r.code)?;
+        self.ensure_blocks(now, subscriber, None)
+            .map_err(|r| r.code)?;
         self.subscribers
             .get(&subscriber)
             .and_then(|s| s.ext)

@@ -123,8 +123,18 @@ impl Engine {
         ResultCode::NoResources.into()
     }
 
-    /// Gives the subscriber its first port block if it has none.
-    pub(super) fn ensure_blocks(&mut self, now: Millis, subscriber: IpAddr) -> Result<(), Refusal> {
+    /// Gives the subscriber its first port block if it has none. With a
+    /// `wanted` endpoint (a suggested external address and port), a
+    /// dynamic pool gives the block that holds it when that block is free:
+    /// after a restart without state (or a cluster takeover that lost it),
+    /// clients re-send their mappings suggesting the old endpoints, and
+    /// §11.2.1 / §14.1.3 expect the server to honour them when it can.
+    pub(super) fn ensure_blocks(
+        &mut self,
+        now: Millis,
+        subscriber: IpAddr,
+        wanted: Option<(Ipv4Addr, u16)>,
+    ) -> Result<(), Refusal> {
         let Some(sub) = self.subscriber_entry(now, subscriber) else {
             return Err(ResultCode::NotAuthorized.into());
         };
@@ -135,10 +145,15 @@ impl Engine {
         let block = match self.pools.pools[pool].mode {
             PoolMode::Deterministic => deterministic_block(&self.pools.pools[pool], det_index)
                 .ok_or(ResultCode::NoResources)?,
-            PoolMode::Dynamic => match self.pools.allocate_block(pool, subscriber, None) {
-                Ok(b) => b,
-                Err(_) => return Err(self.pool_exhausted(now, pool)),
-            },
+            PoolMode::Dynamic => {
+                let old = wanted.and_then(|(addr, port)| {
+                    self.pools.claim_containing(pool, subscriber, addr, port)
+                });
+                match old.map_or_else(|| self.pools.allocate_block(pool, subscriber, None), Ok) {
+                    Ok(b) => b,
+                    Err(_) => return Err(self.pool_exhausted(now, pool)),
+                }
+            }
         };
         self.add_block(now, subscriber, block);
         Ok(())
@@ -226,7 +241,11 @@ impl Engine {
         ask: &PortAsk,
     ) -> Result<(Ipv4Addr, u16, u16), Refusal> {
         let subscriber = ask.internal.addr;
-        self.ensure_blocks(now, subscriber)?;
+        let wanted = match ask.suggested {
+            (IpAddr::V4(addr), port) if !addr.is_unspecified() && port != 0 => Some((addr, port)),
+            _ => None,
+        };
+        self.ensure_blocks(now, subscriber, wanted)?;
         loop {
             let addr = self.subscriber_address(subscriber);
             let blocks: Vec<Block> = self.subscribers[&subscriber]

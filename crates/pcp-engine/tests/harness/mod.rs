@@ -186,6 +186,40 @@ impl H {
         self.pcp(from(client), &req)
     }
 
+    /// A MAP (no `remote`) or PEER suggesting a whole external endpoint.
+    pub fn suggest(
+        &mut self,
+        client: IpAddr,
+        n: Nonce,
+        internal_port: u16,
+        remote: Option<(IpAddr, u16)>,
+        suggested: (IpAddr, u16),
+        lifetime: u32,
+    ) -> Reply {
+        let map = MapData {
+            nonce: n,
+            protocol: 6,
+            internal_port,
+            external_port: suggested.1,
+            external_addr: suggested.0,
+        };
+        let data = match remote {
+            Some((remote_addr, remote_port)) => OpData::Peer(PeerData {
+                map,
+                remote_port,
+                remote_addr,
+            }),
+            None => OpData::Map(map),
+        };
+        let req = Request {
+            lifetime,
+            client_addr: client,
+            data,
+            options: Options::NONE,
+        };
+        self.pcp(from(client), &req)
+    }
+
     pub fn natpmp(&mut self, client: IpAddr, req: natpmp::Request) -> natpmp::Response {
         let mut buf = [0u8; 16];
         let n = req.emit(&mut buf).unwrap();
