@@ -81,6 +81,24 @@ impl Pool {
     }
 
     /// The index of an external address in the pool.
+    /// The address a subscriber is told it will get before it has a block
+    /// (`compatibility.delete_answer: external`): a fixed function of its
+    /// internal address, so nothing is stored and every shard and node
+    /// agrees.
+    pub(crate) fn preferred_address(&self, who: IpAddr) -> Option<Ipv4Addr> {
+        let key = match who {
+            IpAddr::V4(a) => u64::from(u32::from(a)),
+            IpAddr::V6(a) => {
+                let bits = u128::from(a);
+                (bits >> 64) as u64 ^ bits as u64
+            }
+        };
+        // Fibonacci hashing spreads neighbouring subscribers evenly.
+        let spread = key.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let index = ((u128::from(spread) * u128::from(self.address_count)) >> 64) as u64;
+        self.address(index)
+    }
+
     pub(crate) fn address_index(&self, addr: Ipv4Addr) -> Option<u64> {
         let mut base = 0u64;
         for net in &self.prefixes {

@@ -45,6 +45,34 @@ pub struct EngineConfig {
     /// Upper bound on history records kept in memory per shard.
     #[serde(default = "default_history_max")]
     pub history_max_records: usize,
+    /// Departures from the RFC that deployed clients depend on; all off by
+    /// default.
+    #[serde(default)]
+    pub compatibility: Compatibility,
+}
+
+/// Departures from the RFC for deployed clients (docs/operations.md,
+/// "Client compatibility").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Compatibility {
+    /// What a lifetime-0 MAP or PEER (a delete) is answered with.
+    #[serde(default)]
+    pub delete_answer: DeleteAnswer,
+}
+
+/// The external address and port of a delete's answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeleteAnswer {
+    /// RFC 6887 §15.1: the request's suggested address and port, copied.
+    #[default]
+    Rfc,
+    /// As miniupnpd answers: the deleted mapping's external address and
+    /// port; with nothing deleted, the subscriber's external address (the
+    /// one it has, or the one its first block will be on) and port 0.
+    /// Clients that learn their address by a lifetime-0 MAP need this.
+    External,
 }
 
 fn yes() -> bool {
@@ -573,6 +601,7 @@ impl EngineConfig {
             unsolicited: UnsolicitedSettings::default(),
             history_retention_secs: default_history_retention(),
             history_max_records: default_history_max(),
+            compatibility: Compatibility::default(),
         }
     }
 }

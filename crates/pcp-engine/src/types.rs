@@ -107,6 +107,55 @@ impl MappingKey {
     }
 }
 
+/// The admin API's mapping id: the key written out, so it is the same
+/// before and after a restart, a snapshot or a cluster takeover, and names
+/// its shard. `PROTOCOL-ADDR-PORT` for MAP and static mappings,
+/// `PROTOCOL-ADDR-PORT-REMOTE_ADDR-REMOTE_PORT` for PEER (IPv6 addresses
+/// have no `-`).
+impl std::fmt::Display for MappingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let i = &self.internal;
+        write!(f, "{}-{}-{}", i.protocol, i.addr, i.port)?;
+        if let Some(r) = &self.remote {
+            write!(f, "-{}-{}", r.addr, r.port)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for MappingKey {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let parts: Vec<&str> = s.split('-').collect();
+        let addr = |t: &str| {
+            t.parse::<IpAddr>()
+                .map(|a| a.to_canonical())
+                .map_err(|_| ())
+        };
+        let (proto, internal, remote) = match parts[..] {
+            [p, a, port] => (p, (a, port), None),
+            [p, a, port, ra, rp] => (p, (a, port), Some((ra, rp))),
+            _ => return Err(()),
+        };
+        let remote = match remote {
+            Some((ra, rp)) => Some(RemoteEndpoint {
+                addr: addr(ra)?,
+                port: rp.parse().map_err(|_| ())?,
+            }),
+            None => None,
+        };
+        Ok(MappingKey {
+            internal: InternalEndpoint {
+                addr: addr(internal.0)?,
+                protocol: proto.parse().map_err(|_| ())?,
+                port: internal.1.parse().map_err(|_| ())?,
+            },
+            remote,
+        })
+    }
+}
+
 /// `ms` moved by `delta` ms; `Millis::MAX` ("never", static mappings)
 /// stays.
 pub fn shift_ms(ms: Millis, delta: i64) -> Millis {

@@ -1476,3 +1476,71 @@ fn old_endpoints_come_back_after_state_loss_section_11_2_1() {
     assert_eq!(elsewhere.result, ResultCode::Success);
     assert_ne!(elsewhere.ext().0, map.ext().0);
 }
+
+/// §15.1 copies the request's suggestion into a delete's answer; with
+/// `compatibility.delete_answer: external` it reports the external
+/// endpoint instead, as miniupnpd does and as deployed clients read it.
+#[test]
+fn delete_answer_rfc_by_default_external_by_choice_section_15_1() {
+    let peer: IpAddr = "203.0.113.9".parse().unwrap();
+    // Default: the suggested fields (all zero) come back.
+    let mut rfc = H::default();
+    rfc.map(sub(1), nonce(1), 8080, 0, 3600);
+    rfc.peer(sub(1), nonce(2), 5000, peer, 443, 0, 3600);
+    let unspecified = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    assert_eq!(
+        rfc.map(sub(1), nonce(1), 8080, 0, 0).ext(),
+        (unspecified, 0)
+    );
+    assert_eq!(
+        rfc.peer(sub(1), nonce(2), 5000, peer, 443, 0, 0).ext(),
+        (unspecified, 0)
+    );
+    assert_eq!(rfc.map(sub(2), nonce(1), 0, 0, 0).ext(), (unspecified, 0));
+
+    let mut cfg = test_config();
+    cfg.compatibility.delete_answer = pcp_engine::config::DeleteAnswer::External;
+    let mut h = H::new(cfg);
+    // Nothing to delete, no block yet: the address its block will be on,
+    // and asking allocates nothing.
+    let probe = h.map(sub(2), nonce(1), 0, 0, 0);
+    assert_eq!(probe.result, ResultCode::Success);
+    assert!(in_pool(probe.ext().0), "{:?}", probe.ext());
+    assert_eq!(probe.ext_port(), 0);
+    assert!(
+        h.engine.subscriber(sub(2)).is_none(),
+        "no block for a question"
+    );
+    assert_eq!(
+        h.map(sub(2), nonce(1), 0, 0, 0).ext(),
+        probe.ext(),
+        "the same answer again"
+    );
+    // The promise holds: the first mapping lands on that address.
+    let made = h.map(sub(2), nonce(1), 8080, 0, 3600);
+    assert_eq!(made.ext().0, probe.ext().0);
+    // Deleting reports the deleted mapping's endpoint, MAP and PEER alike.
+    assert_eq!(h.map(sub(2), nonce(1), 8080, 0, 0).ext(), made.ext());
+    let p = h.peer(sub(2), nonce(2), 5000, peer, 443, 0, 3600);
+    let gone = h.peer(sub(2), nonce(2), 5000, peer, 443, 0, 0);
+    assert_eq!(
+        (gone.result, gone.lifetime, gone.ext()),
+        (ResultCode::Success, 0, p.ext())
+    );
+    assert_eq!(h.engine.mapping_count(), 0);
+    // With a block and nothing to delete: the address it has.
+    assert_eq!(
+        h.map(sub(2), nonce(1), 9999, 0, 0).ext(),
+        (probe.ext().0, 0)
+    );
+    // The promise differs between subscribers (spread over the pool) and
+    // is the same in every engine (nothing stored).
+    let addrs: std::collections::BTreeSet<IpAddr> = (10..60)
+        .map(|n| h.map(sub(n), nonce(1), 0, 0, 0).ext().0)
+        .collect();
+    assert!(addrs.len() > 1, "{addrs:?}");
+    let mut cfg = test_config();
+    cfg.compatibility.delete_answer = pcp_engine::config::DeleteAnswer::External;
+    let mut other = H::new(cfg);
+    assert_eq!(other.map(sub(2), nonce(1), 0, 0, 0).ext(), probe.ext());
+}

@@ -531,6 +531,21 @@ pub fn discard(dir: &Path, now: Millis) -> Result<Option<PathBuf>, StoreError> {
     Ok(Some(aside))
 }
 
+/// Undoes [`discard`]: the files of a start that did not happen are
+/// deleted and those moved `aside` come back, so a start that failed after
+/// `--discard-state` leaves the state as it found it.
+pub fn undiscard(dir: &Path, aside: &Path) -> Result<(), StoreError> {
+    for f in state_files(dir)? {
+        fs::remove_file(&f).map_err(io_err(&f))?;
+    }
+    for f in state_files(aside)? {
+        let to = dir.join(f.file_name().unwrap_or_default());
+        fs::rename(&f, &to).map_err(io_err(&f))?;
+    }
+    fs::remove_dir(aside).map_err(io_err(aside))?;
+    sync_dir(dir).map_err(io_err(dir))
+}
+
 /// Deletes the files of shards `keep..` (after a change of shard count,
 /// once the current shards have written their snapshots).
 pub fn remove_stale(dir: &Path, keep: usize) -> Result<(), StoreError> {

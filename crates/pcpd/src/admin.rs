@@ -11,7 +11,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use pcp_engine::{BlockAllocator, InternalEndpoint, MappingId};
+use pcp_engine::{BlockAllocator, InternalEndpoint, MappingKey};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -254,7 +254,7 @@ fn protocol_number(p: &str) -> Result<u8, ApiError> {
 
 fn mapping_json(m: &pcp_engine::Mapping) -> Value {
     let mut v = serde_json::to_value(m).unwrap_or(Value::Null);
-    v["id"] = json!(format!("{}-{}-{}", m.id.shard, m.id.slot, m.id.generation));
+    v["id"] = json!(m.key().to_string());
     v["expires"] = if m.expires_ms == u64::MAX {
         Value::Null
     } else {
@@ -276,16 +276,11 @@ fn rfc3339(ms: u64) -> String {
         .unwrap_or_default()
 }
 
-fn parse_id(s: &str) -> Result<MappingId, ApiError> {
-    let parts: Vec<&str> = s.split('-').collect();
-    let bad = || ApiError::bad(format!("mapping id {s:?} is not SHARD-SLOT-GENERATION"));
-    if parts.len() != 3 {
-        return Err(bad());
-    }
-    Ok(MappingId {
-        shard: parts[0].parse().map_err(|_| bad())?,
-        slot: parts[1].parse().map_err(|_| bad())?,
-        generation: parts[2].parse().map_err(|_| bad())?,
+fn parse_id(s: &str) -> Result<MappingKey, ApiError> {
+    s.parse().map_err(|()| {
+        ApiError::bad(format!(
+            "mapping id {s:?} is not PROTOCOL-ADDR-PORT or PROTOCOL-ADDR-PORT-REMOTE_ADDR-REMOTE_PORT"
+        ))
     })
 }
 
@@ -338,12 +333,12 @@ async fn list_mappings(
 }
 
 async fn get_mapping(State(state): State<AppRef>, Path(id): Path<String>) -> ApiResult {
-    let id = parse_id(&id)?;
-    let shard = state
-        .shards
-        .get(usize::from(id.shard))
-        .ok_or_else(|| ApiError::not_found("mapping"))?;
-    match ask(shard, |tx| Control::Mapping(id, tx)).await? {
+    let key = parse_id(&id)?;
+    match ask(owner(&state, key.internal.addr), |tx| {
+        Control::Mapping(key, tx)
+    })
+    .await?
+    {
         Some(m) => Ok(Json(mapping_json(&m)).into_response()),
         None => Err(ApiError::not_found("mapping")),
     }
@@ -400,14 +395,12 @@ fn refused(r: Refused) -> ApiError {
 }
 
 async fn delete_mapping(State(state): State<AppRef>, Path(id): Path<String>) -> ApiResult {
-    let id = parse_id(&id)?;
-    let shard = state
-        .shards
-        .get(usize::from(id.shard))
-        .ok_or_else(|| ApiError::not_found("mapping"))?;
-    match ask(shard, |tx| Control::Delete(id, tx))
-        .await?
-        .map_err(refused)?
+    let key = parse_id(&id)?;
+    match ask(owner(&state, key.internal.addr), |tx| {
+        Control::Delete(key, tx)
+    })
+    .await?
+    .map_err(refused)?
     {
         Some(_) => Ok(StatusCode::NO_CONTENT.into_response()),
         None => Err(ApiError::not_found("mapping")),

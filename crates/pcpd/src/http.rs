@@ -11,60 +11,79 @@ use crate::metrics;
 
 pub(crate) type ServerTask = tokio::task::JoinHandle<std::io::Result<()>>;
 
-pub(crate) async fn serve_admin(cfg: &Config, app: axum::Router) -> anyhow::Result<ServerTask> {
-    let admin_addr = cfg.admin.listen;
-    Ok(match &cfg.admin.tls {
-        Some(tls) => {
-            let server_cfg = tls_config(tls).context("admin TLS")?;
-            let rustls_cfg =
-                axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(server_cfg));
-            let std_listener = std::net::TcpListener::bind(admin_addr)
-                .with_context(|| format!("admin.listen {admin_addr}"))?;
-            std_listener.set_nonblocking(true)?;
-            tracing::info!("admin API on https://{admin_addr}");
-            tokio::spawn(async move {
-                axum_server::from_tcp_rustls(std_listener, rustls_cfg)?
-                    .serve(app.into_make_service())
-                    .await
-            })
-        }
-        None => {
-            let listener = tokio::net::TcpListener::bind(admin_addr)
-                .await
-                .with_context(|| format!("admin.listen {admin_addr}"))?;
-            tracing::info!("admin API on http://{admin_addr} (plaintext, loopback only)");
-            tokio::spawn(async move { axum::serve(listener, app).await })
-        }
-    })
+/// The admin and metrics sockets, bound (and the admin TLS configuration
+/// loaded) before the daemon touches its state, so a port in use or a bad
+/// certificate refuses the start before anything else happened.
+pub(crate) struct Listeners {
+    admin: std::net::TcpListener,
+    admin_tls: Option<rustls::ServerConfig>,
+    metrics: std::net::TcpListener,
 }
 
-pub(crate) async fn serve_metrics(
-    cfg: &Config,
-    metrics: metrics::Metrics,
-) -> anyhow::Result<ServerTask> {
-    let metrics_addr: SocketAddr = cfg.metrics.listen;
-    let metrics_app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let m = metrics.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4",
-                    )],
-                    m.render(),
-                )
+impl Listeners {
+    pub(crate) fn bind(cfg: &Config) -> anyhow::Result<Listeners> {
+        let admin_tls = match &cfg.admin.tls {
+            Some(tls) => Some(tls_config(tls).context("admin TLS")?),
+            None => None,
+        };
+        let bind = |addr: SocketAddr, what: &str| -> anyhow::Result<std::net::TcpListener> {
+            let l = std::net::TcpListener::bind(addr).with_context(|| format!("{what} {addr}"))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        };
+        Ok(Listeners {
+            admin: bind(cfg.admin.listen, "admin.listen")?,
+            admin_tls,
+            metrics: bind(cfg.metrics.listen, "metrics.listen")?,
+        })
+    }
+
+    /// Serves the admin API and the metrics endpoint (within a runtime).
+    pub(crate) fn serve(
+        self,
+        app: axum::Router,
+        metrics: metrics::Metrics,
+    ) -> anyhow::Result<(ServerTask, ServerTask)> {
+        let admin_addr = self.admin.local_addr()?;
+        let admin = match self.admin_tls {
+            Some(server_cfg) => {
+                let rustls_cfg =
+                    axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(server_cfg));
+                tracing::info!("admin API on https://{admin_addr}");
+                let listener = self.admin;
+                tokio::spawn(async move {
+                    axum_server::from_tcp_rustls(listener, rustls_cfg)?
+                        .serve(app.into_make_service())
+                        .await
+                })
             }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind(metrics_addr)
-        .await
-        .with_context(|| format!("metrics.listen {metrics_addr}"))?;
-    tracing::info!("metrics on http://{metrics_addr}/metrics");
-    Ok(tokio::spawn(async move {
-        axum::serve(listener, metrics_app).await
-    }))
+            None => {
+                let listener = tokio::net::TcpListener::from_std(self.admin)?;
+                tracing::info!("admin API on http://{admin_addr} (plaintext, loopback only)");
+                tokio::spawn(async move { axum::serve(listener, app).await })
+            }
+        };
+        let metrics_addr = self.metrics.local_addr()?;
+        let metrics_app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        m.render(),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::from_std(self.metrics)?;
+        tracing::info!("metrics on http://{metrics_addr}/metrics");
+        let metrics = tokio::spawn(async move { axum::serve(listener, metrics_app).await });
+        Ok((admin, metrics))
+    }
 }
 
 fn tls_config(tls: &config::TlsConfig) -> anyhow::Result<rustls::ServerConfig> {

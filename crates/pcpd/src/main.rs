@@ -153,6 +153,8 @@ fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Resul
         .thread_name("pcpd-admin")
         .enable_all()
         .build()?;
+    // The HTTP ports and TLS are settled before the state is touched.
+    let listeners = http::Listeners::bind(&cfg)?;
     #[cfg(feature = "cluster")]
     let boot = match &cfg.cluster {
         Some(c) => Some(cluster::Boot::new(c, &rt)?),
@@ -164,33 +166,32 @@ fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Resul
     } else {
         load_state(&cfg, discard_state)?
     };
-    metrics
-        .epoch_start
-        .set((recovered.epoch_start / 1000) as i64);
-    let n = cfg.shard_count();
-    let health = Arc::new(shard::Health::new(n));
-    let dataplanes = open_dataplanes(&cfg.dataplane, n)?;
     let shared = Shared {
         compiled,
         pools: pools.clone(),
         metrics: metrics.clone(),
         natlog,
-        health: health.clone(),
+        health: Arc::new(shard::Health::new(cfg.shard_count())),
     };
-    #[allow(unused_mut)]
-    let (mut specs, restored_rx) = shard_specs(&cfg, &mut recovered, shared, dataplanes);
-    #[cfg(feature = "cluster")]
-    if let Some(boot) = &boot {
-        for spec in &mut specs {
-            spec.cluster = Some(boot.shard(&metrics));
+    let health = shared.health.clone();
+    let started = start_shards(
+        &cfg,
+        &mut recovered,
+        shared,
+        #[cfg(feature = "cluster")]
+        boot.as_ref(),
+    );
+    let (shards, threads) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            // Nothing was answered: a discarded state comes back.
+            recovered.undo_discard(&cfg.state_dir);
+            return Err(e);
         }
-    }
-    let (shards, threads) =
-        shard::start(specs, cfg.handoff_queue).context("opening UDP sockets")?;
-    wait_restored(&cfg, &recovered, restored_rx)?;
+    };
     tracing::info!(
         listen = ?cfg.listen,
-        shards = n,
+        shards = shards.len(),
         loopback_only = cfg.loopback_only(),
         "pcpd answering PCP and NAT-PMP"
     );
@@ -207,8 +208,37 @@ fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Resul
         config_path: path,
         config: Mutex::new(cfg.clone()),
     });
-    rt.block_on(serve(cfg, state.clone(), metrics, recovered.epoch_start))?;
+    let epoch_start = recovered.epoch_start;
+    rt.block_on(serve(cfg, state.clone(), listeners, metrics, epoch_start))?;
     rt.block_on(shutdown(&state, threads))
+}
+
+/// Opens the dataplanes, binds the UDP sockets and starts the shards;
+/// returns once every shard restored its state.
+fn start_shards(
+    cfg: &Config,
+    recovered: &mut Recovered,
+    shared: Shared,
+    #[cfg(feature = "cluster")] boot: Option<&cluster::Boot>,
+) -> anyhow::Result<(Vec<shard::ShardHandle>, Vec<std::thread::JoinHandle<()>>)> {
+    shared
+        .metrics
+        .epoch_start
+        .set((recovered.epoch_start / 1000) as i64);
+    let dataplanes = open_dataplanes(&cfg.dataplane, cfg.shard_count())?;
+    #[cfg(feature = "cluster")]
+    let metrics = shared.metrics.clone();
+    #[allow(unused_mut)]
+    let (mut specs, restored_rx) = shard_specs(cfg, recovered, shared, dataplanes);
+    #[cfg(feature = "cluster")]
+    if let Some(boot) = boot {
+        for spec in &mut specs {
+            spec.cluster = Some(boot.shard(&metrics));
+        }
+    }
+    let started = shard::start(specs, cfg.handoff_queue).context("opening UDP sockets")?;
+    wait_restored(cfg, recovered, restored_rx)?;
+    Ok(started)
 }
 
 /// The pools and the engine configuration every shard runs.
@@ -265,6 +295,8 @@ struct Recovered {
     records: u64,
     started: std::time::Instant,
     now: u64,
+    /// Where `--discard-state` moved the state, until the start succeeds.
+    discarded: Option<PathBuf>,
 }
 
 impl Recovered {
@@ -279,19 +311,40 @@ impl Recovered {
             records: 0,
             started: std::time::Instant::now(),
             now,
+            discarded: None,
+        }
+    }
+
+    /// Puts state moved aside by `--discard-state` back, after a start
+    /// that failed before answering anyone.
+    fn undo_discard(&self, state_dir: &std::path::Path) {
+        let Some(aside) = &self.discarded else { return };
+        match pcp_store::undiscard(state_dir, aside) {
+            Ok(()) => tracing::warn!(
+                "the start failed: the discarded state is back in {}",
+                state_dir.display()
+            ),
+            Err(e) => tracing::error!(
+                "the start failed and the discarded state could not be put back \
+                 from {}: {e}",
+                aside.display()
+            ),
         }
     }
 }
 
 fn load_state(cfg: &Config, discard_state: bool) -> anyhow::Result<Recovered> {
     let now = clock::now_ms();
-    if discard_state {
-        if let Some(aside) = pcp_store::discard(&cfg.state_dir, now)? {
-            tracing::warn!(
-                "state moved aside to {}; starting a new epoch",
-                aside.display()
-            );
-        }
+    let discarded = if discard_state {
+        pcp_store::discard(&cfg.state_dir, now)?
+    } else {
+        None
+    };
+    if let Some(aside) = &discarded {
+        tracing::warn!(
+            "state moved aside to {}; starting a new epoch",
+            aside.display()
+        );
     }
     let started = std::time::Instant::now();
     let state = pcp_store::load(&cfg.state_dir)?;
@@ -314,6 +367,7 @@ fn load_state(cfg: &Config, discard_state: bool) -> anyhow::Result<Recovered> {
         records,
         started,
         now,
+        discarded,
     })
 }
 
@@ -424,11 +478,12 @@ fn open_dataplanes(
 async fn serve(
     cfg: Config,
     state: Arc<admin::AppState>,
+    listeners: http::Listeners,
     metrics: metrics::Metrics,
     epoch_start: u64,
 ) -> anyhow::Result<()> {
-    let admin_task = http::serve_admin(&cfg, admin::router(state.clone())).await?;
-    let metrics_task = http::serve_metrics(&cfg, metrics.clone()).await?;
+    let (admin_task, metrics_task) =
+        listeners.serve(admin::router(state.clone()), metrics.clone())?;
     // Pool gauges.
     let (m, pools) = (metrics.clone(), state.shared.clone());
     tokio::spawn(async move {

@@ -3,7 +3,7 @@
 //! places a mapping enters and leaves the shard, [`Engine::insert`] and
 //! [`Engine::remove`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use pcp_wire::{MapData, Nonce, PortSet, ResultCode};
 
@@ -11,6 +11,7 @@ use super::map::Via;
 use super::request::{Granted, Refusal};
 use super::timers::Timer;
 use super::Engine;
+use crate::config::DeleteAnswer;
 use crate::types::{DeleteReason, Event, Mapping, MappingId, MappingKey, MappingKind, Millis};
 
 /// Whether a new mapping is reported as created.
@@ -73,17 +74,30 @@ impl Engine {
         Ok(granted)
     }
 
-    /// A client's delete (lifetime 0, §15.1) of the mapping in `existing`,
-    /// if any: deleting what does not exist is SUCCESS; static mappings
-    /// cannot be deleted by PCP; PCP must prove the nonce (NAT-PMP has none).
+    /// A client's delete (lifetime 0, §15.1) of `subscriber`'s mapping in
+    /// `existing`, if any: deleting what does not exist is SUCCESS; static
+    /// mappings cannot be deleted by PCP; PCP must prove the nonce (NAT-PMP
+    /// has none). The answer copies the suggestion (§15.1) unless the
+    /// operator chose [`DeleteAnswer::External`].
     pub(super) fn delete_by_client(
         &mut self,
         now: Millis,
+        subscriber: IpAddr,
         existing: Option<u32>,
         m: &MapData,
         via: Via,
     ) -> Result<Granted, Refusal> {
-        if let Some(slot) = existing {
+        let report_external = self.compiled.config.compatibility.delete_answer
+            == DeleteAnswer::External
+            && via == Via::Pcp;
+        let Some(slot) = existing else {
+            if report_external {
+                let addr = self.promised_address(subscriber);
+                return Ok(Granted::deleted(IpAddr::V4(addr), 0));
+            }
+            return Ok(Granted::deleted(m.external_addr, m.external_port));
+        };
+        {
             let mapping = self.table.get(slot).ok_or(ResultCode::NoResources)?;
             if mapping.kind == MappingKind::Static {
                 return Err(ResultCode::NotAuthorized.into());
@@ -95,7 +109,11 @@ impl Engine {
                 Via::NatPmp if !mapping.natpmp => return Err(ResultCode::NotAuthorized.into()),
                 Via::NatPmp => {}
             }
+            let deleted = (IpAddr::V4(mapping.external_addr), mapping.external_port);
             self.remove(now, slot, DeleteReason::Client);
+            if report_external {
+                return Ok(Granted::deleted(deleted.0, deleted.1));
+            }
         }
         Ok(Granted::deleted(m.external_addr, m.external_port))
     }

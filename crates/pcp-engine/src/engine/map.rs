@@ -55,7 +55,7 @@ impl Engine {
                 // §15.1: MAP cannot delete an outbound (PEER-created) mapping.
                 return Err(ResultCode::NotAuthorized.into());
             }
-            return self.delete_by_client(now, existing, m, via);
+            return self.delete_by_client(now, ask.subscriber, existing, m, via);
         }
         // §11.3: wildcard (port 0) and DMZ (protocol 0) mappings cannot be
         // fulfilled in their entirety inside a port set: UNSUPP_PROTOCOL.

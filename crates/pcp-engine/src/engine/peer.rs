@@ -41,7 +41,7 @@ impl Engine {
         let key = MappingKey::of_peer(ask.subscriber, p);
         let existing = self.find_live(now, &key);
         if ask.lifetime == 0 {
-            return self.delete_by_client(now, existing, m, Via::Pcp);
+            return self.delete_by_client(now, ask.subscriber, existing, m, Via::Pcp);
         }
         let lifetime = self.compiled.clamp_lifetime(ask.lifetime);
         if let Some(slot) = existing {

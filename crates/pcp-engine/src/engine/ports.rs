@@ -14,7 +14,7 @@ use super::table::ReleasedPort;
 use super::timers::Timer;
 use super::Engine;
 use crate::alloc::{deterministic_block, Block, BlockError};
-use crate::config::PoolMode;
+use crate::config::{DeleteAnswer, PoolMode};
 use crate::types::{Event, ExternalEndpoint, InternalEndpoint, Millis};
 
 /// Whether a suggested external port must be honoured.
@@ -149,7 +149,19 @@ impl Engine {
                 let old = wanted.and_then(|(addr, port)| {
                     self.pools.claim_containing(pool, subscriber, addr, port)
                 });
-                match old.map_or_else(|| self.pools.allocate_block(pool, subscriber, None), Ok) {
+                // The address promised by a delete's answer, if any was.
+                let promised = (self.compiled.config.compatibility.delete_answer
+                    == DeleteAnswer::External)
+                    .then(|| self.pools.pools[pool].preferred_address(subscriber))
+                    .flatten();
+                let on_promised = || {
+                    let a = promised?;
+                    self.pools.allocate_block(pool, subscriber, Some(a)).ok()
+                };
+                let block = old
+                    .or_else(on_promised)
+                    .map_or_else(|| self.pools.allocate_block(pool, subscriber, None), Ok);
+                match block {
                     Ok(b) => b,
                     Err(_) => return Err(self.pool_exhausted(now, pool)),
                 }
@@ -157,6 +169,25 @@ impl Engine {
         };
         self.add_block(now, subscriber, block);
         Ok(())
+    }
+
+    /// The subscriber's external address: the one its blocks are on, else
+    /// the one its first block will be on (deterministic pools: computed;
+    /// dynamic ones: its preferred address, which `ensure_blocks` takes
+    /// while it has a free block). Unspecified for a non-subscriber.
+    pub(super) fn promised_address(&self, subscriber: IpAddr) -> Ipv4Addr {
+        if let Some(ext) = self.subscribers.get(&subscriber).and_then(|s| s.ext) {
+            return ext;
+        }
+        let Some((class, det_index)) = self.compiled.class_of(subscriber) else {
+            return Ipv4Addr::UNSPECIFIED;
+        };
+        let pool = &self.pools.pools[usize::from(self.compiled.class_pool[usize::from(class)])];
+        let addr = match pool.mode {
+            PoolMode::Deterministic => deterministic_block(pool, det_index).map(|b| b.addr),
+            PoolMode::Dynamic => pool.preferred_address(subscriber),
+        };
+        addr.unwrap_or(Ipv4Addr::UNSPECIFIED)
     }
 
     fn add_block(&mut self, now: Millis, subscriber: IpAddr, block: Block) {

@@ -7,7 +7,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use super::Engine;
 use crate::alloc::{deterministic_block, deterministic_index, Block};
 use crate::config::PoolMode;
-use crate::types::{ExternalEndpoint, Holder, Mapping, MappingId, Millis, SubscriberUsage};
+use crate::types::{
+    ExternalEndpoint, Holder, Mapping, MappingId, MappingKey, Millis, SubscriberUsage,
+};
 
 impl Engine {
     /// Every live mapping of this shard.
@@ -24,6 +26,11 @@ impl Engine {
     /// A mapping by id.
     pub fn mapping(&self, id: MappingId) -> Option<&Mapping> {
         self.table.by_id(id)
+    }
+
+    /// The live mapping `key` names.
+    pub fn mapping_by_key(&self, key: &MappingKey) -> Option<&Mapping> {
+        self.table.find(key).and_then(|slot| self.table.get(slot))
     }
 
     /// The mappings of one subscriber.

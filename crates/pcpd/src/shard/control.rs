@@ -6,7 +6,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use pcp_engine::{Compiled, Holder, InternalEndpoint, Mapping, MappingId, Millis, SubscriberUsage};
+use pcp_engine::{
+    Compiled, Holder, InternalEndpoint, Mapping, MappingKey, Millis, SubscriberUsage,
+};
 use pcp_wire::ResultCode;
 use tokio::sync::oneshot;
 
@@ -38,7 +40,7 @@ pub enum Control {
     /// Mappings matching a filter.
     Mappings(MappingFilter, oneshot::Sender<Vec<Mapping>>),
     /// One mapping.
-    Mapping(MappingId, oneshot::Sender<Option<Mapping>>),
+    Mapping(MappingKey, oneshot::Sender<Option<Mapping>>),
     /// A subscriber's usage.
     Subscriber(IpAddr, oneshot::Sender<Option<SubscriberUsage>>),
     /// Create a static mapping for an internal endpoint, with a suggested
@@ -49,7 +51,10 @@ pub enum Control {
         oneshot::Sender<Result<Mapping, Refused>>,
     ),
     /// Delete a mapping; `Ok(None)`: there was none.
-    Delete(MappingId, oneshot::Sender<Result<Option<Mapping>, Refused>>),
+    Delete(
+        MappingKey,
+        oneshot::Sender<Result<Option<Mapping>, Refused>>,
+    ),
     /// Move mappings off a drained address; answers how many moved.
     Drain(Ipv4Addr, oneshot::Sender<Result<usize, Refused>>),
     /// Who held an external port at a time.
@@ -106,8 +111,8 @@ pub(super) fn control(st: &mut State, ctl: Control) -> bool {
                 .collect();
             let _ = reply.send(list);
         }
-        Control::Mapping(id, reply) => {
-            let _ = reply.send(st.engine.mapping(id).cloned());
+        Control::Mapping(key, reply) => {
+            let _ = reply.send(st.engine.mapping_by_key(&key).cloned());
         }
         Control::Subscriber(ip, reply) => {
             let _ = reply.send(st.engine.subscriber(ip));
@@ -124,12 +129,15 @@ pub(super) fn control(st: &mut State, ctl: Control) -> bool {
             });
             let _ = reply.send(r);
         }
-        Control::Delete(id, reply) => {
-            let of = st.engine.mapping(id).map(|m| m.internal_addr);
-            if of.is_some_and(|a| !admitted(st, a)) {
+        Control::Delete(key, reply) => {
+            if !admitted(st, key.internal.addr) {
                 let _ = reply.send(Err(Refused::NotOwner));
                 return true;
             }
+            let Some(id) = st.engine.mapping_by_key(&key).map(|m| m.id) else {
+                let _ = reply.send(Ok(None));
+                return true;
+            };
             let _ = reply.send(write(st, |engine, now| Ok(engine.delete(now, id))));
         }
         Control::Drain(addr, reply) => {
@@ -218,7 +226,7 @@ mod tests {
     use std::time::Duration;
 
     use pcp_dataplane::MemoryDataplane;
-    use pcp_engine::{BlockAllocator, Compiled, Engine, MappingId};
+    use pcp_engine::{BlockAllocator, Compiled, Engine, MappingKey};
     use pcp_store::Faults;
     use tokio::sync::oneshot;
 
@@ -258,7 +266,7 @@ mod tests {
     }
 
     /// A committed MAP from 127.0.0.1 (its client listens on port 40000).
-    fn mapping(st: &mut State, port: u16) -> MappingId {
+    fn mapping(st: &mut State, port: u16) -> MappingKey {
         let req = pcp_wire::Request {
             lifetime: 3600,
             client_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -283,7 +291,7 @@ mod tests {
             .mappings()
             .find(|m| m.internal_port == port)
             .unwrap()
-            .id
+            .key()
     }
 
     fn ask<T>(st: &mut State, make: impl FnOnce(oneshot::Sender<T>) -> Control) -> T {
@@ -323,7 +331,7 @@ mod tests {
         let faults = Arc::new(Faults::default());
         let (mut st, pools) = state(&dir("drain"), faults.clone());
         let id = mapping(&mut st, 80);
-        let ext = st.engine.mapping(id).unwrap().external_addr;
+        let ext = st.engine.mapping_by_key(&id).unwrap().external_addr;
         assert!(pools.set_draining(ext, true));
         // The drain's own commit fails (and the snapshot that would repair it).
         faults.fail_writes(2);
