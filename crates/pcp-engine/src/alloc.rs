@@ -357,6 +357,15 @@ impl BlockAllocator {
         })
     }
 
+    /// The one external address of every pool, when there is exactly one:
+    /// then it is true for every subscriber on the link (RFC 6886 §3.2.1).
+    pub fn single_address(&self) -> Option<Ipv4Addr> {
+        let total: u64 = self.pools.iter().map(|p| p.address_count).sum();
+        (total == 1)
+            .then(|| self.pools.iter().find_map(|p| p.address(0)))
+            .flatten()
+    }
+
     /// Utilization of every pool.
     pub fn usage(&self) -> Vec<PoolUsage> {
         self.pools

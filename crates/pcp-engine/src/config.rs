@@ -328,6 +328,14 @@ pub struct UnsolicitedSettings {
     /// Where restart ANNOUNCEs go (RFC 6887 §14.1.3: 224.0.0.1 and ff02::1, port 5350).
     #[serde(default = "default_announce_targets")]
     pub announce_targets: Vec<IpAddr>,
+    /// Times a NAT-PMP address announcement is sent (1..=10; RFC 6886
+    /// §3.2.1: 10, 250 ms apart, then doubling).
+    #[serde(default = "default_natpmp_announce_count")]
+    pub natpmp_announce_count: u8,
+}
+
+fn default_natpmp_announce_count() -> u8 {
+    10
 }
 
 fn default_announce_count() -> u8 {
@@ -349,6 +357,7 @@ impl Default for UnsolicitedSettings {
             announce_count: default_announce_count(),
             update_count: default_update_count(),
             announce_targets: default_announce_targets(),
+            natpmp_announce_count: default_natpmp_announce_count(),
         }
     }
 }
@@ -551,6 +560,12 @@ impl EngineConfig {
             p.add(
                 "unsolicited.announce_count",
                 "RFC 6887 §14.1.3: between 1 and 10",
+            );
+        }
+        if !(1..=10).contains(&self.unsolicited.natpmp_announce_count) {
+            p.add(
+                "unsolicited.natpmp_announce_count",
+                "RFC 6886 §3.2.1: between 1 and 10",
             );
         }
     }

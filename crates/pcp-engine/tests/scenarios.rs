@@ -1544,3 +1544,100 @@ fn delete_answer_rfc_by_default_external_by_choice_section_15_1() {
     let mut other = H::new(cfg);
     assert_eq!(other.map(sub(2), nonce(1), 0, 0, 0).ext(), probe.ext());
 }
+
+/// RFC 6886 §3.2.1: after a loss of state the gateway multicasts its
+/// public address to 224.0.0.1:5350, 10 times, 250 ms apart then
+/// doubling, the epoch updated in each. Only when one address is true for
+/// the whole link; and a NAT-PMP client whose address changes hears it
+/// on its port 5350.
+#[test]
+fn natpmp_address_announcements_rfc6886_section_3_2_1() {
+    let natpmp_sends = |txs: &[pcp_engine::Transmit]| -> Vec<(String, u32, Ipv4Addr)> {
+        txs.iter()
+            .filter(|t| t.payload.first() == Some(&0))
+            .map(|t| match natpmp::Response::parse(&t.payload).unwrap() {
+                natpmp::Response::PublicAddress {
+                    result,
+                    epoch,
+                    addr,
+                } => {
+                    assert_eq!(result, NatPmpResult::Success);
+                    (t.dst.to_string(), epoch, addr)
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    // One external address: the multicast goes.
+    let mut cfg = test_config();
+    cfg.pools.get_mut("cgnat").unwrap().prefixes = vec!["192.0.2.7/32".parse().unwrap()];
+    let mut h = H::new(cfg.clone());
+    h.engine.announce_restart(h.now, &[]);
+    let mut sent = Vec::new();
+    let mut at = Vec::new();
+    for step in 0..1500 {
+        let txs = h.advance(100);
+        for s in natpmp_sends(&txs) {
+            at.push(step * 100 + 100);
+            sent.push(s);
+        }
+    }
+    assert_eq!(sent.len(), 10, "{sent:?}");
+    assert!(sent
+        .iter()
+        .all(|(dst, _, addr)| dst == "224.0.0.1:5350" && *addr == Ipv4Addr::new(192, 0, 2, 7)));
+    // 0, 250, 750, 1750 ms ... (to this loop's 100 ms steps).
+    let gaps: Vec<u64> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    for w in gaps.windows(2) {
+        assert!(w[1] >= 2 * w[0] - 100, "doubling: {gaps:?}");
+    }
+    assert!(gaps[0] >= 200, "{gaps:?}");
+    // The epoch moves with time (§3.2.1: MUST be updated).
+    assert!(sent.last().unwrap().1 > sent[0].1 + 60, "{sent:?}");
+
+    // NAT-PMP off: nothing in its form.
+    let mut off = cfg.clone();
+    off.natpmp = false;
+    let mut h = H::new(off);
+    h.engine.announce_restart(h.now, &[]);
+    assert!(natpmp_sends(&h.advance(600_000)).is_empty());
+
+    // Four addresses (the test pool): no address is true for the link.
+    let mut h = H::default();
+    h.engine.announce_restart(h.now, &[]);
+    let txs = h.advance(600_000);
+    assert!(natpmp_sends(&txs).is_empty());
+    assert!(
+        !txs.is_empty(),
+        "the PCP ANNOUNCE still goes (RFC 6887 §14.1.3)"
+    );
+
+    // A NAT-PMP client moved to another address hears it on port 5350;
+    // a PCP client gets its §14.2 update instead.
+    let m = h.natpmp(
+        sub(1),
+        natpmp::Request::Map(natpmp::Mapping {
+            protocol: natpmp::Protocol::Tcp,
+            internal_port: 80,
+            external_port: 0,
+            lifetime: 3600,
+        }),
+    );
+    assert!(matches!(
+        m,
+        natpmp::Response::Map {
+            result: NatPmpResult::Success,
+            ..
+        }
+    ));
+    let old = h.engine.subscriber(sub(1)).unwrap().blocks[0].addr;
+    assert!(h.shared.set_draining(old, true));
+    assert_eq!(h.engine.drain(h.now, old), 1);
+    let new = h.engine.mappings_of(sub(1))[0].external_addr;
+    assert_ne!(new, old);
+    let heard = natpmp_sends(&h.advance(600_000));
+    assert_eq!(heard.len(), 10, "{heard:?}");
+    assert!(heard
+        .iter()
+        .all(|(dst, _, addr)| *dst == format!("{}:5350", sub(1)) && *addr == new));
+}

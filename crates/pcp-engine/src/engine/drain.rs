@@ -4,7 +4,7 @@
 //! responses (RFC 6887 §14.2). PREFER_FAILURE mappings cannot move: they
 //! are deleted and their clients told CANNOT_PROVIDE_EXTERNAL.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use pcp_wire::ResultCode;
 
@@ -116,6 +116,16 @@ impl Engine {
 
     /// Queues the §14.2 update telling the client where its mapping went.
     fn tell_moved(&mut self, now: Millis, m: &Mapping, result: ResultCode, new: Option<&Mapping>) {
+        if m.natpmp {
+            // A NAT-PMP client hears of an address change by its port 5350
+            // (RFC 6886 §3.2.1); a PCP update means nothing to it. A lost
+            // mapping shows in its next renewal's answer.
+            if let Some(n) = new.filter(|n| n.external_addr != m.external_addr) {
+                let dst = SocketAddr::new(m.internal_addr, pcp_wire::CLIENT_PORT);
+                self.queue_natpmp(now, dst, n.external_addr);
+            }
+            return;
+        }
         let payload = self.update_payload(
             now,
             m,

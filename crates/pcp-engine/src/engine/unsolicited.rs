@@ -1,6 +1,7 @@
 //! The §14 outbox: unsolicited messages and their retransmissions. Restart
-//! ANNOUNCE (§14.1.3: at least 250 ms apart, then doubling) and mapping
-//! updates after a move (§14.2: until the client refreshes the mapping).
+//! ANNOUNCE (§14.1.3: at least 250 ms apart, then doubling), mapping
+//! updates after a move (§14.2: until the client refreshes the mapping),
+//! and NAT-PMP's address announcements (RFC 6886 §3.2.1).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -32,6 +33,8 @@ enum Message {
     Announce(SocketAddr),
     /// Mapping update (§14.2).
     Update(Update),
+    /// NAT-PMP's gratuitous public-address response (RFC 6886 §3.2.1).
+    NatPmp { dst: SocketAddr, addr: Ipv4Addr },
 }
 
 /// One queued message, with how many more times it goes out.
@@ -78,7 +81,7 @@ impl Engine {
             .iter()
             .map(|ip| SocketAddr::new(*ip, pcp_wire::CLIENT_PORT))
             .collect();
-        for dst in groups.into_iter().chain(clients.iter().copied()) {
+        for dst in groups.iter().copied().chain(clients.iter().copied()) {
             self.outbox.push(
                 now,
                 Pending {
@@ -88,6 +91,40 @@ impl Engine {
                 },
             );
         }
+        // RFC 6886 §3.2.1: NAT-PMP listeners ignore the PCP form. The
+        // multicast says one address to the whole link, so it goes only
+        // when that is true (one external address in all); on a CGNAT
+        // with many, a NAT-PMP client learns of the loss from the epoch
+        // of its next renewal (§3.6) and its address from the answer.
+        let Some(addr) = self
+            .pools
+            .single_address()
+            .filter(|_| self.compiled.config.natpmp)
+        else {
+            return;
+        };
+        for dst in groups.into_iter().filter(SocketAddr::is_ipv4) {
+            self.queue_natpmp(now, dst, addr);
+        }
+    }
+
+    /// Queues NAT-PMP address announcements to `dst` (a group, or one
+    /// client's port 5350), 10 by default, 250 ms apart, then doubling.
+    pub(super) fn queue_natpmp(&mut self, now: Millis, dst: SocketAddr, addr: Ipv4Addr) {
+        let count = self
+            .compiled
+            .config
+            .unsolicited
+            .natpmp_announce_count
+            .clamp(1, 10);
+        self.outbox.push(
+            now,
+            Pending {
+                message: Message::NatPmp { dst, addr },
+                left: count - 1,
+                interval_ms: FIRST_INTERVAL_MS,
+            },
+        );
     }
 
     /// Queues a §14.2 update to go out now and `count - 1` more times.
@@ -106,6 +143,16 @@ impl Engine {
         let sent = match &pending.message {
             Message::Announce(dst) => self.announce_payload(now).map(|p| (*dst, p)),
             Message::Update(u) => self.update_due(now, u).map(|p| (u.dst, p)),
+            Message::NatPmp { dst, addr } => {
+                // §3.2.1: the epoch is updated in each transmission.
+                let resp = pcp_wire::natpmp::Response::PublicAddress {
+                    result: pcp_wire::NatPmpResult::Success,
+                    epoch: self.epoch(now),
+                    addr: *addr,
+                };
+                let mut buf = [0u8; 12];
+                resp.emit(&mut buf).ok().map(|n| (*dst, buf[..n].to_vec()))
+            }
         };
         let Some((dst, payload)) = sent else {
             return;

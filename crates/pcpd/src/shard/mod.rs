@@ -39,6 +39,7 @@ use crate::natlog::NatLog;
 mod control;
 mod effects;
 mod health;
+mod multicast;
 #[cfg(feature = "cluster")]
 mod partition;
 mod recv;
@@ -250,8 +251,9 @@ fn open(spec: ShardSpec) -> Option<State> {
             return None;
         }
     };
-    if spec.announce {
-        // RFC 6887 §14.1.3: state was lost; tell clients.
+    if spec.announce && index == 0 {
+        // RFC 6887 §14.1.3, RFC 6886 §3.2.1: state was lost; tell clients
+        // (once per node: the first shard speaks for all).
         engine.announce_restart(now_ms(), &[]);
     }
     let sinks = (spec.natlog, spec.metrics.clone(), spec.health.clone());

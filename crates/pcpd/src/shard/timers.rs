@@ -53,10 +53,20 @@ fn fire(st: &mut State, sockets: &Sockets) {
             continue;
         }
         let family_v6 = tx.dst.is_ipv6();
-        let Some((sock, udp)) = sockets
+        let mut same_family = sockets
             .iter()
-            .find(|(s, _)| s.local_addr().is_ok_and(|a| a.is_ipv6() == family_v6))
-        else {
+            .filter(|(s, _)| s.local_addr().is_ok_and(|a| a.is_ipv6() == family_v6));
+        if tx.dst.ip().is_multicast() {
+            // By every listen address's interface (multicast.rs).
+            for (sock, udp) in same_family {
+                if let Err(e) = super::multicast::send(sock, udp, tx.dst, &tx.payload) {
+                    tracing::debug!("unsolicited to {}: {e}", tx.dst);
+                    st.metrics.drop_io("unsolicited_send_failed");
+                }
+            }
+            continue;
+        }
+        let Some((sock, udp)) = same_family.next() else {
             continue;
         };
         let t = Transmit {
