@@ -6,7 +6,7 @@
 //! gateway usually the WAN side, and no client hears the announcement.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use nix::ifaddrs::getifaddrs;
 use nix::net::if_::{if_nametoindex, InterfaceFlags};
@@ -15,17 +15,25 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-/// An interface to send by: its IPv4 address (IP_MULTICAST_IF) or its
-/// index (IPV6_MULTICAST_IF).
+/// An interface to send by: IP_MULTICAST_IF takes its IPv4 address,
+/// IPV6_MULTICAST_IF its index; the source is the interface's address (for
+/// IPv6 a global one when it has one: clients compare the source with the
+/// server address they know, and ff02::1 would otherwise get the
+/// link-local address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Via {
     V4(Ipv4Addr),
-    V6(u32),
+    V6 {
+        index: u32,
+        source: Option<Ipv6Addr>,
+    },
 }
 
-/// The interfaces a socket bound to `local` sends multicast by.
+/// The interfaces a socket bound to `local` sends multicast by: the one
+/// holding its address, or (wildcard) every multicast interface that is
+/// up, loopback aside; one entry per interface.
 fn interfaces(local: SocketAddr) -> io::Result<Vec<Via>> {
-    let mut out = Vec::new();
+    let mut out: Vec<(String, Via)> = Vec::new();
     for ifa in getifaddrs()? {
         let Some(addr) = ifa.address.as_ref() else {
             continue;
@@ -47,15 +55,28 @@ fn interfaces(local: SocketAddr) -> io::Result<Vec<Via>> {
         if !wanted {
             continue;
         }
-        let via = match ip {
-            IpAddr::V4(a) => Via::V4(a),
-            IpAddr::V6(_) => Via::V6(if_nametoindex(ifa.interface_name.as_str())?),
-        };
-        if !out.contains(&via) {
-            out.push(via);
+        let name = ifa.interface_name.clone();
+        let known = out.iter_mut().find(|(n, _)| *n == name);
+        match (ip, known) {
+            (IpAddr::V4(_), Some(_)) => {}
+            (IpAddr::V4(a), None) => out.push((name, Via::V4(a))),
+            (IpAddr::V6(a), known) => {
+                let global = !a.is_unicast_link_local();
+                match known {
+                    Some((_, Via::V6 { source, .. })) if source.is_none() && global => {
+                        *source = Some(a);
+                    }
+                    Some(_) => {}
+                    None => {
+                        let index = if_nametoindex(name.as_str())?;
+                        let source = global.then_some(a);
+                        out.push((name, Via::V6 { index, source }));
+                    }
+                }
+            }
         }
     }
-    Ok(out)
+    Ok(out.into_iter().map(|(_, via)| via).collect())
 }
 
 /// Sends `payload` to the group `dst` from `sock` by each of its
@@ -71,20 +92,20 @@ pub(super) fn send(
     let mut last_err = None;
     for via in interfaces(local)? {
         let sref = SockRef::from(sock);
-        let chosen = match via {
-            Via::V4(a) => sref.set_multicast_if_v4(&a),
-            Via::V6(index) => sref.set_multicast_if_v6(index),
+        let (chosen, source) = match via {
+            Via::V4(a) => (sref.set_multicast_if_v4(&a), Some(IpAddr::V4(a))),
+            Via::V6 { index, source } => (sref.set_multicast_if_v6(index), source.map(IpAddr::V6)),
         };
         let t = Transmit {
             destination: dst,
             ecn: None,
             contents: payload,
             segment_size: None,
-            src_ip: None,
+            // A bound socket's source is its address already.
+            src_ip: source.filter(|_| local.ip().is_unspecified()),
         };
-        match chosen
-            .and_then(|()| sock.try_io(Interest::WRITABLE, || udp.try_send(sock.into(), &t)))
-        {
+        let send = || sock.try_io(Interest::WRITABLE, || udp.try_send(sock.into(), &t));
+        match chosen.and_then(|()| send()) {
             Ok(()) => sent += 1,
             Err(e) => {
                 tracing::debug!("multicast to {dst} by {via:?}: {e}");
