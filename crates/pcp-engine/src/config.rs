@@ -8,6 +8,8 @@ use std::net::{IpAddr, Ipv6Addr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+pub use crate::compat::{Compatibility, DeleteAnswer};
+
 /// Everything the engine needs to answer requests.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
@@ -45,34 +47,9 @@ pub struct EngineConfig {
     /// Upper bound on history records kept in memory per shard.
     #[serde(default = "default_history_max")]
     pub history_max_records: usize,
-    /// Departures from the RFC that deployed clients depend on; all off by
-    /// default.
+    /// Departures from the RFC for deployed clients; all off by default.
     #[serde(default)]
     pub compatibility: Compatibility,
-}
-
-/// Departures from the RFC for deployed clients (docs/operations.md,
-/// "Client compatibility").
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Compatibility {
-    /// What a lifetime-0 MAP or PEER (a delete) is answered with.
-    #[serde(default)]
-    pub delete_answer: DeleteAnswer,
-}
-
-/// The external address and port of a delete's answer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeleteAnswer {
-    /// RFC 6887 §15.1: the request's suggested address and port, copied.
-    #[default]
-    Rfc,
-    /// As miniupnpd answers: the deleted mapping's external address and
-    /// port; with nothing deleted, the subscriber's external address (the
-    /// one it has, or the one its first block will be on) and port 0.
-    /// Clients that learn their address by a lifetime-0 MAP need this.
-    External,
 }
 
 fn yes() -> bool {

@@ -28,6 +28,7 @@
 )]
 
 pub mod alloc;
+mod compat;
 mod compiled;
 pub mod config;
 mod engine;

@@ -30,11 +30,13 @@ mod config;
 mod http;
 mod metrics;
 mod natlog;
+mod recovered;
 mod reload;
 mod shard;
 mod steer;
 
 use config::{Config, LogFormat};
+use recovered::{load_state, Recovered};
 
 /// A carrier-grade PCP (RFC 6887) and NAT-PMP (RFC 6886) server.
 #[derive(Parser)]
@@ -282,92 +284,6 @@ fn open_natlog(cfg: &Config) -> anyhow::Result<natlog::NatLog> {
         Some(p) => {
             natlog::NatLog::file(&p).with_context(|| format!("NAT event log {}", p.display()))?
         }
-    })
-}
-
-/// State recovered from the state directory (RFC 6887 §8.5: the epoch
-/// continues when state was recovered; otherwise a new epoch starts and
-/// clients are told).
-struct Recovered {
-    restores: Vec<shard::Restore>,
-    epoch_start: u64,
-    recovered: bool,
-    records: u64,
-    started: std::time::Instant,
-    now: u64,
-    /// Where `--discard-state` moved the state, until the start succeeds.
-    discarded: Option<PathBuf>,
-}
-
-impl Recovered {
-    /// Cluster mode: each partition's state comes from etcd once owned, and
-    /// the epoch is the cluster's (set by the node task).
-    fn in_etcd() -> Recovered {
-        let now = clock::now_ms();
-        Recovered {
-            restores: Vec::new(),
-            epoch_start: now,
-            recovered: true,
-            records: 0,
-            started: std::time::Instant::now(),
-            now,
-            discarded: None,
-        }
-    }
-
-    /// Puts state moved aside by `--discard-state` back, after a start
-    /// that failed before answering anyone.
-    fn undo_discard(&self, state_dir: &std::path::Path) {
-        let Some(aside) = &self.discarded else { return };
-        match pcp_store::undiscard(state_dir, aside) {
-            Ok(()) => tracing::warn!(
-                "the start failed: the discarded state is back in {}",
-                state_dir.display()
-            ),
-            Err(e) => tracing::error!(
-                "the start failed and the discarded state could not be put back \
-                 from {}: {e}",
-                aside.display()
-            ),
-        }
-    }
-}
-
-fn load_state(cfg: &Config, discard_state: bool) -> anyhow::Result<Recovered> {
-    let now = clock::now_ms();
-    let discarded = if discard_state {
-        pcp_store::discard(&cfg.state_dir, now)?
-    } else {
-        None
-    };
-    if let Some(aside) = &discarded {
-        tracing::warn!(
-            "state moved aside to {}; starting a new epoch",
-            aside.display()
-        );
-    }
-    let started = std::time::Instant::now();
-    let state = pcp_store::load(&cfg.state_dir)?;
-    for w in &state.warnings {
-        tracing::warn!("{w}");
-    }
-    let recovered = state.epoch_start.is_some();
-    let epoch_start = match state.epoch_start {
-        Some(start) => start,
-        None => {
-            pcp_store::write_epoch(&cfg.state_dir, now)?;
-            now
-        }
-    };
-    let records = state.records;
-    Ok(Recovered {
-        restores: shard::Restore::split(state, cfg.shard_count()),
-        epoch_start,
-        recovered,
-        records,
-        started,
-        now,
-        discarded,
     })
 }
 

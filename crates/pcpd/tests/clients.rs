@@ -19,6 +19,7 @@ use pcp_wire::{MapData, Nonce, OpData, Options, Request, Response, ResponseHeade
 /// lifetime-0 MAP, and deletes with lifetime 0.
 struct NatPcpClient {
     sock: UdpSocket,
+    /// The client address its requests carry (§8.2: its source).
     me: Ipv4Addr,
     gateway: SocketAddr,
 }
@@ -226,30 +227,9 @@ fn a_host_asks_from_any_of_its_addresses_section_8_2() {
     let (_, list) = call("GET", &d.url("/v1/mappings"), Some(TOKEN_READ), None);
     assert_eq!(list["total"], 3, "{list}");
     // From 127.0.0.3, naming 127.0.0.2: refused (§8.2, NAT detected).
-    let sock = UdpSocket::bind((Ipv4Addr::new(127, 0, 0, 3), 0)).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let req = Request {
-        lifetime: 3600,
-        client_addr: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
-        data: OpData::Map(MapData {
-            nonce: Nonce([9; 12]),
-            protocol: 6,
-            internal_port: 9000,
-            external_port: 0,
-            external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        }),
-        options: Options::NONE,
-    };
-    let mut buf = vec![0u8; req.buffer_len()];
-    req.emit(&mut buf).unwrap();
-    sock.send_to(&buf, d.pcp_addr()).unwrap();
-    let mut out = [0u8; 1100];
-    let n = sock.recv(&mut out).expect("answered");
-    assert_eq!(
-        ResponseHeader::parse(&out[..n]).unwrap().result,
-        ResultCode::AddressMismatch
-    );
+    let mut liar = NatPcpClient::new(Ipv4Addr::new(127, 0, 0, 3), d.pcp_addr());
+    liar.me = Ipv4Addr::new(127, 0, 0, 2);
+    assert_eq!(liar.map(9000, 0, 3600).0, ResultCode::AddressMismatch);
 }
 
 /// `--discard-state` moves the state aside only for a start that happens:

@@ -16,7 +16,7 @@
 
 mod common;
 
-use common::ns::{in_ns, run};
+use common::ns::{add_namespaces, in_ns, ip};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
@@ -53,15 +53,7 @@ impl Lab {
             pcpd: None,
         };
         let (lan, gw, wan) = (lab.lan.as_str(), lab.gw.as_str(), lab.wan.as_str());
-        for ns in [lan, gw, wan] {
-            run(&["ip", "netns", "add", ns]);
-            run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-        }
-        let ip = |ns: &str, args: &[&str]| {
-            let mut v = vec!["ip", "-n", ns];
-            v.extend_from_slice(args);
-            run(&v);
-        };
+        add_namespaces(&[lan, gw, wan]);
         // The WAN side first, so that the kernel's own choice (the routes,
         // the first ff00::/8 entry) is the wrong one.
         for (dev, peer) in [("wan0", wan), ("lan0", lan)] {

@@ -130,15 +130,7 @@ pub(super) fn control(st: &mut State, ctl: Control) -> bool {
             let _ = reply.send(r);
         }
         Control::Delete(key, reply) => {
-            if !admitted(st, key.internal.addr) {
-                let _ = reply.send(Err(Refused::NotOwner));
-                return true;
-            }
-            let Some(id) = st.engine.mapping_by_key(&key).map(|m| m.id) else {
-                let _ = reply.send(Ok(None));
-                return true;
-            };
-            let _ = reply.send(write(st, |engine, now| Ok(engine.delete(now, id))));
+            let _ = reply.send(delete(st, &key));
         }
         Control::Drain(addr, reply) => {
             let _ = reply.send(write(st, |engine, now| Ok(engine.drain(now, addr))));
@@ -179,6 +171,17 @@ pub(super) fn control(st: &mut State, ctl: Control) -> bool {
         }
     }
     true
+}
+
+/// An operator's delete of the mapping `key` names (`Ok(None)`: none).
+fn delete(st: &mut State, key: &MappingKey) -> Result<Option<Mapping>, Refused> {
+    if !admitted(st, key.internal.addr) {
+        return Err(Refused::NotOwner);
+    }
+    let Some(id) = st.engine.mapping_by_key(key).map(|m| m.id) else {
+        return Ok(None);
+    };
+    write(st, |engine, now| Ok(engine.delete(now, id)))
 }
 
 /// Whether this node answers for `subscriber` now (always, on a single node).

@@ -43,6 +43,21 @@ pub fn run(args: &[&str]) -> String {
     text
 }
 
+/// Makes network namespaces `names`, each with its loopback up.
+pub fn add_namespaces(names: &[&str]) {
+    for ns in names {
+        run(&["ip", "netns", "add", ns]);
+        run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    }
+}
+
+/// `ip -n NS ARGS...`.
+pub fn ip(ns: &str, args: &[&str]) {
+    let mut v = vec!["ip", "-n", ns];
+    v.extend_from_slice(args);
+    run(&v);
+}
+
 /// Whether a TCP connection from namespace `from_ns` (source `from`) to
 /// `to` reaches `listener` (in the subscriber's namespace), keeps the
 /// remote address through DNAT, and carries data back.
