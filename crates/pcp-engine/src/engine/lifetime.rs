@@ -87,35 +87,31 @@ impl Engine {
         m: &MapData,
         via: Via,
     ) -> Result<Granted, Refusal> {
-        let report_external = self.compiled.config.compatibility.delete_answer
-            == DeleteAnswer::External
-            && via == Via::Pcp;
-        let Some(slot) = existing else {
-            if report_external {
-                let addr = self.promised_address(subscriber);
-                return Ok(Granted::deleted(IpAddr::V4(addr), 0));
+        let deleted = match existing {
+            Some(slot) => {
+                let mapping = self.table.get(slot).ok_or(ResultCode::NoResources)?;
+                if mapping.kind == MappingKind::Static {
+                    return Err(ResultCode::NotAuthorized.into());
+                }
+                match via {
+                    Via::Pcp => self.check_nonce(now, slot, m.nonce)?,
+                    // NAT-PMP deletes only what NAT-PMP made (no nonce to
+                    // prove it is the PCP client's).
+                    Via::NatPmp if !mapping.natpmp => return Err(ResultCode::NotAuthorized.into()),
+                    Via::NatPmp => {}
+                }
+                let endpoint = (mapping.external_addr, mapping.external_port);
+                self.remove(now, slot, DeleteReason::Client);
+                Some(endpoint)
             }
-            return Ok(Granted::deleted(m.external_addr, m.external_port));
+            None => None,
         };
-        {
-            let mapping = self.table.get(slot).ok_or(ResultCode::NoResources)?;
-            if mapping.kind == MappingKind::Static {
-                return Err(ResultCode::NotAuthorized.into());
-            }
-            match via {
-                Via::Pcp => self.check_nonce(now, slot, m.nonce)?,
-                // NAT-PMP deletes only what NAT-PMP made (no nonce to prove
-                // it is the PCP client's).
-                Via::NatPmp if !mapping.natpmp => return Err(ResultCode::NotAuthorized.into()),
-                Via::NatPmp => {}
-            }
-            let deleted = (IpAddr::V4(mapping.external_addr), mapping.external_port);
-            self.remove(now, slot, DeleteReason::Client);
-            if report_external {
-                return Ok(Granted::deleted(deleted.0, deleted.1));
-            }
+        let external = self.compiled.config.compatibility.delete_answer == DeleteAnswer::External;
+        if !external || via == Via::NatPmp {
+            return Ok(Granted::deleted(m.external_addr, m.external_port));
         }
-        Ok(Granted::deleted(m.external_addr, m.external_port))
+        let (addr, port) = deleted.unwrap_or_else(|| (self.promised_address(subscriber), 0));
+        Ok(Granted::deleted(IpAddr::V4(addr), port))
     }
 
     /// Puts a new mapping in the table and its subscriber's record, arms its

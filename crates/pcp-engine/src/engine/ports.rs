@@ -176,7 +176,8 @@ impl Engine {
     /// dynamic ones: its preferred address, which `ensure_blocks` takes
     /// while it has a free block). Unspecified for a non-subscriber.
     pub(super) fn promised_address(&self, subscriber: IpAddr) -> Ipv4Addr {
-        if let Some(ext) = self.subscribers.get(&subscriber).and_then(|s| s.ext) {
+        let ext = self.subscriber_address(subscriber);
+        if !ext.is_unspecified() {
             return ext;
         }
         let Some((class, det_index)) = self.compiled.class_of(subscriber) else {
