@@ -502,6 +502,44 @@ fn a_node_paused_past_its_lease_answers_nothing_and_writes_nothing_after() {
     all_renew(&a, &acked);
 }
 
+/// The same pause, made certain to break the node's keep-alive stream:
+/// etcd restarts while the node sleeps, so after SIGCONT the node must open
+/// a new stream, and etcd's answer to it is "lease not found" (an error, not
+/// a TTL of 0). The node must take that as the loss it is and join again;
+/// it once retried the stream for ever, connected in its own view and
+/// absent from the cluster's.
+#[test]
+fn a_node_paused_while_etcd_restarts_sees_its_lease_gone_and_joins_again() {
+    let _g = alone();
+    let mut etcd = Etcd::start("pause-restart");
+    let prefix = "/pcpd/pause-restart";
+    let a = start_node("pause-restart", "a", &etcd, prefix);
+    wait_owns(&a, "p0", Duration::from_secs(15));
+    let pa = a.pcp_addr();
+    let (acked, other) = create_all(jobs(0, 0..50, &[22]), |_| pa, 4, 3);
+    assert!(other.is_empty(), "{other:?}");
+
+    a.signal("STOP");
+    etcd.stop_all();
+    etcd.restart_all();
+    // Nobody keeps a's lease alive now: wait (bounded) until etcd expired
+    // it and a's liveness key is gone.
+    let nodes = format!("{prefix}/nodes/");
+    let started = Instant::now();
+    while !etcd.get_prefix(&nodes).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a's lease never expired in etcd"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    a.signal("CONT");
+    wait_owns(&a, "p0", Duration::from_secs(15));
+    let status = cluster_status(&a);
+    assert_eq!(status["nodes"], serde_json::json!(["a"]), "{status}");
+    all_renew(&a, &acked);
+}
+
 #[test]
 fn renewals_within_the_slack_write_nothing_and_deletes_are_written() {
     let _g = alone();

@@ -37,10 +37,15 @@ async fn keep_alive(
         wait = KEEPALIVE_RETRY;
         let sent = crate::clock::now_ms();
         if keeper.is_none() {
-            keeper = tokio::time::timeout(timeout, client.lease_keep_alive(id))
-                .await
-                .ok()
-                .and_then(Result::ok);
+            match tokio::time::timeout(timeout, client.lease_keep_alive(id)).await {
+                Ok(Ok(k)) => keeper = Some(k),
+                // Opening a stream sends the first keep-alive; for a lease
+                // that expired (this process was paused past its TTL and the
+                // old stream broke meanwhile) the client says so as an
+                // error. Retrying would never notice the loss.
+                Ok(Err(e)) if lease_gone(&e) => break,
+                Ok(Err(_)) | Err(_) => continue,
+            }
         }
         let Some((k, stream)) = keeper.as_mut() else {
             continue;
@@ -57,12 +62,17 @@ async fn keep_alive(
                 wait = every;
             }
             Ok(Ok(Some(_))) => break, // TTL 0: expired
-            Ok(Err(e)) if e.to_string().contains("lease not found") => break,
+            Ok(Err(e)) if lease_gone(&e) => break,
             // The stream ended or etcd did not answer: a new stream next time.
             Ok(Ok(None)) | Ok(Err(_)) | Err(_) => keeper = None,
         }
     }
     lost.store(true, Ordering::Release);
+}
+
+/// Whether etcd answered that the lease no longer exists.
+fn lease_gone(e: &etcd_client::Error) -> bool {
+    e.to_string().contains("lease not found")
 }
 
 impl Node {
