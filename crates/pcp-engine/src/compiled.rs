@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use pcp_wire::ResultCode;
 
 use crate::alloc::BlockAllocator;
-use crate::config::{EngineConfig, QuotaProfile};
+use crate::config::{ClassKind, EngineConfig, QuotaProfile};
 use crate::ConfigProblem;
 
 /// One subscriber prefix: its class and where it starts in the class's
@@ -21,13 +21,19 @@ struct ClassPrefix {
     offset: u64,
 }
 
+/// The pool index of a class that has none (a firewall class).
+pub(crate) const NO_POOL: u16 = u16::MAX;
+
 /// Compiled configuration shared by every shard.
 #[derive(Debug)]
 pub struct Compiled {
     pub(crate) config: EngineConfig,
     /// Longest prefix first.
     prefixes: Vec<ClassPrefix>,
+    /// Each class's pool index; [`NO_POOL`] for firewall classes.
     pub(crate) class_pool: Vec<u16>,
+    /// Whether each class is a firewall class (RFC 6887 §3: identity mappings).
+    pub(crate) class_firewall: Vec<bool>,
     pub(crate) class_profile: Vec<QuotaProfile>,
     pub(crate) class_profile_name: Vec<String>,
     pub(crate) prefix64: Option<[u8; 12]>,
@@ -43,6 +49,7 @@ impl Compiled {
         }
         let mut prefixes = Vec::new();
         let mut class_pool = Vec::new();
+        let mut class_firewall = Vec::new();
         let mut class_profile = Vec::new();
         let mut class_profile_name = Vec::new();
         for (ci, class) in cfg.subscribers.iter().enumerate() {
@@ -56,7 +63,12 @@ impl Compiled {
                 let bits = u32::from(net.max_prefix_len() - net.prefix_len()).min(63);
                 offset = offset.saturating_add(1u64 << bits);
             }
-            class_pool.push(pools.pool_index(&class.pool).unwrap_or(0) as u16);
+            let firewall = class.kind == ClassKind::Firewall;
+            class_firewall.push(firewall);
+            class_pool.push(match pools.pool_index(&class.pool) {
+                Some(i) if !firewall => i as u16,
+                _ => NO_POOL,
+            });
             class_profile.push(cfg.profiles[&class.profile]);
             class_profile_name.push(class.profile.clone());
         }
@@ -74,6 +86,7 @@ impl Compiled {
             config: cfg,
             prefixes,
             class_pool,
+            class_firewall,
             class_profile,
             class_profile_name,
             prefix64,
@@ -121,6 +134,13 @@ impl Compiled {
                 IpNet::V6(n) => IpAddr::V6((u128::from(n.network()) + u128::from(rel)).into()),
             })
         })
+    }
+
+    /// Whether `addr` is a subscriber of a firewall class: its mappings are
+    /// pinholes, external = internal (RFC 6887 §3).
+    pub fn is_firewall(&self, addr: IpAddr) -> bool {
+        self.class_of(addr)
+            .is_some_and(|(c, _)| self.class_firewall[usize::from(c)])
     }
 
     /// The lifetime of an error answer with `code` (RFC 6887 §7.4, §15).

@@ -33,6 +33,7 @@ mod compiled;
 pub mod config;
 mod engine;
 pub mod types;
+mod validate;
 
 pub use alloc::{Block, BlockAllocator, PoolUsage};
 pub use compiled::Compiled;

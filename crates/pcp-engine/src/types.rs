@@ -224,10 +224,15 @@ pub struct Mapping {
     pub internal_port: u16,
     /// IANA protocol number.
     pub protocol: u8,
-    /// External address.
+    /// External address of a NAT mapping (unspecified for a pinhole: see
+    /// [`Mapping::external_ip`], which is right for both).
     pub external_addr: Ipv4Addr,
     /// External port (first of the set for PORT_SET).
     pub external_port: u16,
+    /// A firewall pinhole (RFC 6887 §3: the mapping is the identity, so its
+    /// external address and port are the internal ones) rather than a
+    /// translation.
+    pub firewall: bool,
     /// Ports in the mapping (RFC 7753 PORT_SET; 1 otherwise).
     pub port_count: u16,
     /// Mapping nonce (§11.1); zero for NAT-PMP and static mappings.
@@ -279,6 +284,16 @@ impl Mapping {
             addr: self.external_addr,
             protocol: self.protocol,
             port: self.external_port.wrapping_add(i),
+        }
+    }
+
+    /// The external address as a client is told it: the pool address of a
+    /// NAT mapping, the internal address of a pinhole (§3, §11.1).
+    pub fn external_ip(&self) -> IpAddr {
+        if self.firewall {
+            self.internal_addr
+        } else {
+            IpAddr::V4(self.external_addr)
         }
     }
 
@@ -451,8 +466,10 @@ impl Stats {
 pub struct SubscriberUsage {
     /// Internal address.
     pub internal_addr: IpAddr,
-    /// Pool name.
+    /// Pool name (empty for a firewall class).
     pub pool: String,
+    /// Of a firewall class: its mappings are pinholes.
+    pub firewall: bool,
     /// Profile name.
     pub profile: String,
     /// External address, once one is assigned.

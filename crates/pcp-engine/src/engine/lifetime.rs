@@ -62,7 +62,7 @@ impl Engine {
         }
         let granted = Granted {
             lifetime,
-            external_addr: snapshot.external_addr.into(),
+            external_addr: snapshot.external_ip(),
             external_port: snapshot.external_port,
             port_set: (snapshot.port_count > 1).then_some(PortSet {
                 size: snapshot.port_count,
@@ -100,7 +100,7 @@ impl Engine {
                     Via::NatPmp if !mapping.natpmp => return Err(ResultCode::NotAuthorized.into()),
                     Via::NatPmp => {}
                 }
-                let endpoint = (mapping.external_addr, mapping.external_port);
+                let endpoint = (mapping.external_ip(), mapping.external_port);
                 self.remove(now, slot, DeleteReason::Client);
                 Some(endpoint)
             }
@@ -110,8 +110,8 @@ impl Engine {
         if !external || via == Via::NatPmp {
             return Ok(Granted::deleted(m.external_addr, m.external_port));
         }
-        let (addr, port) = deleted.unwrap_or_else(|| (self.promised_address(subscriber), 0));
-        Ok(Granted::deleted(IpAddr::V4(addr), port))
+        let (addr, port) = deleted.unwrap_or_else(|| (self.promised_external(subscriber), 0));
+        Ok(Granted::deleted(addr, port))
     }
 
     /// Puts a new mapping in the table and its subscriber's record, arms its

@@ -2,7 +2,7 @@
 //! (§13.2), FILTER (§13.3), DESCRIPTION (RFC 7220) and PORT_SET (RFC 7753).
 //! Renewal and deletion, shared with PEER, are in `lifetime.rs`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use pcp_wire::{Filter, MapData, Nonce, PortSet, ResultCode};
 
@@ -100,7 +100,8 @@ impl Engine {
         let (ext_addr, ext_port, count) = match self.table.outbound_port(&internal) {
             Some(port) => {
                 let ext = self.subscriber_address(ask.subscriber);
-                if opts.prefer_failure && !suggestion_matches(suggested, ext, port) {
+                let told = self.external_of(ask.subscriber);
+                if opts.prefer_failure && !suggestion_matches(suggested, told, port) {
                     return Err(ResultCode::CannotProvideExternal.into());
                 }
                 (ext, port, 1)
@@ -129,6 +130,7 @@ impl Engine {
             protocol: m.protocol,
             external_addr: ext_addr,
             external_port: ext_port,
+            firewall: self.compiled.is_firewall(ask.subscriber),
             port_count: count,
             nonce: match via {
                 Via::Pcp => m.nonce,
@@ -140,10 +142,11 @@ impl Engine {
             natpmp: via == Via::NatPmp,
             extra: map_extra(ask),
         };
+        let told = mapping.external_ip();
         self.insert(now, mapping);
         Ok(Granted {
             lifetime,
-            external_addr: IpAddr::V4(ext_addr),
+            external_addr: told,
             external_port: ext_port,
             port_set: (count > 1).then_some(PortSet {
                 size: count,
@@ -170,7 +173,7 @@ impl Engine {
         if opts.prefer_failure
             && !suggestion_matches(
                 (m.external_addr, m.external_port),
-                mapping.external_addr,
+                mapping.external_ip(),
                 mapping.external_port,
             )
         {
@@ -180,7 +183,7 @@ impl Engine {
             // §11.3 item 2: static mappings answer with 2^32-1.
             return Ok(Granted {
                 lifetime: crate::types::STATIC_LIFETIME,
-                external_addr: IpAddr::V4(mapping.external_addr),
+                external_addr: mapping.external_ip(),
                 external_port: mapping.external_port,
                 port_set: None,
             });
@@ -264,6 +267,6 @@ fn merged_filters(existing: &[Filter], new: &[Filter]) -> Vec<Filter> {
 
 /// Whether a suggested external endpoint names `addr:port` (an unspecified
 /// address matches any).
-pub(super) fn suggestion_matches(suggested: (IpAddr, u16), addr: Ipv4Addr, port: u16) -> bool {
-    (suggested.0.is_unspecified() || suggested.0 == IpAddr::V4(addr)) && suggested.1 == port
+pub(super) fn suggestion_matches(suggested: (IpAddr, u16), addr: IpAddr, port: u16) -> bool {
+    (suggested.0.is_unspecified() || suggested.0 == addr) && suggested.1 == port
 }

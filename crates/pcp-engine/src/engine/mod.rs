@@ -17,6 +17,7 @@
 //! | `timers.rs` | the timer wheel |
 //! | `unsolicited.rs` | the §14 outbox: restart ANNOUNCE, mapping updates |
 //! | `drain.rs` | moving subscribers off a drained address (§14.2) |
+//! | `firewall.rs` | firewall classes: identity mappings, pinholes (§3) |
 //! | `operator.rs` | static mappings, deletes and take-backs |
 //! | `restore.rs` | state recovery after a restart |
 //! | `queries.rs` | read-only answers for the admin API |
@@ -33,6 +34,7 @@ use crate::compiled::Compiled;
 use crate::types::{Event, Millis, Stats, Transmit};
 
 mod drain;
+mod firewall;
 mod history;
 mod lifetime;
 mod map;

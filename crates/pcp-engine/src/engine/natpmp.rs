@@ -81,6 +81,10 @@ impl Engine {
             return Err(ResultCode::NotAuthorized);
         }
         self.rate_limit(now, subscriber).map_err(|r| r.code)?;
+        // An IPv4 firewall (RFC 6887 §3): the public address is the host's own.
+        if let (true, IpAddr::V4(own)) = (self.compiled.is_firewall(subscriber), subscriber) {
+            return Ok(own);
+        }
         self.ensure_blocks(now, subscriber, None)
             .map_err(|r| r.code)?;
         self.subscribers

@@ -53,6 +53,7 @@ impl Engine {
             protocol: internal.protocol,
             external_addr: addr,
             external_port: port,
+            firewall: self.compiled.is_firewall(internal.addr),
             port_count: 1,
             nonce: Nonce::default(),
             created_ms: now,

@@ -48,10 +48,10 @@ impl Engine {
                     out.mappings.push(m);
                 }
             }
-            let pool = usize::from(sub.pool);
+            let dynamic = self.pool(sub.pool).is_some_and(|p| p.mode == PoolMode::Dynamic);
             for (block, _) in sub.blocks {
-                if self.pools.pools[pool].mode == PoolMode::Dynamic {
-                    self.pools.release_block(pool, block);
+                if dynamic {
+                    self.pools.release_block(usize::from(sub.pool), block);
                 }
                 out.blocks.push((subscriber, block));
             }

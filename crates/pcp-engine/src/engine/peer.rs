@@ -82,6 +82,7 @@ impl Engine {
             protocol: m.protocol,
             external_addr: ext_addr,
             external_port: ext_port,
+            firewall: self.compiled.is_firewall(ask.subscriber),
             port_count: 1,
             nonce: m.nonce,
             created_ms: now,
@@ -90,10 +91,11 @@ impl Engine {
             natpmp: false,
             extra,
         };
+        let told = mapping.external_ip();
         self.insert(now, mapping);
         Ok(Granted {
             lifetime,
-            external_addr: IpAddr::V4(ext_addr),
+            external_addr: told,
             external_port: ext_port,
             port_set: None,
         })
@@ -121,7 +123,8 @@ impl Engine {
             .or_else(|| self.table.outbound_port(&key.internal));
         if let Some(port) = endpoint {
             let ext = self.subscriber_address(ask.subscriber);
-            if !suggested_any && !suggestion_matches(suggested, ext, port) {
+            let told = self.external_of(ask.subscriber);
+            if !suggested_any && !suggestion_matches(suggested, told, port) {
                 return Err(ResultCode::CannotProvideExternal.into());
             }
             return Ok((ext, port));

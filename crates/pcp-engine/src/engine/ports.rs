@@ -141,8 +141,13 @@ impl Engine {
         if !sub.blocks.is_empty() {
             return Ok(());
         }
-        let (pool, det_index) = (usize::from(sub.pool), sub.det_index);
-        let block = match self.pools.pools[pool].mode {
+        let (pool_index, det_index) = (sub.pool, sub.det_index);
+        let pool = usize::from(pool_index);
+        // A firewall class has no pool (RFC 6887 §3): nothing to allocate.
+        let Some(mode) = self.pool(pool_index).map(|p| p.mode) else {
+            return Err(ResultCode::NoResources.into());
+        };
+        let block = match mode {
             PoolMode::Deterministic => deterministic_block(&self.pools.pools[pool], det_index)
                 .ok_or(ResultCode::NoResources)?,
             PoolMode::Dynamic => {
@@ -183,7 +188,9 @@ impl Engine {
         let Some((class, det_index)) = self.compiled.class_of(subscriber) else {
             return Ipv4Addr::UNSPECIFIED;
         };
-        let pool = &self.pools.pools[usize::from(self.compiled.class_pool[usize::from(class)])];
+        let Some(pool) = self.pool(self.compiled.class_pool[usize::from(class)]) else {
+            return Ipv4Addr::UNSPECIFIED;
+        };
         let addr = match pool.mode {
             PoolMode::Deterministic => deterministic_block(pool, det_index).map(|b| b.addr),
             PoolMode::Dynamic => pool.preferred_address(subscriber),
@@ -209,7 +216,8 @@ impl Engine {
         };
         let pool = usize::from(sub.pool);
         let max_blocks = self.compiled.class_profile[usize::from(sub.class)].max_blocks as usize;
-        if self.pools.pools[pool].mode == PoolMode::Deterministic || sub.blocks.len() >= max_blocks
+        if self.pool(sub.pool).is_none_or(|p| p.mode == PoolMode::Deterministic)
+            || sub.blocks.len() >= max_blocks
         {
             return Err(self.quota_refusal(now, subscriber));
         }
@@ -273,6 +281,9 @@ impl Engine {
         ask: &PortAsk,
     ) -> Result<(Ipv4Addr, u16, u16), Refusal> {
         let subscriber = ask.internal.addr;
+        if self.compiled.is_firewall(subscriber) {
+            return self.pinhole(ask);
+        }
         let wanted = match ask.suggested {
             (IpAddr::V4(addr), port) if !addr.is_unspecified() && port != 0 => Some((addr, port)),
             _ => None,
@@ -336,7 +347,8 @@ impl Engine {
     pub(super) fn reuse_delay_ms(&self, subscriber: IpAddr) -> u64 {
         self.subscribers
             .get(&subscriber)
-            .map_or(0, |s| self.pools.pools[usize::from(s.pool)].reuse_delay_ms)
+            .and_then(|s| self.pool(s.pool))
+            .map_or(0, |p| p.reuse_delay_ms)
     }
 
     /// Starts a freed port's reuse delay (§15): for `delay` ms only the

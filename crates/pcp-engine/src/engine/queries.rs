@@ -68,7 +68,8 @@ impl Engine {
         let class = usize::from(s.class);
         Some(SubscriberUsage {
             internal_addr: addr,
-            pool: self.pools.pools[usize::from(s.pool)].name.clone(),
+            pool: self.pool(s.pool).map(|p| p.name.clone()).unwrap_or_default(),
+            firewall: self.compiled.class_firewall[class],
             profile: self.compiled.class_profile_name[class].clone(),
             external_addr: s.ext,
             blocks: s.blocks.iter().map(|(b, _)| *b).collect(),

@@ -40,11 +40,11 @@ impl Engine {
         if ext.is_some_and(|a| a != block.addr) {
             return false; // paired pooling: one address per subscriber
         }
-        let ok = match self.pools.pools[pool].mode {
-            PoolMode::Deterministic => {
-                deterministic_block(&self.pools.pools[pool], det_index) == Some(block)
-            }
-            PoolMode::Dynamic => self.pools.claim_block(pool, subscriber, block),
+        // A firewall class (no pool) holds no block.
+        let ok = match self.pools.pools.get(pool).map(|p| (p, p.mode)) {
+            Some((p, PoolMode::Deterministic)) => deterministic_block(p, det_index) == Some(block),
+            Some((_, PoolMode::Dynamic)) => self.pools.claim_block(pool, subscriber, block),
+            None => false,
         };
         if ok {
             if let Some(sub) = self.subscribers.get_mut(&subscriber) {
@@ -64,6 +64,23 @@ impl Engine {
     /// Emits no event.
     pub fn restore_mapping(&mut self, now: Millis, mapping: Mapping) -> bool {
         if mapping.counts_against_quota() && mapping.expires_ms <= now {
+            return false;
+        }
+        // A pinhole only in a firewall class, a translation only in a NAT
+        // class: a class whose kind changed does not keep the other kind's
+        // state. A pinhole needs no block, so its subscriber record is
+        // made here.
+        if mapping.firewall != self.compiled.is_firewall(mapping.internal_addr) {
+            return false;
+        }
+        if mapping.firewall {
+            let identity = mapping.external_addr.is_unspecified()
+                && mapping.external_port == mapping.internal_port;
+            let fresh = self.table.find(&mapping.key()).is_none();
+            if identity && fresh && self.subscriber_entry(now, mapping.internal_addr).is_some() {
+                self.insert_as(now, mapping, Report::Silent);
+                return true;
+            }
             return false;
         }
         let Some(sub) = self.subscribers.get(&mapping.internal_addr) else {

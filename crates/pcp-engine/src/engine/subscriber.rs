@@ -130,6 +130,11 @@ impl Engine {
             .unwrap_or(Ipv4Addr::UNSPECIFIED)
     }
 
+    /// Pool `index`; `None` for a class without one (a firewall class).
+    pub(super) fn pool(&self, index: u16) -> Option<&crate::alloc::Pool> {
+        self.pools.pools.get(usize::from(index))
+    }
+
     /// Slots of the subscriber's mappings (a copy: callers remove).
     pub(super) fn slots_of(&self, subscriber: IpAddr) -> Vec<u32> {
         self.subscribers
@@ -139,8 +144,8 @@ impl Engine {
     }
 
     fn idle_hold_ms(&self, class: u16) -> u64 {
-        let pool = &self.pools.pools[usize::from(self.compiled.class_pool[usize::from(class)])];
-        pool.block_hold_ms.max(1000)
+        self.pool(self.compiled.class_pool[usize::from(class)])
+            .map_or(1000, |p| p.block_hold_ms.max(1000))
     }
 
     /// Token bucket per subscriber; when empty, RFC 6887 §8.2 lets the server
@@ -215,7 +220,11 @@ impl Engine {
         pool: usize,
         blocks: &[(Block, Millis)],
     ) {
-        let dynamic = self.pools.pools[pool].mode == PoolMode::Dynamic;
+        let dynamic = self
+            .pools
+            .pools
+            .get(pool)
+            .is_some_and(|p| p.mode == PoolMode::Dynamic);
         for &(block, since) in blocks {
             if dynamic {
                 self.pools.release_block(pool, block);

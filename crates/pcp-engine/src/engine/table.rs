@@ -39,8 +39,9 @@ pub(super) struct MappingTable {
     by_peer: HashMap<MappingKey, u32>,
     /// External ports in use.
     ports: HashMap<ExternalEndpoint, PortUse>,
-    /// External port of each outbound (PEER) internal endpoint (RFC 4787 EIM).
-    outbound: HashMap<InternalEndpoint, u16>,
+    /// External port of each outbound (PEER) internal endpoint (RFC 4787
+    /// EIM), and how many PEER mappings of it there are.
+    outbound: HashMap<InternalEndpoint, (u16, u32)>,
     live: usize,
 }
 
@@ -91,7 +92,7 @@ impl MappingTable {
 
     /// The external port an outbound (PEER) mapping of `internal` uses.
     pub(super) fn outbound_port(&self, internal: &InternalEndpoint) -> Option<u16> {
-        self.outbound.get(internal).copied()
+        self.outbound.get(internal).map(|(port, _)| *port)
     }
 
     /// Whether an external port is held by a mapping.
@@ -159,13 +160,16 @@ impl MappingTable {
                 // mapping's port is found through `by_internal`.
                 self.outbound
                     .entry(key.internal)
-                    .or_insert(mapping.external_port);
+                    .or_insert((mapping.external_port, 0))
+                    .1 += 1;
             }
             None => {
                 self.by_internal.insert(key.internal, slot);
             }
         }
-        for i in 0..mapping.port_count {
+        // A pinhole holds no external port: it is its internal one (§3).
+        let held = if mapping.firewall { 0 } else { mapping.port_count };
+        for i in 0..held {
             let use_ = self.ports.entry(mapping.external(i)).or_insert(PortUse {
                 internal_port: mapping.internal_port.wrapping_add(i),
                 refs: 0,
@@ -189,11 +193,24 @@ impl MappingTable {
         self.live -= 1;
         let key = mapping.key();
         match key.remote {
-            Some(_) => self.by_peer.remove(&key),
-            None => self.by_internal.remove(&key.internal),
+            Some(_) => {
+                self.by_peer.remove(&key);
+                // A NAT endpoint's outbound port goes when the port is
+                // released (below); a pinhole's when its last PEER goes.
+                if let Some(o) = self.outbound.get_mut(&key.internal) {
+                    o.1 = o.1.saturating_sub(1);
+                    if mapping.firewall && o.1 == 0 {
+                        self.outbound.remove(&key.internal);
+                    }
+                }
+            }
+            None => {
+                self.by_internal.remove(&key.internal);
+            }
         };
         let mut released = Vec::new();
-        for i in 0..mapping.port_count {
+        let held = if mapping.firewall { 0 } else { mapping.port_count };
+        for i in 0..held {
             let external = mapping.external(i);
             if let Some(u) = self.ports.get_mut(&external) {
                 u.refs -= 1;
@@ -236,6 +253,7 @@ mod tests {
             protocol: 6,
             external_addr: Ipv4Addr::new(192, 0, 2, 1),
             external_port: ext_port,
+            firewall: false,
             port_count: 1,
             nonce: Nonce::default(),
             created_ms: 0,

@@ -209,13 +209,15 @@ impl Engine {
         result: ResultCode,
         new: Option<(Ipv4Addr, u16)>,
     ) -> Vec<u8> {
-        let (ext_addr, ext_port) = new.unwrap_or((m.external_addr, m.external_port));
+        let (ext_addr, ext_port) = new.map_or((m.external_ip(), m.external_port), |(a, p)| {
+            (IpAddr::V4(a), p)
+        });
         let map = MapData {
             nonce: m.nonce,
             protocol: m.protocol,
             internal_port: m.internal_port,
             external_port: ext_port,
-            external_addr: IpAddr::V4(ext_addr),
+            external_addr: ext_addr,
         };
         let data = match m.kind {
             MappingKind::Peer {
