@@ -30,7 +30,9 @@ use pcp_engine::{
 };
 
 mod nftables;
+mod pinholes;
 pub use nftables::NftablesDataplane;
+pub use pinholes::{FirewallRules, Unsolicited};
 
 /// What one installed mapping looks like to the dataplane.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +47,9 @@ pub struct Entry {
     pub port_count: u16,
     /// IANA protocol.
     pub protocol: u8,
+    /// A firewall pinhole (RFC 6887 §3): traffic to the internal endpoint
+    /// is let in, nothing is translated, `external_addr` is unused.
+    pub firewall: bool,
     /// Internal address.
     pub internal_addr: IpAddr,
     /// First internal port.
@@ -63,6 +68,7 @@ impl Entry {
             external_port: m.external_port,
             port_count: m.port_count,
             protocol: m.protocol,
+            firewall: m.firewall,
             internal_addr: m.internal_addr,
             internal_port: m.internal_port,
             filters: m
@@ -75,8 +81,9 @@ impl Entry {
     }
 
     /// The key an entry is installed under: the mapping's identity for a
-    /// PEER (one SNAT entry per five-tuple), its external endpoint otherwise
-    /// (one DNAT entry per external port).
+    /// PEER (one SNAT entry, or one permit, per five-tuple), the internal
+    /// endpoint of a pinhole, the external endpoint otherwise (one DNAT
+    /// entry per external port).
     pub fn key(&self) -> Key {
         let internal = InternalEndpoint {
             addr: self.internal_addr,
@@ -94,6 +101,7 @@ impl Entry {
                     port: remote_port,
                 }),
             }),
+            _ if self.firewall => Key::Pinhole(internal),
             _ => Key::Inbound(ExternalEndpoint {
                 addr: self.external_addr,
                 protocol: self.protocol,
@@ -108,8 +116,11 @@ impl Entry {
 pub enum Key {
     /// A DNAT entry: inbound to an external endpoint (MAP, static).
     Inbound(ExternalEndpoint),
-    /// An SNAT entry for one outbound five-tuple: the PEER mapping's key.
+    /// An SNAT entry for one outbound five-tuple, or a firewall's permit
+    /// of one remote peer: the PEER mapping's key.
     Peer(MappingKey),
+    /// A firewall pinhole to an internal endpoint (MAP, static).
+    Pinhole(InternalEndpoint),
     /// A subscriber's port block (SNAT of its ordinary outbound traffic).
     SubscriberBlock {
         /// The subscriber.
@@ -355,6 +366,7 @@ mod tests {
             protocol: 6,
             external_addr: Ipv4Addr::new(192, 0, 2, 1),
             external_port: port,
+            firewall: false,
             port_count: 1,
             nonce: Nonce::default(),
             created_ms: 0,

@@ -41,6 +41,7 @@ use pcp_engine::{
 };
 use serde_json::Value;
 
+use crate::pinholes::{self, FirewallRules};
 use crate::{ApplyError, Change, Dataplane, Entry, Key, ReconcilePlan, Reconciled};
 
 /// Seconds added to a mapping's kernel timeout so pcpd expires it first.
@@ -48,11 +49,11 @@ const GRACE_SECS: u64 = 30;
 
 /// One element pcpd put in one of its maps or sets.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct Elem {
-    set: &'static str,
-    key: String,
+pub(crate) struct Elem {
+    pub(crate) set: &'static str,
+    pub(crate) key: String,
     /// The value of a map element, without its timeout.
-    value: Option<String>,
+    pub(crate) value: Option<String>,
 }
 
 /// The elements of one mapping.
@@ -162,7 +163,8 @@ impl Script {
                 for chunk in elems.chunks(CHUNK) {
                     let _ = writeln!(
                         out,
-                        "{verb} element ip {table} {set} {{ {} }}",
+                        "{verb} element {} {table} {set} {{ {} }}",
+                        pinholes::family(set),
                         chunk.join(", ")
                     );
                 }
@@ -182,6 +184,7 @@ enum Undo {
 pub struct NftablesDataplane {
     table: String,
     nft: String,
+    firewall: FirewallRules,
     installed: HashMap<Key, Installed>,
     ports: HashMap<Ipv4Addr, PortSets>,
 }
@@ -194,7 +197,7 @@ fn proto_name(p: u8) -> Option<&'static str> {
     }
 }
 
-fn proto_number(p: &str) -> Option<u8> {
+pub(crate) fn proto_number(p: &str) -> Option<u8> {
     match p {
         "tcp" => Some(6),
         "udp" => Some(17),
@@ -217,57 +220,12 @@ fn now_ms() -> Millis {
         .map_or(0, |d| d.as_millis() as Millis)
 }
 
-/// The filters of a mapping without those another one already covers:
-/// the kernel refuses overlapping intervals in a concatenated set, and
-/// §13.3 lets a client send nested prefixes. Addresses are masked to
-/// their prefix and written as nft lists them, so a read-back compares
-/// equal.
-fn filter_texts(filters: &[(IpAddr, u8, u16)]) -> Vec<String> {
-    let mask = |len: u8| u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-    let v4: Vec<(u32, u8, u16)> = filters
-        .iter()
-        .filter_map(|(a, len, port)| match a.to_canonical() {
-            IpAddr::V4(a) => {
-                let len = (*len).min(32);
-                Some((u32::from(a) & mask(len), len, *port))
-            }
-            IpAddr::V6(_) => None,
-        })
-        .collect();
-    let covers = |outer: &(u32, u8, u16), inner: &(u32, u8, u16)| {
-        outer.1 <= inner.1
-            && inner.0 & mask(outer.1) == outer.0
-            && (outer.2 == 0 || outer.2 == inner.2)
-    };
-    let mut out: Vec<String> = Vec::new();
-    for (i, f) in v4.iter().enumerate() {
-        let covered = v4
-            .iter()
-            .enumerate()
-            .any(|(j, g)| j != i && covers(g, f) && (!covers(f, g) || j < i));
-        if covered {
-            continue;
-        }
-        let addr = Ipv4Addr::from(f.0);
-        let addr = if f.1 == 32 {
-            addr.to_string()
-        } else {
-            format!("{addr}/{}", f.1)
-        };
-        let ports = if f.2 == 0 {
-            "0-65535".to_string()
-        } else {
-            f.2.to_string()
-        };
-        out.push(format!("{addr} . {ports}"));
-    }
-    out
-}
-
 impl NftablesDataplane {
-    /// Opens (creating if needed) table `ip <table>` and learns what it
-    /// holds, so the daemon can reconcile. `nft` is the nft binary.
-    pub fn open(table: &str, nft: &str) -> Result<Self, ApplyError> {
+    /// Opens (creating if needed) tables `ip <table>` and `ip6 <table>`
+    /// and learns what they hold, so the daemon can reconcile. `nft` is the
+    /// nft binary; `firewall` says which prefixes the firewall part
+    /// protects and how (see [`crate::pinholes`]).
+    pub fn open(table: &str, nft: &str, firewall: FirewallRules) -> Result<Self, ApplyError> {
         if table.is_empty()
             || !table
                 .bytes()
@@ -280,6 +238,7 @@ impl NftablesDataplane {
         let mut dp = NftablesDataplane {
             table: table.to_string(),
             nft: nft.to_string(),
+            firewall,
             installed: HashMap::new(),
             ports: HashMap::new(),
         };
@@ -298,6 +257,7 @@ impl NftablesDataplane {
             .map(|_| NftablesDataplane {
                 table: self.table.clone(),
                 nft: self.nft.clone(),
+                firewall: self.firewall.clone(),
                 installed: HashMap::new(),
                 ports: HashMap::new(),
             })
@@ -333,7 +293,9 @@ impl NftablesDataplane {
              add rule ip {t} dnat_in meta l4proto {{ tcp, udp }} dnat ip to ip daddr . meta l4proto . th dport map @dnat4\n\
              add rule ip {t} snat_out meta l4proto {{ tcp, udp }} snat ip to ip saddr . meta l4proto . th sport . ip daddr . th dport map @peer4\n\
              add rule ip {t} snat_out meta l4proto {{ tcp, udp }} snat ip to ip saddr . meta l4proto . th sport map @snat4\n\
-             add rule ip {t} snat_out meta l4proto {{ tcp, udp }} snat ip to ip saddr map @subs\n"
+             add rule ip {t} snat_out meta l4proto {{ tcp, udp }} snat ip to ip saddr map @subs\n{}{}",
+            pinholes::skeleton(t, &self.firewall, false),
+            pinholes::skeleton(t, &self.firewall, true),
         )
     }
 
@@ -365,20 +327,26 @@ impl NftablesDataplane {
         }
     }
 
-    /// Reads the table's elements back (after a restart of pcpd).
+    /// Reads the tables' elements back (after a restart of pcpd).
     fn load(&mut self) -> Result<(), ApplyError> {
-        let out = Command::new(&self.nft)
-            .args(["-j", "list", "table", "ip", &self.table])
-            .output()
-            .map_err(|e| ApplyError::Unavailable(format!("{}: {e}", self.nft)))?;
-        if !out.status.success() {
-            return Err(ApplyError::Unavailable(
-                String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            ));
+        let mut items = Vec::new();
+        for family in ["ip", "ip6"] {
+            let out = Command::new(&self.nft)
+                .args(["-j", "list", "table", family, &self.table])
+                .output()
+                .map_err(|e| ApplyError::Unavailable(format!("{}: {e}", self.nft)))?;
+            if !out.status.success() {
+                return Err(ApplyError::Unavailable(
+                    String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                ));
+            }
+            let json: Value = serde_json::from_slice(&out.stdout)
+                .map_err(|e| ApplyError::Unavailable(format!("nft -j list: {e}")))?;
+            if let Some(Value::Array(list)) = json.get("nftables") {
+                items.extend(list.iter().cloned());
+            }
         }
-        let json: Value = serde_json::from_slice(&out.stdout)
-            .map_err(|e| ApplyError::Unavailable(format!("nft -j list: {e}")))?;
-        (self.installed, self.ports) = parse_listing(&json);
+        (self.installed, self.ports) = parse_listing(&serde_json::json!({ "nftables": items }));
         Ok(())
     }
 
@@ -390,13 +358,16 @@ impl NftablesDataplane {
                 e.protocol
             ))
         })?;
-        let internal = v4(e.internal_addr)?;
         let timeout = if e.expires_ms == Millis::MAX {
             String::new()
         } else {
             let secs = e.expires_ms.saturating_sub(now_ms()).div_ceil(1000) + GRACE_SECS;
             format!(" timeout {secs}s")
         };
+        if e.firewall {
+            return Ok((pinholes::elems(e, proto)?, timeout));
+        }
+        let internal = v4(e.internal_addr)?;
         let mut elems = Vec::new();
         match e.kind {
             MappingKind::Peer {
@@ -414,7 +385,7 @@ impl NftablesDataplane {
                 });
             }
             MappingKind::Map | MappingKind::Static => {
-                let filters = filter_texts(&e.filters);
+                let filters = pinholes::filter_texts(&e.filters, false);
                 for i in 0..e.port_count {
                     let ext_port = e.external_port.wrapping_add(i);
                     let int_port = e.internal_port.wrapping_add(i);
@@ -654,7 +625,11 @@ fn parse_listing(json: &Value) -> (HashMap<Key, Installed>, HashMap<Ipv4Addr, Po
             Some("subs") => "subs",
             Some("filtered4") => "filtered4",
             Some("filter4") => "filter4",
-            _ => continue,
+            Some(name) => match pinholes::SETS.iter().find(|s| **s == name) {
+                Some(s) => s,
+                None => continue,
+            },
+            None => continue,
         };
         for el in obj["elem"].as_array().unwrap_or(&empty) {
             // Map elements are [key, value]; set elements are the key.
@@ -674,6 +649,10 @@ fn parse_listing(json: &Value) -> (HashMap<Key, Installed>, HashMap<Ipv4Addr, Po
                 }))
             };
             let (group, owner) = match (set, parts.as_slice(), vparts.as_slice()) {
+                (s, p, _) if pinholes::SETS.contains(&s) => match pinholes::parse(s, p) {
+                    Some((k, owner)) => (Some(k), owner),
+                    None => (None, None),
+                },
                 ("dnat4", [a, p, port], [int, _]) => (inbound(a, p, port), int.parse().ok()),
                 ("snat4", [int, p, _], [a, port]) => (inbound(a, p, port), int.parse().ok()),
                 ("filtered4", [a, p, port], _) => (inbound(a, p, port), None),
@@ -811,26 +790,6 @@ impl Dataplane for NftablesDataplane {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nested_filters_collapse_to_the_outer_one() {
-        let a = |s: &str| s.parse::<IpAddr>().unwrap();
-        let f = filter_texts(&[
-            (a("10.1.2.3"), 32, 443),
-            (a("10.9.9.9"), 8, 0),
-            (a("10.0.0.0"), 8, 0),
-            (a("192.0.2.77"), 24, 0),
-            (a("198.51.100.1"), 32, 53),
-        ]);
-        assert_eq!(
-            f,
-            [
-                "10.0.0.0/8 . 0-65535",
-                "192.0.2.0/24 . 0-65535",
-                "198.51.100.1 . 53"
-            ]
-        );
-    }
 
     #[test]
     fn listing_groups_elements_by_mapping_and_owner() {

@@ -6,7 +6,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 
-use pcp_dataplane::{Change, Dataplane, Entry, Key, NftablesDataplane, Reconciled};
+use pcp_dataplane::{
+    Change, Dataplane, Entry, FirewallRules, Key, NftablesDataplane, Reconciled, Unsolicited,
+};
 use pcp_engine::{Block, MappingKind};
 use serde_json::Value;
 
@@ -14,24 +16,29 @@ struct Table(String);
 
 impl Drop for Table {
     fn drop(&mut self) {
-        let _ = Command::new("nft")
-            .args(["delete", "table", "ip", &self.0])
-            .status();
+        for family in ["ip", "ip6"] {
+            let _ = Command::new("nft")
+                .args(["delete", "table", family, &self.0])
+                .status();
+        }
     }
 }
 
 fn table(name: &str) -> Table {
     let t = Table(format!("pcpdtest_{name}_{}", std::process::id()));
-    let _ = Command::new("nft")
-        .args(["delete", "table", "ip", &t.0])
-        .output();
+    for family in ["ip", "ip6"] {
+        let _ = Command::new("nft")
+            .args(["delete", "table", family, &t.0])
+            .output();
+    }
     t
 }
 
 /// Elements of one map or set as (key text, JSON element).
 fn elements(table: &str, set: &str) -> Vec<Value> {
+    let family = if set.ends_with('6') { "ip6" } else { "ip" };
     let out = Command::new("nft")
-        .args(["-j", "list", "table", "ip", table])
+        .args(["-j", "list", "table", family, table])
         .output()
         .expect("nft is installed (apt-get install nftables)");
     assert!(
@@ -64,6 +71,7 @@ fn map_entry(ext_port: u16, count: u16, lifetime_s: u64, filters: Vec<(IpAddr, u
         external_port: ext_port,
         port_count: count,
         protocol: 6,
+        firewall: false,
         internal_addr: IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1)),
         internal_port: 8080,
         filters,
@@ -81,6 +89,7 @@ fn peer_entry() -> Entry {
         external_port: 1100,
         port_count: 1,
         protocol: 17,
+        firewall: false,
         internal_addr: IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1)),
         internal_port: 5000,
         filters: Vec::new(),
@@ -96,7 +105,7 @@ fn timeout_of(el: &Value) -> u64 {
 fn mappings_become_map_elements_with_kernel_timeouts() {
     let t = table("elems");
     let mut dp =
-        NftablesDataplane::open(&t.0, "nft").expect("nft works (root, nftables installed)");
+        NftablesDataplane::open(&t.0, "nft", FirewallRules::default()).expect("nft works (root, nftables installed)");
     let sub = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1));
     let block = Block {
         addr: Ipv4Addr::new(192, 0, 2, 1),
@@ -152,7 +161,7 @@ fn mappings_become_map_elements_with_kernel_timeouts() {
 
     // A restarted pcpd learns what is installed, and can rewrite it.
     drop(dp);
-    let mut again = NftablesDataplane::open(&t.0, "nft").unwrap();
+    let mut again = NftablesDataplane::open(&t.0, "nft", FirewallRules::default()).unwrap();
     let installed: Vec<Key> = again.installed().into_iter().map(|(k, _)| k).collect();
     assert!(installed.contains(&peer_entry().key()), "{installed:?}");
     assert!(
@@ -190,7 +199,7 @@ fn mappings_become_map_elements_with_kernel_timeouts() {
 fn a_failed_batch_is_reported_per_change() {
     let t = table("errors");
     let mut dp =
-        NftablesDataplane::open(&t.0, "nft").expect("nft works (root, nftables installed)");
+        NftablesDataplane::open(&t.0, "nft", FirewallRules::default()).expect("nft works (root, nftables installed)");
     // Someone else put a conflicting element in our map behind our back.
     let status = Command::new("nft")
         .args([
@@ -232,7 +241,7 @@ fn a_failed_batch_is_reported_per_change() {
 fn deletes_are_idempotent_and_batches_see_their_own_changes() {
     let t = table("idem");
     let mut dp =
-        NftablesDataplane::open(&t.0, "nft").expect("nft works (root, nftables installed)");
+        NftablesDataplane::open(&t.0, "nft", FirewallRules::default()).expect("nft works (root, nftables installed)");
     let e = map_entry(1200, 1, 600, Vec::new());
     assert!(dp
         .apply(&[Change::Upsert(e.clone())])
@@ -261,7 +270,7 @@ fn nested_filters_install_in_any_order() {
     // §13.3 allows a client to send nested prefixes.
     let t = table("nested");
     let mut dp =
-        NftablesDataplane::open(&t.0, "nft").expect("nft works (root, nftables installed)");
+        NftablesDataplane::open(&t.0, "nft", FirewallRules::default()).expect("nft works (root, nftables installed)");
     let a = |s: &str| s.parse::<IpAddr>().unwrap();
     for (port, filters) in [
         (1300, vec![(a("10.0.0.0"), 8, 0), (a("10.1.2.3"), 32, 443)]),
@@ -287,7 +296,7 @@ fn nested_filters_install_in_any_order() {
 fn reopened_table_is_split_by_subscriber_and_reconciled() {
     let t = table("split");
     let mut dp =
-        NftablesDataplane::open(&t.0, "nft").expect("nft works (root, nftables installed)");
+        NftablesDataplane::open(&t.0, "nft", FirewallRules::default()).expect("nft works (root, nftables installed)");
     let mut entries = Vec::new();
     for i in 0..6u8 {
         let mut e = map_entry(1400 + u16::from(i), 1, 600, Vec::new());
@@ -301,7 +310,7 @@ fn reopened_table_is_split_by_subscriber_and_reconciled() {
     assert!(dp.apply(&changes).iter().all(Result::is_ok));
     drop(dp);
 
-    let parts = NftablesDataplane::open(&t.0, "nft").unwrap().split(2);
+    let parts = NftablesDataplane::open(&t.0, "nft", FirewallRules::default()).unwrap().split(2);
     for (shard, part) in parts.iter().enumerate() {
         for (key, _) in part.installed() {
             let owner = entries.iter().find(|e| e.key() == key).unwrap();
@@ -330,4 +339,76 @@ fn reopened_table_is_split_by_subscriber_and_reconciled() {
     // The filter of the removed mapping went with it.
     assert!(!mine[0].filters.is_empty());
     assert!(elements(&t.0, "filter4").is_empty());
+}
+
+fn pinhole(addr: &str, port: u16, kind: MappingKind, filters: Vec<(IpAddr, u8, u16)>) -> Entry {
+    Entry {
+        kind,
+        external_addr: Ipv4Addr::UNSPECIFIED,
+        external_port: port,
+        port_count: 1,
+        protocol: 6,
+        firewall: true,
+        internal_addr: addr.parse().unwrap(),
+        internal_port: port,
+        filters,
+        expires_ms: now_ms() + 600_000,
+    }
+}
+
+#[test]
+fn pinholes_are_set_elements_of_their_family_and_read_back() {
+    let t = table("pinholes");
+    let rules = FirewallRules {
+        protected: vec!["2001:db8:f00::/64".parse().unwrap(), "198.18.0.0/24".parse().unwrap()],
+        unsolicited: Unsolicited::Drop,
+        mark: 0x10_0000,
+    };
+    let mut dp = NftablesDataplane::open(&t.0, "nft", rules.clone())
+        .expect("nft works (root, nftables installed)");
+    let remote: IpAddr = "2001:db8:eee::7".parse().unwrap();
+    let changes = vec![
+        Change::Upsert(pinhole("2001:db8:f00::1", 22, MappingKind::Map, vec![])),
+        Change::Upsert(pinhole("2001:db8:f00::1", 443, MappingKind::Map, vec![(remote, 64, 0)])),
+        Change::Upsert(pinhole(
+            "2001:db8:f00::1",
+            5000,
+            MappingKind::Peer { remote_addr: remote, remote_port: 9000 },
+            vec![],
+        )),
+        Change::Upsert(pinhole("198.18.0.5", 25565, MappingKind::Map, vec![])),
+    ];
+    assert!(dp.apply(&changes).iter().all(Result::is_ok));
+    assert_eq!(elements(&t.0, "pin6").len(), 1);
+    assert_eq!(elements(&t.0, "pinf6").len(), 1);
+    let f = elements(&t.0, "pinfilter6");
+    assert_eq!(f.len(), 1);
+    assert!(f[0].to_string().contains("2001:db8:eee::"), "{f:?}");
+    assert_eq!(elements(&t.0, "fwpeer6").len(), 1);
+    assert_eq!(elements(&t.0, "pin4").len(), 1);
+    // Kernel timeouts: the lifetime plus grace, never shorter (the kernel
+    // must not close a hole before pcpd does).
+    let pin = elements(&t.0, "pin6");
+    let timeout = pin[0]["elem"]["timeout"].as_u64().unwrap_or(0);
+    assert!((600..=631).contains(&timeout), "{pin:?}");
+    // Protected prefixes are in the sets the chain checks.
+    let p6 = elements(&t.0, "fw_protected6");
+    assert!(format!("{p6:?}").contains("2001:db8:f00::"), "{p6:?}");
+    // A restart reads every pinhole back under its key: nothing to do.
+    let again = NftablesDataplane::open(&t.0, "nft", rules).unwrap();
+    let keys: Vec<Key> = again.installed().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys.len(), 4, "{keys:?}");
+    let mut again = again;
+    let done = again.reconcile(changes.clone());
+    assert_eq!(done, Reconciled::default(), "already current");
+    // Removing closes each hole.
+    let removes: Vec<Change> = changes
+        .iter()
+        .filter_map(|c| c.key())
+        .map(Change::Remove)
+        .collect();
+    assert!(again.apply(&removes).iter().all(Result::is_ok));
+    for set in ["pin6", "pinf6", "pinfilter6", "fwpeer6", "pin4"] {
+        assert!(elements(&t.0, set).is_empty(), "{set}");
+    }
 }

@@ -114,7 +114,9 @@ pub(crate) fn encode(rec: &Record, out: &mut Vec<u8>) {
             w.u64(m.created_ms);
             w.u64(m.expires_ms);
             w.u16(m.client_port);
-            w.u8(u8::from(m.natpmp));
+            // Bit 0: made by NAT-PMP; bit 1: a firewall pinhole. Records
+            // written before pinholes existed have bit 1 clear.
+            w.u8(u8::from(m.natpmp) | (u8::from(m.firewall) << 1));
             match &m.extra {
                 None => w.u8(0),
                 Some(e) => {
@@ -246,7 +248,8 @@ pub(crate) fn decode(body: &[u8]) -> Option<Record> {
             let created_ms = r.u64()?;
             let expires_ms = r.u64()?;
             let client_port = r.u16()?;
-            let natpmp = r.u8()? != 0;
+            let flags = r.u8()?;
+            let (natpmp, firewall) = (flags & 1 != 0, flags & 2 != 0);
             let extra = match r.u8()? {
                 0 => None,
                 _ => {
@@ -291,6 +294,7 @@ pub(crate) fn decode(body: &[u8]) -> Option<Record> {
                 protocol,
                 external_addr,
                 external_port,
+                firewall,
                 port_count,
                 nonce: Nonce(nonce),
                 created_ms,

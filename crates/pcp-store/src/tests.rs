@@ -32,6 +32,7 @@ fn mapping(port: u16, extra: bool) -> Mapping {
         protocol: 6,
         external_addr: Ipv4Addr::new(192, 0, 2, 1),
         external_port: 1024 + port,
+        firewall: false,
         port_count: 1,
         nonce: Nonce([port as u8; 12]),
         created_ms: 1000,
@@ -63,6 +64,27 @@ fn block() -> Block {
 
 fn sub() -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1))
+}
+
+#[test]
+fn pinholes_and_natpmp_mappings_round_trip_with_their_flags() {
+    let d = dir("pinhole");
+    write_epoch(&d, 1).unwrap();
+    let mut pinhole = mapping(20, true);
+    pinhole.internal_addr = "2001:db8:f00::1".parse().unwrap();
+    pinhole.external_addr = Ipv4Addr::UNSPECIFIED;
+    pinhole.external_port = pinhole.internal_port;
+    pinhole.firewall = true;
+    let mut natpmp = mapping(22, false);
+    natpmp.natpmp = true;
+    natpmp.nonce = Nonce::default();
+    let mut j = write_snapshot(&d, 0, 1, vec![Record::Mapping(pinhole.clone())]).unwrap();
+    j.append(&Record::Mapping(natpmp.clone()));
+    assert!(j.commit().unwrap());
+    let st = load(&d).unwrap();
+    let mut got: Vec<Mapping> = st.mappings.into_values().collect();
+    got.sort_by_key(|m| m.internal_port);
+    assert_eq!(got, vec![pinhole, natpmp]);
 }
 
 #[test]
