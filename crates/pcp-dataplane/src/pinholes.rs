@@ -117,7 +117,9 @@ pub(crate) fn skeleton(table: &str, rules: &FirewallRules, v6: bool) -> String {
     s += &r(&format!("{addr} saddr @fw_protected{n} accept"));
     s += &r("ct direction reply accept");
     s += &r("ct state related accept");
-    s += &r(&format!("meta l4proto {{ tcp, udp }} {tuple} @pin{n} {mark}"));
+    s += &r(&format!(
+        "meta l4proto {{ tcp, udp }} {tuple} @pin{n} {mark}"
+    ));
     s += &r(&format!(
         "meta l4proto {{ tcp, udp }} {tuple} @pinf{n} {tuple} . {addr} saddr . th sport @pinfilter{n} {mark}"
     ));
@@ -203,9 +205,7 @@ pub(crate) fn parse(set: &str, parts: &[&str]) -> Option<(Key, Option<IpAddr>)> 
     };
     let base = set.trim_end_matches(['4', '6']);
     match (base, parts) {
-        ("pin" | "pinf", [a, p, port]) => {
-            Some((Key::Pinhole(endpoint(a, p, port)?), addr(a)))
-        }
+        ("pin" | "pinf", [a, p, port]) => Some((Key::Pinhole(endpoint(a, p, port)?), addr(a))),
         ("pinfilter", [a, p, port, ..]) => Some((Key::Pinhole(endpoint(a, p, port)?), None)),
         ("fwpeer", [a, p, port, r, rport]) => {
             let key = MappingKey {
@@ -314,7 +314,34 @@ mod tests {
             ],
             true,
         );
-        assert_eq!(f, ["2001:db8:1:2::/64 . 0-65535", "2001:db8:eee::7 . 0-65535"]);
+        assert_eq!(
+            f,
+            ["2001:db8:1:2::/64 . 0-65535", "2001:db8:eee::7 . 0-65535"]
+        );
+    }
+
+    #[test]
+    fn drop_or_only_mark_what_pinholes_let_in() {
+        let mut rules = FirewallRules {
+            protected: vec![
+                "2001:db8:f00::/64".parse().unwrap(),
+                "198.18.0.0/24".parse().unwrap(),
+            ],
+            unsolicited: Unsolicited::Drop,
+            mark: 0x10_0000,
+        };
+        let v6 = skeleton("pcpd", &rules, true);
+        assert!(v6.contains("add element ip6 pcpd fw_protected6 { 2001:db8:f00::/64 }"));
+        assert!(!v6.contains("198.18.0.0"), "each family its own prefixes");
+        assert!(v6.contains("@pin6 meta mark set meta mark | 0x100000 accept"));
+        assert!(v6.ends_with("add rule ip6 pcpd fw_forward drop\n"), "{v6}");
+        rules.unsolicited = Unsolicited::Mark;
+        let v4 = skeleton("pcpd", &rules, false);
+        assert!(v4.contains("add element ip pcpd fw_protected4 { 198.18.0.0/24 }"));
+        assert!(
+            !v4.contains(" drop"),
+            "mark mode leaves the verdict to the operator: {v4}"
+        );
     }
 
     #[test]

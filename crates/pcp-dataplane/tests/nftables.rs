@@ -104,8 +104,8 @@ fn timeout_of(el: &Value) -> u64 {
 #[test]
 fn mappings_become_map_elements_with_kernel_timeouts() {
     let t = table("elems");
-    let mut dp =
-        NftablesDataplane::open(&t.0, "nft", FirewallRules::default()).expect("nft works (root, nftables installed)");
+    let mut dp = NftablesDataplane::open(&t.0, "nft", FirewallRules::default())
+        .expect("nft works (root, nftables installed)");
     let sub = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1));
     let block = Block {
         addr: Ipv4Addr::new(192, 0, 2, 1),
@@ -198,8 +198,8 @@ fn mappings_become_map_elements_with_kernel_timeouts() {
 #[test]
 fn a_failed_batch_is_reported_per_change() {
     let t = table("errors");
-    let mut dp =
-        NftablesDataplane::open(&t.0, "nft", FirewallRules::default()).expect("nft works (root, nftables installed)");
+    let mut dp = NftablesDataplane::open(&t.0, "nft", FirewallRules::default())
+        .expect("nft works (root, nftables installed)");
     // Someone else put a conflicting element in our map behind our back.
     let status = Command::new("nft")
         .args([
@@ -240,8 +240,8 @@ fn a_failed_batch_is_reported_per_change() {
 #[test]
 fn deletes_are_idempotent_and_batches_see_their_own_changes() {
     let t = table("idem");
-    let mut dp =
-        NftablesDataplane::open(&t.0, "nft", FirewallRules::default()).expect("nft works (root, nftables installed)");
+    let mut dp = NftablesDataplane::open(&t.0, "nft", FirewallRules::default())
+        .expect("nft works (root, nftables installed)");
     let e = map_entry(1200, 1, 600, Vec::new());
     assert!(dp
         .apply(&[Change::Upsert(e.clone())])
@@ -269,8 +269,8 @@ fn nested_filters_install_in_any_order() {
     // The kernel refuses overlapping intervals in a concatenated set;
     // §13.3 allows a client to send nested prefixes.
     let t = table("nested");
-    let mut dp =
-        NftablesDataplane::open(&t.0, "nft", FirewallRules::default()).expect("nft works (root, nftables installed)");
+    let mut dp = NftablesDataplane::open(&t.0, "nft", FirewallRules::default())
+        .expect("nft works (root, nftables installed)");
     let a = |s: &str| s.parse::<IpAddr>().unwrap();
     for (port, filters) in [
         (1300, vec![(a("10.0.0.0"), 8, 0), (a("10.1.2.3"), 32, 443)]),
@@ -295,8 +295,8 @@ fn nested_filters_install_in_any_order() {
 #[test]
 fn reopened_table_is_split_by_subscriber_and_reconciled() {
     let t = table("split");
-    let mut dp =
-        NftablesDataplane::open(&t.0, "nft", FirewallRules::default()).expect("nft works (root, nftables installed)");
+    let mut dp = NftablesDataplane::open(&t.0, "nft", FirewallRules::default())
+        .expect("nft works (root, nftables installed)");
     let mut entries = Vec::new();
     for i in 0..6u8 {
         let mut e = map_entry(1400 + u16::from(i), 1, 600, Vec::new());
@@ -310,7 +310,9 @@ fn reopened_table_is_split_by_subscriber_and_reconciled() {
     assert!(dp.apply(&changes).iter().all(Result::is_ok));
     drop(dp);
 
-    let parts = NftablesDataplane::open(&t.0, "nft", FirewallRules::default()).unwrap().split(2);
+    let parts = NftablesDataplane::open(&t.0, "nft", FirewallRules::default())
+        .unwrap()
+        .split(2);
     for (shard, part) in parts.iter().enumerate() {
         for (key, _) in part.installed() {
             let owner = entries.iter().find(|e| e.key() == key).unwrap();
@@ -360,7 +362,10 @@ fn pinhole(addr: &str, port: u16, kind: MappingKind, filters: Vec<(IpAddr, u8, u
 fn pinholes_are_set_elements_of_their_family_and_read_back() {
     let t = table("pinholes");
     let rules = FirewallRules {
-        protected: vec!["2001:db8:f00::/64".parse().unwrap(), "198.18.0.0/24".parse().unwrap()],
+        protected: vec![
+            "2001:db8:f00::/64".parse().unwrap(),
+            "198.18.0.0/24".parse().unwrap(),
+        ],
         unsolicited: Unsolicited::Drop,
         mark: 0x10_0000,
     };
@@ -369,11 +374,19 @@ fn pinholes_are_set_elements_of_their_family_and_read_back() {
     let remote: IpAddr = "2001:db8:eee::7".parse().unwrap();
     let changes = vec![
         Change::Upsert(pinhole("2001:db8:f00::1", 22, MappingKind::Map, vec![])),
-        Change::Upsert(pinhole("2001:db8:f00::1", 443, MappingKind::Map, vec![(remote, 64, 0)])),
+        Change::Upsert(pinhole(
+            "2001:db8:f00::1",
+            443,
+            MappingKind::Map,
+            vec![(remote, 64, 0)],
+        )),
         Change::Upsert(pinhole(
             "2001:db8:f00::1",
             5000,
-            MappingKind::Peer { remote_addr: remote, remote_port: 9000 },
+            MappingKind::Peer {
+                remote_addr: remote,
+                remote_port: 9000,
+            },
             vec![],
         )),
         Change::Upsert(pinhole("198.18.0.5", 25565, MappingKind::Map, vec![])),

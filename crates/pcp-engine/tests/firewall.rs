@@ -86,13 +86,19 @@ fn a_suggestion_is_a_hint_unless_prefer_failure_section_11_3_and_13_2() {
 #[test]
 fn nonce_renewal_delete_and_quota_as_for_nat_section_11_3_and_15() {
     let mut h = H::new(firewall_config());
-    assert_eq!(h.map(v6(1), nonce(1), 80, 0, 3600).result, ResultCode::Success);
+    assert_eq!(
+        h.map(v6(1), nonce(1), 80, 0, 3600).result,
+        ResultCode::Success
+    );
     h.advance(60_000);
     let wrong = h.map(v6(1), nonce(2), 80, 0, 3600);
     assert_eq!(wrong.result, ResultCode::NotAuthorized);
     assert_eq!(wrong.lifetime, 3540, "the remaining lifetime (§11.3)");
     let renewed = h.map(v6(1), nonce(1), 80, 0, 7200);
-    assert_eq!((renewed.result, renewed.lifetime), (ResultCode::Success, 7200));
+    assert_eq!(
+        (renewed.result, renewed.lifetime),
+        (ResultCode::Success, 7200)
+    );
     h.take_events();
     let del = h.map(v6(1), nonce(1), 80, 0, 0);
     assert_eq!(del.result, ResultCode::Success);
@@ -102,16 +108,30 @@ fn nonce_renewal_delete_and_quota_as_for_nat_section_11_3_and_15() {
     ));
     // The profile's quota of 8 holds for pinholes too (USER_EX_QUOTA).
     for port in 1..=8 {
-        assert_eq!(h.map(v6(1), nonce(1), port, 0, 3600).result, ResultCode::Success);
+        assert_eq!(
+            h.map(v6(1), nonce(1), port, 0, 3600).result,
+            ResultCode::Success
+        );
     }
-    assert_eq!(h.map(v6(1), nonce(1), 9, 0, 3600).result, ResultCode::UserExQuota);
+    assert_eq!(
+        h.map(v6(1), nonce(1), 9, 0, 3600).result,
+        ResultCode::UserExQuota
+    );
     // Expiry removes a pinhole like a mapping.
     h.take_events();
     h.advance(3_601_000);
     let gone = h
         .take_events()
         .iter()
-        .filter(|e| matches!(e, Event::MappingDeleted { reason: DeleteReason::Expired, .. }))
+        .filter(|e| {
+            matches!(
+                e,
+                Event::MappingDeleted {
+                    reason: DeleteReason::Expired,
+                    ..
+                }
+            )
+        })
         .count();
     assert_eq!(gone, 8);
     assert_eq!(h.engine.mapping_count(), 0);
@@ -147,19 +167,39 @@ fn port_set_filter_and_peer_section_12_13_3_rfc7753() {
     // PEER: the identity too, and a suggestion of it is honoured (§12.3).
     let p = h.peer(v6(1), nonce(1), 5000, remote, 9000, 0, 3600);
     assert_eq!((p.result, p.ext()), (ResultCode::Success, (v6(1), 5000)));
-    let s = h.suggest(v6(1), nonce(1), 5001, Some((remote, 9000)), (v6(1), 5001), 3600);
+    let s = h.suggest(
+        v6(1),
+        nonce(1),
+        5001,
+        Some((remote, 9000)),
+        (v6(1), 5001),
+        3600,
+    );
     assert_eq!((s.result, s.ext()), (ResultCode::Success, (v6(1), 5001)));
     // A PEER suggesting another port: CANNOT_PROVIDE_EXTERNAL (§12.3).
-    let s = h.suggest(v6(1), nonce(1), 5002, Some((remote, 9000)), (v6(1), 6002), 3600);
+    let s = h.suggest(
+        v6(1),
+        nonce(1),
+        5002,
+        Some((remote, 9000)),
+        (v6(1), 6002),
+        3600,
+    );
     assert_eq!(s.result, ResultCode::CannotProvideExternal);
     // MAP cannot delete a PEER-created mapping (§15.1).
-    assert_eq!(h.map(v6(1), nonce(1), 5000, 0, 0).result, ResultCode::NotAuthorized);
+    assert_eq!(
+        h.map(v6(1), nonce(1), 5000, 0, 0).result,
+        ResultCode::NotAuthorized
+    );
     // Once the PEER is gone, nothing outbound is left to protect.
     assert_eq!(
         h.peer(v6(1), nonce(1), 5000, remote, 9000, 0, 0).result,
         ResultCode::Success
     );
-    assert_eq!(h.map(v6(1), nonce(1), 5000, 0, 0).result, ResultCode::Success);
+    assert_eq!(
+        h.map(v6(1), nonce(1), 5000, 0, 0).result,
+        ResultCode::Success
+    );
 }
 
 #[test]
@@ -172,17 +212,16 @@ fn ipv4_firewall_and_natpmp_answer_the_hosts_own_address() {
     else {
         panic!("a public address answer")
     };
-    assert_eq!(
-        (result, IpAddr::V4(addr)),
-        (NatPmpResult::Success, v4fw(6))
-    );
+    assert_eq!((result, IpAddr::V4(addr)), (NatPmpResult::Success, v4fw(6)));
     let m = natpmp::Mapping {
         protocol: natpmp::Protocol::Udp,
         internal_port: 3478,
         external_port: 40000,
         lifetime: 600,
     };
-    let natpmp::Response::Map { result, mapping, .. } = h.natpmp(v4fw(6), natpmp::Request::Map(m))
+    let natpmp::Response::Map {
+        result, mapping, ..
+    } = h.natpmp(v4fw(6), natpmp::Request::Map(m))
     else {
         panic!("a map answer")
     };
@@ -208,7 +247,10 @@ fn pinholes_survive_a_restart_and_only_in_a_firewall_class() {
     // The nonce came back with it: a renewal is a renewal.
     let r = fresh.map(v6(1), nonce(1), 8080, 0, 3600);
     assert_eq!((r.result, r.ext()), (ResultCode::Success, (v6(1), 8080)));
-    assert!(matches!(&fresh.take_events()[..], [Event::MappingRenewed(_)]));
+    assert!(matches!(
+        &fresh.take_events()[..],
+        [Event::MappingRenewed(_)]
+    ));
 
     // A pinhole record in a class that is NAT now (or the reverse) is not
     // restored: each kind only where it means something.
@@ -219,7 +261,9 @@ fn pinholes_survive_a_restart_and_only_in_a_firewall_class() {
     let mut translated = saved[0].clone();
     translated.firewall = false;
     assert!(!fresh.engine.restore_mapping(fresh.now, translated));
-    assert!(saved.iter().any(|m| matches!(m.kind, MappingKind::Peer { .. })));
+    assert!(saved
+        .iter()
+        .any(|m| matches!(m.kind, MappingKind::Peer { .. })));
 }
 
 #[test]

@@ -255,6 +255,8 @@ fn protocol_number(p: &str) -> Result<u8, ApiError> {
 fn mapping_json(m: &pcp_engine::Mapping) -> Value {
     let mut v = serde_json::to_value(m).unwrap_or(Value::Null);
     v["id"] = json!(m.key().to_string());
+    // A pinhole's external endpoint is its internal one (RFC 6887 §3).
+    v["external_addr"] = json!(m.external_ip());
     v["expires"] = if m.expires_ms == u64::MAX {
         Value::Null
     } else {

@@ -96,6 +96,10 @@ pub struct NftablesConfig {
     /// The nft program.
     #[serde(default = "default_nft")]
     pub nft: PathBuf,
+    /// The firewall part: what happens to unsolicited inbound traffic
+    /// toward firewall classes (RFC 6887 §3 pinholes, RFC 6092 policy).
+    #[serde(default)]
+    pub firewall: FirewallSettings,
 }
 
 impl Default for NftablesConfig {
@@ -103,8 +107,47 @@ impl Default for NftablesConfig {
         NftablesConfig {
             table: default_nft_table(),
             nft: default_nft(),
+            firewall: FirewallSettings::default(),
         }
     }
+}
+
+/// How the nftables backend guards firewall classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirewallSettings {
+    /// `drop` (default): pcpd drops unsolicited inbound traffic to firewall
+    /// classes itself. `mark`: pcpd only marks what its pinholes let in,
+    /// and the operator's own forward policy must drop the rest.
+    #[serde(default)]
+    pub unsolicited: UnsolicitedPolicy,
+    /// Mark bits set on traffic a pinhole lets in (both policies).
+    #[serde(default = "default_fw_mark")]
+    pub mark: u32,
+}
+
+impl Default for FirewallSettings {
+    fn default() -> Self {
+        FirewallSettings {
+            unsolicited: UnsolicitedPolicy::default(),
+            mark: default_fw_mark(),
+        }
+    }
+}
+
+fn default_fw_mark() -> u32 {
+    0x0010_0000
+}
+
+/// What happens to inbound traffic no pinhole allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnsolicitedPolicy {
+    /// Dropped by pcpd (safe: protected as soon as pcpd runs).
+    #[default]
+    Drop,
+    /// Marked if let in, otherwise left to the operator's rules.
+    Mark,
 }
 
 fn default_nft_table() -> String {
@@ -447,15 +490,26 @@ impl Config {
                     );
                 }
             }
+            // NAT44 and firewall classes are realised in nftables; Linux
+            // netfilter has no NAT64, so an IPv6 NAT class is not.
             for (i, class) in self.pcp.subscribers.iter().enumerate() {
+                if class.kind == pcp_engine::config::ClassKind::Firewall {
+                    continue;
+                }
                 for (j, prefix) in class.prefixes.iter().enumerate() {
                     if prefix.addr().is_ipv6() {
                         err(
                             &format!("pcp.subscribers[{i}].prefixes[{j}]"),
-                            format!("{prefix}: the nftables backend translates IPv4 subscribers (NAT44) only"),
+                            format!("{prefix}: the nftables backend translates IPv4 subscribers (NAT44) only; Linux netfilter has no NAT64 (use the memory backend), and IPv6 pinholes need `kind: firewall`"),
                         );
                     }
                 }
+            }
+            if self.dataplane.nftables.firewall.mark == 0 {
+                err(
+                    "dataplane.nftables.firewall.mark",
+                    "must have at least one bit set".into(),
+                );
             }
         }
     }

@@ -227,7 +227,7 @@ fn start_shards(
         .metrics
         .epoch_start
         .set((recovered.epoch_start / 1000) as i64);
-    let dataplanes = open_dataplanes(&cfg.dataplane, cfg.shard_count())?;
+    let dataplanes = open_dataplanes(&cfg, cfg.shard_count())?;
     #[cfg(feature = "cluster")]
     let metrics = shared.metrics.clone();
     #[allow(unused_mut)]
@@ -361,22 +361,36 @@ fn wait_restored(cfg: &Config, recovered: &Recovered, rx: RestoredRx) -> anyhow:
     Ok(())
 }
 
-/// One dataplane per shard. For nftables the table is opened (created if
+/// One dataplane per shard. For nftables the tables are opened (created if
 /// missing) and read back once, then split so each shard owns the elements
-/// of its own subscribers.
-fn open_dataplanes(
-    cfg: &config::DataplaneConfig,
-    n: usize,
-) -> anyhow::Result<Vec<Box<dyn Dataplane>>> {
+/// of its own subscribers. The firewall classes' prefixes are what the
+/// firewall part protects.
+fn open_dataplanes(cfg: &Config, n: usize) -> anyhow::Result<Vec<Box<dyn Dataplane>>> {
+    let protected = cfg
+        .pcp
+        .subscribers
+        .iter()
+        .filter(|c| c.kind == pcp_engine::config::ClassKind::Firewall)
+        .flat_map(|c| c.prefixes.iter().copied())
+        .collect();
+    let cfg = &cfg.dataplane;
     Ok(match cfg.backend {
         config::DataplaneBackend::Memory => (0..n)
             .map(|_| Box::new(MemoryDataplane::new()) as Box<dyn Dataplane>)
             .collect(),
         config::DataplaneBackend::Nftables => {
             let nft = &cfg.nftables;
-            let dp = NftablesDataplane::open(&nft.table, &nft.nft.to_string_lossy()).with_context(|| {
+            let rules = pcp_dataplane::FirewallRules {
+                protected,
+                unsolicited: match nft.firewall.unsolicited {
+                    config::UnsolicitedPolicy::Drop => pcp_dataplane::Unsolicited::Drop,
+                    config::UnsolicitedPolicy::Mark => pcp_dataplane::Unsolicited::Mark,
+                },
+                mark: nft.firewall.mark,
+            };
+            let dp = NftablesDataplane::open(&nft.table, &nft.nft.to_string_lossy(), rules).with_context(|| {
                 format!(
-                    "dataplane nftables: opening table ip {} with {} (pcpd needs CAP_NET_ADMIN, and nftables installed)",
+                    "dataplane nftables: opening tables ip and ip6 {} with {} (pcpd needs CAP_NET_ADMIN, and nftables installed)",
                     nft.table,
                     nft.nft.display()
                 )

@@ -153,7 +153,38 @@ fn mapping_fields(m: &Mapping) -> Value {
     })
 }
 
+/// A firewall pinhole opened or closed: not a NAT event (RFC 8158 has
+/// none for a firewall), logged with the same field names and no
+/// `natEvent`, so "who could be reached on this address and port" is
+/// answered from the same log.
+fn pinhole_json(now: Millis, event: &Event) -> Option<Value> {
+    let (m, name, reason) = match event {
+        Event::MappingCreated(m) if m.firewall => (m, "pinhole_open", None),
+        Event::MappingDeleted { mapping, reason } if mapping.firewall => {
+            (mapping, "pinhole_close", Some(reason))
+        }
+        _ => return None,
+    };
+    let mut f = json!({
+        "sourceAddress": m.internal_addr,
+        "sourceTransportPort": m.internal_port,
+        "protocolIdentifier": m.protocol,
+        "portRangeStart": m.internal_port,
+        "portRangeEnd": u32::from(m.internal_port) + u32::from(m.port_count) - 1,
+        "kind": m.kind,
+        "timeStamp": now,
+        "event": name,
+    });
+    if let Some(r) = reason {
+        f["reason"] = json!(r);
+    }
+    Some(f)
+}
+
 fn to_json(now: Millis, event: &Event) -> Option<Value> {
+    if let Some(v) = pinhole_json(now, event) {
+        return Some(v);
+    }
     let (code, name, mut fields) = match event {
         Event::MappingCreated(m) => (bib(m, true), "mapping_create", mapping_fields(m)),
         Event::MappingDeleted { mapping, reason } => {

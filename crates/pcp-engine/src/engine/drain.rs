@@ -27,7 +27,9 @@ impl Engine {
             .iter()
             .filter(|(_, s)| {
                 s.ext == Some(addr)
-                    && self.pool(s.pool).is_some_and(|p| p.mode == PoolMode::Dynamic)
+                    && self
+                        .pool(s.pool)
+                        .is_some_and(|p| p.mode == PoolMode::Dynamic)
             })
             .map(|(k, _)| *k)
             .collect();

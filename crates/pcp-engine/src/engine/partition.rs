@@ -48,7 +48,9 @@ impl Engine {
                     out.mappings.push(m);
                 }
             }
-            let dynamic = self.pool(sub.pool).is_some_and(|p| p.mode == PoolMode::Dynamic);
+            let dynamic = self
+                .pool(sub.pool)
+                .is_some_and(|p| p.mode == PoolMode::Dynamic);
             for (block, _) in sub.blocks {
                 if dynamic {
                     self.pools.release_block(usize::from(sub.pool), block);

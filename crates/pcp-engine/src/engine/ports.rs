@@ -216,7 +216,9 @@ impl Engine {
         };
         let pool = usize::from(sub.pool);
         let max_blocks = self.compiled.class_profile[usize::from(sub.class)].max_blocks as usize;
-        if self.pool(sub.pool).is_none_or(|p| p.mode == PoolMode::Deterministic)
+        if self
+            .pool(sub.pool)
+            .is_none_or(|p| p.mode == PoolMode::Deterministic)
             || sub.blocks.len() >= max_blocks
         {
             return Err(self.quota_refusal(now, subscriber));

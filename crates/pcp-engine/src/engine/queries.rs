@@ -68,7 +68,10 @@ impl Engine {
         let class = usize::from(s.class);
         Some(SubscriberUsage {
             internal_addr: addr,
-            pool: self.pool(s.pool).map(|p| p.name.clone()).unwrap_or_default(),
+            pool: self
+                .pool(s.pool)
+                .map(|p| p.name.clone())
+                .unwrap_or_default(),
             firewall: self.compiled.class_firewall[class],
             profile: self.compiled.class_profile_name[class].clone(),
             external_addr: s.ext,

@@ -168,7 +168,11 @@ impl MappingTable {
             }
         }
         // A pinhole holds no external port: it is its internal one (§3).
-        let held = if mapping.firewall { 0 } else { mapping.port_count };
+        let held = if mapping.firewall {
+            0
+        } else {
+            mapping.port_count
+        };
         for i in 0..held {
             let use_ = self.ports.entry(mapping.external(i)).or_insert(PortUse {
                 internal_port: mapping.internal_port.wrapping_add(i),
@@ -209,7 +213,11 @@ impl MappingTable {
             }
         };
         let mut released = Vec::new();
-        let held = if mapping.firewall { 0 } else { mapping.port_count };
+        let held = if mapping.firewall {
+            0
+        } else {
+            mapping.port_count
+        };
         for i in 0..held {
             let external = mapping.external(i);
             if let Some(u) = self.ports.get_mut(&external) {

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use ipnet::{IpNet, Ipv4Net};
-use pcp_engine::config::{PoolConfig, SubscriberClass};
+use pcp_engine::config::{ClassKind, PoolConfig, SubscriberClass};
 use pcp_engine::EngineConfig;
 use serde::{Deserialize, Serialize};
 
@@ -238,9 +238,19 @@ impl ClusterConfig {
             }
         }
         for (j, s) in part.subscribers.iter().enumerate() {
-            if class_of(pcp, s).is_none() {
-                let msg = format!("{s} is not inside any pcp.subscribers prefix");
-                err(format!("{at}.subscribers[{j}]"), msg);
+            match class_of(pcp, s) {
+                None => {
+                    let msg = format!("{s} is not inside any pcp.subscribers prefix");
+                    err(format!("{at}.subscribers[{j}]"), msg);
+                }
+                // A partition is a share of a pool; a firewall class has none.
+                Some(c) if c.kind == ClassKind::Firewall => {
+                    let msg = format!(
+                        "{s} is in a firewall class: cluster partitions are of NAT classes only"
+                    );
+                    err(format!("{at}.subscribers[{j}]"), msg);
+                }
+                Some(_) => {}
             }
             if let Some(msg) = overlap(earlier, *s, |o| o.subscribers.clone()) {
                 err(format!("{at}.subscribers[{j}]"), msg);
@@ -270,6 +280,7 @@ impl ClusterConfig {
                 .map_or_else(String::new, |c| c.profile.clone());
             classes.push(SubscriberClass {
                 prefixes: part.subscribers.clone(),
+                kind: ClassKind::Nat,
                 pool: part.name.clone(),
                 profile,
             });

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -64,14 +64,15 @@ pub fn ip(ns: &str, args: &[&str]) {
 pub fn tcp_reaches(
     from_ns: &str,
     listener: &TcpListener,
-    from: Ipv4Addr,
-    to: SocketAddrV4,
+    from: impl Into<IpAddr>,
+    to: impl Into<SocketAddr>,
 ) -> bool {
+    let (from, to) = (from.into(), to.into());
     let stream = in_ns(from_ns, || {
         use socket2::{Domain, Socket, Type};
-        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        let s = Socket::new(Domain::for_address(to), Type::STREAM, None).unwrap();
         s.bind(&SocketAddr::from((from, 0)).into()).unwrap();
-        s.connect_timeout(&SocketAddr::V4(to).into(), PROBE)
+        s.connect_timeout(&to.into(), PROBE)
             .map(|()| std::net::TcpStream::from(s))
     });
     let Ok(mut stream) = stream else {
@@ -82,7 +83,7 @@ pub fn tcp_reaches(
     let mut accepted = loop {
         match listener.accept() {
             Ok((s, peer)) => {
-                assert_eq!(peer.ip(), IpAddr::V4(from), "DNAT keeps the remote address");
+                assert_eq!(peer.ip(), from, "DNAT keeps the remote address");
                 break s;
             }
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
