@@ -39,14 +39,15 @@ fn helm_chart_renders_lints_validates_and_pcpd_accepts_its_config() {
     );
     println!("{text}");
     assert!(ok, "chart check failed:\n{text}");
-    // Each of the four CI value sets (one in cluster mode) went through
+    // Each of the five CI value sets (one in cluster mode, one dual-stack
+    // with an IPv6 firewall class) went through
     // every step.
     for step in [
         "helm lint (strict)",
         "schemas (strict)",
         "pcpd check-config",
     ] {
-        assert_eq!(text.matches(step).count(), 4, "{step}:\n{text}");
+        assert_eq!(text.matches(step).count(), 5, "{step}:\n{text}");
     }
 }
 
@@ -216,4 +217,64 @@ fn prometheus_scrapes_pcpd_with_the_shipped_config() {
         "promtool",
     );
     assert!(ok, "promtool test rules:\n{text}");
+}
+
+/// `pcpd check-config` on `text` (with /etc/pcpd/tls/ pointed at
+/// placeholder files in `dir`): success, and what it printed.
+fn check_config(dir: &Path, name: &str, text: &str) -> (bool, String) {
+    let tls = dir.join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    for f in ["admin.crt", "admin.key", "clients-ca.crt"] {
+        std::fs::write(tls.join(f), "placeholder").unwrap();
+    }
+    let path = dir.join(name);
+    let text = text.replace("/etc/pcpd/tls/", &format!("{}/", tls.display()));
+    std::fs::write(&path, text).unwrap();
+    output(
+        Command::new(env!("CARGO_BIN_EXE_pcpd"))
+            .arg("check-config")
+            .arg(&path),
+        "pcpd check-config",
+    )
+}
+
+#[test]
+fn every_deploy_example_passes_check_config_and_wrong_kinds_are_refused_by_path() {
+    let dir = common::temp_dir("deploy-examples");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(repo().join("deploy")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let (ok, text) = check_config(&dir, &name, &std::fs::read_to_string(&path).unwrap());
+        assert!(ok, "deploy/{name}:\n{text}");
+        assert!(text.contains(": OK ("), "{text}");
+        seen.push(name);
+    }
+    assert!(seen.contains(&"ipv6-firewall.yaml".to_string()), "{seen:?}");
+    let firewall = std::fs::read_to_string(repo().join("deploy/ipv6-firewall.yaml")).unwrap();
+    // A firewall class names no pool (RFC 6887 §3: external = internal).
+    let with_pool = firewall.replace(
+        "      kind: firewall\n",
+        "      kind: firewall\n      pool: public\n",
+    );
+    let (ok, text) = check_config(&dir, "pool.yaml", &with_pool);
+    assert!(
+        !ok && text.contains("pcp.subscribers[1].pool: a firewall class has no pool"),
+        "{text}"
+    );
+    // An IPv6 NAT class (NAT64) cannot run on nftables: Linux has no NAT64.
+    let nat64 = std::fs::read_to_string(repo().join("deploy/nat64.yaml")).unwrap();
+    let on_nft = nat64.replace(
+        "shards: 0\n",
+        "shards: 0\ndataplane: { backend: nftables }\n",
+    );
+    let (ok, text) = check_config(&dir, "nat64-nft.yaml", &on_nft);
+    assert!(
+        !ok && text.contains("pcp.subscribers[0].prefixes[0]") && text.contains("no NAT64"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

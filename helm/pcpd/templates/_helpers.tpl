@@ -60,7 +60,12 @@ pcp:
   subscribers:
     {{- range $p.subscribers }}
     - prefixes: {{ toJson .prefixes }}
+      {{- if .kind }}
+      kind: {{ .kind }}
+      {{- end }}
+      {{- if .pool }}
       pool: {{ .pool }}
+      {{- end }}
       profile: {{ .profile }}
     {{- end }}
   third_party:
@@ -88,6 +93,9 @@ dataplane:
   backend: {{ include "pcpd.backend" . }}
   nftables:
     table: {{ .Values.dataplane.table }}
+    firewall:
+      unsolicited: {{ .Values.dataplane.firewall.unsolicited }}
+      mark: {{ .Values.dataplane.firewall.mark | int64 }}
 state_dir: /var/lib/pcpd
 journal_max_mib: {{ .Values.journalMaxMib }}
 admin:
