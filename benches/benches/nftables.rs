@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pcp_dataplane::{Change, Dataplane, Entry, NftablesDataplane};
+use pcp_dataplane::{Change, Dataplane, Entry, FirewallRules, NftablesDataplane};
 use pcp_engine::MappingKind;
 
 fn entry(i: u32, expires_ms: u64) -> Entry {
@@ -21,6 +21,7 @@ fn entry(i: u32, expires_ms: u64) -> Entry {
         external_port: 1024 + (i % 60_000) as u16,
         port_count: 1,
         protocol: 6,
+        firewall: false,
         internal_addr: IpAddr::V4(Ipv4Addr::from(0x6440_0000 + i)),
         internal_port: 8080,
         filters: Vec::new(),
@@ -49,7 +50,8 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // cargo bench --list
     }
-    let mut dp = NftablesDataplane::open("pcpdbench", "nft").expect("nft works (root)");
+    let mut dp = NftablesDataplane::open("pcpdbench", "nft", FirewallRules::default())
+        .expect("nft works (root)");
     let far = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")

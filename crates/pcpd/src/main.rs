@@ -227,7 +227,7 @@ fn start_shards(
         .metrics
         .epoch_start
         .set((recovered.epoch_start / 1000) as i64);
-    let dataplanes = open_dataplanes(&cfg, cfg.shard_count())?;
+    let dataplanes = open_dataplanes(cfg, cfg.shard_count())?;
     #[cfg(feature = "cluster")]
     let metrics = shared.metrics.clone();
     #[allow(unused_mut)]

@@ -95,33 +95,7 @@ impl Engine {
         };
         self.quota_check(now, ask.subscriber, 1)?;
         let wanted = wanted.min(self.quota_left(ask.subscriber).max(1) as u16);
-        let suggested = (m.external_addr, m.external_port);
-        // §11.3 item 4: an existing outbound mapping's external port is reused.
-        let (ext_addr, ext_port, count) = match self.table.outbound_port(&internal) {
-            Some(port) => {
-                let ext = self.subscriber_address(ask.subscriber);
-                let told = self.external_of(ask.subscriber);
-                if opts.prefer_failure && !suggestion_matches(suggested, told, port) {
-                    return Err(ResultCode::CannotProvideExternal.into());
-                }
-                (ext, port, 1)
-            }
-            None => self.choose_ports(
-                now,
-                &PortAsk {
-                    internal,
-                    nonce: m.nonce,
-                    suggested,
-                    count: wanted,
-                    suggestion: if opts.prefer_failure {
-                        Suggestion::Required
-                    } else {
-                        Suggestion::Hint
-                    },
-                    parity: opts.port_set.is_some_and(|p| p.parity),
-                },
-            )?,
-        };
+        let (ext_addr, ext_port, count) = self.map_external(now, ask, internal, m, wanted)?;
         let mapping = Mapping {
             id: UNASSIGNED,
             kind: MappingKind::Map,
@@ -154,6 +128,43 @@ impl Engine {
                 parity: opts.port_set.is_some_and(|p| p.parity),
             }),
         })
+    }
+
+    /// The external endpoint of a new MAP mapping and its port count: an
+    /// existing outbound mapping's port (§11.3 item 4), else ports from the
+    /// subscriber's port set (a pinhole's own, in a firewall class).
+    fn map_external(
+        &mut self,
+        now: Millis,
+        ask: &Ask<'_>,
+        internal: InternalEndpoint,
+        m: &MapData,
+        wanted: u16,
+    ) -> Result<(std::net::Ipv4Addr, u16, u16), Refusal> {
+        let opts = ask.opts;
+        let suggested = (m.external_addr, m.external_port);
+        if let Some(port) = self.table.outbound_port(&internal) {
+            let told = self.external_of(ask.subscriber);
+            if opts.prefer_failure && !suggestion_matches(suggested, told, port) {
+                return Err(ResultCode::CannotProvideExternal.into());
+            }
+            return Ok((self.subscriber_address(ask.subscriber), port, 1));
+        }
+        self.choose_ports(
+            now,
+            &PortAsk {
+                internal,
+                nonce: m.nonce,
+                suggested,
+                count: wanted,
+                suggestion: if opts.prefer_failure {
+                    Suggestion::Required
+                } else {
+                    Suggestion::Hint
+                },
+                parity: opts.port_set.is_some_and(|p| p.parity),
+            },
+        )
     }
 
     /// §11.3 renewal of an existing MAP mapping: PREFER_FAILURE, static
