@@ -20,7 +20,7 @@ use common::ns::{add_namespaces, in_ns, ip};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use pcp_wire::{natpmp, OpData, Opcode, Options, Request, ResponseHeader, ResultCode};
@@ -122,26 +122,11 @@ impl Lab {
             serde_yaml::to_value(vec!["224.0.0.1", "ff02::1"]).unwrap();
         let config = self.dir.join("pcpd.yaml");
         std::fs::write(&config, serde_yaml::to_string(&cfg).unwrap()).unwrap();
-        let log = std::fs::File::create(self.dir.join("stderr.log")).unwrap();
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.gw,
-                env!("CARGO_BIN_EXE_pcpd"),
-                "--config",
-            ])
-            .arg(&config)
-            .env("PCPD_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("ip netns exec pcpd");
-        self.pcpd = Some(child);
+        self.pcpd = Some(common::ns::spawn_pcpd(&self.gw, &config, &self.dir));
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+        common::ns::pcpd_log(&self.dir)
     }
 }
 

@@ -22,12 +22,10 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::num::NonZeroU16;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use pcp_wire::{
-    Filter, MapData, Nonce, OpData, Options, PcpOption, PeerData, Request, Response, ResultCode,
-};
+use pcp_wire::{Filter, MapData, Nonce, OpData, Options, PcpOption, PeerData, Request, ResultCode};
 use serde_json::Value;
 
 const SUB: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf00, 0, 0, 0, 0, 2);
@@ -133,38 +131,12 @@ impl Lab {
     }
 
     fn start_pcpd(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("stderr.log"))
-            .unwrap();
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.fw,
-                env!("CARGO_BIN_EXE_pcpd"),
-                "--config",
-            ])
-            .arg(&self.config)
-            .env("PCPD_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("ip netns exec pcpd");
-        self.pcpd = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while common::ns::api_get(&self.fw, "/readyz", TOKEN).0 != 200 {
-            if let Some(Ok(Some(status))) = self.pcpd.as_mut().map(Child::try_wait) {
-                panic!("pcpd exited: {status}\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pcpd not ready in 30 s\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.pcpd = Some(common::ns::start_pcpd(
+            &self.fw,
+            &self.config,
+            &self.dir,
+            TOKEN,
+        ));
     }
 
     fn kill_pcpd(&mut self) {
@@ -175,7 +147,7 @@ impl Lab {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+        common::ns::pcpd_log(&self.dir)
     }
 
     fn mappings(&self) -> Vec<Value> {
@@ -187,24 +159,8 @@ impl Lab {
     /// One PCP request from the subscriber (our codec); the result, the
     /// assigned external endpoint and the lifetime.
     fn pcp(&self, sock: &UdpSocket, req: &Request<'_>) -> (ResultCode, SocketAddr, u32) {
-        let mut buf = vec![0u8; req.buffer_len()];
-        req.emit(&mut buf).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        for _ in 0..3 {
-            sock.send_to(&buf, (GATEWAY, 5351)).unwrap();
-            let mut out = [0u8; 1100];
-            if let Ok((n, from)) = sock.recv_from(&mut out) {
-                assert_eq!(from, SocketAddr::from((GATEWAY, 5351)));
-                let resp = Response::parse(&out[..n]).unwrap();
-                let m = match resp.data {
-                    OpData::Map(m) | OpData::Peer(PeerData { map: m, .. }) => m,
-                    OpData::Announce => panic!("not a mapping response"),
-                };
-                let ext = SocketAddr::new(m.external_addr, m.external_port);
-                return (resp.result, ext, resp.lifetime);
-            }
-        }
-        panic!("pcpd did not answer\n{}", self.log());
+        common::ns::pcp_exchange(sock, SocketAddr::from((GATEWAY, 5351)), req)
+            .unwrap_or_else(|| panic!("pcpd did not answer\n{}", self.log()))
     }
 
     /// Whether a TCP connection from the internet host (source `from`,

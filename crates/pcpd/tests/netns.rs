@@ -22,12 +22,10 @@ use common::ns::{in_ns, run, PROBE};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
 use std::num::NonZeroU16;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use pcp_wire::{
-    Filter, MapData, Nonce, OpData, Options, PcpOption, PeerData, Request, Response, ResultCode,
-};
+use pcp_wire::{Filter, MapData, Nonce, OpData, Options, PcpOption, PeerData, Request, ResultCode};
 use serde_json::Value;
 
 const SUB: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
@@ -123,41 +121,12 @@ impl Lab {
     }
 
     fn start_pcpd(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("stderr.log"))
-            .unwrap();
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.cgn,
-                env!("CARGO_BIN_EXE_pcpd"),
-                "--config",
-            ])
-            .arg(&self.config)
-            .env("PCPD_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("ip netns exec pcpd");
-        self.pcpd = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(Ok(Some(status))) = self.pcpd.as_mut().map(Child::try_wait) {
-                panic!("pcpd exited: {status}\n{}", self.log());
-            }
-            if self.api("/readyz").0 == 200 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pcpd not ready in 30 s\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.pcpd = Some(common::ns::start_pcpd(
+            &self.cgn,
+            &self.config,
+            &self.dir,
+            TOKEN,
+        ));
     }
 
     fn stop_pcpd(&mut self) {
@@ -169,7 +138,7 @@ impl Lab {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+        common::ns::pcpd_log(&self.dir)
     }
 
     /// GET on the admin API (127.0.0.1:8351 inside the router namespace);
@@ -227,30 +196,13 @@ impl Lab {
 
     /// One PCP request from `sock` (in the subscriber's namespace).
     fn pcp(&self, sock: &UdpSocket, req: &Request<'_>) -> (ResultCode, SocketAddrV4, u32) {
-        let mut buf = vec![0u8; req.buffer_len()];
-        req.emit(&mut buf).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        for _ in 0..3 {
-            sock.send_to(&buf, (GATEWAY, 5351)).unwrap();
-            let mut out = [0u8; 1100];
-            if let Ok((n, from)) = sock.recv_from(&mut out) {
-                assert_eq!(from, SocketAddr::from((GATEWAY, 5351)));
-                let resp = Response::parse(&out[..n]).unwrap();
-                let m = match resp.data {
-                    OpData::Map(m) | OpData::Peer(PeerData { map: m, .. }) => m,
-                    OpData::Announce => panic!("not a mapping response"),
-                };
-                let IpAddr::V4(ext) = m.external_addr.to_canonical() else {
-                    panic!("IPv4 external address expected");
-                };
-                return (
-                    resp.result,
-                    SocketAddrV4::new(ext, m.external_port),
-                    resp.lifetime,
-                );
-            }
-        }
-        panic!("pcpd did not answer\n{}", self.log());
+        let (result, ext, lifetime) =
+            common::ns::pcp_exchange(sock, SocketAddr::from((GATEWAY, 5351)), req)
+                .unwrap_or_else(|| panic!("pcpd did not answer\n{}", self.log()));
+        let SocketAddr::V4(ext) = ext else {
+            panic!("IPv4 external address expected: {ext}");
+        };
+        (result, ext, lifetime)
     }
 }
 

@@ -124,3 +124,83 @@ pub fn api_get(ns: &str, path: &str, token: &str) -> (u16, serde_json::Value) {
         }
     })
 }
+
+/// pcpd's stderr log in `dir` (where [`spawn_pcpd`] writes it).
+pub fn pcpd_log(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+}
+
+/// Starts pcpd inside namespace `ns` with `config` (`ip netns exec`), its
+/// stderr appended to `dir/stderr.log`.
+pub fn spawn_pcpd(
+    ns: &str,
+    config: &std::path::Path,
+    dir: &std::path::Path,
+) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("stderr.log"))
+        .unwrap();
+    Command::new("ip")
+        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_pcpd"), "--config"])
+        .arg(config)
+        .env("PCPD_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("ip netns exec pcpd")
+}
+
+/// Starts pcpd in `ns` and waits (30 s at most) until its admin API in
+/// that namespace says it is ready; fails with its log if it exits.
+pub fn start_pcpd(
+    ns: &str,
+    config: &std::path::Path,
+    dir: &std::path::Path,
+    token: &str,
+) -> std::process::Child {
+    let mut child = spawn_pcpd(ns, config, dir);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while api_get(ns, "/readyz", token).0 != 200 {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("pcpd exited: {status}\n{}", pcpd_log(dir));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pcpd not ready in 30 s\n{}",
+            pcpd_log(dir)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child
+}
+
+/// One PCP request from `sock` to `server`, retransmitted up to three
+/// times: the result, the assigned external endpoint and the lifetime;
+/// `None` when nothing answered.
+pub fn pcp_exchange(
+    sock: &std::net::UdpSocket,
+    server: SocketAddr,
+    req: &pcp_wire::Request<'_>,
+) -> Option<(pcp_wire::ResultCode, SocketAddr, u32)> {
+    use pcp_wire::{OpData, PeerData, Response};
+    let mut buf = vec![0u8; req.buffer_len()];
+    req.emit(&mut buf).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    for _ in 0..3 {
+        sock.send_to(&buf, server).unwrap();
+        let mut out = [0u8; 1100];
+        if let Ok((n, from)) = sock.recv_from(&mut out) {
+            assert_eq!(from, server, "the answer comes from the address asked");
+            let resp = Response::parse(&out[..n]).unwrap();
+            let m = match resp.data {
+                OpData::Map(m) | OpData::Peer(PeerData { map: m, .. }) => m,
+                OpData::Announce => panic!("not a mapping response"),
+            };
+            let ext = SocketAddr::new(m.external_addr.to_canonical(), m.external_port);
+            return Some((resp.result, ext, resp.lifetime));
+        }
+    }
+    None
+}
