@@ -104,12 +104,16 @@ pub(crate) fn skeleton(table: &str, rules: &FirewallRules, v6: bool) -> String {
         .filter(|p| matches!(p, IpNet::V6(_)) == v6)
         .map(|p| p.trunc().to_string())
         .collect();
-    if !prefixes.is_empty() {
-        s += &format!(
-            "add element {fam} {t} fw_protected{n} {{ {} }}\n",
-            prefixes.join(", ")
-        );
+    if prefixes.is_empty() {
+        // No firewall class of this family: no chain on the forward path
+        // (a NAT-only node pays nothing per packet). The sets stay, empty.
+        s += &format!("delete chain {fam} {t} fw_forward\n");
+        return s;
     }
+    s += &format!(
+        "add element {fam} {t} fw_protected{n} {{ {} }}\n",
+        prefixes.join(", ")
+    );
     let mark = format!("meta mark set meta mark | {:#x} accept", rules.mark);
     let tuple = format!("{addr} daddr . meta l4proto . th dport");
     let r = |rule: &str| format!("add rule {fam} {t} fw_forward {rule}\n");
@@ -342,6 +346,11 @@ mod tests {
             !v4.contains(" drop"),
             "mark mode leaves the verdict to the operator: {v4}"
         );
+        // A family without firewall classes has no chain on the forward path.
+        rules.protected.truncate(1);
+        let v4 = skeleton("pcpd", &rules, false);
+        assert!(v4.ends_with("delete chain ip pcpd fw_forward\n"), "{v4}");
+        assert!(!v4.contains("add rule"), "{v4}");
     }
 
     #[test]

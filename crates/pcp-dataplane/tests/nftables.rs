@@ -424,4 +424,21 @@ fn pinholes_are_set_elements_of_their_family_and_read_back() {
     for set in ["pin6", "pinf6", "pinfilter6", "fwpeer6", "pin4"] {
         assert!(elements(&t.0, set).is_empty(), "{set}");
     }
+    // Without IPv4 firewall classes the ip table has no forward chain: a
+    // NAT-only family pays nothing per forwarded packet.
+    let chain = |family: &str| {
+        Command::new("nft")
+            .args(["list", "chain", family, &t.0, "fw_forward"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(chain("ip") && chain("ip6"));
+    let v6_only = FirewallRules {
+        protected: vec!["2001:db8:f00::/64".parse().unwrap()],
+        ..FirewallRules::default()
+    };
+    NftablesDataplane::open(&t.0, "nft", v6_only).unwrap();
+    assert!(!chain("ip") && chain("ip6"));
 }
