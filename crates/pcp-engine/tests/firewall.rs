@@ -282,3 +282,70 @@ fn a_firewall_class_takes_no_pool_and_needs_none() {
     let mut h = H::new(only);
     assert_eq!(h.map(v6(3), nonce(1), 22, 0, 600).ext(), (v6(3), 22));
 }
+
+#[test]
+fn third_party_and_description_work_for_pinholes_section_13_1_rfc7220() {
+    let mut cfg = firewall_config();
+    cfg.third_party.push(
+        serde_yaml::from_str(r#"{ from: ["2001:db8:99::/64"], for: ["2001:db8:f00::/64"] }"#)
+            .unwrap(),
+    );
+    let mut h = H::new(cfg);
+    let manager = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x99, 0, 0, 0, 0, 5));
+    let opts = [
+        PcpOption::ThirdParty(v6(7)),
+        PcpOption::Description("game server"),
+    ];
+    let r = h.map_opts(manager, nonce(1), 17, 27015, 0, 600, &opts);
+    assert_eq!((r.result, r.ext()), (ResultCode::Success, (v6(7), 27015)));
+    let m = h.engine.mappings().next().unwrap().clone();
+    assert!(m.firewall);
+    assert_eq!(m.internal_addr, v6(7), "the pinhole is the target's");
+    let extra = m.extra.as_deref().unwrap();
+    assert_eq!(
+        extra.manager,
+        Some(manager),
+        "§14.2 updates go to the manager"
+    );
+    assert_eq!(extra.description.as_deref(), Some("game server"));
+    // A manager outside the rule may not act for the host (§13.1).
+    let stranger = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x98, 0, 0, 0, 0, 5));
+    let r = h.map_opts(stranger, nonce(1), 17, 27016, 0, 600, &opts);
+    assert_ne!(r.result, ResultCode::Success);
+}
+
+#[test]
+fn a_static_pinhole_belongs_to_its_subscriber_section_11_3_item_2() {
+    let mut h = H::new(firewall_config());
+    let internal = pcp_engine::InternalEndpoint {
+        addr: v6(4),
+        protocol: 6,
+        port: 25,
+    };
+    let m = h.engine.create_static(h.now, internal, 2525).unwrap();
+    assert_eq!(
+        (m.external_ip(), m.external_port, m.firewall),
+        (v6(4), 25, true)
+    );
+    // The record holds it: it is listed, and PCP cannot delete it (§11.3
+    // item 2) but is answered with it, lifetime 2^32-1.
+    let usage = h
+        .engine
+        .subscriber(v6(4))
+        .expect("the subscriber's record stays");
+    assert!(usage.firewall);
+    let r = h.map(v6(4), nonce(1), 25, 0, 600);
+    assert_eq!(
+        (r.result, r.ext(), r.lifetime),
+        (ResultCode::Success, (v6(4), 25), u32::MAX)
+    );
+    assert_eq!(
+        h.map(v6(4), nonce(1), 25, 0, 0).result,
+        ResultCode::NotAuthorized
+    );
+    assert!(h.engine.delete(h.now, m.id).is_some());
+    // With nothing held, the record goes after the idle hold (1 s for a
+    // class without a pool).
+    h.advance(1_500);
+    assert!(h.engine.subscriber(v6(4)).is_none(), "nothing left behind");
+}

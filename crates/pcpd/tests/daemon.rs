@@ -693,7 +693,20 @@ fn deploy_examples_pass_check_config() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
     let dir = temp_dir("deploy");
     let (cert, key, _) = self_signed(&dir, Ipv4Addr::LOCALHOST);
-    let mut n = 0;
+    // check-config on a copy of `text`: success, and what it printed.
+    let check = |name: &str, text: &str| {
+        let copy = dir.join(name);
+        std::fs::write(&copy, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_pcpd"))
+            .arg("check-config")
+            .arg(&copy)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), said)
+    };
+    let mut seen = std::collections::BTreeMap::new();
     let load =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../loadtest/pcpd-load.yaml");
     let paths = std::fs::read_dir(&root)
@@ -710,24 +723,36 @@ fn deploy_examples_pass_check_config() {
             .replace("/etc/pcpd/tls/admin.crt", &cert.display().to_string())
             .replace("/etc/pcpd/tls/admin.key", &key.display().to_string())
             .replace("/etc/pcpd/tls/clients-ca.crt", &cert.display().to_string());
-        let copy = dir.join(path.file_name().unwrap());
-        std::fs::write(&copy, text).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_pcpd"))
-            .arg("check-config")
-            .arg(&copy)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        n += 1;
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let (ok, out) = check(&name, &text);
+        assert!(ok, "{}: {out}", path.display());
+        seen.insert(name, text);
     }
     assert!(
-        n >= 4,
-        "small ISP, deterministic NAT and NAT64 examples, and the load test's config"
+        seen.len() >= 5,
+        "small ISP, deterministic NAT, NAT64 and IPv6 firewall examples, and the load test's config: {:?}",
+        seen.keys()
+    );
+    // A firewall class names no pool (RFC 6887 §3: external = internal).
+    let firewall = &seen["ipv6-firewall.yaml"];
+    let with_pool = firewall.replace(
+        "      kind: firewall\n",
+        "      kind: firewall\n      pool: public\n",
+    );
+    let (ok, out) = check("pool.yaml", &with_pool);
+    assert!(
+        !ok && out.contains("pcp.subscribers[1].pool: a firewall class has no pool"),
+        "{out}"
+    );
+    // An IPv6 NAT class (NAT64) cannot run on nftables: Linux has no NAT64.
+    let on_nft = seen["nat64.yaml"].replace(
+        "shards: 0\n",
+        "shards: 0\ndataplane: { backend: nftables }\n",
+    );
+    let (ok, out) = check("nat64-nft.yaml", &on_nft);
+    assert!(
+        !ok && out.contains("pcp.subscribers[0].prefixes[0]") && out.contains("no NAT64"),
+        "{out}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -849,5 +874,85 @@ fn debug_log_has_one_line_per_answer_with_its_result_and_no_nonce() {
     assert!(
         !log.contains("abababab") && !log.contains("cdcdcdcd"),
         "a nonce in the log: {log}"
+    );
+}
+
+/// A firewall class through the admin API and the NAT event log: a static
+/// pinhole's external endpoint is its internal one (RFC 6887 §3), the
+/// subscriber is shown as a firewall subscriber with no block, and the log
+/// says `pinhole_open` / `pinhole_close` without a NAT event code.
+#[test]
+fn static_pinholes_through_the_admin_api_and_the_event_log() {
+    let ip = Ipv4Addr::new(127, 0, 0, 10);
+    let dir = temp_dir("pinholes-api");
+    let mut cfg = config_for(ip, &dir);
+    let profile = cfg["pcp"]["subscribers"][0]["profile"].clone();
+    let class = serde_yaml::to_value(serde_json::json!({
+        "prefixes": ["fd00:f00::/64"], "kind": "firewall", "profile": profile,
+    }))
+    .unwrap();
+    cfg["pcp"]["subscribers"]
+        .as_sequence_mut()
+        .unwrap()
+        .push(class);
+    let d = Daemon::start_in(dir, ip, cfg);
+    let body = serde_json::json!({"internal_addr": "fd00:f00::5", "protocol": "udp", "internal_port": 3478});
+    let (s, m) = call(
+        "POST",
+        &d.url("/v1/mappings"),
+        Some(TOKEN_WRITE),
+        Some(body),
+    );
+    assert_eq!(s, 201, "{m}");
+    assert_eq!(
+        (&m["external_addr"], &m["external_port"], &m["firewall"]),
+        (
+            &serde_json::json!("fd00:f00::5"),
+            &serde_json::json!(3478),
+            &serde_json::json!(true)
+        ),
+        "{m}"
+    );
+    let id = m["id"].as_str().unwrap().to_string();
+    let (s, got) = call(
+        "GET",
+        &d.url(&format!("/v1/mappings/{id}")),
+        Some(TOKEN_READ),
+        None,
+    );
+    assert_eq!(
+        (s, &got["external_addr"]),
+        (200, &m["external_addr"]),
+        "{got}"
+    );
+    let (s, usage) = call(
+        "GET",
+        &d.url("/v1/subscribers/fd00:f00::5"),
+        Some(TOKEN_READ),
+        None,
+    );
+    assert_eq!(s, 200, "{usage}");
+    assert_eq!(usage["firewall"], true, "{usage}");
+    assert_eq!(usage["blocks"], serde_json::json!([]), "{usage}");
+    let (s, _) = call(
+        "DELETE",
+        &d.url(&format!("/v1/mappings/{id}")),
+        Some(TOKEN_WRITE),
+        None,
+    );
+    assert_eq!(s, 204);
+    let log = std::fs::read_to_string(d.dir.join("state/nat-events.jsonl")).unwrap_or_default();
+    let events: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let open = events.iter().find(|e| e["event"] == "pinhole_open");
+    assert!(
+        open.is_some_and(|e| e["sourceAddress"] == "fd00:f00::5" && e.get("natEvent").is_none()),
+        "{log}"
+    );
+    assert!(
+        events.iter().any(|e| e["event"] == "pinhole_close"),
+        "{log}"
     );
 }

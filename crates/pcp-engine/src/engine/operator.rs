@@ -42,9 +42,16 @@ impl Engine {
             suggestion: Suggestion::Hint,
             parity: false,
         };
-        let chosen = self.choose_ports(now, &ask);
-        self.forget_if_stateless(internal.addr);
-        let (addr, port, _) = chosen.map_err(|r| r.code)?;
+        // A refused subscriber leaves no record behind; a granted one keeps
+        // it (a pinhole takes no block, so its record holds only the
+        // mapping about to be linked).
+        let (addr, port, _) = match self.choose_ports(now, &ask) {
+            Ok(chosen) => chosen,
+            Err(r) => {
+                self.forget_if_stateless(internal.addr);
+                return Err(r.code);
+            }
+        };
         let mapping = Mapping {
             id: UNASSIGNED,
             kind: MappingKind::Static,
