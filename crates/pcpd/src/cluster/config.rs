@@ -145,6 +145,16 @@ impl ClusterConfig {
             }
             self.validate_partition(i, pcp, &mut p);
         }
+        // Cluster mode serves the partitions, cut from pools; a firewall
+        // class has no pool to cut, and would silently not be served.
+        for (i, class) in pcp.subscribers.iter().enumerate() {
+            if class.kind == ClassKind::Firewall {
+                p.push((
+                    format!("pcp.subscribers[{i}].kind"),
+                    "cluster mode serves NAT classes only: run firewall classes on a node without `cluster`".into(),
+                ));
+            }
+        }
         p
     }
 
@@ -370,5 +380,31 @@ mod tests {
             "{problems:?}"
         );
         assert!(problems[0].1.contains("overlaps partition 0 (\"p0\")"));
+    }
+
+    #[test]
+    fn firewall_classes_are_refused_in_cluster_mode_not_dropped() {
+        let mut cfg = crate::config::Config::builtin();
+        let fw: SubscriberClass = serde_yaml::from_str(
+            "{ prefixes: [\"2001:db8:f00::/64\"], kind: firewall, profile: residential }",
+        )
+        .unwrap();
+        cfg.pcp.subscribers.push(fw);
+        let cluster: ClusterConfig = serde_yaml::from_str(
+            "etcd: { endpoints: [http://127.0.0.1:2379] }\n\
+             partitions:\n\
+             - { name: p0, subscribers: [2001:db8:f00::/64], pool: default, external: [192.0.2.0/25] }\n",
+        )
+        .unwrap();
+        let problems = cluster.validate(&cfg.pcp);
+        let paths: Vec<&str> = problems.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "cluster.partitions[0].subscribers[0]",
+                "pcp.subscribers[1].kind"
+            ],
+            "{problems:?}"
+        );
     }
 }
