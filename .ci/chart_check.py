@@ -10,6 +10,7 @@ helm/pcpd/ci/*-values.yaml renders, lints clean, validates, and pcpd accepts
 the configuration; and when bad values are refused.
 """
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -60,6 +61,18 @@ def check_config(pcpd, config_text, secret, where):
             print(f"ok   {where}: pcpd check-config: {out.stdout.strip()}")
 
 
+def check_dashboard(doc, where):
+    """The dashboard ConfigMap: the sidecar's label, and the shipped JSON."""
+    with open(os.path.join(CHART, "dashboards", "pcpd.json")) as f:
+        shipped = json.load(f)
+    if doc["metadata"].get("labels", {}).get("grafana_dashboard") != "1":
+        fail(f"{where}: no grafana_dashboard: \"1\" label for the sidecar")
+    elif json.loads(doc["data"]["pcpd.json"]) != shipped:
+        fail(f"{where}: the dashboard differs from dashboards/pcpd.json")
+    else:
+        print(f"ok   {where}: the dashboard, labelled for Grafana's sidecar")
+
+
 def main():
     pcpd = sys.argv[1]
     chart = helm.Chart.load(CHART)
@@ -100,8 +113,10 @@ def main():
                 kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
             except kubernetes_validate.ValidationError as e:
                 fail(f"{where}: {'.'.join(map(str, e.path))}: {e.message}")
-            if doc["kind"] == "ConfigMap":
+            if doc["kind"] == "ConfigMap" and "pcpd.yaml" in doc["data"]:
                 config = doc["data"]["pcpd.yaml"]
+            if doc["kind"] == "ConfigMap" and "pcpd.json" in doc["data"]:
+                check_dashboard(doc, where)
             if doc["kind"] == "Secret":
                 secret = doc
         print(f"ok   {name}: Kubernetes {KUBE_VERSION} schemas (strict)")

@@ -49,6 +49,12 @@ fn helm_chart_renders_lints_validates_and_pcpd_accepts_its_config() {
     ] {
         assert_eq!(text.matches(step).count(), 5, "{step}:\n{text}");
     }
+    // The monitoring set renders the Grafana dashboard for the sidecar.
+    assert_eq!(
+        text.matches("the dashboard, labelled for Grafana's sidecar").count(),
+        1,
+        "{text}"
+    );
 }
 
 #[test]
@@ -99,35 +105,10 @@ fn get_json(url: &str) -> Option<Value> {
     serde_json::from_str(&resp.body_mut().read_to_string().ok()?).ok()
 }
 
-#[test]
-fn prometheus_scrapes_pcpd_with_the_shipped_config() {
-    let ip = Ipv4Addr::new(127, 0, 0, 31);
-    let d = Daemon::on_default("prometheus", ip);
-
-    // promtool accepts the exposition format.
-    let scrape = d.metrics_text();
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (apt-get install prometheus)");
-    use std::io::Write as _;
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(scrape.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-
+/// A real Prometheus on `ip`:9090 with the shipped scrape config (pointed
+/// at `d`, scraping every second) and rules; returns once it has seen
+/// `pcpd_ready 1`, with its API base and that answer.
+fn start_prometheus(d: &Daemon, ip: Ipv4Addr) -> (Prometheus, String, Option<Value>) {
     // The shipped scrape config and rules, pointed at this pcpd.
     let dir = d.dir.join("prometheus");
     std::fs::create_dir_all(&dir).unwrap();
@@ -149,7 +130,7 @@ fn prometheus_scrapes_pcpd_with_the_shipped_config() {
     );
     assert!(ok, "promtool check config:\n{text}");
     let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
-    let _prom = Prometheus(
+    let prom = Prometheus(
         Command::new("prometheus")
             .arg(format!(
                 "--config.file={}",
@@ -183,6 +164,39 @@ fn prometheus_scrapes_pcpd_with_the_shipped_config() {
         }
         std::thread::sleep(Duration::from_millis(500));
     };
+    (prom, api, ready)
+}
+
+#[test]
+fn prometheus_scrapes_pcpd_with_the_shipped_config() {
+    let ip = Ipv4Addr::new(127, 0, 0, 31);
+    let d = Daemon::on_default("prometheus", ip);
+
+    // promtool accepts the exposition format.
+    let scrape = d.metrics_text();
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (apt-get install prometheus)");
+    use std::io::Write as _;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (_prom, api, ready) = start_prometheus(&d, ip);
     assert_eq!(ready.unwrap()["data"]["result"][0]["metric"]["job"], "pcpd");
     let targets = get_json(&format!("{api}/targets")).expect("targets");
     let t = &targets["data"]["activeTargets"][0];
@@ -217,4 +231,143 @@ fn prometheus_scrapes_pcpd_with_the_shipped_config() {
         "promtool",
     );
     assert!(ok, "promtool test rules:\n{text}");
+}
+
+/// One PCP MAP from `src` to `d` with nonce byte `nonce`; the result.
+fn map_once(d: &Daemon, src: Ipv4Addr, port: u16, nonce: u8) -> pcp_wire::ResultCode {
+    let s = std::net::UdpSocket::bind((src, 0)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let req = pcp_wire::Request {
+        lifetime: 600,
+        client_addr: src.into(),
+        data: pcp_wire::OpData::Map(pcp_wire::MapData {
+            nonce: pcp_wire::Nonce([nonce; 12]),
+            protocol: 6,
+            internal_port: port,
+            external_port: 0,
+            external_addr: Ipv4Addr::UNSPECIFIED.into(),
+        }),
+        options: pcp_wire::Options::NONE,
+    };
+    let mut buf = vec![0u8; req.buffer_len()];
+    req.emit(&mut buf).unwrap();
+    s.send_to(&buf, d.pcp_addr()).unwrap();
+    let mut out = [0u8; 1100];
+    let n = s.recv(&mut out).expect("pcpd answers");
+    pcp_wire::Response::parse(&out[..n]).unwrap().result
+}
+
+/// An instant query; the result vector.
+fn query(api: &str, expr: &str) -> Value {
+    let mut r = ureq::get(&format!("{api}/query"))
+        .query("query", expr)
+        .call()
+        .unwrap_or_else(|e| panic!("{expr}: {e}"));
+    let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(v["status"], "success", "{expr}: {v}");
+    v["data"]["result"].clone()
+}
+
+/// Every panel of the shipped Grafana dashboard, evaluated by a real
+/// Prometheus scraping a pcpd under a short load, returns data (numbers,
+/// not NaN); every shipped alert rule parses, and every series it names
+/// exists (a rule that does not fire returns nothing by design).
+#[test]
+fn grafana_dashboard_panels_and_alert_rules_evaluate_on_real_prometheus() {
+    let ip = Ipv4Addr::new(127, 0, 0, 32);
+    let d = Daemon::on_default("dashboard", ip);
+    let (_prom, api, _) = start_prometheus(&d, ip);
+    // A short load touching every panel: creates, renewals, a wrong nonce
+    // (NOT_AUTHORIZED), quota refusals, a THIRD_PARTY refusal, a drop.
+    for i in 0..20u8 {
+        let src = Ipv4Addr::new(127, 0, 32, i + 1);
+        assert_eq!(map_once(&d, src, 8000, 1), pcp_wire::ResultCode::Success);
+        assert_eq!(map_once(&d, src, 8000, 1), pcp_wire::ResultCode::Success);
+        assert_eq!(
+            map_once(&d, src, 8000, 2),
+            pcp_wire::ResultCode::NotAuthorized
+        );
+    }
+    let hog = Ipv4Addr::new(127, 0, 33, 1);
+    let refused = (0..70u16)
+        .map(|p| map_once(&d, hog, 1000 + p, 1))
+        .filter(|r| *r != pcp_wire::ResultCode::Success)
+        .count();
+    assert!(refused > 0, "quota or rate limit reached");
+    let s = std::net::UdpSocket::bind((ip, 0)).unwrap();
+    s.send_to(&[2, 1], d.pcp_addr()).unwrap(); // too short: dropped (§8.2)
+                                               // Two scrapes after the load, so rates see it.
+    std::thread::sleep(Duration::from_secs(4));
+
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/grafana/pcpd.json")).unwrap(),
+    )
+    .unwrap();
+    let helm: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("helm/pcpd/dashboards/pcpd.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(dash, helm, "one dashboard, shipped twice");
+    let mut checked = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m")
+                .replace("$__range", "1h")
+                .replace("$instance", ".*");
+            let result = query(&api, &expr);
+            let values: Vec<&str> = result
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|r| r["value"][1].as_str())
+                .collect();
+            assert!(
+                !values.is_empty()
+                    && values
+                        .iter()
+                        .all(|v| v.parse::<f64>().is_ok_and(|x| !x.is_nan())),
+                "panel {:?}: {expr} returned {result}",
+                panel["title"]
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "{checked} panel queries");
+
+    let rules: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("deploy/prometheus/pcpd-rules.yml")).unwrap(),
+    )
+    .unwrap();
+    let names = |expr: &str| -> Vec<String> {
+        let mut out = Vec::new();
+        let mut word = String::new();
+        for c in expr.chars().chain([' ']) {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                word.push(c);
+            } else {
+                if word.starts_with("pcpd_") || word == "up" {
+                    out.push(std::mem::take(&mut word));
+                }
+                word.clear();
+            }
+        }
+        out
+    };
+    let mut alerts = 0;
+    for rule in rules["groups"][0]["rules"].as_sequence().unwrap() {
+        let expr = rule["expr"].as_str().unwrap();
+        query(&api, expr); // parses and evaluates
+        for name in names(expr) {
+            assert!(
+                !query(&api, &name).as_array().unwrap().is_empty(),
+                "alert {:?}: no series {name}",
+                rule["alert"]
+            );
+        }
+        alerts += 1;
+    }
+    assert!(alerts >= 6, "{alerts} alert rules");
 }
