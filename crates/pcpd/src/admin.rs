@@ -62,12 +62,11 @@ impl ApiError {
         }
     }
 
+    /// 400: the request does not match the OpenAPI document (a malformed
+    /// address, a value out of bounds, an unknown field). A request that
+    /// matches it but that the configuration refuses is a 422 (`refused`).
     fn bad(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_argument",
-            message,
-        )
+        Self::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
     }
 
     fn not_found(what: &str) -> Self {
@@ -242,13 +241,17 @@ fn owner(state: &AppState, ip: IpAddr) -> &ShardHandle {
     &state.shards[pcp_engine::shard_of(ip.to_canonical(), state.shards.len())]
 }
 
+/// `tcp`, `udp` (either case) or a protocol number written without
+/// leading zeros: exactly the OpenAPI document's `Protocol`.
 fn protocol_number(p: &str) -> Result<u8, ApiError> {
-    match p.to_ascii_lowercase().as_str() {
-        "tcp" => Ok(6),
-        "udp" => Ok(17),
+    match p {
+        "tcp" | "TCP" => Ok(6),
+        "udp" | "UDP" => Ok(17),
         other => other
-            .parse()
-            .map_err(|_| ApiError::bad(format!("protocol {p:?}: use tcp, udp or a number"))),
+            .parse::<u8>()
+            .ok()
+            .filter(|n| n.to_string() == other)
+            .ok_or_else(|| ApiError::bad(format!("protocol {p:?}: use tcp, udp or a number"))),
     }
 }
 
@@ -257,10 +260,10 @@ fn mapping_json(m: &pcp_engine::Mapping) -> Value {
     v["id"] = json!(m.key().to_string());
     // A pinhole's external endpoint is its internal one (RFC 6887 §3).
     v["external_addr"] = json!(m.external_ip());
-    v["expires"] = if m.expires_ms == u64::MAX {
-        Value::Null
+    (v["expires"], v["expires_ms"]) = if m.expires_ms == u64::MAX {
+        (Value::Null, Value::Null)
     } else {
-        json!(rfc3339(m.expires_ms))
+        (json!(rfc3339(m.expires_ms)), json!(m.expires_ms))
     };
     v["created"] = json!(rfc3339(m.created_ms));
     v
@@ -305,6 +308,9 @@ async fn list_mappings(
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > 10_000 {
         return Err(ApiError::bad("limit must be between 1 and 10000"));
+    }
+    if q.offset > 1_000_000_000 {
+        return Err(ApiError::bad("offset must be between 0 and 1000000000"));
     }
     let filter = MappingFilter {
         subscriber: q.subscriber.map(|s| s.to_canonical()),

@@ -198,7 +198,7 @@ fn mapping_ids_are_the_same_after_a_restart() {
     );
     assert_eq!(s, 404);
     let (s, body) = call("GET", &d.url("/v1/mappings/0-1-2"), Some(TOKEN_READ), None);
-    assert_eq!(s, 422, "{body}");
+    assert_eq!(s, 400, "{body}");
     assert!(
         body["error"]["message"]
             .as_str()

@@ -234,7 +234,7 @@ fn admin_api_auth_errors_and_operations() {
     );
     assert_eq!(
         (s, body["error"]["code"].as_str()),
-        (422, Some("invalid_argument"))
+        (400, Some("invalid_argument"))
     );
     assert_eq!(
         call(
@@ -244,7 +244,7 @@ fn admin_api_auth_errors_and_operations() {
             None
         )
         .0,
-        422
+        400
     );
     assert_eq!(
         call(
@@ -254,7 +254,7 @@ fn admin_api_auth_errors_and_operations() {
             None
         )
         .0,
-        422
+        400
     );
     let (s, _) = call(
         "POST",
@@ -262,7 +262,7 @@ fn admin_api_auth_errors_and_operations() {
         Some(TOKEN_WRITE),
         Some(serde_json::json!({"internal_addr": "127.0.0.5"})),
     );
-    assert_eq!(s, 422, "missing fields");
+    assert_eq!(s, 400, "missing fields");
     let (s, body) = call(
         "POST",
         &d.url("/v1/mappings"),
@@ -374,7 +374,7 @@ fn admin_api_auth_errors_and_operations() {
             None
         )
         .0,
-        422
+        400
     );
     // Pools.
     let (_, pools) = call("GET", &d.url("/v1/pools"), Some(TOKEN_READ), None);
@@ -444,7 +444,7 @@ fn admin_api_auth_errors_and_operations() {
             None
         )
         .0,
-        422
+        400
     );
 }
 

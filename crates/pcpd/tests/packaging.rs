@@ -51,7 +51,8 @@ fn helm_chart_renders_lints_validates_and_pcpd_accepts_its_config() {
     }
     // The monitoring set renders the Grafana dashboard for the sidecar.
     assert_eq!(
-        text.matches("the dashboard, labelled for Grafana's sidecar").count(),
+        text.matches("the dashboard, labelled for Grafana's sidecar")
+            .count(),
         1,
         "{text}"
     );

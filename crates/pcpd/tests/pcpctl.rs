@@ -218,7 +218,7 @@ fn every_command_against_a_real_pcpd() {
         Some(TOKEN_READ),
         &["lookup", "1.2.3.4:5", "--at", "yesterday"],
     );
-    assert_eq!(code(&bad), 1, "422 from the API");
+    assert_eq!(code(&bad), 1, "400 from the API");
     assert!(String::from_utf8_lossy(&bad.stderr).contains("RFC 3339"));
     let away = Command::new(env!("CARGO_BIN_EXE_pcpctl"))
         .env("PCPD_URL", "http://127.0.0.77:1")
