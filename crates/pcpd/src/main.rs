@@ -147,8 +147,9 @@ fn init_logging(format: LogFormat) {
 /// model): everything that can be refused is checked before anything is
 /// bound; readiness comes only after every shard restored its state.
 fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Result<()> {
-    let natlog = open_natlog(&cfg)?;
     let metrics = metrics::Metrics::new().context("metrics")?;
+    let natlog = open_natlog(&cfg, &metrics.registry)?;
+    let natlog_handle = natlog.clone();
     let (pools, compiled) = compile(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -212,7 +213,10 @@ fn run(cfg: Config, path: Option<PathBuf>, discard_state: bool) -> anyhow::Resul
     });
     let epoch_start = recovered.epoch_start;
     rt.block_on(serve(cfg, state.clone(), listeners, metrics, epoch_start))?;
-    rt.block_on(shutdown(&state, threads))
+    let stopped = rt.block_on(shutdown(&state, threads));
+    // Every event of what was answered reaches the NAT log's sinks.
+    natlog_handle.finish(std::time::Duration::from_secs(5));
+    stopped
 }
 
 /// Opens the dataplanes, binds the UDP sockets and starts the shards;
@@ -274,17 +278,11 @@ struct Shared {
     health: Arc<shard::Health>,
 }
 
-/// The NAT event log's sink: a file (in the state directory by default)
-/// or standard output.
-fn open_natlog(cfg: &Config) -> anyhow::Result<natlog::NatLog> {
+/// The NAT event log's sinks (by default one file in the state directory).
+fn open_natlog(cfg: &Config, registry: &prometheus::Registry) -> anyhow::Result<natlog::NatLog> {
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
-    Ok(match cfg.nat_event_path() {
-        None => natlog::NatLog::stdout(),
-        Some(p) => {
-            natlog::NatLog::file(&p).with_context(|| format!("NAT event log {}", p.display()))?
-        }
-    })
+    natlog::NatLog::open(&cfg.nat_sinks(), Some(registry)).context("NAT event log")
 }
 
 type RestoredRx =
@@ -443,10 +441,14 @@ async fn serve(
     let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
-            _ = hup.recv() => match admin::do_reload(&state).await {
-                Ok(msg) => tracing::info!("SIGHUP: {msg}"),
-                Err(e) => tracing::error!("SIGHUP reload refused: {e:?}"),
-            },
+            _ = hup.recv() => {
+                // File sinks of the NAT log reopen their file (logrotate).
+                natlog::REOPEN.fetch_add(1, Ordering::AcqRel);
+                match admin::do_reload(&state).await {
+                    Ok(msg) => tracing::info!("SIGHUP: {msg}"),
+                    Err(e) => tracing::error!("SIGHUP reload refused: {e:?}"),
+                }
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

@@ -169,9 +169,14 @@ pub struct LogConfig {
     #[serde(default)]
     pub format: LogFormat,
     /// NAT event log (RFC 8158 events as JSON lines): a path, `-` for
-    /// stdout, or absent for `<state_dir>/nat-events.jsonl`.
+    /// stdout, or absent for `<state_dir>/nat-events.jsonl`. The one sink
+    /// when `nat_sinks` is absent.
     #[serde(default)]
     pub nat_events: Option<PathBuf>,
+    /// Where NAT events go, several at once: `file` (JSON lines, rotated),
+    /// `syslog` (RFC 5424 over UDP, TCP or TLS), `ipfix` (RFC 7011/8158).
+    #[serde(default)]
+    pub nat_sinks: Option<Vec<crate::natlog::SinkConfig>>,
 }
 
 impl Default for LogConfig {
@@ -179,6 +184,7 @@ impl Default for LogConfig {
         LogConfig {
             format: LogFormat::Text,
             nat_events: None,
+            nat_sinks: None,
         }
     }
 }
@@ -390,6 +396,19 @@ impl Config {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
             self.shards
+        }
+    }
+
+    /// Where NAT events go: `log.nat_sinks`, else the one file (or
+    /// stdout) of `log.nat_events`.
+    pub fn nat_sinks(&self) -> Vec<crate::natlog::SinkConfig> {
+        use crate::natlog::{FileSinkConfig, SinkConfig};
+        match &self.log.nat_sinks {
+            Some(s) => s.clone(),
+            None => {
+                let path = self.nat_event_path().unwrap_or_else(|| PathBuf::from("-"));
+                vec![SinkConfig::File(FileSinkConfig::at(path))]
+            }
         }
     }
 

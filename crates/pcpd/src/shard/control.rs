@@ -247,7 +247,7 @@ mod tests {
         let metrics = crate::metrics::Metrics::new().unwrap();
         let health = Arc::new(Health::new(1));
         let sinks = (
-            crate::natlog::NatLog::stdout(),
+            crate::natlog::NatLog::stdout().unwrap(),
             metrics.clone(),
             health.clone(),
         );

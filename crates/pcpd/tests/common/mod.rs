@@ -410,3 +410,28 @@ pub fn all_present_retrying(d: &Daemon, acked: &[Acked], tries: u32) {
         &lost[..lost.len().min(3)]
     );
 }
+
+/// The NAT event log's lines (`state/nat-events.jsonl`), once `until`
+/// holds for them: the log's sinks write from threads of their own, so a
+/// line lands a moment after its request is answered. Waits 5 s at most,
+/// then returns what is there.
+pub fn nat_events(
+    d: &Daemon,
+    until: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text =
+            std::fs::read_to_string(d.dir.join("state/nat-events.jsonl")).unwrap_or_default();
+        let events: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("torn NAT log line {l:?}: {e}"))
+            })
+            .collect();
+        if until(&events) || std::time::Instant::now() >= deadline {
+            return events;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

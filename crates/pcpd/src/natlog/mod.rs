@@ -1,0 +1,385 @@
+//! NAT event log: RFC 8158 (IPFIX NAT logging) events, with its event
+//! numbers and field names, sent to every configured sink (`log.nat_sinks`):
+//! JSON lines in a file (rotated by size or age, reopened on SIGHUP),
+//! syslog (RFC 5424 over UDP, TCP with RFC 6587 octet counting, or TLS per
+//! RFC 5425) and IPFIX (RFC 7011, UDP or TCP).
+//!
+//! ```text
+//!  shard ──record()──▶ buffer ──flush()──▶ try_send ─▶ [queue] ─▶ sink thread ─▶ file / syslog / IPFIX
+//!                                              └ full: dropped, pcpd_natlog_dropped_total{sink}
+//! ```
+//!
+//! Each sink has its own bounded queue and thread: a slow or absent
+//! collector never blocks a shard; what a full queue cannot take is
+//! dropped and counted, and logged once per interval.
+
+use std::net::IpAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pcp_engine::{DeleteReason, Event, Mapping, Millis};
+use prometheus::IntCounterVec;
+use serde_json::{json, Value};
+
+mod file;
+mod ipfix;
+mod syslog;
+
+pub use file::FileSinkConfig;
+pub use ipfix::IpfixSinkConfig;
+pub use syslog::SyslogSinkConfig;
+
+/// RFC 8158 natEvent values used here.
+mod nat_event {
+    pub(super) const ADDRESSES_EXHAUSTED: u8 = 3;
+    pub(super) const NAT44_BIB_CREATE: u8 = 8;
+    pub(super) const NAT44_BIB_DELETE: u8 = 9;
+    pub(super) const NAT64_BIB_CREATE: u8 = 10;
+    pub(super) const NAT64_BIB_DELETE: u8 = 11;
+    pub(super) const QUOTA_EXCEEDED: u8 = 13;
+    pub(super) const PORT_BLOCK_ALLOCATION: u8 = 16;
+    pub(super) const PORT_BLOCK_DEALLOCATION: u8 = 17;
+}
+
+/// Bumped by SIGHUP: file sinks reopen their file (logrotate's habit).
+pub static REOPEN: AtomicU64 = AtomicU64::new(0);
+
+/// One configured sink.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// JSON lines in a file (`-`: standard output).
+    File(FileSinkConfig),
+    /// Syslog (RFC 5424).
+    Syslog(SyslogSinkConfig),
+    /// IPFIX (RFC 7011, RFC 8158 templates).
+    Ipfix(IpfixSinkConfig),
+}
+
+impl SinkConfig {
+    /// The sink's name in metrics and logs.
+    pub fn name(&self) -> String {
+        match self {
+            SinkConfig::File(f) => format!("file:{}", f.path.display()),
+            SinkConfig::Syslog(s) => format!("syslog:{}", s.address),
+            SinkConfig::Ipfix(i) => format!("ipfix:{}", i.collector),
+        }
+    }
+
+    fn queue(&self) -> usize {
+        match self {
+            SinkConfig::File(f) => f.queue,
+            SinkConfig::Syslog(s) => s.queue,
+            SinkConfig::Ipfix(i) => i.queue,
+        }
+    }
+}
+
+/// Default depth of a sink's queue, in events.
+pub(crate) fn default_queue() -> usize {
+    65_536
+}
+
+/// What a sink thread does with the events it is given.
+trait Writer: Send {
+    /// Writes a batch (in order); returns how many could not be written.
+    fn write(&mut self, events: &[Arc<Value>]) -> u64;
+    /// Called about once a second with nothing to write (rotation,
+    /// reconnects, template refresh).
+    fn tick(&mut self) {}
+}
+
+/// What a sink thread is given.
+enum Msg {
+    Event(Arc<Value>),
+    /// Answer once everything queued before is written (shutdown).
+    Flush(SyncSender<()>),
+}
+
+/// A shard's handle on the sinks' queues.
+struct SinkTx {
+    name: String,
+    tx: SyncSender<Msg>,
+    complained: Mutex<Option<Instant>>,
+}
+
+/// A shard's handle on the NAT event log.
+pub struct NatLog {
+    sinks: Arc<Vec<SinkTx>>,
+    dropped: IntCounterVec,
+    buf: Vec<Arc<Value>>,
+}
+
+impl Clone for NatLog {
+    fn clone(&self) -> Self {
+        NatLog {
+            sinks: self.sinks.clone(),
+            dropped: self.dropped.clone(),
+            buf: Vec::new(),
+        }
+    }
+}
+
+/// The dropped-events counter, registered in `registry` if given.
+fn dropped_counter(registry: Option<&prometheus::Registry>) -> std::io::Result<IntCounterVec> {
+    let c = IntCounterVec::new(
+        prometheus::Opts::new(
+            "pcpd_natlog_dropped_total",
+            "NAT log events a sink could not take (full queue, unreachable collector, full disk).",
+        ),
+        &["sink"],
+    )
+    .map_err(std::io::Error::other)?;
+    if let Some(r) = registry {
+        r.register(Box::new(c.clone()))
+            .map_err(std::io::Error::other)?;
+    }
+    Ok(c)
+}
+
+impl NatLog {
+    /// Starts one thread per sink; `state_dir` is where relative file
+    /// paths are. Counts drops in `registry`.
+    pub fn open(
+        sinks: &[SinkConfig],
+        registry: Option<&prometheus::Registry>,
+    ) -> std::io::Result<Self> {
+        let dropped = dropped_counter(registry)?;
+        let mut handles = Vec::new();
+        for cfg in sinks {
+            let name = cfg.name();
+            let writer: Box<dyn Writer> = match cfg {
+                SinkConfig::File(f) => Box::new(file::FileWriter::open(f, name.clone())?),
+                SinkConfig::Syslog(s) => Box::new(syslog::SyslogWriter::new(s)?),
+                SinkConfig::Ipfix(i) => Box::new(ipfix::IpfixWriter::new(i)?),
+            };
+            let (tx, rx) = sync_channel(cfg.queue().max(1));
+            let counter = dropped.with_label_values(&[&name]);
+            std::thread::Builder::new()
+                .name(format!("natlog {name}"))
+                .spawn(move || run(rx, writer, counter))?;
+            handles.push(SinkTx {
+                name,
+                tx,
+                complained: Mutex::new(None),
+            });
+        }
+        Ok(NatLog {
+            sinks: Arc::new(handles),
+            dropped,
+            buf: Vec::new(),
+        })
+    }
+
+    /// A log on standard output only (unit tests).
+    #[cfg(test)]
+    pub fn stdout() -> std::io::Result<Self> {
+        let out = FileSinkConfig::at(std::path::PathBuf::from("-"));
+        Self::open(&[SinkConfig::File(out)], None)
+    }
+
+    /// Buffers the event.
+    pub fn record(&mut self, now: Millis, event: &Event) {
+        if let Some(line) = to_json(now, event) {
+            self.buf.push(Arc::new(line));
+        }
+    }
+
+    /// Hands buffered events to every sink's queue, never waiting.
+    pub fn flush(&mut self) {
+        for sink in self.sinks.iter() {
+            let mut lost = 0u64;
+            for e in &self.buf {
+                match sink.tx.try_send(Msg::Event(e.clone())) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => lost += 1,
+                }
+            }
+            if lost > 0 {
+                self.dropped.with_label_values(&[&sink.name]).inc_by(lost);
+                complain(&sink.complained, || {
+                    tracing::error!(sink = %sink.name, lost, "NAT log: the sink's queue is full; events dropped (pcpd_natlog_dropped_total)");
+                });
+            }
+        }
+        self.buf.clear();
+    }
+
+    /// Waits (at most `within`) until every sink has written what was
+    /// queued before: at shutdown, so the log holds every event of the
+    /// requests answered.
+    pub fn finish(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        for sink in self.sinks.iter() {
+            let (tx, rx) = sync_channel(1);
+            let mut msg = Msg::Flush(tx);
+            loop {
+                match sink.tx.try_send(msg) {
+                    Ok(()) => break,
+                    Err(TrySendError::Full(m)) if Instant::now() < deadline => {
+                        msg = m;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(_) => break,
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if rx.recv_timeout(left).is_err() {
+                tracing::error!(sink = %sink.name, "NAT log: not all events written before exit");
+            }
+        }
+    }
+}
+
+/// Runs `f` at most once every 10 s per sink.
+fn complain(last: &Mutex<Option<Instant>>, f: impl FnOnce()) {
+    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+        *last = Some(Instant::now());
+        f();
+    }
+}
+
+/// A sink thread: takes what is queued, writes it in batches.
+fn run(rx: Receiver<Msg>, mut writer: Box<dyn Writer>, dropped: prometheus::IntCounter) {
+    let mut batch = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(first) => {
+                let mut next = Some(first);
+                let mut flushed = Vec::new();
+                while let Some(m) = next.take() {
+                    match m {
+                        Msg::Event(e) => batch.push(e),
+                        Msg::Flush(ack) => flushed.push(ack),
+                    }
+                    if batch.len() < 4096 {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                let lost = writer.write(&batch);
+                dropped.inc_by(lost);
+                batch.clear();
+                for ack in flushed {
+                    let _ = ack.try_send(());
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => writer.tick(),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+fn bib(m: &Mapping, create: bool) -> u8 {
+    match (m.internal_addr, create) {
+        (IpAddr::V4(_), true) => nat_event::NAT44_BIB_CREATE,
+        (IpAddr::V4(_), false) => nat_event::NAT44_BIB_DELETE,
+        (IpAddr::V6(_), true) => nat_event::NAT64_BIB_CREATE,
+        (IpAddr::V6(_), false) => nat_event::NAT64_BIB_DELETE,
+    }
+}
+
+fn mapping_fields(m: &Mapping) -> Value {
+    json!({
+        "sourceAddress": m.internal_addr,
+        "sourceTransportPort": m.internal_port,
+        "protocolIdentifier": m.protocol,
+        "postNATSourceIPv4Address": m.external_addr,
+        "postNAPTSourceTransportPort": m.external_port,
+        "portRangeStart": m.external_port,
+        "portRangeEnd": u32::from(m.external_port) + u32::from(m.port_count) - 1,
+        "kind": m.kind,
+    })
+}
+
+/// A firewall pinhole opened or closed: not a NAT event (RFC 8158 has
+/// none for a firewall), logged with the same field names and no
+/// `natEvent`, so "who could be reached on this address and port" is
+/// answered from the same log.
+fn pinhole_json(now: Millis, event: &Event) -> Option<Value> {
+    let (m, name, reason) = match event {
+        Event::MappingCreated(m) if m.firewall => (m, "pinhole_open", None),
+        Event::MappingDeleted { mapping, reason } if mapping.firewall => {
+            (mapping, "pinhole_close", Some(reason))
+        }
+        _ => return None,
+    };
+    let mut f = json!({
+        "sourceAddress": m.internal_addr,
+        "sourceTransportPort": m.internal_port,
+        "protocolIdentifier": m.protocol,
+        "portRangeStart": m.internal_port,
+        "portRangeEnd": u32::from(m.internal_port) + u32::from(m.port_count) - 1,
+        "kind": m.kind,
+        "timeStamp": now,
+        "event": name,
+    });
+    if let Some(r) = reason {
+        f["reason"] = json!(r);
+    }
+    Some(f)
+}
+
+fn to_json(now: Millis, event: &Event) -> Option<Value> {
+    if let Some(v) = pinhole_json(now, event) {
+        return Some(v);
+    }
+    let (code, name, mut fields) = match event {
+        Event::MappingCreated(m) => (bib(m, true), "mapping_create", mapping_fields(m)),
+        Event::MappingDeleted { mapping, reason } => {
+            let mut f = mapping_fields(mapping);
+            f["reason"] = json!(reason);
+            (bib(mapping, false), "mapping_delete", f)
+        }
+        Event::MappingMoved { old, new } => {
+            let mut f = mapping_fields(new);
+            f["previousPostNATSourceIPv4Address"] = json!(old.external_addr);
+            f["previousPostNAPTSourceTransportPort"] = json!(old.external_port);
+            f["reason"] = json!(DeleteReason::Drained);
+            (bib(new, true), "mapping_move", f)
+        }
+        Event::BlockAllocated { subscriber, block }
+        | Event::BlockReleased {
+            subscriber, block, ..
+        } => {
+            let alloc = matches!(event, Event::BlockAllocated { .. });
+            (
+                if alloc {
+                    nat_event::PORT_BLOCK_ALLOCATION
+                } else {
+                    nat_event::PORT_BLOCK_DEALLOCATION
+                },
+                if alloc {
+                    "port_block_allocation"
+                } else {
+                    "port_block_deallocation"
+                },
+                json!({
+                    "sourceAddress": subscriber,
+                    "postNATSourceIPv4Address": block.addr,
+                    "portRangeStart": block.first,
+                    "portRangeEnd": block.last(),
+                }),
+            )
+        }
+        Event::QuotaExceeded { subscriber } => (
+            nat_event::QUOTA_EXCEEDED,
+            "quota_exceeded",
+            // natQuotaExceededEvent 3: maximum entries per user.
+            json!({ "sourceAddress": subscriber, "natQuotaExceededEvent": 3 }),
+        ),
+        Event::PoolExhausted { pool } => (
+            nat_event::ADDRESSES_EXHAUSTED,
+            "addresses_exhausted",
+            json!({ "natPoolName": pool }),
+        ),
+        // Renewals change lifetimes only; RFC 8158 has no event for them.
+        Event::MappingRenewed(_) => return None,
+    };
+    fields["timeStamp"] = json!(now);
+    fields["natEvent"] = json!(code);
+    fields["event"] = json!(name);
+    Some(fields)
+}
