@@ -119,6 +119,33 @@ fn every_command_against_a_real_pcpd() {
     );
     assert_eq!(code(&l), 0, "{}", String::from_utf8_lossy(&l.stderr));
     assert!(text(&l).contains(&ip.to_string()), "{}", text(&l));
+    // The same question answered from the NAT event log, as for a
+    // lawful request older than pcpd's retained history.
+    nat_events(&d, |e| {
+        e.iter().any(|e| e["event"] == "port_block_allocation")
+    });
+    let log = d.dir.join("state/nat-events.jsonl").display().to_string();
+    let target = format!("{external}:{ext_port}");
+    let from_logs = json(&pcpctl(
+        &d,
+        None,
+        &["lookup", &target, "--logs", &log, "--json"],
+    ));
+    assert_eq!(from_logs["internal_addr"], ip.to_string(), "{from_logs}");
+    assert_eq!(from_logs["source"], "logs");
+    let before = pcpctl(
+        &d,
+        None,
+        &[
+            "lookup",
+            &target,
+            "--at",
+            "2000-01-01T00:00:00Z",
+            "--logs",
+            &log,
+        ],
+    );
+    assert_eq!(code(&before), 3, "nobody held it in 2000");
 
     // Writes need the write token: a read token is refused (exit 4) ...
     let refused = pcpctl(

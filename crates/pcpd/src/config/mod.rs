@@ -347,6 +347,15 @@ impl Config {
             err("metrics.listen", "must differ from admin.listen".into());
         }
         self.dataplane.validate(&self.pcp, &mut err);
+        if let Some(sinks) = &self.log.nat_sinks {
+            if self.log.nat_events.is_some() {
+                err(
+                    "log.nat_events",
+                    "give the file as a `type: file` entry of log.nat_sinks instead".into(),
+                );
+            }
+            crate::natlog::validate(sinks, &mut err);
+        }
         p
     }
 

@@ -77,6 +77,55 @@ impl SinkConfig {
     }
 }
 
+/// What `check-config` says of `log.nat_sinks`, by YAML path.
+pub fn validate(sinks: &[SinkConfig], err: &mut impl FnMut(&str, String)) {
+    let host_port = |s: &str| {
+        s.rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
+    };
+    for (i, sink) in sinks.iter().enumerate() {
+        let at = format!("log.nat_sinks[{i}]");
+        if sink.queue() == 0 {
+            err(&format!("{at}.queue"), "must be at least 1".into());
+        }
+        match sink {
+            SinkConfig::File(f) => {
+                if f.keep == 0 {
+                    err(&format!("{at}.keep"), "must be at least 1".into());
+                }
+            }
+            SinkConfig::Syslog(s) => {
+                if !host_port(&s.address) {
+                    err(
+                        &format!("{at}.address"),
+                        format!("{:?}: give host:port", s.address),
+                    );
+                }
+                if s.facility > 23 {
+                    err(&format!("{at}.facility"), "RFC 5424 §6.2.1: 0 to 23".into());
+                }
+                if let Some(ca) = s.ca.as_ref().filter(|ca| !ca.exists()) {
+                    err(
+                        &format!("{at}.ca"),
+                        format!("{} does not exist", ca.display()),
+                    );
+                }
+                if s.ca.is_some() && s.transport != syslog::Transport::Tls {
+                    err(&format!("{at}.ca"), "only for transport: tls".into());
+                }
+            }
+            SinkConfig::Ipfix(x) => {
+                if !host_port(&x.collector) {
+                    err(
+                        &format!("{at}.collector"),
+                        format!("{:?}: give host:port", x.collector),
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Default depth of a sink's queue, in events.
 pub(crate) fn default_queue() -> usize {
     65_536

@@ -16,6 +16,7 @@
 //! | 4 | no token, or the token was refused (401, 403) |
 //! | 5 | pcpd unreachable, TLS failure, or pcpd not able now (5xx, 503): retry later |
 
+mod logs;
 mod output;
 
 use std::path::PathBuf;
@@ -77,6 +78,10 @@ enum Command {
         /// A moment in RFC 3339, e.g. 2026-11-30T21:14:05Z (default: now).
         #[arg(long)]
         at: Option<String>,
+        /// Answer from these NAT event log files (JSON lines, rotated ones
+        /// too) instead of pcpd's live state and retained history.
+        #[arg(long, num_args = 1..)]
+        logs: Vec<PathBuf>,
     },
     /// Move subscribers off an external address (RFC 6887 §14.2 updates).
     Drain {
@@ -140,7 +145,7 @@ enum MappingsCmd {
 /// Why a command failed, and its exit code.
 #[derive(Debug)]
 pub(crate) struct Failure {
-    code: u8,
+    pub(crate) code: u8,
     message: String,
 }
 
@@ -239,7 +244,7 @@ fn plan(command: &Command) -> Result<Plan, Failure> {
         },
         Command::Subscriber { addr } => Plan::get(format!("/v1/subscribers/{}", encode(addr))),
         Command::Pools => Plan::get("/v1/pools".into()),
-        Command::Lookup { external, at } => {
+        Command::Lookup { external, at, .. } => {
             let mut p = format!("/v1/lookup?external={}", encode(external));
             if let Some(at) = at {
                 p += &format!("&at={}", encode(at));
@@ -255,6 +260,17 @@ fn plan(command: &Command) -> Result<Plan, Failure> {
 }
 
 fn run(cli: &Cli) -> Result<(), Failure> {
+    if let Command::Lookup { external, at, logs } = &cli.command {
+        if !logs.is_empty() {
+            let v = logs::lookup(external, at.as_deref(), logs)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", output::human("/v1/lookup", &v));
+            }
+            return Ok(());
+        }
+    }
     let api = Api::new(cli)?;
     if let Command::Health = cli.command {
         return health(&api, cli.json);
