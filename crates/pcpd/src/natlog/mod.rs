@@ -432,3 +432,35 @@ fn to_json(now: Millis, event: &Event) -> Option<Value> {
     fields["event"] = json!(name);
     Some(fields)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_sinks_are_named_by_their_yaml_path() {
+        let sinks: Vec<SinkConfig> = serde_yaml::from_str(
+            r#"
+- { type: syslog, transport: udp, address: "nohost", ca: /nope.pem, facility: 30 }
+- { type: ipfix, transport: tcp, collector: "192.0.2.1:0", queue: 0 }
+- { type: file, path: /tmp/x.jsonl, keep: 0 }
+- { type: syslog, transport: tls, address: "logs.example.net:6514" }
+"#,
+        )
+        .unwrap();
+        let mut got = Vec::new();
+        validate(&sinks, &mut |p, m| got.push(format!("{p}: {m}")));
+        assert_eq!(
+            got,
+            [
+                "log.nat_sinks[0].address: \"nohost\": give host:port",
+                "log.nat_sinks[0].facility: RFC 5424 §6.2.1: 0 to 23",
+                "log.nat_sinks[0].ca: /nope.pem does not exist",
+                "log.nat_sinks[0].ca: only for transport: tls",
+                "log.nat_sinks[1].queue: must be at least 1",
+                "log.nat_sinks[1].collector: \"192.0.2.1:0\": give host:port",
+                "log.nat_sinks[2].keep: must be at least 1",
+            ]
+        );
+    }
+}

@@ -42,17 +42,9 @@ fn at_ms(at: Option<&str>) -> Result<u64, Failure> {
         .map_err(|_| Failure::new(2, "--at is before 1970"))
 }
 
-/// Who held `external` at `at`, from the port-block events in `files`.
-pub(crate) fn lookup(
-    external: &str,
-    at: Option<&str>,
-    files: &[PathBuf],
-) -> Result<Value, Failure> {
-    let ext: SocketAddrV4 = external
-        .parse()
-        .map_err(|_| Failure::new(2, format!("{external:?}: give IPv4:PORT")))?;
-    let t = at_ms(at)?;
-    let (addr, port) = (ext.ip().to_string(), ext.port());
+/// Every holding of a block covering `addr:port` in `files`, and how many
+/// lines were read.
+fn holdings(files: &[PathBuf], addr: &str, port: u16) -> Result<(Vec<Held>, u64), Failure> {
     let mut held: Vec<Held> = Vec::new();
     let mut lines = 0u64;
     for f in files {
@@ -68,13 +60,12 @@ pub(crate) fn lookup(
                 Some("port_block_deallocation") => false,
                 _ => continue,
             };
-            let (first, last) = (e["portRangeStart"].as_u64(), e["portRangeEnd"].as_u64());
-            let (Some(first), Some(last)) = (first, last) else {
+            let (Some(first), Some(last)) =
+                (e["portRangeStart"].as_u64(), e["portRangeEnd"].as_u64())
+            else {
                 continue;
             };
-            if e["postNATSourceIPv4Address"] != addr.as_str()
-                || !(first..=last).contains(&u64::from(port))
-            {
+            if e["postNATSourceIPv4Address"] != addr || !(first..=last).contains(&u64::from(port)) {
                 continue;
             }
             let Some(sub) = e["sourceAddress"].as_str().and_then(|s| s.parse().ok()) else {
@@ -85,7 +76,7 @@ pub(crate) fn lookup(
             if alloc {
                 held.push(Held {
                     subscriber: sub,
-                    addr: addr.clone(),
+                    addr: addr.to_string(),
                     first,
                     last,
                     from_ms: ms,
@@ -100,6 +91,20 @@ pub(crate) fn lookup(
             }
         }
     }
+    Ok((held, lines))
+}
+
+/// Who held `external` at `at`, from the port-block events in `files`.
+pub(crate) fn lookup(
+    external: &str,
+    at: Option<&str>,
+    files: &[PathBuf],
+) -> Result<Value, Failure> {
+    let ext: SocketAddrV4 = external
+        .parse()
+        .map_err(|_| Failure::new(2, format!("{external:?}: give IPv4:PORT")))?;
+    let t = at_ms(at)?;
+    let (held, lines) = holdings(files, &ext.ip().to_string(), ext.port())?;
     let hit = held
         .iter()
         .rev()
@@ -117,9 +122,8 @@ pub(crate) fn lookup(
         None => Err(Failure::new(
             3,
             format!(
-                "no port block held {external} at {} in {} lines of {} file(s)",
+                "no port block held {external} at {} in {lines} lines of {} file(s)",
                 rfc3339(t),
-                lines,
                 files.len()
             ),
         )),
