@@ -102,27 +102,8 @@ fn relay_tcp_to(listener: TcpListener, to: (Ipv4Addr, u16)) -> std::thread::Join
 
 /// PCP MAP from `src`; asserts success.
 fn map(d: &Daemon, src: Ipv4Addr, port: u16, lifetime: u32) {
-    let s = UdpSocket::bind((src, 0)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let req = pcp_wire::Request {
-        lifetime,
-        client_addr: src.into(),
-        data: pcp_wire::OpData::Map(pcp_wire::MapData {
-            nonce: pcp_wire::Nonce([9; 12]),
-            protocol: 6,
-            internal_port: port,
-            external_port: 0,
-            external_addr: Ipv4Addr::UNSPECIFIED.into(),
-        }),
-        options: pcp_wire::Options::NONE,
-    };
-    let mut buf = vec![0u8; req.buffer_len()];
-    req.emit(&mut buf).unwrap();
-    s.send_to(&buf, d.pcp_addr()).unwrap();
-    let mut out = [0u8; 1100];
-    let n = s.recv(&mut out).unwrap();
     assert_eq!(
-        pcp_wire::Response::parse(&out[..n]).unwrap().result,
+        pcp_map(d, src, 6, port, lifetime, 9),
         pcp_wire::ResultCode::Success
     );
 }

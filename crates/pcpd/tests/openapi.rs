@@ -9,10 +9,9 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
@@ -40,27 +39,8 @@ fn schemathesis(d: &Daemon, args: &[&str]) -> (bool, String) {
 
 /// A PCP mapping from `src`, so listings and lookups have something to find.
 fn map_from(d: &Daemon, src: Ipv4Addr, port: u16) {
-    let s = UdpSocket::bind((src, 0)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let req = pcp_wire::Request {
-        lifetime: 3600,
-        client_addr: src.into(),
-        data: pcp_wire::OpData::Map(pcp_wire::MapData {
-            nonce: pcp_wire::Nonce([3; 12]),
-            protocol: 17,
-            internal_port: port,
-            external_port: 0,
-            external_addr: Ipv4Addr::UNSPECIFIED.into(),
-        }),
-        options: pcp_wire::Options::NONE,
-    };
-    let mut buf = vec![0u8; req.buffer_len()];
-    req.emit(&mut buf).unwrap();
-    s.send_to(&buf, d.pcp_addr()).unwrap();
-    let mut out = [0u8; 1100];
-    let n = s.recv(&mut out).unwrap();
     assert_eq!(
-        pcp_wire::Response::parse(&out[..n]).unwrap().result,
+        pcp_map(d, src, 17, port, 3600, 3),
         pcp_wire::ResultCode::Success
     );
 }

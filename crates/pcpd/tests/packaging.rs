@@ -236,26 +236,7 @@ fn prometheus_scrapes_pcpd_with_the_shipped_config() {
 
 /// One PCP MAP from `src` to `d` with nonce byte `nonce`; the result.
 fn map_once(d: &Daemon, src: Ipv4Addr, port: u16, nonce: u8) -> pcp_wire::ResultCode {
-    let s = std::net::UdpSocket::bind((src, 0)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let req = pcp_wire::Request {
-        lifetime: 600,
-        client_addr: src.into(),
-        data: pcp_wire::OpData::Map(pcp_wire::MapData {
-            nonce: pcp_wire::Nonce([nonce; 12]),
-            protocol: 6,
-            internal_port: port,
-            external_port: 0,
-            external_addr: Ipv4Addr::UNSPECIFIED.into(),
-        }),
-        options: pcp_wire::Options::NONE,
-    };
-    let mut buf = vec![0u8; req.buffer_len()];
-    req.emit(&mut buf).unwrap();
-    s.send_to(&buf, d.pcp_addr()).unwrap();
-    let mut out = [0u8; 1100];
-    let n = s.recv(&mut out).expect("pcpd answers");
-    pcp_wire::Response::parse(&out[..n]).unwrap().result
+    common::pcp_map(d, src, 6, port, 600, nonce)
 }
 
 /// An instant query; the result vector.

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::Ipv4Addr;
 use std::process::{Command, Output};
 
 use common::*;
@@ -39,28 +39,10 @@ fn code(o: &Output) -> i32 {
 
 /// A PCP MAP from `ip`, so there is a dynamic mapping to list.
 fn map_from(d: &Daemon, ip: Ipv4Addr, port: u16) {
-    let s = UdpSocket::bind((ip, 0)).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
-        .unwrap();
-    let req = pcp_wire::Request {
-        lifetime: 3600,
-        client_addr: ip.into(),
-        data: pcp_wire::OpData::Map(pcp_wire::MapData {
-            nonce: pcp_wire::Nonce([7; 12]),
-            protocol: 6,
-            internal_port: port,
-            external_port: 0,
-            external_addr: Ipv4Addr::UNSPECIFIED.into(),
-        }),
-        options: pcp_wire::Options::NONE,
-    };
-    let mut bytes = vec![0u8; req.buffer_len()];
-    req.emit(&mut bytes).unwrap();
-    s.send_to(&bytes, d.pcp_addr()).unwrap();
-    let mut buf = [0u8; 1100];
-    let n = s.recv(&mut buf).unwrap();
-    let r = pcp_wire::Response::parse(&buf[..n]).unwrap();
-    assert_eq!(r.result, pcp_wire::ResultCode::Success);
+    assert_eq!(
+        pcp_map(d, ip, 6, port, 3600, 7),
+        pcp_wire::ResultCode::Success
+    );
 }
 
 #[test]

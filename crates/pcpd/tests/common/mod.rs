@@ -435,3 +435,35 @@ pub fn nat_events(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// One PCP MAP from `src` (a loopback address of the subscriber's own) to
+/// `d`: the result code.
+pub fn pcp_map(
+    d: &Daemon,
+    src: Ipv4Addr,
+    protocol: u8,
+    port: u16,
+    lifetime: u32,
+    nonce: u8,
+) -> pcp_wire::ResultCode {
+    let s = UdpSocket::bind((src, 0)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let req = pcp_wire::Request {
+        lifetime,
+        client_addr: src.into(),
+        data: pcp_wire::OpData::Map(pcp_wire::MapData {
+            nonce: pcp_wire::Nonce([nonce; 12]),
+            protocol,
+            internal_port: port,
+            external_port: 0,
+            external_addr: Ipv4Addr::UNSPECIFIED.into(),
+        }),
+        options: pcp_wire::Options::NONE,
+    };
+    let mut buf = vec![0u8; req.buffer_len()];
+    req.emit(&mut buf).unwrap();
+    s.send_to(&buf, d.pcp_addr()).unwrap();
+    let mut out = [0u8; 1100];
+    let n = s.recv(&mut out).expect("pcpd answers");
+    pcp_wire::Response::parse(&out[..n]).unwrap().result
+}
