@@ -248,7 +248,7 @@ pub(super) fn message(event: &Value, facility: u8, host: &str, app: &str, sd_id:
 impl Writer for SyslogWriter {
     fn write(&mut self, events: &[Arc<Value>]) -> u64 {
         let mut lost = 0;
-        for (i, e) in events.iter().enumerate() {
+        for e in events {
             if self.conn.is_none() && Instant::now() >= self.next_try {
                 match self.connect() {
                     Ok(c) => self.conn = Some(c),
@@ -280,7 +280,6 @@ impl Writer for SyslogWriter {
                     });
                 }
                 lost += 1;
-                let _ = i;
             }
         }
         lost
