@@ -31,6 +31,9 @@ impl Config {
         if self.cluster != new.cluster {
             return Some(C::Cluster);
         }
+        if self.nat_sinks() != new.nat_sinks() {
+            return Some(C::NatLog);
+        }
         None
     }
 }
@@ -58,6 +61,11 @@ pub enum ReloadConflict {
     /// The HTTP listeners are bound.
     #[error("admin or metrics changed: restart required")]
     Http,
+    /// The NAT log's sinks are open (their files, connections, threads).
+    #[error(
+        "log.nat_sinks or log.nat_events changed: restart required (SIGHUP reopens the files)"
+    )]
+    NatLog,
     /// Every node must cut the pools the same way.
     #[error("cluster changed: partitions are shared by every node; change them on all nodes and restart each (docs/operations.md, \"Cluster\")")]
     Cluster,

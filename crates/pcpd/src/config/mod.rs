@@ -613,6 +613,13 @@ mod tests {
             .unwrap()
             .to_string()
             .contains("pcp.pools"));
+        // The NAT log's sinks are open: a change needs a restart.
+        let mut c = a.clone();
+        c.log.nat_events = Some("/var/log/elsewhere.jsonl".into());
+        assert_eq!(
+            a.reload_conflict(&c),
+            Some(crate::reload::ReloadConflict::NatLog)
+        );
     }
 }
 
