@@ -132,6 +132,7 @@ def main():
         # A NAT class must name its pool; only a firewall class has none.
         ({"pcp": {"subscribers": [{"prefixes": ["100.64.0.0/10"], "profile": "residential"}]}}, "pool"),
         ({"dataplane": {"firewall": {"unsolicited": "reject"}}}, "unsolicited"),
+        ({"log": {"natSinks": [{"type": "kafka"}]}}, "natSinks"),
         ({"secret": {"tokens": [{"name": "x", "sha256": "short", "scope": "write"}]}}, "sha256"),
         ({"secret": {"tokens": []}}, "tlsCrt"),
         ({"cluster": {"enabled": True, "partitions": [{"name": "p", "subscribers": ["100.64.0.0/10"],

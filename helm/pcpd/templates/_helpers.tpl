@@ -112,7 +112,12 @@ metrics:
   listen: {{ printf "%s:%d" .Values.metrics.bindAddress (int .Values.metrics.port) | quote }}
 log:
   format: {{ .Values.log.format }}
+  {{- if .Values.log.natSinks }}
+  nat_sinks:
+    {{- toYaml .Values.log.natSinks | nindent 4 }}
+  {{- else }}
   nat_events: {{ .Values.log.natEvents | quote }}
+  {{- end }}
 {{- with .Values.cluster }}
 {{- if .enabled }}
 {{- if not .etcd.endpoints }}{{ fail "cluster.etcd.endpoints: at least one endpoint is needed in cluster mode" }}{{ end }}
