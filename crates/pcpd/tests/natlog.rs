@@ -321,6 +321,7 @@ fn a_dead_collector_drops_and_counts_a_full_disk_rotates_and_sighup_reopens() {
     // Nothing listens on 127.0.0.35:5599; the queue holds 4 events.
     cfg["log"]["nat_sinks"] = serde_yaml::to_value(serde_json::json!([
         {"type": "file", "path": log, "rotate_bytes": 1000, "keep": 2},
+        {"type": "file", "path": dir.join("timed.jsonl"), "rotate_secs": 1},
         {"type": "syslog", "transport": "tcp", "address": format!("{COLLECTOR}:5599"), "queue": 4},
     ]))
     .unwrap();
@@ -353,6 +354,19 @@ fn a_dead_collector_drops_and_counts_a_full_disk_rotates_and_sighup_reopens() {
                 .unwrap_or_else(|e| panic!("{}: {e}: {line}", p.display()));
         }
     }
+    // Rotation by age: a second later, the next event starts a new file.
+    let timed = dir.join("timed.jsonl");
+    std::thread::sleep(Duration::from_millis(1200));
+    map(&d, Ipv4Addr::new(127, 0, 36, 100), 9000, 600);
+    let timed_old = PathBuf::from(format!("{}.1", timed.display()));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !timed_old.exists() {
+        assert!(Instant::now() < deadline, "no rotation by age");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(wait_lines(&timed, 1)
+        .iter()
+        .any(|l| l.contains("127.0.36.100")));
     // logrotate's way: move the file, SIGHUP; new events go to a new file.
     let moved = dir.join("moved.jsonl");
     std::fs::rename(&log, &moved).unwrap();

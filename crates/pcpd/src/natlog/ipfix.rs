@@ -405,4 +405,53 @@ mod tests {
         let set = template_set();
         assert_eq!(u16::from_be_bytes([set[2], set[3]]) as usize, set.len());
     }
+
+    /// Over UDP the templates go first, then again once
+    /// `template_refresh_secs` have passed (RFC 7011 §10.3.6); the
+    /// sequence number counts data records only (§3.1).
+    #[test]
+    fn udp_templates_are_sent_first_and_again_when_due() {
+        let collector = UdpSocket::bind("127.0.0.1:0").unwrap();
+        collector
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut w = IpfixWriter::new(&IpfixSinkConfig {
+            transport: Transport::Udp,
+            collector: collector.local_addr().unwrap().to_string(),
+            observation_domain: 7,
+            template_refresh_secs: 1,
+            queue: 16,
+        })
+        .unwrap();
+        let e = Arc::new(
+            json!({"timeStamp": 1u64, "natEvent": 16, "sourceAddress": "100.64.0.2",
+                                "postNATSourceIPv4Address": "192.0.2.1", "portRangeStart": 1024, "portRangeEnd": 1535}),
+        );
+        assert_eq!(w.write(&[e.clone(), e.clone()]), 0);
+        let mut buf = [0u8; 2048];
+        let set_id = |b: &[u8]| u16::from_be_bytes([b[16], b[17]]);
+        let seq = |b: &[u8]| u32::from_be_bytes([b[8], b[9], b[10], b[11]]);
+        let n = collector.recv(&mut buf).unwrap();
+        assert_eq!(
+            (
+                set_id(&buf[..n]),
+                u32::from_be_bytes([buf[12], buf[13], buf[14], buf[15]])
+            ),
+            (2, 7)
+        );
+        let n = collector.recv(&mut buf).unwrap();
+        assert_eq!(
+            (set_id(&buf[..n]), seq(&buf[..n])),
+            (258, 0),
+            "data, sequence 0"
+        );
+        std::thread::sleep(Duration::from_millis(1100));
+        w.tick();
+        let n = collector.recv(&mut buf).unwrap();
+        assert_eq!(
+            (set_id(&buf[..n]), seq(&buf[..n])),
+            (2, 2),
+            "templates again; two records sent"
+        );
+    }
 }
