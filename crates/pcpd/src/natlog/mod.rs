@@ -189,8 +189,8 @@ fn dropped_counter(registry: Option<&prometheus::Registry>) -> std::io::Result<I
 }
 
 impl NatLog {
-    /// Starts one thread per sink; `state_dir` is where relative file
-    /// paths are. Counts drops in `registry`.
+    /// Opens every sink (a file that cannot be opened fails the start)
+    /// and starts one thread per sink; counts drops in `registry`.
     pub fn open(
         sinks: &[SinkConfig],
         registry: Option<&prometheus::Registry>,
