@@ -29,6 +29,7 @@ use pcp_engine::{
     RemoteEndpoint,
 };
 
+mod conntrack;
 mod nftables;
 mod pinholes;
 pub use nftables::NftablesDataplane;

@@ -41,6 +41,7 @@ use pcp_engine::{
 };
 use serde_json::Value;
 
+use crate::conntrack::{Conntrack, Forget};
 use crate::pinholes::{self, FirewallRules};
 use crate::{ApplyError, Change, Dataplane, Entry, Key, ReconcilePlan, Reconciled};
 
@@ -185,6 +186,9 @@ pub struct NftablesDataplane {
     table: String,
     nft: String,
     firewall: FirewallRules,
+    /// ctnetlink, opened on first use (flows of removed mappings).
+    conntrack: Option<Conntrack>,
+    conntrack_complained: bool,
     installed: HashMap<Key, Installed>,
     ports: HashMap<Ipv4Addr, PortSets>,
 }
@@ -239,6 +243,8 @@ impl NftablesDataplane {
             table: table.to_string(),
             nft: nft.to_string(),
             firewall,
+            conntrack: None,
+            conntrack_complained: false,
             installed: HashMap::new(),
             ports: HashMap::new(),
         };
@@ -258,6 +264,8 @@ impl NftablesDataplane {
                 table: self.table.clone(),
                 nft: self.nft.clone(),
                 firewall: self.firewall.clone(),
+                conntrack: None,
+                conntrack_complained: false,
                 installed: HashMap::new(),
                 ports: HashMap::new(),
             })
@@ -424,7 +432,12 @@ impl NftablesDataplane {
 
     /// Writes one change's nft statements and updates pcpd's view of the
     /// table; returns how to undo the update if the transaction fails.
-    fn stage(&mut self, change: &Change, out: &mut Script) -> Result<Vec<Undo>, ApplyError> {
+    fn stage(
+        &mut self,
+        change: &Change,
+        out: &mut Script,
+        flows: &mut Forget,
+    ) -> Result<Vec<Undo>, ApplyError> {
         match change {
             Change::Upsert(entry) => {
                 let (elems, timeout) = Self::elems_for(entry)?;
@@ -432,6 +445,9 @@ impl NftablesDataplane {
                 if let Some(old) = self.installed.get(&key) {
                     for el in &old.elems {
                         out.delete(el);
+                        if !elems.contains(el) {
+                            gone_flows(el, flows);
+                        }
                     }
                 }
                 for el in &elems {
@@ -456,6 +472,7 @@ impl NftablesDataplane {
                 Some(old) => {
                     for el in &old.elems {
                         out.delete(el);
+                        gone_flows(el, flows);
                     }
                     Ok(vec![Undo::Mapping(*key, Some(old))])
                 }
@@ -519,6 +536,33 @@ impl NftablesDataplane {
         Ok(vec![Undo::PortSets(sub, prev)])
     }
 
+    /// Removes the conntrack entries of `flows` (ctnetlink); a failure is
+    /// reported once, the mappings themselves are gone already.
+    fn forget_flows(&mut self, flows: &Forget) {
+        if flows.is_empty() {
+            return;
+        }
+        if self.conntrack.is_none() {
+            match Conntrack::open() {
+                Ok(c) => self.conntrack = Some(c),
+                Err(e) => return self.conntrack_failed(&e),
+            }
+        }
+        if let Some(Err(e)) = self.conntrack.as_mut().map(|c| c.forget(flows)) {
+            self.conntrack = None;
+            self.conntrack_failed(&e);
+        }
+    }
+
+    fn conntrack_failed(&mut self, e: &std::io::Error) {
+        if !self.conntrack_complained {
+            self.conntrack_complained = true;
+            tracing::error!(
+                "ctnetlink: {e}; flows of removed mappings keep their conntrack entries until they time out"
+            );
+        }
+    }
+
     fn undo(&mut self, undo: Vec<Undo>) {
         for u in undo.into_iter().rev() {
             match u {
@@ -568,6 +612,29 @@ impl NftablesDataplane {
             }
             Change::Remove(_) | Change::RemoveBlock { .. } => false,
         }
+    }
+}
+
+/// The flows an element stood for, once it is gone: a DNAT element's
+/// external endpoint, a PEER's five-tuple (see [`crate::conntrack`]).
+/// Pinholes need nothing: their flows are checked on every packet.
+fn gone_flows(el: &Elem, flows: &mut Forget) {
+    let parts: Vec<&str> = el.key.split(" . ").collect();
+    let endpoint = |a: &str, p: &str, port: &str| -> Option<(IpAddr, u8, u16)> {
+        Some((a.parse().ok()?, proto_number(p)?, port.parse().ok()?))
+    };
+    match (el.set, parts.as_slice()) {
+        ("dnat4", [a, p, port]) => {
+            if let Some(e) = endpoint(a, p, port) {
+                flows.external.insert(e);
+            }
+        }
+        ("peer4", [int, p, iport, r, rport]) => {
+            if let (Some(i), Some(r)) = (endpoint(int, p, iport), endpoint(r, p, rport)) {
+                flows.peers.insert((i, r));
+            }
+        }
+        _ => {}
     }
 }
 
@@ -722,9 +789,10 @@ impl Dataplane for NftablesDataplane {
         // One transaction for the whole batch.
         let mut script = Script::default();
         let mut undo = Vec::new();
+        let mut flows = Forget::default();
         let mut results: Vec<Result<(), ApplyError>> = Vec::with_capacity(changes.len());
         for c in changes {
-            match self.stage(c, &mut script) {
+            match self.stage(c, &mut script, &mut flows) {
                 Ok(u) => {
                     undo.extend(u);
                     results.push(Ok(()));
@@ -733,27 +801,34 @@ impl Dataplane for NftablesDataplane {
             }
         }
         if script.is_empty() || self.run(&script.render(&self.table)).is_ok() {
+            self.forget_flows(&flows);
             return results;
         }
         // The batch failed as a whole: forget it, then apply change by
         // change so each gets its own result and the good ones still land.
         self.undo(undo);
-        changes
+        let mut flows = Forget::default();
+        let results = changes
             .iter()
             .zip(results)
             .map(|(c, prior)| {
                 prior?;
                 let mut one = Script::default();
-                let undo = self.stage(c, &mut one)?;
+                let mut these = Forget::default();
+                let undo = self.stage(c, &mut one, &mut these)?;
                 if !one.is_empty() {
                     if let Err(e) = self.run(&one.render(&self.table)) {
                         self.undo(undo);
                         return Err(e);
                     }
                 }
+                flows.external.extend(these.external);
+                flows.peers.extend(these.peers);
                 Ok(())
             })
-            .collect()
+            .collect();
+        self.forget_flows(&flows);
+        results
     }
 
     fn installed(&self) -> Vec<(Key, Option<Entry>)> {

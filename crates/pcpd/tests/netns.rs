@@ -46,12 +46,15 @@ struct Lab {
 
 impl Lab {
     fn new() -> Lab {
-        let pid = std::process::id();
-        let dir = common::temp_dir("netns");
+        // Tests of this file run side by side: each lab its own names.
+        static LABS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{}-{n}", std::process::id());
+        let dir = common::temp_dir(&format!("netns-{n}"));
         let lab = Lab {
-            sub: format!("pcpdt-sub-{pid}"),
-            cgn: format!("pcpdt-cgn-{pid}"),
-            inet: format!("pcpdt-inet-{pid}"),
+            sub: format!("pcpdt-sub-{id}"),
+            cgn: format!("pcpdt-cgn-{id}"),
+            inet: format!("pcpdt-inet-{id}"),
             config: dir.join("pcpd.yaml"),
             dir,
             pcpd: None,
@@ -462,4 +465,100 @@ fn mappings_forward_real_traffic_through_nftables() {
         .recv_from(&mut buf)
         .expect("PEER flow forwarded after reconcile");
     assert_eq!(seen, SocketAddr::V4(peer_ext));
+}
+
+/// A datagram from `probe` (on the internet host) to `to`: whether `sock`
+/// (on the subscriber) gets it. The same probe socket is one flow, one
+/// conntrack entry.
+fn udp_flow_alive(probe: &UdpSocket, sock: &UdpSocket, to: SocketAddrV4) -> bool {
+    probe.send_to(b"flow", to).unwrap();
+    sock.set_read_timeout(Some(PROBE)).unwrap();
+    let mut buf = [0u8; 16];
+    matches!(sock.recv_from(&mut buf), Ok((4, _)))
+}
+
+/// Conntrack follows the mapping: an established inbound UDP flow and TCP
+/// connection stop when their mapping is deleted or expires, not when the
+/// kernel's conntrack entry times out (days for TCP); other mappings'
+/// flows go on. Entries are removed in-process over ctnetlink.
+#[test]
+fn established_flows_stop_with_their_mapping_delete_and_expiry() {
+    let mut lab = Lab::new();
+    lab.start_pcpd();
+    let client = in_ns(&lab.sub, || UdpSocket::bind((SUB, 0)).unwrap());
+    let (udp, keep, short) = in_ns(&lab.sub, || {
+        (
+            UdpSocket::bind((SUB, 9100)).unwrap(),
+            UdpSocket::bind((SUB, 9101)).unwrap(),
+            UdpSocket::bind((SUB, 9102)).unwrap(),
+        )
+    });
+    let web = in_ns(&lab.sub, || TcpListener::bind((SUB, 8100)).unwrap());
+    let mut ext = Vec::new();
+    for (nonce, proto, port, lifetime) in [
+        (1, 17, 9100, 600),
+        (2, 17, 9101, 600),
+        (3, 17, 9102, 2),
+        (4, 6, 8100, 600),
+    ] {
+        let (r, e, _) = lab.pcp(&client, &map_request(nonce, proto, port, lifetime, &[]));
+        assert_eq!(r, ResultCode::Success);
+        ext.push(e);
+    }
+    let probe = || in_ns(&lab.inet, || UdpSocket::bind((INET, 0)).unwrap());
+    let (p_udp, p_keep, p_short) = (probe(), probe(), probe());
+    for (p, s, e) in [
+        (&p_udp, &udp, ext[0]),
+        (&p_keep, &keep, ext[1]),
+        (&p_short, &short, ext[2]),
+    ] {
+        assert!(
+            udp_flow_alive(p, s, e),
+            "the flow to {e} runs\n{}",
+            lab.log()
+        );
+    }
+    let mut conn = in_ns(&lab.inet, || {
+        std::net::TcpStream::connect_timeout(&std::net::SocketAddr::V4(ext[3]), PROBE)
+    })
+    .expect("TCP through the mapping");
+    web.set_nonblocking(false).unwrap();
+    let (mut inside, _) = web.accept().unwrap();
+    inside.set_read_timeout(Some(PROBE)).unwrap();
+    use std::io::{Read, Write};
+    conn.write_all(b"one").unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(inside.read(&mut buf).unwrap(), 3);
+
+    // Delete (lifetime 0, §15.1) the UDP 9100 and the TCP mapping.
+    for (nonce, proto, port) in [(1, 17, 9100), (4, 6, 8100)] {
+        let (r, _, _) = lab.pcp(&client, &map_request(nonce, proto, port, 0, &[]));
+        assert_eq!(r, ResultCode::Success);
+    }
+    assert!(
+        !udp_flow_alive(&p_udp, &udp, ext[0]),
+        "a deleted mapping's UDP flow stops"
+    );
+    let _ = conn.write_all(b"two");
+    assert!(
+        !matches!(inside.read(&mut buf), Ok(n) if n > 0),
+        "a deleted mapping's TCP connection stops"
+    );
+    assert!(
+        udp_flow_alive(&p_keep, &keep, ext[1]),
+        "another mapping's flow goes on"
+    );
+
+    // Expiry (lifetime 2 s) stops its running flow too.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while udp_flow_alive(&p_short, &short, ext[2]) {
+        assert!(
+            Instant::now() < deadline,
+            "the flow outlived its mapping's lifetime"
+        );
+    }
+    assert!(
+        udp_flow_alive(&p_keep, &keep, ext[1]),
+        "and the other one still goes on"
+    );
 }
