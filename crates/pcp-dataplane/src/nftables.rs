@@ -48,6 +48,13 @@ use crate::{ApplyError, Change, Dataplane, Entry, Key, ReconcilePlan, Reconciled
 /// Seconds added to a mapping's kernel timeout so pcpd expires it first.
 const GRACE_SECS: u64 = 30;
 
+/// How far past its mapping's expiry a kernel element lives: the safety
+/// net that lets the kernel drop elements by itself if pcpd is gone, far
+/// enough out that a renewal which only moves the expiry costs no kernel
+/// operation (pcpd removes expired mappings itself). A renewal past the
+/// element's own expiry (minus the grace) rewrites it.
+const SAFETY_SECS: u64 = 6 * 3600;
+
 /// One element pcpd put in one of its maps or sets.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Elem {
@@ -62,6 +69,8 @@ pub(crate) struct Elem {
 struct Installed {
     /// The entry as pcpd installed it (`None` when read back from the kernel).
     entry: Option<Entry>,
+    /// When the kernel drops the elements by itself (0: unknown, read back).
+    kernel_expires_ms: Millis,
     /// The subscriber the elements belong to (`None`: filters read back
     /// without their mapping).
     owner: Option<IpAddr>,
@@ -358,22 +367,24 @@ impl NftablesDataplane {
         Ok(())
     }
 
-    /// The elements of one mapping, and the timeout text they carry.
-    fn elems_for(e: &Entry) -> Result<(Vec<Elem>, String), ApplyError> {
+    /// The elements of one mapping, the timeout text they carry, and when
+    /// the kernel will drop them.
+    fn elems_for(e: &Entry) -> Result<(Vec<Elem>, String, Millis), ApplyError> {
         let proto = proto_name(e.protocol).ok_or_else(|| {
             ApplyError::Refused(format!(
                 "protocol {} is not NATed by nftables here",
                 e.protocol
             ))
         })?;
-        let timeout = if e.expires_ms == Millis::MAX {
-            String::new()
+        let now = now_ms();
+        let (timeout, kernel_expires_ms) = if e.expires_ms == Millis::MAX {
+            (String::new(), Millis::MAX)
         } else {
-            let secs = e.expires_ms.saturating_sub(now_ms()).div_ceil(1000) + GRACE_SECS;
-            format!(" timeout {secs}s")
+            let secs = e.expires_ms.saturating_sub(now).div_ceil(1000) + SAFETY_SECS;
+            (format!(" timeout {secs}s"), now + secs * 1000)
         };
         if e.firewall {
-            return Ok((pinholes::elems(e, proto)?, timeout));
+            return Ok((pinholes::elems(e, proto)?, timeout, kernel_expires_ms));
         }
         let internal = v4(e.internal_addr)?;
         let mut elems = Vec::new();
@@ -427,7 +438,25 @@ impl NftablesDataplane {
                 }
             }
         }
-        Ok((elems, timeout))
+        Ok((elems, timeout, kernel_expires_ms))
+    }
+
+    /// Whether `entry` differs from what is installed under its key only
+    /// by an expiry the installed elements still outlive (by the grace):
+    /// a renewal that needs no kernel operation.
+    fn expiry_only(&self, key: &Key, entry: &Entry) -> bool {
+        let Some(have) = self.installed.get(key) else {
+            return false;
+        };
+        let Some(prev) = &have.entry else {
+            return false;
+        };
+        let same = Entry {
+            expires_ms: entry.expires_ms,
+            ..prev.clone()
+        } == *entry;
+        same && entry.expires_ms != Millis::MAX
+            && entry.expires_ms.saturating_add(GRACE_SECS * 1000) <= have.kernel_expires_ms
     }
 
     /// Writes one change's nft statements and updates pcpd's view of the
@@ -440,8 +469,16 @@ impl NftablesDataplane {
     ) -> Result<Vec<Undo>, ApplyError> {
         match change {
             Change::Upsert(entry) => {
-                let (elems, timeout) = Self::elems_for(entry)?;
                 let key = entry.key();
+                if self.expiry_only(&key, entry) {
+                    let have = self.installed.get_mut(&key).map(|h| {
+                        let before = h.clone();
+                        h.entry = Some(entry.clone());
+                        before
+                    });
+                    return Ok(vec![Undo::Mapping(key, have)]);
+                }
+                let (elems, timeout, kernel_expires_ms) = Self::elems_for(entry)?;
                 if let Some(old) = self.installed.get(&key) {
                     for el in &old.elems {
                         out.delete(el);
@@ -457,6 +494,7 @@ impl NftablesDataplane {
                     key,
                     Installed {
                         entry: Some(entry.clone()),
+                        kernel_expires_ms,
                         owner: Some(entry.internal_addr),
                         elems,
                     },
@@ -594,7 +632,7 @@ impl NftablesDataplane {
                 if have.entry.as_ref() == Some(e) {
                     return true;
                 }
-                let Ok((mut want, _)) = Self::elems_for(e) else {
+                let Ok((mut want, _, _)) = Self::elems_for(e) else {
                     return false;
                 };
                 let mut got = have.elems.clone();
@@ -769,6 +807,7 @@ fn parse_listing(json: &Value) -> (HashMap<Key, Installed>, HashMap<Ipv4Addr, Po
             let Some(group) = group else { continue };
             let inst = installed.entry(group).or_insert_with(|| Installed {
                 entry: None,
+                kernel_expires_ms: 0,
                 owner: None,
                 elems: Vec::new(),
             });
