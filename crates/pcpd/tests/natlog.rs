@@ -55,8 +55,20 @@ fn rsyslog(dir: &Path, name: &str, conf: &str) -> Proc {
             .arg("-i")
             .arg(dir.join(format!("{name}.pid"))),
     );
-    std::thread::sleep(Duration::from_millis(300));
     p
+}
+
+/// Waits (10 s at most) until something accepts TCP on `port` of the
+/// collector address: rsyslog opens its UDP and TCP inputs together.
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect((COLLECTOR, port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "rsyslog does not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Lines of `path` once there are `n` of them (15 s at most).
@@ -153,6 +165,8 @@ fn every_event_reaches_rsyslog_and_nfdump_field_by_field() {
              input(type=\"imtcp\" address=\"{COLLECTOR}\" port=\"6514\" ruleset=\"tls\")\n"
         ),
     );
+    wait_listening(5515);
+    wait_listening(6514);
     let flows = dir.join("flows");
     std::fs::create_dir_all(&flows).unwrap();
     let nfcapd = spawn(
