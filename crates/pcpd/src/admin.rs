@@ -271,14 +271,7 @@ fn mapping_json(m: &pcp_engine::Mapping) -> Value {
 
 /// An engine-clock instant, shown in wall time (RFC 3339).
 fn rfc3339(ms: u64) -> String {
-    let ms = crate::clock::to_wall(ms);
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
+    crate::rfc3339::format_ms(crate::clock::to_wall(ms)).unwrap_or_default()
 }
 
 fn parse_id(s: &str) -> Result<MappingKey, ApiError> {
@@ -485,10 +478,7 @@ async fn lookup(
     let at = match &q.at {
         None => crate::clock::now_ms(),
         Some(s) => {
-            let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                .map_err(|e| ApiError::bad(format!("at {s:?} is not RFC 3339: {e}")))?;
-            let wall = u64::try_from(t.unix_timestamp_nanos() / 1_000_000)
-                .map_err(|_| ApiError::bad("at is before 1970"))?;
+            let wall = crate::rfc3339::parse_ms(s).map_err(|e| ApiError::bad(format!("at {e}")))?;
             crate::clock::from_wall(wall)
         }
     };

@@ -32,6 +32,7 @@ mod metrics;
 mod natlog;
 mod recovered;
 mod reload;
+mod rfc3339;
 mod shard;
 mod steer;
 

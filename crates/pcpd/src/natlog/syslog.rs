@@ -211,13 +211,7 @@ pub(super) fn message(event: &Value, facility: u8, host: &str, app: &str, sd_id:
     const INFO: u8 = 6;
     let pri = u16::from(facility.min(23)) * 8 + u16::from(INFO);
     let ms = event["timeStamp"].as_u64().unwrap_or(0);
-    let ts = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| "-".into());
+    let ts = crate::rfc3339::format_ms(ms).unwrap_or_else(|| "-".into());
     let msgid = event["event"].as_str().unwrap_or("-");
     let mut sd = format!("[{sd_id}");
     if let Some(fields) = event.as_object() {

@@ -22,24 +22,15 @@ struct Held {
 }
 
 fn rfc3339(ms: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
+    crate::rfc3339::format_ms(ms).unwrap_or_default()
 }
 
 /// `at` (RFC 3339) in Unix ms; now when absent.
 fn at_ms(at: Option<&str>) -> Result<u64, Failure> {
-    let t = match at {
-        None => time::OffsetDateTime::now_utc(),
-        Some(s) => time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-            .map_err(|e| Failure::new(2, format!("--at {s:?} is not RFC 3339: {e}")))?,
-    };
-    u64::try_from(t.unix_timestamp_nanos() / 1_000_000)
-        .map_err(|_| Failure::new(2, "--at is before 1970"))
+    match at {
+        None => Ok(crate::rfc3339::now_ms()),
+        Some(s) => crate::rfc3339::parse_ms(s).map_err(|e| Failure::new(2, format!("--at {e}"))),
+    }
 }
 
 /// Every holding of a block covering `addr:port` in `files`, and how many

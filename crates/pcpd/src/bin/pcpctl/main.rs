@@ -18,6 +18,8 @@
 
 mod logs;
 mod output;
+#[path = "../../rfc3339.rs"]
+mod rfc3339;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
