@@ -6,7 +6,7 @@
 //! are not exported here (the file and syslog sinks carry them).
 
 use std::io::{self, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -242,26 +242,10 @@ impl IpfixWriter {
     }
 
     fn connect(&self) -> io::Result<Conn> {
-        let addr = self
-            .cfg
-            .collector
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| io::Error::other("no address"))?;
+        let addr = super::resolve(&self.cfg.collector)?;
         match self.cfg.transport {
-            Transport::Udp => {
-                let bind: SocketAddr = if addr.is_ipv4() {
-                    SocketAddr::from(([0, 0, 0, 0], 0))
-                } else {
-                    SocketAddr::from(([0u16; 8], 0))
-                };
-                Ok(Conn::Udp(UdpSocket::bind(bind)?, addr))
-            }
-            Transport::Tcp => {
-                let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-                s.set_write_timeout(Some(Duration::from_secs(2)))?;
-                Ok(Conn::Tcp(s))
-            }
+            Transport::Udp => Ok(Conn::Udp(super::udp_for(addr)?, addr)),
+            Transport::Tcp => Ok(Conn::Tcp(super::tcp_to(addr)?)),
         }
     }
 

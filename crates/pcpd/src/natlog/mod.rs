@@ -126,6 +126,37 @@ pub fn validate(sinks: &[SinkConfig], err: &mut impl FnMut(&str, String)) {
     }
 }
 
+/// How long a collector gets to accept a connection, a write or a read.
+const COLLECTOR_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The first address `host:port` resolves to.
+fn resolve(host_port: &str) -> std::io::Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    host_port
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("{host_port}: no address")))
+}
+
+/// A UDP socket to send to `to` from (the wildcard of its family).
+fn udp_for(to: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let any: std::net::IpAddr = if to.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    std::net::UdpSocket::bind((any, 0))
+}
+
+/// A TCP connection to `to`, with [`COLLECTOR_TIMEOUT`] on connect, writes
+/// and reads.
+fn tcp_to(to: std::net::SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    let s = std::net::TcpStream::connect_timeout(&to, COLLECTOR_TIMEOUT)?;
+    s.set_write_timeout(Some(COLLECTOR_TIMEOUT))?;
+    s.set_read_timeout(Some(COLLECTOR_TIMEOUT))?;
+    Ok(s)
+}
+
 /// Default depth of a sink's queue, in events.
 pub(crate) fn default_queue() -> usize {
     65_536

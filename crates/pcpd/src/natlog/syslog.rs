@@ -7,7 +7,7 @@
 //! ```
 
 use std::io::{self, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -131,27 +131,10 @@ impl SyslogWriter {
     }
 
     fn connect(&self) -> io::Result<Conn> {
-        let addr = self
-            .cfg
-            .address
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| io::Error::other("no address"))?;
-        let timeout = Duration::from_secs(2);
+        let addr = super::resolve(&self.cfg.address)?;
         match self.cfg.transport {
-            Transport::Udp => {
-                let bind: SocketAddr = if addr.is_ipv4() {
-                    "0.0.0.0:0".parse().map_err(io::Error::other)?
-                } else {
-                    "[::]:0".parse().map_err(io::Error::other)?
-                };
-                Ok(Conn::Udp(UdpSocket::bind(bind)?, addr))
-            }
-            Transport::Tcp => {
-                let s = TcpStream::connect_timeout(&addr, timeout)?;
-                s.set_write_timeout(Some(timeout))?;
-                Ok(Conn::Tcp(s))
-            }
+            Transport::Udp => Ok(Conn::Udp(super::udp_for(addr)?, addr)),
+            Transport::Tcp => Ok(Conn::Tcp(super::tcp_to(addr)?)),
             Transport::Tls => {
                 let host = self.cfg.server_name.clone().unwrap_or_else(|| {
                     self.cfg
@@ -168,10 +151,7 @@ impl SyslogWriter {
                     .clone()
                     .ok_or_else(|| io::Error::other("no TLS config"))?;
                 let conn = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
-                let s = TcpStream::connect_timeout(&addr, timeout)?;
-                s.set_write_timeout(Some(timeout))?;
-                s.set_read_timeout(Some(timeout))?;
-                let mut tls = rustls::StreamOwned::new(conn, s);
+                let mut tls = rustls::StreamOwned::new(conn, super::tcp_to(addr)?);
                 while tls.conn.is_handshaking() {
                     tls.conn.complete_io(&mut tls.sock)?;
                 }
