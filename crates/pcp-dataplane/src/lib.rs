@@ -81,6 +81,32 @@ impl Entry {
         }
     }
 
+    /// Whether `other` is this entry with another expiry (nothing else
+    /// differs).
+    pub(crate) fn same_but_expiry(&self, other: &Entry) -> bool {
+        let Entry {
+            kind,
+            external_addr,
+            external_port,
+            port_count,
+            protocol,
+            firewall,
+            internal_addr,
+            internal_port,
+            filters,
+            expires_ms: _,
+        } = other;
+        self.kind == *kind
+            && self.external_addr == *external_addr
+            && self.external_port == *external_port
+            && self.port_count == *port_count
+            && self.protocol == *protocol
+            && self.firewall == *firewall
+            && self.internal_addr == *internal_addr
+            && self.internal_port == *internal_port
+            && self.filters == *filters
+    }
+
     /// The key an entry is installed under: the mapping's identity for a
     /// PEER (one SNAT entry, or one permit, per five-tuple), the internal
     /// endpoint of a pinhole, the external endpoint otherwise (one DNAT

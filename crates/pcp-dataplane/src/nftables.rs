@@ -187,6 +187,8 @@ impl Script {
 /// What to put back when a batch fails.
 enum Undo {
     Mapping(Key, Option<Installed>),
+    /// A renewal that touched no element: the expiry pcpd had noted.
+    Expiry(Key, Millis),
     PortSets(Ipv4Addr, Option<PortSets>),
 }
 
@@ -451,11 +453,8 @@ impl NftablesDataplane {
         let Some(prev) = &have.entry else {
             return false;
         };
-        let same = Entry {
-            expires_ms: entry.expires_ms,
-            ..prev.clone()
-        } == *entry;
-        same && entry.expires_ms != Millis::MAX
+        prev.same_but_expiry(entry)
+            && entry.expires_ms != Millis::MAX
             && entry.expires_ms.saturating_add(GRACE_SECS * 1000) <= have.kernel_expires_ms
     }
 
@@ -471,12 +470,11 @@ impl NftablesDataplane {
             Change::Upsert(entry) => {
                 let key = entry.key();
                 if self.expiry_only(&key, entry) {
-                    let have = self.installed.get_mut(&key).map(|h| {
-                        let before = h.clone();
-                        h.entry = Some(entry.clone());
-                        before
-                    });
-                    return Ok(vec![Undo::Mapping(key, have)]);
+                    if let Some(prev) = self.installed.get_mut(&key).and_then(|h| h.entry.as_mut())
+                    {
+                        let old = std::mem::replace(&mut prev.expires_ms, entry.expires_ms);
+                        return Ok(vec![Undo::Expiry(key, old)]);
+                    }
                 }
                 let (elems, timeout, kernel_expires_ms) = Self::elems_for(entry)?;
                 if let Some(old) = self.installed.get(&key) {
@@ -609,6 +607,11 @@ impl NftablesDataplane {
                 }
                 Undo::Mapping(k, None) => {
                     self.installed.remove(&k);
+                }
+                Undo::Expiry(k, ms) => {
+                    if let Some(e) = self.installed.get_mut(&k).and_then(|h| h.entry.as_mut()) {
+                        e.expires_ms = ms;
+                    }
                 }
                 Undo::PortSets(s, Some(p)) => {
                     self.ports.insert(s, p);
