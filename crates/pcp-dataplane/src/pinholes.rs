@@ -139,12 +139,11 @@ pub(crate) fn skeleton(table: &str, rules: &FirewallRules, v6: bool) -> String {
 /// The elements of one pinhole or PEER permit.
 pub(crate) fn elems(e: &Entry, proto: &str) -> Result<Vec<Elem>, ApplyError> {
     let internal = e.internal_addr.to_canonical();
-    let n = if internal.is_ipv6() { "6" } else { "4" };
-    let set = |name: &str| -> &'static str {
-        SETS.iter()
-            .find(|s| s.strip_suffix(n) == Some(name))
-            .copied()
-            .unwrap_or("pin4")
+    // The sets of the internal address's family (see SETS).
+    let [pin, pinf, pinfilter, fwpeer] = if internal.is_ipv6() {
+        ["pin6", "pinf6", "pinfilter6", "fwpeer6"]
+    } else {
+        ["pin4", "pinf4", "pinfilter4", "fwpeer4"]
     };
     let mut out = Vec::new();
     if let MappingKind::Peer {
@@ -159,7 +158,7 @@ pub(crate) fn elems(e: &Entry, proto: &str) -> Result<Vec<Elem>, ApplyError> {
             )));
         }
         out.push(Elem {
-            set: set("fwpeer"),
+            set: fwpeer,
             key: format!(
                 "{internal} . {proto} . {} . {remote} . {remote_port}",
                 e.internal_port
@@ -174,20 +173,20 @@ pub(crate) fn elems(e: &Entry, proto: &str) -> Result<Vec<Elem>, ApplyError> {
         let hole = format!("{internal} . {proto} . {port}");
         if filters.is_empty() {
             out.push(Elem {
-                set: set("pin"),
+                set: pin,
                 key: hole,
                 value: None,
             });
             continue;
         }
         out.push(Elem {
-            set: set("pinf"),
+            set: pinf,
             key: hole.clone(),
             value: None,
         });
         for f in &filters {
             out.push(Elem {
-                set: set("pinfilter"),
+                set: pinfilter,
                 key: format!("{hole} . {f}"),
                 value: None,
             });
