@@ -135,14 +135,17 @@ impl Conntrack {
         Ok(self.seq)
     }
 
-    /// Reads answers to request `seq` until DONE (a dump) or `acks` acks
-    /// or errors; calls `each` with every entry of a dump.
+    /// Reads the answers to the requests numbered `first` .. `first +
+    /// acks` (just `first` for a dump) until DONE (a dump) or `acks` acks or
+    /// errors; calls `each` with every entry of a dump. Answers to other
+    /// requests are skipped.
     fn read(
         &mut self,
-        seq: u32,
+        first: u32,
         mut acks: usize,
         mut each: impl FnMut(&[ConntrackAttribute]),
     ) -> io::Result<()> {
+        let span = acks.max(1) as u32;
         let mut buf = vec![0u8; 1 << 16];
         loop {
             let n = self.socket.recv(&mut &mut buf[..], 0)?;
@@ -151,7 +154,7 @@ impl Conntrack {
                 let msg = <NetlinkMessage<NetfilterMessage>>::deserialize(&buf[off..n])
                     .map_err(|e| io::Error::other(format!("ctnetlink: {e}")))?;
                 let len = msg.header.length as usize;
-                if msg.header.sequence_number >= seq.wrapping_sub(acks as u32) {
+                if msg.header.sequence_number.wrapping_sub(first) < span {
                     match msg.payload {
                         NetlinkPayload::Done(_) => return Ok(()),
                         NetlinkPayload::Error(e) => {
@@ -208,14 +211,17 @@ impl Conntrack {
         })?;
         // Deletes in chunks, each answered by an ack or an error.
         for chunk in doomed.chunks(256) {
-            let mut last = 0;
+            let mut first = None;
             for o in chunk {
-                last = self.send(
+                let seq = self.send(
                     NLM_F_REQUEST | NLM_F_ACK,
                     ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(tuple_of(o))]),
                 )?;
+                first.get_or_insert(seq);
             }
-            self.read(last, chunk.len(), |_| {})?;
+            if let Some(first) = first {
+                self.read(first, chunk.len(), |_| {})?;
+            }
         }
         Ok(doomed.len())
     }
