@@ -139,6 +139,10 @@ impl Compiled {
     /// Whether `addr` is a subscriber of a firewall class: its mappings are
     /// pinholes, external = internal (RFC 6887 §3).
     pub fn is_firewall(&self, addr: IpAddr) -> bool {
+        // NAT-only configurations (the common case) pay no prefix lookup.
+        if !self.class_firewall.contains(&true) {
+            return false;
+        }
         self.class_of(addr)
             .is_some_and(|(c, _)| self.class_firewall[usize::from(c)])
     }
