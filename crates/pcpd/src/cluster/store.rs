@@ -184,7 +184,7 @@ impl EtcdStore {
         let mut written: Vec<(MappingKey, Option<Stored>)> = Vec::new();
         let mut value = Vec::new();
         let pending = std::mem::take(&mut self.pending);
-        for rec in pending.iter().chain(records) {
+        for (i, rec) in pending.iter().chain(records).enumerate() {
             let Some(p) = record_subscriber(rec).and_then(|s| self.ownership.partition_of(s))
             else {
                 continue;
@@ -193,7 +193,16 @@ impl EtcdStore {
                 self.ownership.state(p),
                 PartState::Active | PartState::Loading | PartState::Releasing
             ) {
-                // Not ours (any more): the owner's state in etcd is the truth.
+                if i >= pending.len() {
+                    // This batch changed a partition that another shard's
+                    // fenced write (or the node task) found lost since the
+                    // request was admitted: nothing of it may be told.
+                    self.pending = pending;
+                    self.pending.extend_from_slice(records);
+                    return Err(ClusterError::Fenced(self.ownership.names[p].clone()));
+                }
+                // A retry for a partition that is not ours any more: the
+                // owner's state in etcd is the truth.
                 continue;
             }
             let rec = match rec {
