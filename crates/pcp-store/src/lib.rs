@@ -251,6 +251,10 @@ pub enum CommitError {
 pub struct Faults {
     fail_writes: std::sync::atomic::AtomicU32,
     fail_syncs: std::sync::atomic::AtomicU32,
+    /// Milliseconds the next fdatasync sleeps first (a slow disk).
+    slow_sync_ms: std::sync::atomic::AtomicU64,
+    /// fdatasyncs so far (journal commits and snapshots).
+    syncs: std::sync::atomic::AtomicU64,
 }
 
 impl Faults {
@@ -264,6 +268,17 @@ impl Faults {
     pub fn fail_syncs(&self, n: u32) {
         self.fail_syncs
             .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The next fdatasync takes at least `ms` milliseconds (a slow disk).
+    pub fn slow_sync(&self, ms: u64) {
+        self.slow_sync_ms
+            .store(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many fdatasyncs (journal commits and snapshots) were asked for.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn take(counter: &std::sync::atomic::AtomicU32) -> bool {
@@ -284,6 +299,13 @@ impl Faults {
     }
 
     fn sync(&self) -> io::Result<()> {
+        self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let slow = self
+            .slow_sync_ms
+            .swap(0, std::sync::atomic::Ordering::SeqCst);
+        if slow > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(slow));
+        }
         if Self::take(&self.fail_syncs) {
             return Err(io::Error::from_raw_os_error(5)); // EIO
         }

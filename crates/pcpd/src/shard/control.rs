@@ -143,7 +143,7 @@ pub(super) fn control(st: &mut State, ctl: Control) -> bool {
             let _ = reply.send(());
         }
         Control::ClockStep => {
-            st.effects.compact(&st.engine);
+            st.effects.compact(&mut st.engine);
         }
         Control::Shutdown(reply) => {
             let _ = reply.send(());
@@ -197,7 +197,7 @@ fn write<T>(
     st: &mut State,
     op: impl FnOnce(&mut pcp_engine::Engine, Millis) -> Result<T, Refused>,
 ) -> Result<T, Refused> {
-    if !st.effects.durable(&st.engine) {
+    if !st.effects.durable(&mut st.engine) {
         return Err(not_durable(st));
     }
     let r = op(&mut st.engine, now_ms());
@@ -219,7 +219,7 @@ fn not_durable(st: &State) -> Refused {
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::shard) mod tests {
     //! The operator paths against a journal that fails (pcp-store's fault
     //! seam): an API delete or drain is answered only after its commit, a
     //! failed commit is refused (HTTP 503) and undone where it can be, and
@@ -238,12 +238,16 @@ mod tests {
     use super::super::{now_ms, Health, State};
     use super::{control, Control, Refused};
 
-    fn state(dir: &std::path::Path, faults: Arc<Faults>) -> (State, Arc<BlockAllocator>) {
+    pub(in crate::shard) fn state(
+        dir: &std::path::Path,
+        faults: Arc<Faults>,
+    ) -> (State, Arc<BlockAllocator>) {
         let cfg = crate::config::Config::builtin();
         let pools = Arc::new(BlockAllocator::new(&cfg.pcp));
         let compiled = Arc::new(Compiled::new(cfg.pcp, &pools).unwrap());
         let engine = Engine::new(compiled, pools.clone(), 0, now_ms(), 1);
         let journal = pcp_store::write_snapshot_with(dir, 0, 1, Vec::new(), Some(faults)).unwrap();
+        let writer = super::super::writer::JournalWriter::start(0, journal).unwrap();
         let metrics = crate::metrics::Metrics::new().unwrap();
         let health = Arc::new(Health::new(1));
         let sinks = (
@@ -255,13 +259,14 @@ mod tests {
             engine,
             effects: Effects::new(
                 0,
-                super::super::effects::Store::Journal(journal),
+                super::super::effects::Store::Journal(writer),
                 1 << 30,
                 Box::new(MemoryDataplane::new()),
                 sinks,
             ),
             ownership: None,
             replies: ReplyArena::new(),
+            parked: Default::default(),
             metrics,
             health,
         };
@@ -303,7 +308,7 @@ mod tests {
         rx.try_recv().expect("answered before control() returns")
     }
 
-    fn dir(name: &str) -> std::path::PathBuf {
+    pub(in crate::shard) fn dir(name: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("pcpd-control-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();

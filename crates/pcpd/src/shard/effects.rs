@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use pcp_dataplane::{Change, Dataplane};
 use pcp_engine::{DeleteReason, Engine, Event, MappingId};
-use pcp_store::{Journal, Record};
+use pcp_store::Record;
 
 #[cfg(feature = "cluster")]
 use crate::cluster::store::{ClusterError, EtcdStore};
@@ -37,6 +37,7 @@ use pcp_wire::ResultCode;
 use super::health::Health;
 use super::now_ms;
 use super::replies::REPLY_SLOTS;
+use super::writer::JournalWriter;
 use crate::metrics::Metrics;
 use crate::natlog::NatLog;
 
@@ -114,10 +115,15 @@ impl Settled {
     }
 }
 
+mod pipeline;
+
+pub(super) use pipeline::Completed;
+
 /// Where a shard's state is made durable.
 pub(super) enum Store {
-    /// The local journal and snapshots (single node, the default).
-    Journal(Journal),
+    /// The local journal and snapshots (single node, the default), written
+    /// by the shard's writer thread (`writer.rs`).
+    Journal(JournalWriter),
     /// etcd, in cluster mode.
     #[cfg(feature = "cluster")]
     Etcd(Box<EtcdStore>),
@@ -139,6 +145,13 @@ pub(super) struct Effects {
     change_origin: Vec<Option<(Origin, MappingId)>>,
     last_repair: Option<Instant>,
     last_complaint: Option<Instant>,
+    /// Jobs handed to the journal writer, oldest first (`pipeline.rs`).
+    inflight: std::collections::VecDeque<pipeline::Pending>,
+    /// Batches completed while the synchronous path waited for the
+    /// writer; their replies are sent by the next [`Effects::complete`].
+    finished: std::collections::VecDeque<Settled>,
+    /// A compaction is in the writer's queue.
+    compacting: bool,
 }
 
 impl Effects {
@@ -165,6 +178,9 @@ impl Effects {
             change_origin: Vec::new(),
             last_repair: None,
             last_complaint: None,
+            inflight: std::collections::VecDeque::new(),
+            finished: std::collections::VecDeque::new(),
+            compacting: false,
         }
     }
 
@@ -177,7 +193,7 @@ impl Effects {
 
     /// Whether the shard's state is durable now, repairing a poisoned
     /// journal first when it is time to try.
-    pub(super) fn durable(&mut self, engine: &Engine) -> bool {
+    pub(super) fn durable(&mut self, engine: &mut Engine) -> bool {
         self.repair(engine);
         !self.poisoned()
     }
@@ -186,7 +202,7 @@ impl Effects {
     /// etcd is never poisoned: each batch stands on its own transaction.
     pub(super) fn poisoned(&self) -> bool {
         match &self.store {
-            Store::Journal(j) => j.is_poisoned(),
+            Store::Journal(w) => w.poisoned(),
             #[cfg(feature = "cluster")]
             Store::Etcd(_) => false,
         }
@@ -196,7 +212,7 @@ impl Effects {
     /// journal is poisoned, or (cluster mode) failed records wait.
     pub(super) fn needs_repair(&self) -> bool {
         match &self.store {
-            Store::Journal(j) => j.is_poisoned(),
+            Store::Journal(w) => w.poisoned(),
             #[cfg(feature = "cluster")]
             Store::Etcd(e) => e.has_pending() || self.last_complaint.is_some(),
         }
@@ -236,7 +252,12 @@ impl Effects {
 
     /// Applies the batch: journal, dataplane, NAT log; takes back what did
     /// not hold. The caller answers according to the result.
+    ///
+    /// This is the synchronous path (timers, operator requests, a poisoned
+    /// journal, cluster mode): batches still with the journal writer are
+    /// completed first (their replies wait in `finished`).
     pub(super) fn settle(&mut self, engine: &mut Engine) -> Settled {
+        self.settle_outstanding(engine);
         let mut settled = Settled::default();
         let repaired = self.repair(engine);
         let refused = self.apply_round(engine, repaired, &mut settled);
@@ -259,7 +280,7 @@ impl Effects {
         }
         self.natlog.flush();
         settled.durable = !self.poisoned();
-        let full = matches!(&self.store, Store::Journal(j) if j.len() > self.journal_max_bytes);
+        let full = matches!(&self.store, Store::Journal(w) if w.len() > self.journal_max_bytes);
         if settled.durable && full {
             self.compact(engine);
         }
@@ -333,8 +354,8 @@ impl Effects {
         if self.records.is_empty() {
             return true;
         }
-        let journal = match &mut self.store {
-            Store::Journal(j) => j,
+        let writer = match &mut self.store {
+            Store::Journal(w) => w,
             #[cfg(feature = "cluster")]
             Store::Etcd(e) => {
                 return match e.commit(&self.records, crate::clock::wall_ms()) {
@@ -352,20 +373,25 @@ impl Effects {
                 };
             }
         };
-        for r in &self.records {
-            journal.append(r);
-        }
-        let started = Instant::now();
-        match journal.commit() {
-            Ok(_) => {
+        // Nothing is with the writer (settle_outstanding ran): the next
+        // completion is this commit's.
+        let mut records = writer.buffer();
+        records.append(&mut self.records);
+        writer.commit(records);
+        let outcome = writer.wait_done().map_or_else(
+            || Err("journal: the writer stopped".to_string()),
+            |d| {
                 self.metrics
                     .journal_latency
-                    .observe(started.elapsed().as_secs_f64());
-                true
-            }
+                    .observe(d.latency.as_secs_f64());
+                d.outcome
+            },
+        );
+        match outcome {
+            Ok(()) => true,
             Err(e) => {
                 self.metrics.journal_errors.inc();
-                self.broken(format!("journal: {e}"));
+                self.broken(e);
                 false
             }
         }
@@ -414,7 +440,7 @@ impl Effects {
 
     /// A poisoned journal is replaced by a snapshot of the state in memory,
     /// at most once per [`REPAIR_INTERVAL`]. Returns whether it was now.
-    fn repair(&mut self, engine: &Engine) -> bool {
+    fn repair(&mut self, engine: &mut Engine) -> bool {
         #[cfg(feature = "cluster")]
         if let Store::Etcd(_) = &self.store {
             self.repair_etcd();
@@ -473,17 +499,25 @@ impl Effects {
 
     /// Replaces journal and snapshot with a snapshot of the engine's state
     /// (in wall time, like every record).
-    pub(super) fn compact(&mut self, engine: &Engine) -> bool {
-        let journal = match &mut self.store {
-            Store::Journal(j) => j,
+    pub(super) fn compact(&mut self, engine: &mut Engine) -> bool {
+        if matches!(self.store, Store::Journal(_)) {
+            self.settle_outstanding(engine);
+        }
+        let writer = match &mut self.store {
+            Store::Journal(w) => w,
             #[cfg(feature = "cluster")]
             Store::Etcd(_) => return true, // each record is its own key in etcd
         };
         let started = Instant::now();
         let records = super::restore::state_records(engine, crate::clock::wall_offset_ms());
-        if let Err(e) = journal.compact(crate::clock::wall_ms(), records) {
+        writer.repair(crate::clock::wall_ms(), records);
+        let outcome = writer.wait_done().map_or_else(
+            || Err("snapshot: the writer stopped".to_string()),
+            |d| d.outcome,
+        );
+        if let Err(e) = outcome {
             self.metrics.journal_errors.inc();
-            self.broken(format!("snapshot: {e}"));
+            self.broken(e);
             return false;
         }
         tracing::info!(

@@ -47,13 +47,14 @@ mod replies;
 mod restore;
 mod stage;
 mod timers;
+mod writer;
 
 pub use control::{Control, MappingFilter, Refused};
 pub use health::Health;
 pub use restore::{Restore, RestoreReport};
 
 use effects::{Effects, Store};
-use replies::ReplyArena;
+use replies::{Parked, ReplyArena};
 
 /// Socket receive buffer asked for (the kernel doubles it for its own
 /// bookkeeping and caps it at net.core.rmem_max).
@@ -134,6 +135,8 @@ struct State {
     engine: Engine,
     effects: Effects,
     replies: ReplyArena,
+    /// Replies of batches with the journal writer.
+    parked: Parked,
     metrics: Metrics,
     health: Arc<Health>,
     /// Cluster mode: what this node answers for (`None`: everything).
@@ -257,11 +260,18 @@ fn open(spec: ShardSpec) -> Option<State> {
         engine.announce_restart(now_ms(), &[]);
     }
     let sinks = (spec.natlog, spec.metrics.clone(), spec.health.clone());
-    let store = Store::Journal(journal);
+    let store = match writer::JournalWriter::start(index, journal) {
+        Ok(w) => Store::Journal(w),
+        Err(e) => {
+            tracing::error!(shard = index, "cannot start the journal writer thread: {e}");
+            return None;
+        }
+    };
     Some(State {
         engine,
         effects: Effects::new(index, store, spec.journal_max_bytes, dataplane, sinks),
         replies: ReplyArena::new(),
+        parked: Parked::default(),
         metrics: spec.metrics,
         health: spec.health,
         ownership: None,
@@ -292,6 +302,7 @@ fn open_clustered(spec: ShardSpec, cluster: ShardCluster) -> State {
             sinks,
         ),
         replies: ReplyArena::new(),
+        parked: Parked::default(),
         metrics: spec.metrics,
         health: spec.health,
         ownership: Some(cluster.ownership),
@@ -332,11 +343,26 @@ async fn run(
         timer.clone(),
     ));
     tokio::task::spawn_local(publish_stats(state.clone(), index));
-    // Every task works on the state between awaits only, so when this
-    // loop ends (Shutdown), no batch is half done: each was settled and
-    // answered before its task yielded. Returning drops the tasks.
+    let wake = state.borrow().effects.wake();
+    if let Some(wake) = wake {
+        tokio::task::spawn_local(recv::commit_loop(
+            state.clone(),
+            sockets.clone(),
+            wake,
+            timer.clone(),
+        ));
+    }
+    // Every task works on the state between awaits only, and a batch with
+    // the journal writer is completed by the synchronous path of any
+    // control message (then answered here), so when this loop ends
+    // (Shutdown), no batch is half done. Returning drops the tasks.
     while let Some(ctl) = ctl_rx.recv().await {
-        let more = control::control(&mut state.borrow_mut(), ctl);
+        let more = {
+            let mut st = state.borrow_mut();
+            let more = control::control(&mut st, ctl);
+            recv::answer_finished(&mut st, &sockets);
+            more
+        };
         timer.notify_one();
         if !more {
             break;

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, Notify};
 
 use pcp_wire::ResultCode;
 
-use super::effects::Origin;
+use super::effects::{Completed, Origin};
 use super::now_ms;
 use super::replies::{Peer, REPLY_SLOTS};
 use super::stage::{Stage, STAGE};
@@ -56,12 +56,71 @@ pub(super) fn handle_one(st: &mut State, sockets: &Sockets, peer: Peer, datagram
     st.metrics.latency.observe(started.elapsed().as_secs_f64());
 }
 
-/// Settles the batch, then sends the held replies, each as the outcome
-/// allows (see `effects.rs`).
+/// Batches that wait for the journal writer at most (their replies are
+/// held; past this the shard waits for the oldest before receiving more).
+const IN_FLIGHT: usize = 4;
+
+/// Ends a batch. With the journal store, its records go to the writer
+/// thread and its replies are parked until their own commit completes
+/// (`commit_loop`), so the shard goes on receiving meanwhile. Otherwise
+/// (cluster mode, a poisoned journal) it settles now and sends the held
+/// replies, each as the outcome allows (see `effects.rs`).
 pub(super) fn flush(st: &mut State, sockets: &Sockets) {
-    let settled = st.effects.settle(&mut st.engine);
-    st.replies.apply(&settled, &st.engine);
-    st.replies.send_all(sockets, &st.metrics);
+    if !st.effects.pipelined() {
+        let settled = st.effects.settle(&mut st.engine);
+        // Batches completed meanwhile go first (they came first).
+        answer_finished(st, sockets);
+        st.replies.apply(&settled, &st.engine);
+        st.replies.send_all(sockets, &st.metrics);
+        return;
+    }
+    if st.replies.is_empty() && !st.effects.has_events() {
+        return;
+    }
+    st.effects.submit(&st.engine);
+    st.parked.park(&mut st.replies);
+    while st.effects.in_flight() >= IN_FLIGHT {
+        if !finish_one(st, sockets, true) {
+            break;
+        }
+    }
+}
+
+/// Answers the oldest batch the journal writer has completed (with
+/// `wait`, waits for it); false when there is none.
+fn finish_one(st: &mut State, sockets: &Sockets, wait: bool) -> bool {
+    match st.effects.complete(&mut st.engine, wait) {
+        None => false,
+        Some(Completed::Other) => true,
+        Some(Completed::Batch(settled)) => {
+            if let Some(mut arena) = st.parked.next() {
+                arena.apply(&settled, &st.engine);
+                arena.send_all(sockets, &st.metrics);
+                st.parked.recycle(arena);
+            }
+            true
+        }
+    }
+}
+
+/// Answers every batch the journal writer has completed, without waiting.
+pub(super) fn answer_finished(st: &mut State, sockets: &Sockets) {
+    while finish_one(st, sockets, false) {}
+}
+
+/// Answers batches as the journal writer completes them.
+pub(super) async fn commit_loop(
+    state: Rc<RefCell<State>>,
+    sockets: Sockets,
+    wake: std::sync::Arc<Notify>,
+    timer: Rc<Notify>,
+) {
+    loop {
+        wake.notified().await;
+        answer_finished(&mut state.borrow_mut(), &sockets);
+        // Mappings just made durable may bring the next deadline closer.
+        timer.notify_one();
+    }
 }
 
 /// The receive loop of socket `si`: per cycle, read what the socket holds

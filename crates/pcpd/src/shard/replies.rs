@@ -2,6 +2,7 @@
 //! each request was sent to. A refusal from [`Settled::refusal`] replaces
 //! the held answer here and nowhere else.
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 
 use pcp_engine::Engine;
@@ -53,6 +54,10 @@ impl ReplyArena {
 
     pub(super) fn is_full(&self) -> bool {
         self.held.len() == REPLY_SLOTS
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.held.is_empty()
     }
 
     /// Lets the engine answer `datagram` into the next slot; returns the
@@ -157,6 +162,34 @@ impl ReplyArena {
             }
         }
         self.held.clear();
+    }
+}
+
+/// The reply arenas of batches the journal writer has not completed,
+/// oldest first, and emptied arenas kept for reuse (one allocation per
+/// arena for the life of the shard).
+#[derive(Default)]
+pub(super) struct Parked {
+    queue: VecDeque<ReplyArena>,
+    spare: Vec<ReplyArena>,
+}
+
+impl Parked {
+    /// Parks the current arena with its batch and gives `current` an
+    /// empty one.
+    pub(super) fn park(&mut self, current: &mut ReplyArena) {
+        let fresh = self.spare.pop().unwrap_or_else(ReplyArena::new);
+        self.queue.push_back(std::mem::replace(current, fresh));
+    }
+
+    /// The oldest parked arena (its batch completed).
+    pub(super) fn next(&mut self) -> Option<ReplyArena> {
+        self.queue.pop_front()
+    }
+
+    /// Keeps a sent (empty) arena for reuse.
+    pub(super) fn recycle(&mut self, arena: ReplyArena) {
+        self.spare.push(arena);
     }
 }
 

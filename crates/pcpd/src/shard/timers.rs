@@ -45,6 +45,8 @@ fn fire(st: &mut State, sockets: &Sockets) {
     st.engine.handle_timeout(now_ms());
     st.effects.collect(&mut st.engine, Origin::Timer);
     let settled = st.effects.settle(&mut st.engine);
+    // Batches of requests the synchronous settle completed: answered first.
+    super::recv::answer_finished(st, sockets);
     while let Some(tx) = st.engine.poll_transmit() {
         if !settled.durable {
             // A mapping update or ANNOUNCE must not report state that a
