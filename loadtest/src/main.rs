@@ -138,51 +138,22 @@ fn socket(bind: SocketAddr, reuse_port: bool) -> anyhow::Result<(UdpSocket, UdpS
     Ok((UdpSocket::from_std(std_sock)?, state))
 }
 
+/// The reflector: one thread and one SO_REUSEPORT socket per core, each
+/// receiving up to [`BATCH`] datagrams per `recvmmsg` and echoing them
+/// with one `sendmmsg`, into buffers allocated once. It is the ceiling
+/// pcpd is measured against, so it must be the best this machine can do
+/// (checked against `loadtest/baseline/reflect.c` by `report.sh`).
 fn reflect(listen: SocketAddr, threads: usize, lifetime: Duration) -> anyhow::Result<()> {
-    let mut handles = Vec::new();
-    for _ in 0..threads {
-        handles.push(std::thread::spawn(move || -> anyhow::Result<()> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let (sock, state) = socket(listen, true)?;
-                let end = Instant::now() + lifetime;
-                let mut bufs = Box::new([[0u8; 1500]; BATCH]);
-                let mut metas = [RecvMeta::default(); BATCH];
-                while Instant::now() < end {
-                    if tokio::time::timeout(Duration::from_millis(200), sock.readable())
-                        .await
-                        .is_err()
-                    {
-                        continue;
-                    }
-                    let mut iovs = bufs.each_mut().map(|b| IoSliceMut::new(&mut b[..]));
-                    let n = match sock.try_io(Interest::READABLE, || {
-                        state.recv((&sock).into(), &mut iovs, &mut metas)
-                    }) {
-                        Ok(n) => n,
-                        Err(_) => continue,
-                    };
-                    for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
-                        for d in buf[..meta.len].chunks(meta.stride.max(1)) {
-                            let t = Transmit {
-                                destination: meta.addr,
-                                ecn: None,
-                                contents: d,
-                                segment_size: None,
-                                src_ip: meta.dst_ip,
-                            };
-                            let _ = sock
-                                .try_io(Interest::WRITABLE, || state.try_send((&sock).into(), &t));
-                        }
-                    }
-                    tokio::task::yield_now().await;
-                }
-                anyhow::Ok(())
-            })
-        }));
-    }
+    let end = Instant::now() + lifetime;
+    // Bind every socket before answering, so the kernel spreads the load
+    // over all of them from the first datagram.
+    let sockets = (0..threads)
+        .map(|_| reflect_socket(listen))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let handles: Vec<_> = sockets
+        .into_iter()
+        .map(|sock| std::thread::spawn(move || reflect_loop(&sock, end)))
+        .collect();
     eprintln!(
         "reflecting on {listen} with {threads} threads for {} s",
         lifetime.as_secs()
@@ -190,6 +161,72 @@ fn reflect(listen: SocketAddr, threads: usize, lifetime: Duration) -> anyhow::Re
     for h in handles {
         h.join()
             .map_err(|_| anyhow::anyhow!("reflector thread panicked"))??;
+    }
+    Ok(())
+}
+
+/// A blocking socket that wakes at least every 200 ms (to see the end).
+fn reflect_socket(listen: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(
+        Domain::for_address(listen),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    s.set_reuse_port(true)?;
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let _ = s.set_recv_buffer_size(8 << 20);
+    let _ = s.set_send_buffer_size(8 << 20);
+    s.bind(&listen.into())
+        .with_context(|| format!("bind {listen}"))?;
+    Ok(s.into())
+}
+
+fn reflect_loop(sock: &std::net::UdpSocket, end: Instant) -> anyhow::Result<()> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{
+        recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
+    };
+    use std::io::IoSlice;
+    use std::os::fd::AsRawFd;
+    let fd = sock.as_raw_fd();
+    let mut bufs: Box<[[u8; 1500]; BATCH]> = Box::new([[0u8; 1500]; BATCH]);
+    let mut rx = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut tx = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut addrs: [Option<SockaddrStorage>; BATCH] = [None; BATCH];
+    let mut lens = [0usize; BATCH];
+    let no_cmsgs: [ControlMessage<'_>; 0] = [];
+    while Instant::now() < end {
+        let n = {
+            let mut iovs = bufs.each_mut().map(|b| [IoSliceMut::new(&mut b[..])]);
+            // MSG_WAITFORONE: block for the first datagram, then take
+            // what is queued without waiting.
+            let got = match recvmmsg(fd, &mut rx, iovs.iter_mut(), MsgFlags::MSG_WAITFORONE, None) {
+                Ok(got) => got,
+                Err(Errno::EAGAIN | Errno::EINTR) => continue,
+                Err(e) => bail!("recvmmsg: {e}"),
+            };
+            let mut n = 0;
+            for m in got {
+                addrs[n] = m.address;
+                lens[n] = m.bytes;
+                n += 1;
+            }
+            n
+        };
+        let iovs: [[IoSlice<'_>; 1]; BATCH] =
+            std::array::from_fn(|i| [IoSlice::new(&bufs[i][..lens[i]])]);
+        match sendmmsg(
+            fd,
+            &mut tx,
+            &iovs[..n],
+            &addrs[..n],
+            no_cmsgs,
+            MsgFlags::empty(),
+        ) {
+            Ok(_) | Err(Errno::EAGAIN | Errno::EINTR) => {}
+            Err(e) => bail!("sendmmsg: {e}"),
+        }
     }
     Ok(())
 }
