@@ -47,10 +47,17 @@ run() { # name, then loadtest arguments
 "$LT" reflect --listen "$IP:5399" --threads 2 --seconds 900 2>/dev/null &
 REFLECT_PID=$!
 PIDS+=("$REFLECT_PID")
+# The independent check of the baseline: a plain C recvmmsg/sendmmsg
+# reflector, driven by the same generator in the same rounds.
+cc -O2 -pthread -o target/reflect-c loadtest/baseline/reflect.c
+target/reflect-c "$IP" 5398 2 900 &
+CREFLECT_PID=$!
+PIDS+=("$CREFLECT_PID")
 sleep 0.5
 
 for round in 1 2 3; do
   run "reflect-$round" --target "$IP:5399" --echo --mix create --subscribers 10000 --server-pid "$REFLECT_PID"
+  run "reflect-c-$round" --target "$IP:5398" --echo --mix create --subscribers 10000 --server-pid "$CREFLECT_PID"
   start_pcpd
   run "create-$round" --target "$IP:5351" --mix create --subscribers 10000 --mappings 0 --server-pid "$PCPD_PID"
   run "renew-$round" --target "$IP:5351" --mix renew --subscribers 10000 --mappings 4 --server-pid "$PCPD_PID"
@@ -92,6 +99,10 @@ for w in ("create", "renew", "mixed"):
     lat = med["latency_us"]
     bad = sum(x["invalid"] + x["lost"] for x in runs)
     print(f"| {w} | {statistics.median(r['replies_per_sec'] for r in runs):,.0f} | {statistics.median(r['replies_per_sec'] for r in refl):,.0f} | {statistics.median(ratios):.0%} | {lat['p50']} / {lat['p99']} / {lat['p999']} | {cpu:.1f} |" + ("" if bad == 0 else f" ({bad} lost or invalid)"))
+print()
+crefl = [load(f"reflect-c-{r}") for r in (1, 2, 3)]
+cr = [a["replies_per_sec"] / b["replies_per_sec"] for a, b in zip(refl, crefl)]
+print(f"Baseline check: pcp-loadtest reflect {statistics.median(r['replies_per_sec'] for r in refl):,.0f}/s, C reflector (loadtest/baseline/reflect.c) {statistics.median(r['replies_per_sec'] for r in crefl):,.0f}/s, ratio {statistics.median(cr):.2f} (median of paired rounds).")
 print()
 print("| live mappings | subscribers | renew replies/s | p99 µs | pcpd RSS | bytes per mapping (RSS growth) |")
 print("|---|---|---|---|---|---|")

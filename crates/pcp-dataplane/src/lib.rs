@@ -21,7 +21,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use pcp_engine::{
@@ -305,10 +305,11 @@ pub trait Dataplane: Send {
     fn name(&self) -> &'static str;
 }
 
-/// The in-memory backend: keeps what would be installed.
+/// The in-memory backend: keeps what would be installed, hashed by key
+/// (a renewal that only moves the expiry updates it in place).
 #[derive(Debug, Default)]
 pub struct MemoryDataplane {
-    entries: BTreeMap<Key, Option<Entry>>,
+    entries: HashMap<Key, Option<Entry>>,
 }
 
 impl MemoryDataplane {
@@ -339,9 +340,14 @@ impl Dataplane for MemoryDataplane {
             .iter()
             .map(|c| {
                 match c {
-                    Change::Upsert(e) => {
-                        self.entries.insert(e.key(), Some(e.clone()));
-                    }
+                    Change::Upsert(e) => match self.entries.get_mut(&e.key()) {
+                        Some(Some(have)) if have.same_but_expiry(e) => {
+                            have.expires_ms = e.expires_ms;
+                        }
+                        _ => {
+                            self.entries.insert(e.key(), Some(e.clone()));
+                        }
+                    },
                     Change::Remove(k) => {
                         self.entries.remove(k);
                     }
@@ -358,7 +364,10 @@ impl Dataplane for MemoryDataplane {
     }
 
     fn installed(&self) -> Vec<(Key, Option<Entry>)> {
-        self.entries.iter().map(|(k, v)| (*k, v.clone())).collect()
+        let mut all: Vec<(Key, Option<Entry>)> =
+            self.entries.iter().map(|(k, v)| (*k, v.clone())).collect();
+        all.sort_unstable_by_key(|(k, _)| *k);
+        all
     }
 
     fn name(&self) -> &'static str {

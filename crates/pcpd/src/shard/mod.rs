@@ -7,6 +7,8 @@
 //! | `recv.rs` | batched receive, hand-off to the owning shard, flush |
 //! | `stage.rs` | overload shedding: what is answered when not all can be |
 //! | `effects.rs` | the one forward path: journal, dataplane, NAT log; refusals |
+//! | `effects/pipeline.rs` | a batch with the journal writer, finished when its commit completes |
+//! | `writer.rs` | the journal writer thread: group commit and fdatasync off the shard |
 //! | `replies.rs` | held replies, replaced by a refusal, sent after settling |
 //! | `timers.rs` | timers and unsolicited messages (§14) |
 //! | `control.rs` | operator requests (admin API, shutdown) |
@@ -16,8 +18,9 @@
 //!
 //! Per batch: receive up to `quinn_udp::BATCH_SIZE` datagrams (recvmmsg,
 //! with the destination address of each), hand the ones owned by another
-//! shard to it over a bounded queue, answer the rest, settle the engine's
-//! effects, and only then send the replies, from the address the request
+//! shard to it over a bounded queue, answer the rest, hand the engine's
+//! records to the journal writer, and only once they are on disk (and the
+//! dataplane holds the changes) send the replies, from the address the request
 //! was sent to. No task and no heap allocation per datagram.
 
 use std::cell::RefCell;
