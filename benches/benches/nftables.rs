@@ -1,7 +1,9 @@
 //! The nftables backend against the kernel: element changes per second
-//! in batches of 1..10,000, and the cost of one batch. Needs root and nft;
-//! it runs in a network namespace of its own so nothing touches the
-//! host's ruleset.
+//! in batches of 1..10,000, and the cost of one batch, for both ways the
+//! backend writes elements, side by side in the same run: in-process
+//! netlink (the default) and `nft -f` (one process per batch). Needs root
+//! and nft; it runs in a network namespace of its own so nothing touches
+//! the host's ruleset.
 //!
 //! Baseline, measured in the same run: one `nft -f -` transaction that
 //! changes nothing (the cost of starting nft and one netlink round trip).
@@ -50,8 +52,11 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // cargo bench --list
     }
-    let mut dp = NftablesDataplane::open("pcpdbench", "nft", FirewallRules::default())
+    let mut netlink = NftablesDataplane::open("pcpdbench_nl", "nft", FirewallRules::default())
         .expect("nft works (root)");
+    let mut text = NftablesDataplane::open("pcpdbench_nft", "nft", FirewallRules::default())
+        .expect("nft works (root)");
+    text.set_netlink(false);
     let far = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -76,41 +81,56 @@ fn main() {
         "baseline: one empty nft transaction {:.2} ms",
         baseline.as_secs_f64() * 1e3
     );
-    println!("| batch | add: ms/batch | add: changes/s | renew: ms/batch | delete: ms/batch | delete: changes/s | add batch / baseline |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| batch | backend | add: ms/batch | add: changes/s | renew: ms/batch | delete: ms/batch | delete: changes/s | add batch / baseline |");
+    println!("|---|---|---|---|---|---|---|---|");
     for batch in [1u32, 10, 100, 1_000, 10_000] {
-        let (mut adds, mut renews, mut dels) = (Vec::new(), Vec::new(), Vec::new());
-        for r in 0..rounds {
-            let ups: Vec<Change> = (0..batch)
-                .map(|i| Change::Upsert(entry(r * 20_000 + i, far)))
-                .collect();
-            let t = Instant::now();
-            assert!(dp.apply(&ups).iter().all(Result::is_ok));
-            adds.push(t.elapsed());
-            // Renewals that only move the expiry (by a minute): inside the
-            // elements' safety net, no kernel operation.
-            let renew: Vec<Change> = (0..batch)
-                .map(|i| Change::Upsert(entry(r * 20_000 + i, far + 60_000)))
-                .collect();
-            let t = Instant::now();
-            assert!(dp.apply(&renew).iter().all(Result::is_ok));
-            renews.push(t.elapsed());
-            let rms: Vec<Change> = (0..batch)
-                .map(|i| Change::Remove(entry(r * 20_000 + i, far).key()))
-                .collect();
-            let t = Instant::now();
-            assert!(dp.apply(&rms).iter().all(Result::is_ok));
-            dels.push(t.elapsed());
+        for (name, dp) in [("netlink", &mut netlink), ("nft -f", &mut text)] {
+            let (a, n, d) = measure(dp, batch, rounds, far);
+            println!(
+                "| {batch} | {name} | {:.3} | {:.0} | {:.3} | {:.3} | {:.0} | {:.2}x |",
+                a.as_secs_f64() * 1e3,
+                f64::from(batch) / a.as_secs_f64(),
+                n.as_secs_f64() * 1e3,
+                d.as_secs_f64() * 1e3,
+                f64::from(batch) / d.as_secs_f64(),
+                a.as_secs_f64() / baseline.as_secs_f64(),
+            );
         }
-        let (a, n, d) = (median(adds), median(renews), median(dels));
-        println!(
-            "| {batch} | {:.2} | {:.0} | {:.3} | {:.2} | {:.0} | {:.1}x |",
-            a.as_secs_f64() * 1e3,
-            f64::from(batch) / a.as_secs_f64(),
-            n.as_secs_f64() * 1e3,
-            d.as_secs_f64() * 1e3,
-            f64::from(batch) / d.as_secs_f64(),
-            a.as_secs_f64() / baseline.as_secs_f64(),
-        );
     }
+    let (nl, _) = netlink.transactions();
+    assert!(nl > 0, "the netlink backend wrote over netlink");
+}
+
+/// Median times of `rounds` batches of `batch` adds, expiry-only
+/// renewals and deletes.
+fn measure(
+    dp: &mut NftablesDataplane,
+    batch: u32,
+    rounds: u32,
+    far: u64,
+) -> (Duration, Duration, Duration) {
+    let (mut adds, mut renews, mut dels) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let ups: Vec<Change> = (0..batch)
+            .map(|i| Change::Upsert(entry(r * 20_000 + i, far)))
+            .collect();
+        let t = Instant::now();
+        assert!(dp.apply(&ups).iter().all(Result::is_ok));
+        adds.push(t.elapsed());
+        // Renewals that only move the expiry (by a minute): inside the
+        // elements' safety net, no kernel operation.
+        let renew: Vec<Change> = (0..batch)
+            .map(|i| Change::Upsert(entry(r * 20_000 + i, far + 60_000)))
+            .collect();
+        let t = Instant::now();
+        assert!(dp.apply(&renew).iter().all(Result::is_ok));
+        renews.push(t.elapsed());
+        let rms: Vec<Change> = (0..batch)
+            .map(|i| Change::Remove(entry(r * 20_000 + i, far).key()))
+            .collect();
+        let t = Instant::now();
+        assert!(dp.apply(&rms).iter().all(Result::is_ok));
+        dels.push(t.elapsed());
+    }
+    (median(adds), median(renews), median(dels))
 }

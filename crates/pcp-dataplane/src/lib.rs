@@ -30,6 +30,7 @@ use pcp_engine::{
 };
 
 mod conntrack;
+mod nfnetlink;
 mod nftables;
 mod pinholes;
 pub use nftables::NftablesDataplane;

@@ -42,6 +42,7 @@ use pcp_engine::{
 use serde_json::Value;
 
 use crate::conntrack::{Conntrack, Forget};
+use crate::nfnetlink::{self, ElemOp, NftLink};
 use crate::pinholes::{self, FirewallRules};
 use crate::{ApplyError, Change, Dataplane, Entry, Key, ReconcilePlan, Reconciled};
 
@@ -87,6 +88,11 @@ struct PortSets {
 /// Elements per nft statement.
 const CHUNK: usize = 1024;
 
+/// Sets with `flags interval` (FILTER ranges) and the map whose values are
+/// ranges (port-block SNAT): their elements are written by `nft -f`, the
+/// others over netlink ([`crate::nfnetlink`]).
+const INTERVAL_SETS: [&str; 4] = ["filter4", "subs", "pinfilter4", "pinfilter6"];
+
 /// One transaction being built. Each element touched keeps its state
 /// before the batch and after it, so a batch that creates and deletes the
 /// same mapping writes nothing, and the text is a few statements with many
@@ -98,8 +104,9 @@ struct Script {
     touched: HashMap<ElemId, Touched>,
 }
 
-/// An element before the batch, and after it with its timeout text.
-type Touched = (Option<Elem>, Option<(Elem, String)>);
+/// An element before the batch, and after it with its kernel timeout in
+/// seconds (`None`: none).
+type Touched = (Option<Elem>, Option<(Elem, Option<u64>)>);
 
 /// An element's set and key.
 type ElemId = (&'static str, String);
@@ -117,17 +124,65 @@ impl Script {
         }
     }
 
-    /// Installs an element with a timeout text (`""`: none).
-    fn add(&mut self, el: Elem, timeout: &str) {
+    /// Installs an element with a kernel timeout in seconds (`None`: none).
+    fn add(&mut self, el: Elem, timeout: Option<u64>) {
         let k = (el.set, el.key.clone());
         match self.touched.get_mut(&k) {
-            Some(t) => t.1 = Some((el, timeout.to_string())),
+            Some(t) => t.1 = Some((el, timeout)),
             None => {
                 self.order.push(k.clone());
-                self.touched
-                    .insert(k, (None, Some((el, timeout.to_string()))));
+                self.touched.insert(k, (None, Some((el, timeout))));
             }
         }
+    }
+
+    /// The three phases of the transaction, in order: elements that go
+    /// away added as they are, then deleted, then the new ones added
+    /// (see [`Script::render`]).
+    fn phases(&self) -> [Vec<(&Elem, Option<u64>)>; 3] {
+        let (mut old, mut gone, mut new) = (Vec::new(), Vec::new(), Vec::new());
+        for k in &self.order {
+            let Some((before, after)) = self.touched.get(k) else {
+                continue;
+            };
+            if let Some(b) = before {
+                old.push((b, None));
+                gone.push((b, None));
+            }
+            if let Some((a, timeout)) = after {
+                new.push((a, *timeout));
+            }
+        }
+        [old, gone, new]
+    }
+
+    /// The transaction as netlink element operations, grouped per set
+    /// within each phase; `None` when an element is in an interval set (or
+    /// is not a plain concatenation), which only `nft -f` writes.
+    fn ops(&self) -> Option<Vec<ElemOp>> {
+        let mut ops = Vec::new();
+        for (phase, list) in self.phases().into_iter().enumerate() {
+            let at = ops.len();
+            for (el, timeout) in list {
+                if INTERVAL_SETS.contains(&el.set) {
+                    return None;
+                }
+                let add = phase != 1;
+                ops.push(ElemOp {
+                    ipv6: pinholes::family(el.set) == "ip6",
+                    set: el.set,
+                    add,
+                    key: nfnetlink::encode(&el.key)?,
+                    data: match (&el.value, add) {
+                        (Some(v), true) => Some(nfnetlink::encode(v)?),
+                        _ => None,
+                    },
+                    timeout_ms: timeout.map(|s| s * 1000),
+                });
+            }
+            ops[at..].sort_by_key(|o| (o.ipv6, o.set));
+        }
+        Some(ops)
     }
 
     fn is_empty(&self) -> bool {
@@ -145,23 +200,24 @@ impl Script {
                 .map(|v| format!(" : {v}"))
                 .unwrap_or_default()
         };
-        let mut old: Vec<(&str, String)> = Vec::new();
-        let mut gone: Vec<(&str, String)> = Vec::new();
-        let mut new: Vec<(&str, String)> = Vec::new();
-        for k in &self.order {
-            let Some((before, after)) = self.touched.get(k) else {
-                continue;
-            };
-            if let Some(b) = before {
-                old.push((b.set, format!("{}{}", b.key, value(b))));
-                gone.push((b.set, b.key.clone()));
-            }
-            if let Some((a, timeout)) = after {
-                new.push((a.set, format!("{}{timeout}{}", a.key, value(a))));
-            }
-        }
+        let [old, gone, new] = self.phases();
+        let old = old
+            .into_iter()
+            .map(|(b, _)| (b.set, format!("{}{}", b.key, value(b))));
+        let gone = gone.into_iter().map(|(b, _)| (b.set, b.key.clone()));
+        let new = new.into_iter().map(|(a, timeout)| {
+            let t = timeout
+                .map(|s| format!(" timeout {s}s"))
+                .unwrap_or_default();
+            (a.set, format!("{}{t}{}", a.key, value(a)))
+        });
+        let phases: [(&str, Vec<(&str, String)>); 3] = [
+            ("add", old.collect()),
+            ("delete", gone.collect()),
+            ("add", new.collect()),
+        ];
         let mut out = String::new();
-        for (verb, list) in [("add", old), ("delete", gone), ("add", new)] {
+        for (verb, list) in phases {
             let mut by_set: Vec<(&str, Vec<String>)> = Vec::new();
             for (set, text) in list {
                 match by_set.iter_mut().find(|(s, _)| *s == set) {
@@ -200,6 +256,12 @@ pub struct NftablesDataplane {
     /// ctnetlink, opened on first use (flows of removed mappings).
     conntrack: Option<Conntrack>,
     conntrack_complained: bool,
+    /// nf_tables over netlink, opened on first use; `None` with
+    /// `netlink` false: every batch goes through `nft -f`.
+    link: Option<NftLink>,
+    netlink: bool,
+    /// Transactions committed over netlink and through `nft -f`.
+    transactions: (u64, u64),
     installed: HashMap<Key, Installed>,
     ports: HashMap<Ipv4Addr, PortSets>,
 }
@@ -256,6 +318,9 @@ impl NftablesDataplane {
             firewall,
             conntrack: None,
             conntrack_complained: false,
+            link: None,
+            netlink: true,
+            transactions: (0, 0),
             installed: HashMap::new(),
             ports: HashMap::new(),
         };
@@ -277,6 +342,9 @@ impl NftablesDataplane {
                 firewall: self.firewall.clone(),
                 conntrack: None,
                 conntrack_complained: false,
+                link: None,
+                netlink: self.netlink,
+                transactions: (0, 0),
                 installed: HashMap::new(),
                 ports: HashMap::new(),
             })
@@ -346,6 +414,54 @@ impl NftablesDataplane {
         }
     }
 
+    /// Whether element changes go over netlink (the default) or, with
+    /// `false`, through `nft -f` like the table's skeleton (the bench
+    /// compares both).
+    pub fn set_netlink(&mut self, on: bool) {
+        self.netlink = on;
+        if !on {
+            self.link = None;
+        }
+    }
+
+    /// Element transactions committed so far: (over netlink, through
+    /// `nft -f`).
+    pub fn transactions(&self) -> (u64, u64) {
+        self.transactions
+    }
+
+    /// Runs one transaction: over netlink when every element is in a set
+    /// of plain concatenations, else as nft text.
+    fn commit(&mut self, script: &Script) -> Result<(), ApplyError> {
+        let ops = if self.netlink { script.ops() } else { None };
+        let Some(ops) = ops else {
+            self.transactions.1 += 1;
+            return self.run(&script.render(&self.table));
+        };
+        self.transactions.0 += 1;
+        if self.link.is_none() {
+            match NftLink::open() {
+                Ok(l) => self.link = Some(l),
+                Err(e) => {
+                    tracing::warn!(
+                        "nf_tables netlink: {e}; element changes go through {}",
+                        self.nft
+                    );
+                    self.netlink = false;
+                    self.transactions = (self.transactions.0 - 1, self.transactions.1 + 1);
+                    return self.run(&script.render(&self.table));
+                }
+            }
+        }
+        let table = &self.table;
+        let result = self.link.as_mut().map_or(Ok(()), |l| l.apply(table, &ops));
+        result.map_err(|e| {
+            // A socket in an unknown state is not reused.
+            self.link = None;
+            ApplyError::Refused(format!("nf_tables: {e}"))
+        })
+    }
+
     /// Reads the tables' elements back (after a restart of pcpd).
     fn load(&mut self) -> Result<(), ApplyError> {
         let mut items = Vec::new();
@@ -371,7 +487,7 @@ impl NftablesDataplane {
 
     /// The elements of one mapping, the timeout text they carry, and when
     /// the kernel will drop them.
-    fn elems_for(e: &Entry) -> Result<(Vec<Elem>, String, Millis), ApplyError> {
+    fn elems_for(e: &Entry) -> Result<(Vec<Elem>, Option<u64>, Millis), ApplyError> {
         let proto = proto_name(e.protocol).ok_or_else(|| {
             ApplyError::Refused(format!(
                 "protocol {} is not NATed by nftables here",
@@ -380,10 +496,10 @@ impl NftablesDataplane {
         })?;
         let now = now_ms();
         let (timeout, kernel_expires_ms) = if e.expires_ms == Millis::MAX {
-            (String::new(), Millis::MAX)
+            (None, Millis::MAX)
         } else {
             let secs = e.expires_ms.saturating_sub(now).div_ceil(1000) + SAFETY_SECS;
-            (format!(" timeout {secs}s"), now + secs * 1000)
+            (Some(secs), now + secs * 1000)
         };
         if e.firewall {
             return Ok((pinholes::elems(e, proto)?, timeout, kernel_expires_ms));
@@ -486,7 +602,7 @@ impl NftablesDataplane {
                     }
                 }
                 for el in &elems {
-                    out.add(el.clone(), &timeout);
+                    out.add(el.clone(), timeout);
                 }
                 let prev = self.installed.insert(
                     key,
@@ -559,7 +675,7 @@ impl NftablesDataplane {
                         key: sub.to_string(),
                         value: Some(v.clone()),
                     },
-                    "",
+                    None,
                 );
             }
         }
@@ -842,7 +958,7 @@ impl Dataplane for NftablesDataplane {
                 Err(e) => results.push(Err(e)),
             }
         }
-        if script.is_empty() || self.run(&script.render(&self.table)).is_ok() {
+        if script.is_empty() || self.commit(&script).is_ok() {
             self.forget_flows(&flows);
             return results;
         }
@@ -859,7 +975,7 @@ impl Dataplane for NftablesDataplane {
                 let mut these = Forget::default();
                 let undo = self.stage(c, &mut one, &mut these)?;
                 if !one.is_empty() {
-                    if let Err(e) = self.run(&one.render(&self.table)) {
+                    if let Err(e) = self.commit(&one) {
                         self.undo(undo);
                         return Err(e);
                     }

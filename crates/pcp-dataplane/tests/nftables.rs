@@ -456,3 +456,92 @@ fn pinholes_are_set_elements_of_their_family_and_read_back() {
     NftablesDataplane::open(&t.0, "nft", v6_only).unwrap();
     assert!(!chain("ip") && chain("ip6"));
 }
+
+/// Elements of a set without their timeouts, sorted, and their timeouts.
+fn plain_elements(table: &str, set: &str) -> (Vec<String>, Vec<u64>) {
+    let mut els: Vec<Value> = elements(table, set);
+    let timeouts = els.iter().map(timeout_of).collect();
+    let mut texts: Vec<String> = els
+        .iter_mut()
+        .map(|el| {
+            if let Some(e) = el[0].get_mut("elem") {
+                let val = e["val"].clone();
+                el[0] = val;
+            }
+            el.to_string()
+        })
+        .collect();
+    texts.sort();
+    (texts, timeouts)
+}
+
+#[test]
+fn netlink_and_nft_write_the_same_elements() {
+    // Two tables, the same changes: one over netlink (the default), one
+    // through `nft -f`. The kernel must end up with the same elements,
+    // values and timeouts in both, after every batch.
+    let (a, b) = (table("netlink"), table("nfttext"));
+    let mut fast = NftablesDataplane::open(&a.0, "nft", FirewallRules::default()).unwrap();
+    let mut text = NftablesDataplane::open(&b.0, "nft", FirewallRules::default()).unwrap();
+    text.set_netlink(false);
+    let sub = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1));
+    let block = Block {
+        addr: Ipv4Addr::new(192, 0, 2, 1),
+        first: 1024,
+        len: 512,
+    };
+    // A second MAP of the subscriber, on internal ports 9000-9002.
+    let second = |lifetime_s| {
+        let mut e = map_entry(1060, 3, lifetime_s, Vec::new());
+        e.internal_port = 9000;
+        e
+    };
+    let batches: Vec<Vec<Change>> = vec![
+        // A first block and mappings (the block's SNAT range: nft).
+        vec![
+            Change::AddBlock {
+                subscriber: sub,
+                block,
+            },
+            Change::Upsert(map_entry(1050, 1, 3600, Vec::new())),
+        ],
+        // Mappings of a subscriber that has its block: netlink.
+        vec![Change::Upsert(second(600)), Change::Upsert(peer_entry())],
+        // A renewal past the safety net rewrites its elements; a delete.
+        vec![
+            Change::Upsert(second(86_400)),
+            Change::Remove(map_entry(1050, 1, 1, Vec::new()).key()),
+        ],
+        // Deleting again is not an error (add as it was, then delete).
+        vec![
+            Change::Remove(peer_entry().key()),
+            Change::Remove(peer_entry().key()),
+        ],
+    ];
+    for (i, changes) in batches.iter().enumerate() {
+        let r = fast.apply(changes);
+        assert!(r.iter().all(Result::is_ok), "batch {i} over netlink: {r:?}");
+        let r = text.apply(changes);
+        assert!(r.iter().all(Result::is_ok), "batch {i} through nft: {r:?}");
+        for set in ["dnat4", "snat4", "peer4", "subs"] {
+            let (fa, ta) = plain_elements(&a.0, set);
+            let (fb, tb) = plain_elements(&b.0, set);
+            assert_eq!(fa, fb, "batch {i}, {set}");
+            for (x, y) in ta.iter().zip(&tb) {
+                assert!(
+                    x.abs_diff(*y) <= 2,
+                    "batch {i}, {set}: timeouts {ta:?} vs {tb:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(plain_elements(&a.0, "dnat4").0.len(), 3);
+    assert!(plain_elements(&a.0, "peer4").0.is_empty());
+    let (over_netlink, through_nft) = fast.transactions();
+    assert_eq!(
+        (over_netlink, through_nft),
+        (3, 1),
+        "only the block went through nft"
+    );
+    assert_eq!(text.transactions().0, 0);
+}

@@ -1,0 +1,247 @@
+//! Set-element changes sent to the kernel's nf_tables over netlink, from
+//! inside pcpd: no `nft` process per batch. One batch is one nf_tables
+//! transaction (`NFNL_MSG_BATCH_BEGIN` .. `NFNL_MSG_BATCH_END`, atomic in
+//! the kernel), made of `NEWSETELEM` / `DELSETELEM` messages of up to
+//! [`ELEMS_PER_MESSAGE`] elements each; every message asks for an ack, so
+//! the answer says whether the whole transaction held.
+//!
+//! Keys and values are nf_tables' register layout for concatenations:
+//! each part padded to 4 bytes (an IPv4 address 4, an IPv6 address 16,
+//! `inet_proto` 1 + 3, `inet_service` 2 big-endian + 2), the layout
+//! `nft --debug=netlink` shows. Only sets of plain concatenations go this
+//! way; interval sets (FILTER ranges, the port-block SNAT map) stay with
+//! `nft -f` (see `nftables.rs`).
+//!
+//! The messages are built with `netlink-packet-netfilter` (MIT) and sent
+//! with `netlink-sys`; nothing links libnftnl or libnftables.
+
+use std::io;
+use std::net::IpAddr;
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST,
+};
+use netlink_packet_netfilter::nftables::{
+    DataAttribute, ListAttribute, NfTablesMessage, SetElementAttribute, SetElementList,
+    SetElementMessage,
+};
+use netlink_packet_netfilter::none::ControlMessage;
+use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+
+/// `NFNL_SUBSYS_NFTABLES`: the batch messages' resource id.
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+/// Elements per NEWSETELEM/DELSETELEM message.
+pub(crate) const ELEMS_PER_MESSAGE: usize = 256;
+/// Element operations per transaction: one transaction never holds the
+/// nf_tables mutex for long (kube-proxy's cap is about a thousand).
+pub(crate) const OPS_PER_TRANSACTION: usize = 1000;
+
+/// One element added to or removed from a set of pcpd's table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ElemOp {
+    /// `ip` or `ip6` table.
+    pub(crate) ipv6: bool,
+    /// The set or map.
+    pub(crate) set: &'static str,
+    /// Add (without NLM_F_EXCL: an identical element is not an error) or
+    /// delete.
+    pub(crate) add: bool,
+    /// The key, in register layout.
+    pub(crate) key: Vec<u8>,
+    /// A map element's value, in register layout.
+    pub(crate) data: Option<Vec<u8>>,
+    /// The element's kernel timeout (adds only).
+    pub(crate) timeout_ms: Option<u64>,
+}
+
+/// The register layout of a key or value as nft's text writes it
+/// (`192.0.2.1 . tcp . 80`); `None` for anything else (a prefix, a range).
+pub(crate) fn encode(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(24);
+    for part in text.split(" . ") {
+        match part {
+            "tcp" => out.extend_from_slice(&[6, 0, 0, 0]),
+            "udp" => out.extend_from_slice(&[17, 0, 0, 0]),
+            _ => match (part.parse::<IpAddr>(), part.parse::<u16>()) {
+                (Ok(IpAddr::V4(a)), _) => out.extend_from_slice(&a.octets()),
+                (Ok(IpAddr::V6(a)), _) => out.extend_from_slice(&a.octets()),
+                (_, Ok(port)) => {
+                    out.extend_from_slice(&port.to_be_bytes());
+                    out.extend_from_slice(&[0, 0]);
+                }
+                _ => return None,
+            },
+        }
+    }
+    Some(out)
+}
+
+/// A netlink socket to nf_tables.
+pub(crate) struct NftLink {
+    socket: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl NftLink {
+    pub(crate) fn open() -> io::Result<Self> {
+        let mut socket = Socket::new(NETLINK_NETFILTER)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        Ok(NftLink {
+            socket,
+            seq: 0,
+            buf: vec![0u8; 1 << 16],
+        })
+    }
+
+    /// Applies `ops` to table `table`: one transaction per
+    /// [`OPS_PER_TRANSACTION`] operations, in order. `Err` when the kernel
+    /// refused one (that transaction changed nothing; earlier ones hold).
+    pub(crate) fn apply(&mut self, table: &str, ops: &[ElemOp]) -> io::Result<()> {
+        for chunk in ops.chunks(OPS_PER_TRANSACTION) {
+            self.transaction(table, chunk)?;
+        }
+        Ok(())
+    }
+
+    fn transaction(&mut self, table: &str, ops: &[ElemOp]) -> io::Result<()> {
+        let mut out = Vec::with_capacity(ops.len() * 64 + 64);
+        self.push(&mut out, 0, batch(ControlMessage::BatchBegin));
+        let first = self.seq.wrapping_add(1);
+        let mut acks = 0usize;
+        let mut i = 0;
+        while i < ops.len() {
+            let head = &ops[i];
+            let run = ops[i..]
+                .iter()
+                .take(ELEMS_PER_MESSAGE)
+                .take_while(|o| o.ipv6 == head.ipv6 && o.set == head.set && o.add == head.add)
+                .count();
+            let elements = ops[i..i + run].iter().map(element).collect();
+            let body = SetElementMessage {
+                attributes: vec![
+                    SetElementList::Table(table.to_string()),
+                    SetElementList::Set(head.set.to_string()),
+                    SetElementList::Elements(elements),
+                ],
+            };
+            let (msg, flags) = if head.add {
+                (
+                    NfTablesMessage::NewSetElement(body),
+                    NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
+                )
+            } else {
+                (
+                    NfTablesMessage::DeleteSetElement(body),
+                    NLM_F_REQUEST | NLM_F_ACK,
+                )
+            };
+            let family = if head.ipv6 {
+                NetfilterProtoFamily::IPv6
+            } else {
+                NetfilterProtoFamily::IPv4
+            };
+            self.push(
+                &mut out,
+                flags,
+                NetfilterMessage::new(NetfilterHeader::new(family, 0, 0), msg),
+            );
+            acks += 1;
+            i += run;
+        }
+        self.push(&mut out, 0, batch(ControlMessage::BatchEnd));
+        self.socket.send(&out, 0)?;
+        self.acks(first, acks)
+    }
+
+    /// Appends one message (flags besides NLM_F_REQUEST as given).
+    fn push(&mut self, out: &mut Vec<u8>, flags: u16, msg: NetfilterMessage) {
+        self.seq = self.seq.wrapping_add(1);
+        let mut hdr = NetlinkHeader::default();
+        hdr.flags = flags | NLM_F_REQUEST;
+        hdr.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(hdr, NetlinkPayload::from(msg));
+        packet.finalize();
+        let at = out.len();
+        out.resize(at + packet.buffer_len(), 0);
+        packet.serialize(&mut out[at..]);
+    }
+
+    /// Reads the answers to `acks` messages numbered from `first`; the
+    /// first error is the transaction's (the kernel aborted all of it).
+    fn acks(&mut self, first: u32, mut acks: usize) -> io::Result<()> {
+        // The batch header takes a number before the first element message.
+        let span = acks as u32 + 1;
+        let mut failed: Option<io::Error> = None;
+        while acks > 0 {
+            let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+            let mut off = 0;
+            while off < n {
+                let msg = <NetlinkMessage<NetfilterMessage>>::deserialize(&self.buf[off..n])
+                    .map_err(|e| io::Error::other(format!("nf_tables netlink: {e}")))?;
+                let len = msg.header.length as usize;
+                if msg.header.sequence_number.wrapping_sub(first) < span {
+                    if let NetlinkPayload::Error(e) = msg.payload {
+                        acks = acks.saturating_sub(1);
+                        if let Some(code) = e.code {
+                            failed.get_or_insert(io::Error::from_raw_os_error(-code.get()));
+                        }
+                    }
+                }
+                if len == 0 {
+                    break;
+                }
+                off += len;
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+}
+
+fn batch(msg: ControlMessage) -> NetfilterMessage {
+    NetfilterMessage::new(
+        NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, NFNL_SUBSYS_NFTABLES),
+        msg,
+    )
+}
+
+fn element(op: &ElemOp) -> ListAttribute<SetElementAttribute> {
+    let mut attrs = vec![SetElementAttribute::Key(DataAttribute::Value(
+        op.key.clone(),
+    ))];
+    if let Some(d) = &op.data {
+        attrs.push(SetElementAttribute::Data(DataAttribute::Value(d.clone())));
+    }
+    if let Some(t) = op.timeout_ms {
+        attrs.push(SetElementAttribute::Timeout(t));
+    }
+    ListAttribute::Element(attrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_values_take_the_register_layout_nft_shows() {
+        // `nft --debug=netlink add element ip t dnat4 { 1.2.3.4 . tcp . 80
+        // : 10.0.0.1 . 8080 }` prints: 04030201 00000006 00005000 :
+        // 0100000a 0000901f (little-endian words).
+        assert_eq!(
+            encode("1.2.3.4 . tcp . 80").unwrap(),
+            [1, 2, 3, 4, 6, 0, 0, 0, 0, 80, 0, 0]
+        );
+        assert_eq!(
+            encode("10.0.0.1 . 8080").unwrap(),
+            [10, 0, 0, 1, 0x1f, 0x90, 0, 0]
+        );
+        let v6 = encode("2001:db8::1 . udp . 443").unwrap();
+        assert_eq!(v6.len(), 16 + 4 + 4);
+        assert_eq!(&v6[16..], [17, 0, 0, 0, 1, 187, 0, 0]);
+        // Prefixes and ranges are not plain concatenations.
+        assert_eq!(encode("192.0.2.0/24 . tcp . 80"), None);
+        assert_eq!(encode("192.0.2.1 . 1024-2047"), None);
+    }
+}
