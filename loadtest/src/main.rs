@@ -527,11 +527,12 @@ async fn drive(
     let mut rbufs = Box::new([[0u8; 1500]; BATCH]);
     let mut metas = [RecvMeta::default(); BATCH];
     let mut last_sweep = Instant::now();
+    let mut idle = false;
     let cap = 65_536usize;
     loop {
         let now = Instant::now();
         let sending = now < plan.until && plan.total.is_none_or(|t| sent < t);
-        if !sending && gen.out.is_empty() {
+        if (!sending || idle) && gen.out.is_empty() {
             break;
         }
         if now > plan.until + timeout * 2 {
@@ -556,6 +557,10 @@ async fn drive(
                 let r = gen.random();
                 let kind = gen.mix.pick(r);
                 let Some((key, len, src)) = gen.next(kind, &mut buf) else {
+                    // Nothing left to ask (a prefill whose creates were
+                    // lost has no subscriber without its mappings): once
+                    // the outstanding ones are answered or lost, stop.
+                    idle = gen.out.is_empty();
                     break;
                 };
                 let t = Transmit {

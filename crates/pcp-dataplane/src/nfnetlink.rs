@@ -8,9 +8,10 @@
 //! Keys and values are nf_tables' register layout for concatenations:
 //! each part padded to 4 bytes (an IPv4 address 4, an IPv6 address 16,
 //! `inet_proto` 1 + 3, `inet_service` 2 big-endian + 2), the layout
-//! `nft --debug=netlink` shows. Only sets of plain concatenations go this
-//! way; interval sets (FILTER ranges, the port-block SNAT map) stay with
-//! `nft -f` (see `nftables.rs`).
+//! `nft --debug=netlink` shows. An interval set's element (FILTER's
+//! remote prefix and port range) carries its first and last key
+//! (`NFTA_SET_ELEM_KEY_END`); a map with `interval` values (the port-block
+//! SNAT map) holds first and last value one after the other.
 //!
 //! The messages are built with `netlink-packet-netfilter` (MIT) and sent
 //! with `netlink-sys`; nothing links libnftnl or libnftables.
@@ -19,7 +20,8 @@ use std::io;
 use std::net::IpAddr;
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST,
+    DefaultNla, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE,
+    NLM_F_REQUEST,
 };
 use netlink_packet_netfilter::nftables::{
     DataAttribute, ListAttribute, NfTablesMessage, SetElementAttribute, SetElementList,
@@ -29,6 +31,8 @@ use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
+/// `NFTA_DATA_VALUE`: a key end's one attribute.
+const NFTA_DATA_VALUE: u16 = 1;
 /// `NFNL_SUBSYS_NFTABLES`: the batch messages' resource id.
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 /// Elements per NEWSETELEM/DELSETELEM message.
@@ -49,6 +53,8 @@ pub(crate) struct ElemOp {
     pub(crate) add: bool,
     /// The key, in register layout.
     pub(crate) key: Vec<u8>,
+    /// The last key of an interval set's element.
+    pub(crate) key_end: Option<Vec<u8>>,
     /// A map element's value, in register layout.
     pub(crate) data: Option<Vec<u8>>,
     /// The element's kernel timeout (adds only).
@@ -58,23 +64,56 @@ pub(crate) struct ElemOp {
 /// The register layout of a key or value as nft's text writes it
 /// (`192.0.2.1 . tcp . 80`); `None` for anything else (a prefix, a range).
 pub(crate) fn encode(text: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(24);
+    match encode_range(text)? {
+        (start, end) if start == end => Some(start),
+        _ => None,
+    }
+}
+
+/// The first and last value of a concatenation whose parts may be
+/// prefixes (`203.0.113.0/24`) or port ranges (`1024-1535`), in register
+/// layout: what an interval set's element holds as its key and key end,
+/// and what a map with `interval` values holds as its data (both, one
+/// after the other).
+pub(crate) fn encode_range(text: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+    let (mut lo, mut hi) = (Vec::with_capacity(24), Vec::with_capacity(24));
     for part in text.split(" . ") {
         match part {
-            "tcp" => out.extend_from_slice(&[6, 0, 0, 0]),
-            "udp" => out.extend_from_slice(&[17, 0, 0, 0]),
-            _ => match (part.parse::<IpAddr>(), part.parse::<u16>()) {
-                (Ok(IpAddr::V4(a)), _) => out.extend_from_slice(&a.octets()),
-                (Ok(IpAddr::V6(a)), _) => out.extend_from_slice(&a.octets()),
-                (_, Ok(port)) => {
-                    out.extend_from_slice(&port.to_be_bytes());
-                    out.extend_from_slice(&[0, 0]);
+            "tcp" | "udp" => {
+                let p = if part == "tcp" { 6 } else { 17 };
+                lo.extend_from_slice(&[p, 0, 0, 0]);
+                hi.extend_from_slice(&[p, 0, 0, 0]);
+            }
+            _ if part.contains('/') => match part.parse::<ipnet::IpNet>().ok()? {
+                ipnet::IpNet::V4(n) => {
+                    lo.extend_from_slice(&n.network().octets());
+                    hi.extend_from_slice(&n.broadcast().octets());
                 }
-                _ => return None,
+                ipnet::IpNet::V6(n) => {
+                    lo.extend_from_slice(&n.network().octets());
+                    hi.extend_from_slice(&n.broadcast().octets());
+                }
             },
+            _ => {
+                if let Ok(a) = part.parse::<IpAddr>() {
+                    let octets = match a {
+                        IpAddr::V4(a) => a.octets().to_vec(),
+                        IpAddr::V6(a) => a.octets().to_vec(),
+                    };
+                    lo.extend_from_slice(&octets);
+                    hi.extend_from_slice(&octets);
+                    continue;
+                }
+                let (a, b) = part.split_once('-').unwrap_or((part, part));
+                let (a, b) = (a.parse::<u16>().ok()?, b.parse::<u16>().ok()?);
+                lo.extend_from_slice(&a.to_be_bytes());
+                lo.extend_from_slice(&[0, 0]);
+                hi.extend_from_slice(&b.to_be_bytes());
+                hi.extend_from_slice(&[0, 0]);
+            }
         }
     }
-    Some(out)
+    Some((lo, hi))
 }
 
 /// A netlink socket to nf_tables.
@@ -211,6 +250,12 @@ fn element(op: &ElemOp) -> ListAttribute<SetElementAttribute> {
     let mut attrs = vec![SetElementAttribute::Key(DataAttribute::Value(
         op.key.clone(),
     ))];
+    if let Some(end) = &op.key_end {
+        attrs.push(SetElementAttribute::KeyEnd(vec![DefaultNla::new(
+            NFTA_DATA_VALUE,
+            end.clone(),
+        )]));
+    }
     if let Some(d) = &op.data {
         attrs.push(SetElementAttribute::Data(DataAttribute::Value(d.clone())));
     }
@@ -240,8 +285,27 @@ mod tests {
         let v6 = encode("2001:db8::1 . udp . 443").unwrap();
         assert_eq!(v6.len(), 16 + 4 + 4);
         assert_eq!(&v6[16..], [17, 0, 0, 0, 1, 187, 0, 0]);
-        // Prefixes and ranges are not plain concatenations.
+        // Prefixes and ranges are not plain concatenations: they are
+        // intervals. `nft --debug=netlink add element ip t filter4 {
+        // 192.0.2.1 . tcp . 80 . 203.0.113.0/24 . 0-65535 }` prints
+        // 010200c0 00000006 00005000 007100cb 00000000 - 010200c0 00000006
+        // 00005000 ff7100cb 0000ffff.
         assert_eq!(encode("192.0.2.0/24 . tcp . 80"), None);
-        assert_eq!(encode("192.0.2.1 . 1024-2047"), None);
+        let (lo, hi) = encode_range("192.0.2.1 . tcp . 80 . 203.0.113.0/24 . 0-65535").unwrap();
+        assert_eq!(
+            lo,
+            [192, 0, 2, 1, 6, 0, 0, 0, 0, 80, 0, 0, 203, 0, 113, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            hi,
+            [192, 0, 2, 1, 6, 0, 0, 0, 0, 80, 0, 0, 203, 0, 113, 255, 255, 255, 0, 0]
+        );
+        // The port-block SNAT map's value `192.0.2.1 . 1024-1535`: 010200c0
+        // 00000004 010200c0 0000ff05.
+        let (lo, hi) = encode_range("192.0.2.1 . 1024-1535").unwrap();
+        assert_eq!(
+            [lo, hi].concat(),
+            [192, 0, 2, 1, 4, 0, 0, 0, 192, 0, 2, 1, 5, 255, 0, 0]
+        );
     }
 }

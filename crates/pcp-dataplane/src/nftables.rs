@@ -88,10 +88,11 @@ struct PortSets {
 /// Elements per nft statement.
 const CHUNK: usize = 1024;
 
-/// Sets with `flags interval` (FILTER ranges) and the map whose values are
-/// ranges (port-block SNAT): their elements are written by `nft -f`, the
-/// others over netlink ([`crate::nfnetlink`]).
-const INTERVAL_SETS: [&str; 4] = ["filter4", "subs", "pinfilter4", "pinfilter6"];
+/// Sets with `flags interval` (FILTER's remote prefixes and port ranges):
+/// their elements carry a first and a last key.
+const INTERVAL_SETS: [&str; 3] = ["filter4", "pinfilter4", "pinfilter6"];
+/// Maps whose values are ranges (the port-block SNAT map).
+const RANGE_VALUES: [&str; 1] = ["subs"];
 
 /// One transaction being built. Each element touched keeps its state
 /// before the batch and after it, so a batch that creates and deletes the
@@ -157,26 +158,35 @@ impl Script {
     }
 
     /// The transaction as netlink element operations, grouped per set
-    /// within each phase; `None` when an element is in an interval set (or
-    /// is not a plain concatenation), which only `nft -f` writes.
+    /// within each phase; `None` when an element's text does not encode
+    /// (never for what pcpd writes; `nft -f` then reports it).
     fn ops(&self) -> Option<Vec<ElemOp>> {
         let mut ops = Vec::new();
         for (phase, list) in self.phases().into_iter().enumerate() {
             let at = ops.len();
             for (el, timeout) in list {
-                if INTERVAL_SETS.contains(&el.set) {
-                    return None;
-                }
                 let add = phase != 1;
+                let (key, key_end) = if INTERVAL_SETS.contains(&el.set) {
+                    let (lo, hi) = nfnetlink::encode_range(&el.key)?;
+                    (lo, Some(hi))
+                } else {
+                    (nfnetlink::encode(&el.key)?, None)
+                };
+                let data = match (&el.value, add) {
+                    (Some(v), true) if RANGE_VALUES.contains(&el.set) => {
+                        let (lo, hi) = nfnetlink::encode_range(v)?;
+                        Some([lo, hi].concat())
+                    }
+                    (Some(v), true) => Some(nfnetlink::encode(v)?),
+                    _ => None,
+                };
                 ops.push(ElemOp {
                     ipv6: pinholes::family(el.set) == "ip6",
                     set: el.set,
                     add,
-                    key: nfnetlink::encode(&el.key)?,
-                    data: match (&el.value, add) {
-                        (Some(v), true) => Some(nfnetlink::encode(v)?),
-                        _ => None,
-                    },
+                    key,
+                    key_end,
+                    data,
                     timeout_ms: timeout.map(|s| s * 1000),
                 });
             }

@@ -459,19 +459,29 @@ fn pinholes_are_set_elements_of_their_family_and_read_back() {
 
 /// Elements of a set without their timeouts, sorted, and their timeouts.
 fn plain_elements(table: &str, set: &str) -> (Vec<String>, Vec<u64>) {
-    let mut els: Vec<Value> = elements(table, set);
-    let timeouts = els.iter().map(timeout_of).collect();
-    let mut texts: Vec<String> = els
-        .iter_mut()
-        .map(|el| {
-            if let Some(e) = el[0].get_mut("elem") {
-                let val = e["val"].clone();
-                el[0] = val;
+    fn strip(v: &mut Value, timeouts: &mut Vec<u64>) {
+        match v {
+            Value::Object(o) => {
+                if let Some(t) = o.remove("timeout") {
+                    timeouts.push(t.as_u64().unwrap_or(0));
+                }
+                o.remove("expires");
+                o.values_mut().for_each(|x| strip(x, timeouts));
             }
+            Value::Array(a) => a.iter_mut().for_each(|x| strip(x, timeouts)),
+            _ => {}
+        }
+    }
+    let mut timeouts = Vec::new();
+    let mut texts: Vec<String> = elements(table, set)
+        .into_iter()
+        .map(|mut el| {
+            strip(&mut el, &mut timeouts);
             el.to_string()
         })
         .collect();
     texts.sort();
+    timeouts.sort();
     (texts, timeouts)
 }
 
@@ -496,21 +506,31 @@ fn netlink_and_nft_write_the_same_elements() {
         e.internal_port = 9000;
         e
     };
+    let filter = vec![(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 0)), 24, 0)];
     let batches: Vec<Vec<Change>> = vec![
-        // A first block and mappings (the block's SNAT range: nft).
+        // A first block (its SNAT range) and a mapping with a FILTER (an
+        // interval set: first and last key).
         vec![
             Change::AddBlock {
                 subscriber: sub,
                 block,
             },
-            Change::Upsert(map_entry(1050, 1, 3600, Vec::new())),
+            Change::Upsert(map_entry(1050, 1, 3600, filter)),
         ],
         // Mappings of a subscriber that has its block: netlink.
         vec![Change::Upsert(second(600)), Change::Upsert(peer_entry())],
-        // A renewal past the safety net rewrites its elements; a delete.
+        // A renewal past the safety net rewrites its elements; a delete
+        // (with its FILTER); a second block extends the SNAT range.
         vec![
             Change::Upsert(second(86_400)),
             Change::Remove(map_entry(1050, 1, 1, Vec::new()).key()),
+            Change::AddBlock {
+                subscriber: sub,
+                block: Block {
+                    first: 1536,
+                    ..block
+                },
+            },
         ],
         // Deleting again is not an error (add as it was, then delete).
         vec![
@@ -523,7 +543,7 @@ fn netlink_and_nft_write_the_same_elements() {
         assert!(r.iter().all(Result::is_ok), "batch {i} over netlink: {r:?}");
         let r = text.apply(changes);
         assert!(r.iter().all(Result::is_ok), "batch {i} through nft: {r:?}");
-        for set in ["dnat4", "snat4", "peer4", "subs"] {
+        for set in ["dnat4", "snat4", "peer4", "subs", "filtered4", "filter4"] {
             let (fa, ta) = plain_elements(&a.0, set);
             let (fb, tb) = plain_elements(&b.0, set);
             assert_eq!(fa, fb, "batch {i}, {set}");
@@ -537,11 +557,16 @@ fn netlink_and_nft_write_the_same_elements() {
     }
     assert_eq!(plain_elements(&a.0, "dnat4").0.len(), 3);
     assert!(plain_elements(&a.0, "peer4").0.is_empty());
+    assert!(plain_elements(&a.0, "filter4").0.is_empty());
+    assert_eq!(
+        elements(&a.0, "subs")[0][1]["concat"][1]["range"],
+        serde_json::json!([1024, 2047])
+    );
     let (over_netlink, through_nft) = fast.transactions();
     assert_eq!(
         (over_netlink, through_nft),
-        (3, 1),
-        "only the block went through nft"
+        (4, 0),
+        "every batch went over netlink, the FILTER ranges and SNAT blocks too"
     );
     assert_eq!(text.transactions().0, 0);
 }
