@@ -6,8 +6,11 @@
 #   2. scale: renewals with 1 k, 100 k and 1 M live mappings, and pcpd's
 #      resident memory per mapping;
 #   3. restart: with the 1 M mappings, kill -9 and time until ready (journal
-#      replay), then a clean restart (from the snapshots written at start).
-# Prints a Markdown summary; raw JSON goes to target/loadtest-report/.
+#      replay), then a clean restart (from the snapshots written at start);
+#   4. the workloads of 1 with the nftables dataplane (loadtest/report_nft.sh,
+#      in a network namespace; needs root).
+# Prints a Markdown summary and writes the plots docs/perf-scale.svg and
+# docs/perf-latency.svg; raw JSON goes to target/loadtest-report/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p pcpd -p pcp-loadtest
@@ -84,21 +87,27 @@ for spec in 1000:1 10000:10 1000000:1; do
   stop_pcpd
 done
 
+# The same workloads with the kernel dataplane (in a namespace of its own).
+OUT="$OUT" loadtest/report_nft.sh >&2
+
 python3 - "$OUT" <<'PY'
 import json, statistics, sys, os
 out = sys.argv[1]
 load = lambda n: json.load(open(os.path.join(out, n + ".json")))
-print("| workload | pcpd replies/s (median of 3) | reflector replies/s (same rounds) | ratio (median of paired) | p50 / p99 / p99.9 µs | pcpd CPU µs per reply |")
-print("|---|---|---|---|---|---|")
+print("| workload | dataplane | pcpd replies/s (median of 3) | reflector replies/s (same rounds) | ratio (median of paired) | p50 / p99 / p99.9 µs | pcpd CPU µs per reply |")
+print("|---|---|---|---|---|---|---|")
 refl = [load(f"reflect-{r}") for r in (1, 2, 3)]
-for w in ("create", "renew", "mixed"):
-    runs = [load(f"{w}-{r}") for r in (1, 2, 3)]
-    ratios = [a["replies_per_sec"] / b["replies_per_sec"] for a, b in zip(runs, refl)]
-    med = sorted(runs, key=lambda x: x["replies_per_sec"])[1]
-    cpu = med["server_cpu_seconds"] * 1e6 / max(med["replies"], 1)
-    lat = med["latency_us"]
-    bad = sum(x["invalid"] + x["lost"] for x in runs)
-    print(f"| {w} | {statistics.median(r['replies_per_sec'] for r in runs):,.0f} | {statistics.median(r['replies_per_sec'] for r in refl):,.0f} | {statistics.median(ratios):.0%} | {lat['p50']} / {lat['p99']} / {lat['p999']} | {cpu:.1f} |" + ("" if bad == 0 else f" ({bad} lost or invalid)"))
+lat_rows = []
+for dp, prefix in (("memory", ""), ("nftables", "nft-")):
+    for w in ("create", "renew", "mixed"):
+        runs = [load(f"{prefix}{w}-{r}") for r in (1, 2, 3)]
+        ratios = [a["replies_per_sec"] / b["replies_per_sec"] for a, b in zip(runs, refl)]
+        med = sorted(runs, key=lambda x: x["replies_per_sec"])[1]
+        cpu = med["server_cpu_seconds"] * 1e6 / max(med["replies"], 1)
+        lat = med["latency_us"]
+        lat_rows.append((f"{w} ({dp})", lat))
+        bad = sum(x["invalid"] + x["lost"] for x in runs)
+        print(f"| {w} | {dp} | {statistics.median(r['replies_per_sec'] for r in runs):,.0f} | {statistics.median(r['replies_per_sec'] for r in refl):,.0f} | {statistics.median(ratios):.0%} | {lat['p50']} / {lat['p99']} / {lat['p999']} | {cpu:.1f} |" + ("" if bad == 0 else f" ({bad} lost or invalid)"))
 print()
 crefl = [load(f"reflect-c-{r}") for r in (1, 2, 3)]
 cr = [a["replies_per_sec"] / b["replies_per_sec"] for a, b in zip(refl, crefl)]
@@ -106,12 +115,59 @@ print(f"Baseline check: pcp-loadtest reflect {statistics.median(r['replies_per_s
 print()
 print("| live mappings | subscribers | renew replies/s | p99 µs | pcpd RSS | bytes per mapping (RSS growth) |")
 print("|---|---|---|---|---|---|")
-base = None
+scale = []
 for subs in (1000, 10000, 1000000):
     r = load(f"scale-{subs}")
     idle = int(open(os.path.join(out, f"idle-rss-{subs}.txt")).read())
     grown = (r["server_rss_bytes"] - idle) / max(r["prefilled"], 1)
+    scale.append((r["prefilled"], r["replies_per_sec"]))
     print(f"| {r['prefilled']:,} | {subs:,} | {r['replies_per_sec']:,.0f} | {r['latency_us']['p99']} | {r['server_rss_bytes']/1048576:.0f} MiB | {grown:.0f} |")
+
+# Plots, plain SVG: renewals per second against live mappings, and the
+# latency percentiles of each workload.
+def svg(path, w, h, body):
+    with open(path, "w") as f:
+        f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">\n')
+        f.write(f'<rect width="{w}" height="{h}" fill="white"/>\n{body}</svg>\n')
+
+import math
+W, H, L, B = 560, 320, 70, 50
+top = max(v for _, v in scale) * 1.15
+xs = [math.log10(max(m, 1)) for m, _ in scale]
+x0, x1 = 2.5, 6.5
+px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - 20)
+py = lambda y: H - B - y / top * (H - B - 30)
+body = f'<text x="{W/2}" y="18" text-anchor="middle">renewals per second against live mappings (durable state on)</text>\n'
+body += f'<line x1="{L}" y1="{H-B}" x2="{W-20}" y2="{H-B}" stroke="black"/><line x1="{L}" y1="{H-B}" x2="{L}" y2="30" stroke="black"/>\n'
+for e in range(3, 7):
+    body += f'<text x="{px(e)}" y="{H-B+18}" text-anchor="middle">10^{e}</text>\n'
+for i in range(5):
+    y = top * i / 4
+    body += f'<text x="{L-6}" y="{py(y)+4}" text-anchor="end">{y/1000:.0f}k</text>\n'
+pts = " ".join(f"{px(x)},{py(v)}" for x, (_, v) in zip(xs, scale))
+body += f'<polyline points="{pts}" fill="none" stroke="#1f77b4" stroke-width="2"/>\n'
+for x, (m, v) in zip(xs, scale):
+    body += f'<circle cx="{px(x)}" cy="{py(v)}" r="4" fill="#1f77b4"/><text x="{px(x)}" y="{py(v)-8}" text-anchor="middle">{v/1000:.0f}k</text>\n'
+body += f'<text x="{W/2}" y="{H-10}" text-anchor="middle">live mappings (log scale)</text>\n'
+svg("docs/perf-scale.svg", W, H, body)
+
+W, H = 640, 360
+top = max(l["p999"] for _, l in lat_rows) * 1.1
+bw = (W - L - 20) / len(lat_rows)
+body = f'<text x="{W/2}" y="18" text-anchor="middle">latency at {256} in flight, µs: p50 / p99 / p99.9 (median run)</text>\n'
+body += f'<line x1="{L}" y1="{H-B-30}" x2="{W-20}" y2="{H-B-30}" stroke="black"/>\n'
+colors = ("#2ca02c", "#ff7f0e", "#d62728")
+for i, (name, l) in enumerate(lat_rows):
+    for j, (k, c) in enumerate(zip(("p50", "p99", "p999"), colors)):
+        hgt = l[k] / top * (H - B - 70)
+        x = L + i * bw + 6 + j * (bw - 12) / 3
+        body += f'<rect x="{x:.1f}" y="{H-B-30-hgt:.1f}" width="{(bw-12)/3:.1f}" height="{hgt:.1f}" fill="{c}"/>\n'
+    body += f'<text x="{L + i*bw + bw/2:.1f}" y="{H-B-14}" text-anchor="middle" font-size="10">{name}</text>\n'
+for i in range(5):
+    y = top * i / 4
+    body += f'<text x="{L-6}" y="{H-B-30-y/top*(H-B-70)+4:.1f}" text-anchor="end">{y/1000:.1f}k</text>\n'
+body += "".join(f'<rect x="{L + 10 + j*90}" y="{H-22}" width="10" height="10" fill="{c}"/><text x="{L + 24 + j*90}" y="{H-13}">{k}</text>\n' for j, (k, c) in enumerate(zip(("p50", "p99", "p99.9"), colors)))
+svg("docs/perf-latency.svg", W, H, body)
 print()
 kill = open(os.path.join(out, "restart-KILL.txt")).read().strip()
 term = open(os.path.join(out, "restart-TERM.txt")).read().strip()
