@@ -362,7 +362,6 @@ async fn run(
     while let Some(ctl) = ctl_rx.recv().await {
         let more = {
             let mut st = state.borrow_mut();
-            recv::drain(&mut st, &sockets);
             let more = control::control(&mut st, ctl);
             recv::answer_finished(&mut st, &sockets);
             more

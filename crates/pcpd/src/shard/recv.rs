@@ -56,16 +56,15 @@ pub(super) fn handle_one(st: &mut State, sockets: &Sockets, peer: Peer, datagram
     st.metrics.latency.observe(started.elapsed().as_secs_f64());
 }
 
-/// Ends a receive cycle. With the journal store, the batch's records go to
-/// the writer thread and its replies are parked until their own commit
-/// completes (`commit_loop`), so the shard goes on receiving meanwhile.
-/// One commit is in flight at a time: what arrives while it runs
-/// accumulates (held replies, queued events) and becomes the next commit
-/// as soon as it completes, so one fdatasync covers everything that
-/// arrived while the last one ran. Only a full reply arena makes the shard
-/// wait for the disk. Otherwise (cluster mode, a poisoned journal) the
-/// batch settles now and its replies go out, each as the outcome allows
-/// (see `effects.rs`).
+/// Batches that wait for the journal writer at most (their replies are
+/// held; past this the shard waits for the oldest before receiving more).
+const IN_FLIGHT: usize = 4;
+
+/// Ends a batch. With the journal store, its records go to the writer
+/// thread and its replies are parked until their own commit completes
+/// (`commit_loop`), so the shard goes on receiving meanwhile. Otherwise
+/// (cluster mode, a poisoned journal) it settles now and sends the held
+/// replies, each as the outcome allows (see `effects.rs`).
 pub(super) fn flush(st: &mut State, sockets: &Sockets) {
     if !st.effects.pipelined() {
         let settled = st.effects.settle(&mut st.engine);
@@ -75,34 +74,16 @@ pub(super) fn flush(st: &mut State, sockets: &Sockets) {
         st.replies.send_all(sockets, &st.metrics);
         return;
     }
-    if st.effects.in_flight() > 0 {
-        if !st.replies.is_full() {
-            return; // the commit in flight submits this batch when it completes
-        }
-        while st.effects.in_flight() > 0 && finish_one(st, sockets, true) {}
-    }
-    submit(st);
-}
-
-/// Hands the accumulated batch to the journal writer, if there is one.
-fn submit(st: &mut State) {
     if st.replies.is_empty() && !st.effects.has_events() {
         return;
     }
     st.effects.submit(&st.engine);
     st.parked.park(&mut st.replies);
-}
-
-/// Before a synchronous settle (timers, operator requests): the batch
-/// accumulating behind the commit in flight is committed and answered
-/// first, so the synchronous path starts with no request's events queued.
-pub(super) fn drain(st: &mut State, sockets: &Sockets) {
-    if !st.effects.pipelined() {
-        return;
+    while st.effects.in_flight() >= IN_FLIGHT {
+        if !finish_one(st, sockets, true) {
+            break;
+        }
     }
-    while finish_one(st, sockets, true) {}
-    submit(st);
-    while finish_one(st, sockets, true) {}
 }
 
 /// Answers the oldest batch the journal writer has completed (with
@@ -122,13 +103,9 @@ fn finish_one(st: &mut State, sockets: &Sockets, wait: bool) -> bool {
     }
 }
 
-/// Answers every batch the journal writer has completed, without
-/// waiting; then what accumulated meanwhile becomes the next commit.
+/// Answers every batch the journal writer has completed, without waiting.
 pub(super) fn answer_finished(st: &mut State, sockets: &Sockets) {
     while finish_one(st, sockets, false) {}
-    if st.effects.pipelined() && st.effects.in_flight() == 0 {
-        submit(st);
-    }
 }
 
 /// Answers batches as the journal writer completes them.

@@ -42,7 +42,6 @@ pub(super) async fn timer_loop(state: Rc<RefCell<State>>, sockets: Sockets, noti
 
 /// One round of timers.
 fn fire(st: &mut State, sockets: &Sockets) {
-    super::recv::drain(st, sockets);
     st.engine.handle_timeout(now_ms());
     st.effects.collect(&mut st.engine, Origin::Timer);
     let settled = st.effects.settle(&mut st.engine);
