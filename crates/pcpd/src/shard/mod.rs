@@ -355,13 +355,14 @@ async fn run(
             timer.clone(),
         ));
     }
-    // Every task works on the state between awaits only, and a batch with
-    // the journal writer is completed by the synchronous path of any
-    // control message (then answered here), so when this loop ends
-    // (Shutdown), no batch is half done. Returning drops the tasks.
+    // Every task works on the state between awaits only, and every batch
+    // with the journal writer is completed and answered before a control
+    // message is handled, so when this loop ends (Shutdown), no batch is
+    // half done. Returning drops the tasks.
     while let Some(ctl) = ctl_rx.recv().await {
         let more = {
             let mut st = state.borrow_mut();
+            recv::drain(&mut st, &sockets);
             let more = control::control(&mut st, ctl);
             recv::answer_finished(&mut st, &sockets);
             more

@@ -103,6 +103,13 @@ fn finish_one(st: &mut State, sockets: &Sockets, wait: bool) -> bool {
     }
 }
 
+/// Waits for every batch with the journal writer and answers it (before
+/// an operator request, and so before a shutdown: none is left unanswered
+/// and unlogged).
+pub(super) fn drain(st: &mut State, sockets: &Sockets) {
+    while finish_one(st, sockets, true) {}
+}
+
 /// Answers every batch the journal writer has completed, without waiting.
 pub(super) fn answer_finished(st: &mut State, sockets: &Sockets) {
     while finish_one(st, sockets, false) {}
