@@ -113,6 +113,8 @@ impl Conntrack {
         let mut socket = Socket::new(NETLINK_NETFILTER)?;
         socket.bind_auto()?;
         socket.connect(&SocketAddr::new(0, 0))?;
+        // A kernel that stops answering fails the flush, never hangs the shard.
+        socket2::SockRef::from(&socket).set_read_timeout(Some(crate::nfnetlink::REPLY_TIMEOUT))?;
         Ok(Conntrack { socket, seq: 0 })
     }
 

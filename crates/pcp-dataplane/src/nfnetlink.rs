@@ -31,6 +31,8 @@ use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
+/// How long the kernel may take to answer a transaction.
+pub(crate) const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// `NFTA_DATA_VALUE`: a key end's one attribute.
 const NFTA_DATA_VALUE: u16 = 1;
 /// `NFNL_SUBSYS_NFTABLES`: the batch messages' resource id.
@@ -128,6 +130,12 @@ impl NftLink {
         let mut socket = Socket::new(NETLINK_NETFILTER)?;
         socket.bind_auto()?;
         socket.connect(&SocketAddr::new(0, 0))?;
+        // Error acks carry only the header, not the whole batch echoed
+        // back; room for a transaction's acks; and a kernel that never
+        // answers fails the batch instead of hanging the shard.
+        socket.set_cap_ack(true)?;
+        socket.set_rx_buf_sz(1 << 20)?;
+        socket2::SockRef::from(&socket).set_read_timeout(Some(REPLY_TIMEOUT))?;
         Ok(NftLink {
             socket,
             seq: 0,

@@ -177,7 +177,13 @@ impl Effects {
                 self.compacting = false;
                 match done.outcome {
                     Ok(()) => {
-                        tracing::info!(shard = self.index, "journal compacted into a snapshot")
+                        tracing::info!(shard = self.index, "journal compacted into a snapshot");
+                        // An earlier compaction that failed said so: the
+                        // state is durable again.
+                        if self.last_complaint.take().is_some() && !done.poisoned {
+                            self.health.set_ok(self.index);
+                            self.metrics.state_writable(self.index, true);
+                        }
                     }
                     // A commit before it failed: that failure is reported.
                     Err(_) if done.poisoned => {}
