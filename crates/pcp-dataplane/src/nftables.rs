@@ -1,6 +1,9 @@
 //! The nftables backend: pcpd owns one table (`ip <name>`); mappings are
 //! elements of nftables maps, never one rule per mapping, and every batch
-//! is one atomic transaction (`nft -f -`).
+//! is one atomic nf_tables transaction, sent over in-process netlink
+//! (`nfnetlink.rs`; `nft -f -` only sets up the table and chains, and is
+//! the fallback writer). `nftables/script.rs` builds a batch's
+//! transaction, `nftables/listing.rs` reads the table back.
 //!
 //! ```text
 //! table ip pcpd
@@ -15,9 +18,10 @@
 //! ```
 //!
 //! Mapping elements carry a kernel timeout of their remaining lifetime plus
-//! a grace period, so the kernel drops them even if pcpd is gone, and never
-//! before pcpd itself does. A batch is folded per element (created and
-//! deleted in one batch: nothing written) into a few statements of many
+//! a safety net of hours, so the kernel drops them even if pcpd is gone,
+//! never before pcpd itself does, and a renewal that only moves the
+//! expiry costs no kernel operation. A batch is folded per element (created and
+//! deleted in one batch: nothing written) into a few messages of many
 //! elements. Deletes are written as "add the element as it was, then
 //! delete it", which is idempotent in one transaction: an element the
 //! kernel already timed out does not fail the batch. A failed batch is
@@ -29,7 +33,6 @@
 //! no two shards ever write the same element.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::{Command, Stdio};
@@ -42,9 +45,14 @@ use pcp_engine::{
 use serde_json::Value;
 
 use crate::conntrack::{Conntrack, Forget};
-use crate::nfnetlink::{self, ElemOp, NftLink};
+use crate::nfnetlink::NftLink;
+
+mod listing;
+mod script;
 use crate::pinholes::{self, FirewallRules};
 use crate::{ApplyError, Change, Dataplane, Entry, Key, ReconcilePlan, Reconciled};
+use listing::parse_listing;
+use script::Script;
 
 /// Seconds added to a mapping's kernel timeout so pcpd expires it first.
 const GRACE_SECS: u64 = 30;
@@ -83,171 +91,6 @@ struct Installed {
 struct PortSets {
     blocks: Vec<Block>,
     value: Option<String>,
-}
-
-/// Elements per nft statement.
-const CHUNK: usize = 1024;
-
-/// Sets with `flags interval` (FILTER's remote prefixes and port ranges):
-/// their elements carry a first and a last key.
-const INTERVAL_SETS: [&str; 3] = ["filter4", "pinfilter4", "pinfilter6"];
-/// Maps whose values are ranges (the port-block SNAT map).
-const RANGE_VALUES: [&str; 1] = ["subs"];
-
-/// One transaction being built. Each element touched keeps its state
-/// before the batch and after it, so a batch that creates and deletes the
-/// same mapping writes nothing, and the text is a few statements with many
-/// elements each (nft parses one statement per set far faster than one
-/// per element).
-#[derive(Default)]
-struct Script {
-    order: Vec<ElemId>,
-    touched: HashMap<ElemId, Touched>,
-}
-
-/// An element before the batch, and after it with its kernel timeout in
-/// seconds (`None`: none).
-type Touched = (Option<Elem>, Option<(Elem, Option<u64>)>);
-
-/// An element's set and key.
-type ElemId = (&'static str, String);
-
-impl Script {
-    /// Removes an element that is installed now.
-    fn delete(&mut self, el: &Elem) {
-        let k = (el.set, el.key.clone());
-        match self.touched.get_mut(&k) {
-            Some(t) => t.1 = None,
-            None => {
-                self.order.push(k.clone());
-                self.touched.insert(k, (Some(el.clone()), None));
-            }
-        }
-    }
-
-    /// Installs an element with a kernel timeout in seconds (`None`: none).
-    fn add(&mut self, el: Elem, timeout: Option<u64>) {
-        let k = (el.set, el.key.clone());
-        match self.touched.get_mut(&k) {
-            Some(t) => t.1 = Some((el, timeout)),
-            None => {
-                self.order.push(k.clone());
-                self.touched.insert(k, (None, Some((el, timeout))));
-            }
-        }
-    }
-
-    /// The three phases of the transaction, in order: elements that go
-    /// away added as they are, then deleted, then the new ones added
-    /// (see [`Script::render`]).
-    fn phases(&self) -> [Vec<(&Elem, Option<u64>)>; 3] {
-        let (mut old, mut gone, mut new) = (Vec::new(), Vec::new(), Vec::new());
-        for k in &self.order {
-            let Some((before, after)) = self.touched.get(k) else {
-                continue;
-            };
-            if let Some(b) = before {
-                old.push((b, None));
-                gone.push((b, None));
-            }
-            if let Some((a, timeout)) = after {
-                new.push((a, *timeout));
-            }
-        }
-        [old, gone, new]
-    }
-
-    /// The transaction as netlink element operations, grouped per set
-    /// within each phase; `None` when an element's text does not encode
-    /// (never for what pcpd writes; `nft -f` then reports it).
-    fn ops(&self) -> Option<Vec<ElemOp>> {
-        let mut ops = Vec::new();
-        for (phase, list) in self.phases().into_iter().enumerate() {
-            let at = ops.len();
-            for (el, timeout) in list {
-                let add = phase != 1;
-                let (key, key_end) = if INTERVAL_SETS.contains(&el.set) {
-                    let (lo, hi) = nfnetlink::encode_range(&el.key)?;
-                    (lo, Some(hi))
-                } else {
-                    (nfnetlink::encode(&el.key)?, None)
-                };
-                let data = match (&el.value, add) {
-                    (Some(v), true) if RANGE_VALUES.contains(&el.set) => {
-                        let (lo, hi) = nfnetlink::encode_range(v)?;
-                        Some([lo, hi].concat())
-                    }
-                    (Some(v), true) => Some(nfnetlink::encode(v)?),
-                    _ => None,
-                };
-                ops.push(ElemOp {
-                    ipv6: pinholes::family(el.set) == "ip6",
-                    set: el.set,
-                    add,
-                    key,
-                    key_end,
-                    data,
-                    timeout_ms: timeout.map(|s| s * 1000),
-                });
-            }
-            ops[at..].sort_by_key(|o| (o.ipv6, o.set));
-        }
-        Some(ops)
-    }
-
-    fn is_empty(&self) -> bool {
-        self.order.is_empty()
-    }
-
-    /// The nft text: elements that go away are first added as they are
-    /// then deleted ("add, then delete" is idempotent even when the kernel
-    /// has already timed an element out), then the new ones are added
-    /// (renewals are deleted and re-added so their timeout restarts).
-    fn render(&self, table: &str) -> String {
-        let value = |el: &Elem| {
-            el.value
-                .as_deref()
-                .map(|v| format!(" : {v}"))
-                .unwrap_or_default()
-        };
-        let [old, gone, new] = self.phases();
-        let old = old
-            .into_iter()
-            .map(|(b, _)| (b.set, format!("{}{}", b.key, value(b))));
-        let gone = gone.into_iter().map(|(b, _)| (b.set, b.key.clone()));
-        let new = new.into_iter().map(|(a, timeout)| {
-            let t = timeout
-                .map(|s| format!(" timeout {s}s"))
-                .unwrap_or_default();
-            (a.set, format!("{}{t}{}", a.key, value(a)))
-        });
-        let phases: [(&str, Vec<(&str, String)>); 3] = [
-            ("add", old.collect()),
-            ("delete", gone.collect()),
-            ("add", new.collect()),
-        ];
-        let mut out = String::new();
-        for (verb, list) in phases {
-            let mut by_set: Vec<(&str, Vec<String>)> = Vec::new();
-            for (set, text) in list {
-                match by_set.iter_mut().find(|(s, _)| *s == set) {
-                    Some((_, v)) => v.push(text),
-                    None => by_set.push((set, vec![text])),
-                }
-            }
-            for (set, elems) in by_set {
-                for chunk in elems.chunks(CHUNK) {
-                    let _ = writeln!(
-                        out,
-                        "{verb} element {} {table} {set} {{ {} }}",
-                        pinholes::family(set),
-                        chunk.join(", ")
-                    );
-                }
-            }
-        }
-        out
-    }
 }
 
 /// What to put back when a batch fails.
@@ -817,136 +660,6 @@ fn snat_range(blocks: &mut [Block]) -> Option<String> {
         }
     }
     Some(format!("{} . {}-{}", first.addr, first.first, last))
-}
-
-/// nft's JSON for a key or value, as the text nft reads.
-fn render(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        Value::Object(o) => {
-            if let Some(Value::Array(parts)) = o.get("concat") {
-                parts.iter().map(render).collect::<Vec<_>>().join(" . ")
-            } else if let Some(p) = o.get("prefix") {
-                format!("{}/{}", render(&p["addr"]), render(&p["len"]))
-            } else if let Some(r) = o.get("range") {
-                format!("{}-{}", render(&r[0]), render(&r[1]))
-            } else if let Some(e) = o.get("elem") {
-                render(&e["val"])
-            } else {
-                v.to_string()
-            }
-        }
-        _ => v.to_string(),
-    }
-}
-
-/// Rebuilds pcpd's view of its table from `nft -j list table`: elements
-/// are grouped by the mapping they belong to (inbound by external
-/// endpoint, PEER by five-tuple) with the subscriber that owns them.
-fn parse_listing(json: &Value) -> (HashMap<Key, Installed>, HashMap<Ipv4Addr, PortSets>) {
-    let mut installed: HashMap<Key, Installed> = HashMap::new();
-    let mut ports: HashMap<Ipv4Addr, PortSets> = HashMap::new();
-    let empty = Vec::new();
-    for item in json["nftables"].as_array().unwrap_or(&empty) {
-        let Some(obj) = item.get("map").or_else(|| item.get("set")) else {
-            continue;
-        };
-        let set: &'static str = match obj["name"].as_str() {
-            Some("dnat4") => "dnat4",
-            Some("snat4") => "snat4",
-            Some("peer4") => "peer4",
-            Some("subs") => "subs",
-            Some("filtered4") => "filtered4",
-            Some("filter4") => "filter4",
-            Some(name) => match pinholes::SETS.iter().find(|s| **s == name) {
-                Some(s) => s,
-                None => continue,
-            },
-            None => continue,
-        };
-        for el in obj["elem"].as_array().unwrap_or(&empty) {
-            // Map elements are [key, value]; set elements are the key.
-            let (key, value) = match el.as_array() {
-                Some(kv) if kv.len() == 2 => (render(&kv[0]), Some(render(&kv[1]))),
-                _ => (render(el), None),
-            };
-            let parts: Vec<&str> = key.split(" . ").collect();
-            let vparts: Vec<&str> = value
-                .as_deref()
-                .map_or(Vec::new(), |v| v.split(" . ").collect());
-            let inbound = |a: &str, p: &str, port: &str| -> Option<Key> {
-                Some(Key::Inbound(ExternalEndpoint {
-                    addr: a.parse().ok()?,
-                    protocol: proto_number(p)?,
-                    port: port.parse().ok()?,
-                }))
-            };
-            let (group, owner) = match (set, parts.as_slice(), vparts.as_slice()) {
-                (s, p, _) if pinholes::SETS.contains(&s) => match pinholes::parse(s, p) {
-                    Some((k, owner)) => (Some(k), owner),
-                    None => (None, None),
-                },
-                ("dnat4", [a, p, port], [int, _]) => (inbound(a, p, port), int.parse().ok()),
-                ("snat4", [int, p, _], [a, port]) => (inbound(a, p, port), int.parse().ok()),
-                ("filtered4", [a, p, port], _) => (inbound(a, p, port), None),
-                ("filter4", [a, p, port, ..], _) => (inbound(a, p, port), None),
-                ("peer4", [int, p, iport, r, rport], _) => {
-                    let key = (|| {
-                        Some(Key::Peer(MappingKey {
-                            internal: InternalEndpoint {
-                                addr: int.parse().ok()?,
-                                protocol: proto_number(p)?,
-                                port: iport.parse().ok()?,
-                            },
-                            remote: Some(RemoteEndpoint {
-                                addr: r.parse().ok()?,
-                                port: rport.parse().ok()?,
-                            }),
-                        }))
-                    })();
-                    (key, int.parse().ok())
-                }
-                ("subs", [sub], [a, range]) => {
-                    let block = (|| {
-                        let (lo, hi) = range.split_once('-')?;
-                        let (lo, hi): (u16, u16) = (lo.parse().ok()?, hi.parse().ok()?);
-                        Some((
-                            sub.parse::<Ipv4Addr>().ok()?,
-                            Block {
-                                addr: a.parse().ok()?,
-                                first: lo,
-                                len: hi.checked_sub(lo)?.checked_add(1)?,
-                            },
-                        ))
-                    })();
-                    if let Some((sub, block)) = block {
-                        ports.insert(
-                            sub,
-                            PortSets {
-                                blocks: vec![block],
-                                value,
-                            },
-                        );
-                    }
-                    continue;
-                }
-                _ => continue,
-            };
-            let Some(group) = group else { continue };
-            let inst = installed.entry(group).or_insert_with(|| Installed {
-                entry: None,
-                kernel_expires_ms: 0,
-                owner: None,
-                elems: Vec::new(),
-            });
-            if inst.owner.is_none() {
-                inst.owner = owner;
-            }
-            inst.elems.push(Elem { set, key, value });
-        }
-    }
-    (installed, ports)
 }
 
 impl Dataplane for NftablesDataplane {

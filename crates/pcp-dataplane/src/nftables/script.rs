@@ -1,0 +1,176 @@
+//! One nf_tables transaction being built from a batch of changes, and its
+//! two renderings: netlink element operations (the default,
+//! [`crate::nfnetlink`]) and `nft -f` text (the fallback, and the writer
+//! the bench compares against).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use super::Elem;
+use crate::nfnetlink::{self, ElemOp};
+use crate::pinholes;
+
+/// Elements per nft statement.
+const CHUNK: usize = 1024;
+
+/// Sets with `flags interval` (FILTER's remote prefixes and port ranges):
+/// their elements carry a first and a last key.
+const INTERVAL_SETS: [&str; 3] = ["filter4", "pinfilter4", "pinfilter6"];
+/// Maps whose values are ranges (the port-block SNAT map).
+const RANGE_VALUES: [&str; 1] = ["subs"];
+
+/// One transaction being built. Each element touched keeps its state
+/// before the batch and after it, so a batch that creates and deletes the
+/// same mapping writes nothing, and the text is a few statements with many
+/// elements each (nft parses one statement per set far faster than one
+/// per element).
+#[derive(Default)]
+pub(super) struct Script {
+    order: Vec<ElemId>,
+    touched: HashMap<ElemId, Touched>,
+}
+
+/// An element before the batch, and after it with its kernel timeout in
+/// seconds (`None`: none).
+type Touched = (Option<Elem>, Option<(Elem, Option<u64>)>);
+
+/// An element's set and key.
+type ElemId = (&'static str, String);
+
+impl Script {
+    /// Removes an element that is installed now.
+    pub(super) fn delete(&mut self, el: &Elem) {
+        let k = (el.set, el.key.clone());
+        match self.touched.get_mut(&k) {
+            Some(t) => t.1 = None,
+            None => {
+                self.order.push(k.clone());
+                self.touched.insert(k, (Some(el.clone()), None));
+            }
+        }
+    }
+
+    /// Installs an element with a kernel timeout in seconds (`None`: none).
+    pub(super) fn add(&mut self, el: Elem, timeout: Option<u64>) {
+        let k = (el.set, el.key.clone());
+        match self.touched.get_mut(&k) {
+            Some(t) => t.1 = Some((el, timeout)),
+            None => {
+                self.order.push(k.clone());
+                self.touched.insert(k, (None, Some((el, timeout))));
+            }
+        }
+    }
+
+    /// The three phases of the transaction, in order: elements that go
+    /// away added as they are, then deleted, then the new ones added
+    /// (see [`Script::render`]).
+    fn phases(&self) -> [Vec<(&Elem, Option<u64>)>; 3] {
+        let (mut old, mut gone, mut new) = (Vec::new(), Vec::new(), Vec::new());
+        for k in &self.order {
+            let Some((before, after)) = self.touched.get(k) else {
+                continue;
+            };
+            if let Some(b) = before {
+                old.push((b, None));
+                gone.push((b, None));
+            }
+            if let Some((a, timeout)) = after {
+                new.push((a, *timeout));
+            }
+        }
+        [old, gone, new]
+    }
+
+    /// The transaction as netlink element operations, grouped per set
+    /// within each phase; `None` when an element's text does not encode
+    /// (never for what pcpd writes; `nft -f` then reports it).
+    pub(super) fn ops(&self) -> Option<Vec<ElemOp>> {
+        let mut ops = Vec::new();
+        for (phase, list) in self.phases().into_iter().enumerate() {
+            let at = ops.len();
+            for (el, timeout) in list {
+                let add = phase != 1;
+                let (key, key_end) = if INTERVAL_SETS.contains(&el.set) {
+                    let (lo, hi) = nfnetlink::encode_range(&el.key)?;
+                    (lo, Some(hi))
+                } else {
+                    (nfnetlink::encode(&el.key)?, None)
+                };
+                let data = match (&el.value, add) {
+                    (Some(v), true) if RANGE_VALUES.contains(&el.set) => {
+                        let (lo, hi) = nfnetlink::encode_range(v)?;
+                        Some([lo, hi].concat())
+                    }
+                    (Some(v), true) => Some(nfnetlink::encode(v)?),
+                    _ => None,
+                };
+                ops.push(ElemOp {
+                    ipv6: pinholes::family(el.set) == "ip6",
+                    set: el.set,
+                    add,
+                    key,
+                    key_end,
+                    data,
+                    timeout_ms: timeout.map(|s| s * 1000),
+                });
+            }
+            ops[at..].sort_by_key(|o| (o.ipv6, o.set));
+        }
+        Some(ops)
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// The nft text: elements that go away are first added as they are
+    /// then deleted ("add, then delete" is idempotent even when the kernel
+    /// has already timed an element out), then the new ones are added
+    /// (renewals are deleted and re-added so their timeout restarts).
+    pub(super) fn render(&self, table: &str) -> String {
+        let value = |el: &Elem| {
+            el.value
+                .as_deref()
+                .map(|v| format!(" : {v}"))
+                .unwrap_or_default()
+        };
+        let [old, gone, new] = self.phases();
+        let old = old
+            .into_iter()
+            .map(|(b, _)| (b.set, format!("{}{}", b.key, value(b))));
+        let gone = gone.into_iter().map(|(b, _)| (b.set, b.key.clone()));
+        let new = new.into_iter().map(|(a, timeout)| {
+            let t = timeout
+                .map(|s| format!(" timeout {s}s"))
+                .unwrap_or_default();
+            (a.set, format!("{}{t}{}", a.key, value(a)))
+        });
+        let phases: [(&str, Vec<(&str, String)>); 3] = [
+            ("add", old.collect()),
+            ("delete", gone.collect()),
+            ("add", new.collect()),
+        ];
+        let mut out = String::new();
+        for (verb, list) in phases {
+            let mut by_set: Vec<(&str, Vec<String>)> = Vec::new();
+            for (set, text) in list {
+                match by_set.iter_mut().find(|(s, _)| *s == set) {
+                    Some((_, v)) => v.push(text),
+                    None => by_set.push((set, vec![text])),
+                }
+            }
+            for (set, elems) in by_set {
+                for chunk in elems.chunks(CHUNK) {
+                    let _ = writeln!(
+                        out,
+                        "{verb} element {} {table} {set} {{ {} }}",
+                        pinholes::family(set),
+                        chunk.join(", ")
+                    );
+                }
+            }
+        }
+        out
+    }
+}
