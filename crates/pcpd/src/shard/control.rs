@@ -231,6 +231,7 @@ pub(in crate::shard) mod tests {
     use pcp_dataplane::MemoryDataplane;
     use pcp_engine::{BlockAllocator, Compiled, Engine, MappingKey};
     use pcp_store::Faults;
+    use pcp_wire::ResultCode;
     use tokio::sync::oneshot;
 
     use super::super::effects::{Effects, Origin};
@@ -273,14 +274,16 @@ pub(in crate::shard) mod tests {
         (st, pools)
     }
 
-    /// A committed MAP from 127.0.0.1 (its client listens on port 40000).
-    fn mapping(st: &mut State, port: u16) -> MappingKey {
+    /// A MAP for internal port `port` of `protocol` from 127.0.0.1 (its
+    /// client listens on port 40000), nonce bytes `nonce`, answered by the
+    /// engine alone; returns the answer's result code.
+    pub(in crate::shard) fn map(st: &mut State, port: u16, protocol: u8, nonce: u8) -> ResultCode {
         let req = pcp_wire::Request {
             lifetime: 3600,
             client_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
             data: pcp_wire::OpData::Map(pcp_wire::MapData {
-                nonce: pcp_wire::Nonce([7; 12]),
-                protocol: 6,
+                nonce: pcp_wire::Nonce([nonce; 12]),
+                protocol,
                 internal_port: port,
                 external_port: 0,
                 external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -290,9 +293,17 @@ pub(in crate::shard) mod tests {
         let mut buf = [0u8; 1100];
         let n = req.emit(&mut buf).unwrap();
         let src = SocketAddr::from((Ipv4Addr::LOCALHOST, 40000));
-        st.engine
-            .handle(now_ms(), src, &buf[..n], &mut [0u8; 1100])
+        let mut reply = [0u8; 1100];
+        let len = st
+            .engine
+            .handle(now_ms(), src, &buf[..n], &mut reply)
             .unwrap();
+        pcp_wire::Response::parse(&reply[..len]).unwrap().result
+    }
+
+    /// A committed MAP from 127.0.0.1 (its client listens on port 40000).
+    fn mapping(st: &mut State, port: u16) -> MappingKey {
+        map(st, port, 6, 7);
         st.effects.collect(&mut st.engine, Origin::Timer);
         assert!(st.effects.settle(&mut st.engine).durable);
         st.engine

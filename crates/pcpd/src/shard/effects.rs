@@ -261,20 +261,8 @@ impl Effects {
         let mut settled = Settled::default();
         let repaired = self.repair(engine);
         let refused = self.apply_round(engine, repaired, &mut settled);
-        if !refused.is_empty() {
-            let now = now_ms();
-            for (origin, id) in refused {
-                if let Some(m) = engine.revoke(now, id) {
-                    tracing::warn!(
-                        shard = self.index,
-                        internal = %m.internal_addr,
-                        port = m.internal_port,
-                        "mapping taken back: the dataplane did not install it"
-                    );
-                }
-                settled.not_installed.insert(origin);
-                self.collect(engine, origin);
-            }
+        if self.revoke_refused(engine, refused, &mut settled) {
+            // The take-backs are journaled before anyone is told.
             let mut second = Settled::default();
             self.apply_round(engine, false, &mut second);
         }
@@ -304,30 +292,14 @@ impl Effects {
         let mut batch = std::mem::take(&mut self.events);
         let now = now_ms();
         self.records.clear();
-        let mut with_records = Origins::default();
-        for (origin, event) in &batch {
-            let before = self.records.len();
-            Record::from_event(event, now, &mut self.records);
-            if self.records.len() > before {
-                with_records.insert(*origin);
-            }
-        }
-        // Records are persisted in wall time (see clock.rs).
-        let offset = crate::clock::wall_offset_ms();
-        if offset != 0 {
-            self.records.iter_mut().for_each(|r| r.shift(offset));
-        }
+        let (with_records, offset) = records_of(&batch, now, &mut self.records);
         // A snapshot written just now already holds this batch.
         if !repaired && !self.commit() {
             settled.not_durable.extend(&with_records);
             let undone = take_back(engine, &mut batch, now);
             self.retry_later(undone, offset);
         }
-        let refused = self.install(&batch);
-        let wall = crate::clock::wall_ms();
-        for (_, event) in &batch {
-            self.natlog.record(wall, event);
-        }
+        let refused = self.install_and_log(&batch);
         batch.clear();
         if self.events.is_empty() {
             self.events = batch;
@@ -395,6 +367,45 @@ impl Effects {
                 false
             }
         }
+    }
+
+    /// Installs a committed batch, then writes its NAT log lines; returns
+    /// the mappings the dataplane refused.
+    fn install_and_log(&mut self, batch: &[(Origin, Event)]) -> Vec<(Origin, MappingId)> {
+        let refused = self.install(batch);
+        let wall = crate::clock::wall_ms();
+        for (_, event) in batch {
+            self.natlog.record(wall, event);
+        }
+        refused
+    }
+
+    /// Takes back the mappings the dataplane refused (their requests are
+    /// answered NETWORK_FAILURE); their events wait in `events`. Returns
+    /// whether there were any.
+    fn revoke_refused(
+        &mut self,
+        engine: &mut Engine,
+        refused: Vec<(Origin, MappingId)>,
+        settled: &mut Settled,
+    ) -> bool {
+        if refused.is_empty() {
+            return false;
+        }
+        let now = now_ms();
+        for (origin, id) in refused {
+            if let Some(m) = engine.revoke(now, id) {
+                tracing::warn!(
+                    shard = self.index,
+                    internal = %m.internal_addr,
+                    port = m.internal_port,
+                    "mapping taken back: the dataplane did not install it"
+                );
+            }
+            settled.not_installed.insert(origin);
+        }
+        self.collect(engine, Origin::Timer);
+        true
     }
 
     /// Applies the round's dataplane changes; returns the refused upserts.
@@ -544,6 +555,26 @@ impl Effects {
         }
         self.health.set_broken(self.index, reason);
     }
+}
+
+/// Appends the records of `batch`'s events to `out`, in wall time (see
+/// clock.rs); returns the origins whose events made a record, and the
+/// wall-clock offset used.
+fn records_of(batch: &[(Origin, Event)], now: u64, out: &mut Vec<Record>) -> (Origins, i64) {
+    let mut with_records = Origins::default();
+    let first = out.len();
+    for (origin, event) in batch {
+        let before = out.len();
+        Record::from_event(event, now, out);
+        if out.len() > before {
+            with_records.insert(*origin);
+        }
+    }
+    let offset = crate::clock::wall_offset_ms();
+    if offset != 0 {
+        out[first..].iter_mut().for_each(|r| r.shift(offset));
+    }
+    (with_records, offset)
 }
 
 /// The journal did not take the batch, so what a client or operator asked

@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 
 use super::super::now_ms;
 use super::super::writer::{Done, JournalWriter};
-use super::{take_back, Effects, Origin, Origins, Settled, Store};
+use super::{records_of, take_back, Effects, Origin, Origins, Settled, Store};
 
 /// A job the writer has not completed yet.
 pub(in crate::shard) enum Pending {
@@ -93,21 +93,8 @@ impl Effects {
             self.events = batch;
             return;
         };
-        let now = now_ms();
         let mut records = writer.buffer();
-        let mut with_records = Origins::default();
-        for (origin, event) in &batch {
-            let before = records.len();
-            pcp_store::Record::from_event(event, now, &mut records);
-            if records.len() > before {
-                with_records.insert(*origin);
-            }
-        }
-        // Records are persisted in wall time (see clock.rs).
-        let offset = crate::clock::wall_offset_ms();
-        if offset != 0 {
-            records.iter_mut().for_each(|r| r.shift(offset));
-        }
+        let (with_records, offset) = records_of(&batch, now_ms(), &mut records);
         writer.commit(records);
         let compact = !compacting && writer.len() > max;
         if compact {
@@ -210,24 +197,9 @@ impl Effects {
             settled.not_durable.extend(&with_records);
             take_back(engine, &mut batch, now);
         }
-        let refused = self.install(&batch);
-        let wall = crate::clock::wall_ms();
-        for (_, event) in &batch {
-            self.natlog.record(wall, event);
-        }
-        for (origin, id) in refused {
-            if let Some(m) = engine.revoke(now, id) {
-                tracing::warn!(
-                    shard = self.index,
-                    internal = %m.internal_addr,
-                    port = m.internal_port,
-                    "mapping taken back: the dataplane did not install it"
-                );
-            }
-            settled.not_installed.insert(origin);
-        }
+        let refused = self.install_and_log(&batch);
         // The take-backs are journaled with the next batch.
-        self.collect(engine, Origin::Timer);
+        self.revoke_refused(engine, refused, &mut settled);
         self.natlog.flush();
         settled.durable = !done.poisoned;
         batch.clear();
@@ -244,44 +216,20 @@ mod tests {
     //! not hold the shard, nothing is released before its own commit, one
     //! fdatasync covers what queued meanwhile, and a failed commit refuses
     //! its batch and every batch after it.
-    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use pcp_store::Faults;
     use pcp_wire::ResultCode;
 
-    use super::super::super::control::tests::{dir, state};
-    use super::super::super::{now_ms, State};
+    use super::super::super::control::tests::{dir, map, state};
+    use super::super::super::State;
     use super::{Completed, Origin};
 
     /// A MAP request for internal port `port` from 127.0.0.1, engine only
     /// (its events wait in the effects, from reply slot `slot`).
     fn request(st: &mut State, port: u16, slot: usize) {
-        let req = pcp_wire::Request {
-            lifetime: 3600,
-            client_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            data: pcp_wire::OpData::Map(pcp_wire::MapData {
-                nonce: pcp_wire::Nonce([9; 12]),
-                protocol: 17,
-                internal_port: port,
-                external_port: 0,
-                external_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            }),
-            options: pcp_wire::Options::NONE,
-        };
-        let mut buf = [0u8; 1100];
-        let n = req.emit(&mut buf).unwrap();
-        let src = SocketAddr::from((Ipv4Addr::LOCALHOST, 40000));
-        let mut reply = [0u8; 1100];
-        let len = st
-            .engine
-            .handle(now_ms(), src, &buf[..n], &mut reply)
-            .unwrap();
-        assert_eq!(
-            pcp_wire::Response::parse(&reply[..len]).unwrap().result,
-            ResultCode::Success
-        );
+        assert_eq!(map(st, port, 17, 9), ResultCode::Success);
         st.effects.collect(&mut st.engine, Origin::Reply(slot));
     }
 
