@@ -7,6 +7,7 @@
 # median of the paired ratios new / old.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtest/common.sh
 [ $# = 2 ] || { echo "usage: $0 OLD_PCPD NEW_PCPD" >&2; exit 2; }
 cargo build --release -q -p pcp-loadtest
 LT=target/release/pcp-loadtest
@@ -22,10 +23,7 @@ for round in 1 2 3; do
     rm -rf target/loadtest-report/state && mkdir -p target/loadtest-report/state
     "$bin" --config loadtest/pcpd-load.yaml 2>>"$OUT/$which.log" &
     PID=$!
-    for _ in $(seq 600); do
-      curl -sf "http://$IP:8351/readyz" >/dev/null 2>&1 && break
-      sleep 0.05
-    done
+    wait_ready
     for spec in create:256 renew:256 renew:8 renew:1; do
       w=${spec%:*}; c=${spec#*:}
       maps=4; [ "$w" = create ] && maps=0

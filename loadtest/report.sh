@@ -13,6 +13,7 @@
 # docs/perf-latency.svg; raw JSON goes to target/loadtest-report/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtest/common.sh
 cargo build --release -q -p pcpd -p pcp-loadtest
 LT=target/release/pcp-loadtest
 PCPD=target/release/pcpd
@@ -34,11 +35,7 @@ launch_pcpd() {
   "$PCPD" --config loadtest/pcpd-load.yaml 2>>"$OUT/pcpd.log" &
   PCPD_PID=$!
   PIDS+=("$PCPD_PID")
-  for _ in $(seq 600); do
-    curl -sf "http://$IP:8351/readyz" >/dev/null 2>&1 && return 0
-    sleep 0.05
-  done
-  echo "pcpd did not start" >&2; cat "$OUT/pcpd.log" >&2; exit 1
+  wait_ready || { cat "$OUT/pcpd.log" >&2; exit 1; }
 }
 stop_pcpd() { kill "$PCPD_PID"; wait "$PCPD_PID" 2>/dev/null || true; }
 

@@ -10,6 +10,7 @@
 # directory); runs alone too: loadtest/report_nft.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtest/common.sh
 OUT=${OUT:-target/loadtest-report}
 LT=target/release/pcp-loadtest
 PCPD=target/release/pcpd
@@ -48,10 +49,7 @@ for round in 1 2 3; do
   # Not through in_ns: $! must be pcpd itself (ip netns exec execs it).
   ip netns exec "$NS" "$PCPD" --config "$OUT/pcpd-load-nft.yaml" 2>>"$OUT/pcpd-nft.log" &
   NPID=$!
-  for _ in $(seq 600); do
-    in_ns curl -sf "http://$IP:8351/readyz" >/dev/null 2>&1 && break
-    sleep 0.05
-  done
+  wait_ready ip netns exec "$NS"
   for w in create renew mixed; do
     maps=4; [ "$w" = create ] && maps=0
     in_ns timeout 900 "$LT" run --json --concurrency "$CONC" --seconds "$SECONDS_PER_RUN" \

@@ -18,6 +18,7 @@
 #   SOAK_SECONDS=120 PROFILE=debug loadtest/soak.sh   # CI's two minutes
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtest/common.sh
 SOAK_SECONDS=${SOAK_SECONDS:-3600}
 SOAK_RATE=${SOAK_RATE:-2000}
 SOAK_SUBSCRIBERS=${SOAK_SUBSCRIBERS:-5000}
@@ -73,11 +74,7 @@ YAML
 "$PCPD" --config "$OUT/pcpd.yaml" 2>"$OUT/pcpd.log" &
 PCPD_PID=$!
 trap 'kill $PCPD_PID 2>/dev/null || true' EXIT
-for _ in $(seq 600); do
-  curl -sf "http://$IP:8351/readyz" >/dev/null 2>&1 && break
-  sleep 0.05
-done
-curl -sf "http://$IP:8351/readyz" >/dev/null || { echo "pcpd did not start" >&2; cat "$OUT/pcpd.log" >&2; exit 1; }
+wait_ready || { cat "$OUT/pcpd.log" >&2; exit 1; }
 API=(-sf -H "Authorization: Bearer pcpd-dev-token" -H "Content-Type: application/json")
 
 steps=$(( SOAK_SECONDS / STEP ))

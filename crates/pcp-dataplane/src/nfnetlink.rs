@@ -146,35 +146,38 @@ impl NftLink {
     /// Applies `ops` to table `table`: one transaction per
     /// [`OPS_PER_TRANSACTION`] operations, in order. `Err` when the kernel
     /// refused one (that transaction changed nothing; earlier ones hold).
-    pub(crate) fn apply(&mut self, table: &str, ops: &[ElemOp]) -> io::Result<()> {
-        for chunk in ops.chunks(OPS_PER_TRANSACTION) {
-            self.transaction(table, chunk)?;
+    /// Keys and values move into the messages (no copy).
+    pub(crate) fn apply(&mut self, table: &str, ops: Vec<ElemOp>) -> io::Result<()> {
+        let mut ops = ops.into_iter().peekable();
+        while ops.peek().is_some() {
+            self.transaction(table, ops.by_ref().take(OPS_PER_TRANSACTION))?;
         }
         Ok(())
     }
 
-    fn transaction(&mut self, table: &str, ops: &[ElemOp]) -> io::Result<()> {
-        let mut out = Vec::with_capacity(ops.len() * 64 + 64);
+    fn transaction(&mut self, table: &str, ops: impl Iterator<Item = ElemOp>) -> io::Result<()> {
+        let mut ops = ops.peekable();
+        let mut out = Vec::with_capacity(64 * 1024);
         self.push(&mut out, 0, batch(ControlMessage::BatchBegin));
         let first = self.seq.wrapping_add(1);
         let mut acks = 0usize;
-        let mut i = 0;
-        while i < ops.len() {
-            let head = &ops[i];
-            let run = ops[i..]
-                .iter()
-                .take(ELEMS_PER_MESSAGE)
-                .take_while(|o| o.ipv6 == head.ipv6 && o.set == head.set && o.add == head.add)
-                .count();
-            let elements = ops[i..i + run].iter().map(element).collect();
+        while let Some(head) = ops.next() {
+            let (ipv6, set, add) = (head.ipv6, head.set, head.add);
+            let mut elements = vec![element(head)];
+            while elements.len() < ELEMS_PER_MESSAGE {
+                match ops.next_if(|o| o.ipv6 == ipv6 && o.set == set && o.add == add) {
+                    Some(o) => elements.push(element(o)),
+                    None => break,
+                }
+            }
             let body = SetElementMessage {
                 attributes: vec![
                     SetElementList::Table(table.to_string()),
-                    SetElementList::Set(head.set.to_string()),
+                    SetElementList::Set(set.to_string()),
                     SetElementList::Elements(elements),
                 ],
             };
-            let (msg, flags) = if head.add {
+            let (msg, flags) = if add {
                 (
                     NfTablesMessage::NewSetElement(body),
                     NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
@@ -185,7 +188,7 @@ impl NftLink {
                     NLM_F_REQUEST | NLM_F_ACK,
                 )
             };
-            let family = if head.ipv6 {
+            let family = if ipv6 {
                 NetfilterProtoFamily::IPv6
             } else {
                 NetfilterProtoFamily::IPv4
@@ -196,7 +199,6 @@ impl NftLink {
                 NetfilterMessage::new(NetfilterHeader::new(family, 0, 0), msg),
             );
             acks += 1;
-            i += run;
         }
         self.push(&mut out, 0, batch(ControlMessage::BatchEnd));
         self.socket.send(&out, 0)?;
@@ -254,18 +256,16 @@ fn batch(msg: ControlMessage) -> NetfilterMessage {
     )
 }
 
-fn element(op: &ElemOp) -> ListAttribute<SetElementAttribute> {
-    let mut attrs = vec![SetElementAttribute::Key(DataAttribute::Value(
-        op.key.clone(),
-    ))];
-    if let Some(end) = &op.key_end {
+fn element(op: ElemOp) -> ListAttribute<SetElementAttribute> {
+    let mut attrs = vec![SetElementAttribute::Key(DataAttribute::Value(op.key))];
+    if let Some(end) = op.key_end {
         attrs.push(SetElementAttribute::KeyEnd(vec![DefaultNla::new(
             NFTA_DATA_VALUE,
-            end.clone(),
+            end,
         )]));
     }
-    if let Some(d) = &op.data {
-        attrs.push(SetElementAttribute::Data(DataAttribute::Value(d.clone())));
+    if let Some(d) = op.data {
+        attrs.push(SetElementAttribute::Data(DataAttribute::Value(d)));
     }
     if let Some(t) = op.timeout_ms {
         attrs.push(SetElementAttribute::Timeout(t));

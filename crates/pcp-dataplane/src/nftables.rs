@@ -307,7 +307,7 @@ impl NftablesDataplane {
             }
         }
         let table = &self.table;
-        let result = self.link.as_mut().map_or(Ok(()), |l| l.apply(table, &ops));
+        let result = self.link.as_mut().map_or(Ok(()), |l| l.apply(table, ops));
         result.map_err(|e| {
             // A socket in an unknown state is not reused.
             self.link = None;
