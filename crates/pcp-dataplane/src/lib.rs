@@ -304,6 +304,12 @@ pub trait Dataplane: Send {
     }
     /// Backend name, for logs and metrics.
     fn name(&self) -> &'static str;
+    /// Whether `apply` may wait on something outside the process (the
+    /// kernel): such a backend is driven from a thread of its own, so the
+    /// shard that feeds it never blocks.
+    fn waits(&self) -> bool {
+        true
+    }
 }
 
 /// The in-memory backend: keeps what would be installed, hashed by key
@@ -373,6 +379,10 @@ impl Dataplane for MemoryDataplane {
 
     fn name(&self) -> &'static str {
         "memory"
+    }
+
+    fn waits(&self) -> bool {
+        false
     }
 }
 

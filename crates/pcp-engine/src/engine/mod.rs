@@ -194,6 +194,11 @@ impl Engine {
         self.transmits.pop_front()
     }
 
+    /// Whether unsolicited datagrams are due.
+    pub fn has_transmit(&self) -> bool {
+        !self.transmits.is_empty()
+    }
+
     fn next_random(&mut self) -> u64 {
         // SplitMix64: seeded by the caller; the engine has no entropy source.
         self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);

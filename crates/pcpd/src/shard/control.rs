@@ -243,6 +243,15 @@ pub(in crate::shard) mod tests {
         dir: &std::path::Path,
         faults: Arc<Faults>,
     ) -> (State, Arc<BlockAllocator>) {
+        state_with(dir, faults, Box::new(MemoryDataplane::new()))
+    }
+
+    /// [`state`] with the dataplane `dataplane`.
+    pub(in crate::shard) fn state_with(
+        dir: &std::path::Path,
+        faults: Arc<Faults>,
+        dataplane: Box<dyn pcp_dataplane::Dataplane>,
+    ) -> (State, Arc<BlockAllocator>) {
         let cfg = crate::config::Config::builtin();
         let pools = Arc::new(BlockAllocator::new(&cfg.pcp));
         let compiled = Arc::new(Compiled::new(cfg.pcp, &pools).unwrap());
@@ -262,9 +271,10 @@ pub(in crate::shard) mod tests {
                 0,
                 super::super::effects::Store::Journal(writer),
                 1 << 30,
-                Box::new(MemoryDataplane::new()),
+                dataplane,
                 sinks,
-            ),
+            )
+            .unwrap(),
             ownership: None,
             replies: ReplyArena::new(),
             parked: Default::default(),

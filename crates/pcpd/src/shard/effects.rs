@@ -27,6 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pcp_dataplane::{Change, Dataplane};
+
+use super::applier::{Applied, Applier};
 use pcp_engine::{DeleteReason, Engine, Event, MappingId};
 use pcp_store::Record;
 
@@ -134,19 +136,18 @@ pub(super) struct Effects {
     pub(super) index: usize,
     store: Store,
     journal_max_bytes: u64,
-    dataplane: Box<dyn Dataplane>,
+    applier: Applier,
     natlog: NatLog,
     metrics: Metrics,
     health: Arc<Health>,
     events: Vec<(Origin, Event)>,
     records: Vec<Record>,
-    changes: Vec<Change>,
-    /// For each change: the mapping an `Upsert` makes real, and who waits.
-    change_origin: Vec<Option<(Origin, MappingId)>>,
     last_repair: Option<Instant>,
     last_complaint: Option<Instant>,
     /// Jobs handed to the journal writer, oldest first (`pipeline.rs`).
     inflight: std::collections::VecDeque<pipeline::Pending>,
+    /// Durable batches whose changes are with the applier, oldest first.
+    applying: std::collections::VecDeque<pipeline::Applying>,
     /// Batches completed while the synchronous path waited for the
     /// writer; their replies are sent by the next [`Effects::complete`].
     finished: std::collections::VecDeque<Settled>,
@@ -161,27 +162,35 @@ impl Effects {
         journal_max_bytes: u64,
         dataplane: Box<dyn Dataplane>,
         sinks: (NatLog, Metrics, Arc<Health>),
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         let (natlog, metrics, health) = sinks;
         metrics.state_writable(index, true);
-        Effects {
+        // The applier wakes the task that answers completed batches (a
+        // notification nobody awaits in cluster mode, which never
+        // pipelines).
+        let wake = match &store {
+            Store::Journal(w) => w.wake.clone(),
+            #[cfg(feature = "cluster")]
+            Store::Etcd(_) => Arc::new(tokio::sync::Notify::new()),
+        };
+        let applier = Applier::start(index, dataplane, wake)?;
+        Ok(Effects {
             index,
             store,
             journal_max_bytes,
-            dataplane,
+            applier,
             natlog,
             metrics,
             health,
             events: Vec::new(),
             records: Vec::new(),
-            changes: Vec::new(),
-            change_origin: Vec::new(),
             last_repair: None,
             last_complaint: None,
             inflight: std::collections::VecDeque::new(),
+            applying: std::collections::VecDeque::new(),
             finished: std::collections::VecDeque::new(),
             compacting: false,
-        }
+        })
     }
 
     /// Moves the engine's queued events into the batch, for `origin`.
@@ -230,13 +239,15 @@ impl Effects {
     /// Applies dataplane changes that no engine event stands for (a
     /// partition installed or handed over); returns how many failed.
     #[cfg(feature = "cluster")]
-    pub(super) fn install_direct(&mut self, changes: &[Change]) -> usize {
+    pub(super) fn install_direct(&mut self, changes: Vec<Change>) -> usize {
         if changes.is_empty() {
             return 0;
         }
+        // Cluster mode never pipelines: nothing is with the applier.
         let failed = self
-            .dataplane
-            .apply(changes)
+            .applier
+            .apply_now(changes)
+            .results
             .into_iter()
             .filter(|r| r.is_err())
             .count();
@@ -373,11 +384,16 @@ impl Effects {
     /// the mappings the dataplane refused.
     fn install_and_log(&mut self, batch: &[(Origin, Event)]) -> Vec<(Origin, MappingId)> {
         let refused = self.install(batch);
+        self.log(batch);
+        refused
+    }
+
+    /// Writes a settled batch's NAT log lines.
+    fn log(&mut self, batch: &[(Origin, Event)]) {
         let wall = crate::clock::wall_ms();
         for (_, event) in batch {
             self.natlog.record(wall, event);
         }
-        refused
     }
 
     /// Takes back the mappings the dataplane refused (their requests are
@@ -408,34 +424,52 @@ impl Effects {
         true
     }
 
-    /// Applies the round's dataplane changes; returns the refused upserts.
+    /// Applies the round's dataplane changes and waits for them; returns
+    /// the refused upserts.
     fn install(&mut self, batch: &[(Origin, Event)]) -> Vec<(Origin, MappingId)> {
-        self.changes.clear();
-        self.change_origin.clear();
+        let (changes, origins) = self.plan(batch);
+        if changes.is_empty() {
+            return Vec::new();
+        }
+        let applied = self.applier.apply_now(changes);
+        self.refused_of(applied, &origins)
+    }
+
+    /// A batch's dataplane changes and, for each, the mapping an `Upsert`
+    /// makes real and who waits for it.
+    fn plan(
+        &mut self,
+        batch: &[(Origin, Event)],
+    ) -> (Vec<Change>, Vec<Option<(Origin, MappingId)>>) {
+        let mut changes = self.applier.buffer();
+        let mut origins = Vec::new();
         for (origin, event) in batch {
-            let before = self.changes.len();
-            Change::from_event(event, &mut self.changes);
+            let before = changes.len();
+            Change::from_event(event, &mut changes);
             let made = match event {
                 Event::MappingCreated(m) | Event::MappingRenewed(m) => Some(m.id),
                 Event::MappingMoved { new, .. } => Some(new.id),
                 _ => None,
             };
-            for c in &self.changes[before..] {
+            for c in &changes[before..] {
                 let upsert = matches!(c, Change::Upsert(_));
-                self.change_origin
-                    .push(made.filter(|_| upsert).map(|id| (*origin, id)));
+                origins.push(made.filter(|_| upsert).map(|id| (*origin, id)));
             }
         }
-        let mut refused = Vec::new();
-        if self.changes.is_empty() {
-            return refused;
-        }
-        let started = Instant::now();
-        let results = self.dataplane.apply(&self.changes);
+        (changes, origins)
+    }
+
+    /// The mappings whose upserts the dataplane refused; counts and logs.
+    fn refused_of(
+        &self,
+        applied: Applied,
+        origins: &[Option<(Origin, MappingId)>],
+    ) -> Vec<(Origin, MappingId)> {
         self.metrics
             .dataplane_latency
-            .observe(started.elapsed().as_secs_f64());
-        for (r, origin) in results.into_iter().zip(&self.change_origin) {
+            .observe(applied.latency.as_secs_f64());
+        let mut refused = Vec::new();
+        for (r, origin) in applied.results.into_iter().zip(origins) {
             let label = if r.is_ok() { "ok" } else { "error" };
             self.metrics
                 .dataplane_changes

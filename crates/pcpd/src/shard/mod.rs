@@ -9,6 +9,7 @@
 //! | `effects.rs` | the one forward path: journal, dataplane, NAT log; refusals |
 //! | `effects/pipeline.rs` | a batch with the journal writer, finished when its commit completes |
 //! | `writer.rs` | the journal writer thread: group commit and fdatasync off the shard |
+//! | `applier.rs` | the dataplane thread (nftables): kernel transactions off the shard |
 //! | `replies.rs` | held replies, replaced by a refusal, sent after settling |
 //! | `timers.rs` | timers and unsolicited messages (§14) |
 //! | `control.rs` | operator requests (admin API, shutdown) |
@@ -39,6 +40,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::metrics::Metrics;
 use crate::natlog::NatLog;
 
+mod applier;
 mod control;
 mod effects;
 mod health;
@@ -228,7 +230,7 @@ fn open(spec: ShardSpec) -> Option<State> {
     let mut spec = spec;
     #[cfg(feature = "cluster")]
     if let Some(cluster) = spec.cluster.take() {
-        return Some(open_clustered(spec, cluster));
+        return open_clustered(spec, cluster);
     }
     let index = spec.index;
     let mut engine = Engine::new(
@@ -270,9 +272,16 @@ fn open(spec: ShardSpec) -> Option<State> {
             return None;
         }
     };
+    let effects = match Effects::new(index, store, spec.journal_max_bytes, dataplane, sinks) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(shard = index, "cannot start the dataplane thread: {e}");
+            return None;
+        }
+    };
     Some(State {
         engine,
-        effects: Effects::new(index, store, spec.journal_max_bytes, dataplane, sinks),
+        effects,
         replies: ReplyArena::new(),
         parked: Parked::default(),
         metrics: spec.metrics,
@@ -284,7 +293,7 @@ fn open(spec: ShardSpec) -> Option<State> {
 /// Cluster mode: nothing local to restore; the node task installs each
 /// partition's state from etcd once it owns it (`Control::Adopt`).
 #[cfg(feature = "cluster")]
-fn open_clustered(spec: ShardSpec, cluster: ShardCluster) -> State {
+fn open_clustered(spec: ShardSpec, cluster: ShardCluster) -> Option<State> {
     let engine = Engine::new(
         spec.compiled,
         spec.pools,
@@ -295,21 +304,29 @@ fn open_clustered(spec: ShardSpec, cluster: ShardCluster) -> State {
     let _ = spec.restored.send(Ok(RestoreReport::default()));
     let sinks = (spec.natlog, spec.metrics.clone(), spec.health.clone());
     let store = Store::Etcd(Box::new(cluster.store));
-    State {
+    let effects = Effects::new(
+        spec.index,
+        store,
+        spec.journal_max_bytes,
+        spec.dataplane,
+        sinks,
+    );
+    let effects = match effects {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(shard = spec.index, "cannot start the dataplane thread: {e}");
+            return None;
+        }
+    };
+    Some(State {
         engine,
-        effects: Effects::new(
-            spec.index,
-            store,
-            spec.journal_max_bytes,
-            spec.dataplane,
-            sinks,
-        ),
+        effects,
         replies: ReplyArena::new(),
         parked: Parked::default(),
         metrics: spec.metrics,
         health: spec.health,
         ownership: Some(cluster.ownership),
-    }
+    })
 }
 
 async fn run(

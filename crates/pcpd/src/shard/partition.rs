@@ -39,8 +39,9 @@ pub(super) fn adopt(st: &mut State, restore: Restore) -> RestoreReport {
         }
     }
     while st.engine.poll_event().is_some() {}
-    report.failed = st.effects.install_direct(&changes);
-    report.installed = changes.len() - report.failed;
+    let total = changes.len();
+    report.failed = st.effects.install_direct(changes);
+    report.installed = total - report.failed;
     report
 }
 
@@ -73,7 +74,7 @@ pub(super) fn forget(st: &mut State, p: usize, uninstall: bool) -> usize {
         for &(subscriber, block) in &gone.blocks {
             changes.push(Change::RemoveBlock { subscriber, block });
         }
-        st.effects.install_direct(&changes);
+        st.effects.install_direct(changes);
     }
     gone.mappings.len()
 }

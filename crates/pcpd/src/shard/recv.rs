@@ -56,13 +56,15 @@ pub(super) fn handle_one(st: &mut State, sockets: &Sockets, peer: Peer, datagram
     st.metrics.latency.observe(started.elapsed().as_secs_f64());
 }
 
-/// Batches that wait for the journal writer at most (their replies are
-/// held; past this the shard waits for the oldest before receiving more).
+/// Batches that wait for the journal writer or the dataplane at most
+/// (their replies are held; past this the shard stops receiving until the
+/// oldest is answered, and datagrams wait in the socket's buffer).
 const IN_FLIGHT: usize = 4;
 
 /// Ends a batch. With the journal store, its records go to the writer
-/// thread and its replies are parked until their own commit completes
-/// (`commit_loop`), so the shard goes on receiving meanwhile. Otherwise
+/// thread and its replies are parked until their own commit completes and
+/// their changes are applied (`commit_loop`), so the shard goes on
+/// receiving meanwhile. Otherwise
 /// (cluster mode, a poisoned journal) it settles now and sends the held
 /// replies, each as the outcome allows (see `effects.rs`).
 pub(super) fn flush(st: &mut State, sockets: &Sockets) {
@@ -79,10 +81,20 @@ pub(super) fn flush(st: &mut State, sockets: &Sockets) {
     }
     st.effects.submit(&st.engine);
     st.parked.park(&mut st.replies);
-    while st.effects.in_flight() >= IN_FLIGHT {
-        if !finish_one(st, sockets, true) {
-            break;
+}
+
+/// Waits (without blocking the shard's thread) until fewer than
+/// [`IN_FLIGHT`] batches are held; woken each time a held batch is
+/// answered (`Parked::recycle`).
+async fn until_room(state: &Rc<RefCell<State>>) {
+    let room = state.borrow().parked.answered();
+    loop {
+        // Created before the check, so an answer in between is not missed.
+        let answered = room.notified();
+        if state.borrow().effects.in_flight() < IN_FLIGHT {
+            return;
         }
+        answered.await;
     }
 }
 
@@ -115,7 +127,7 @@ pub(super) fn answer_finished(st: &mut State, sockets: &Sockets) {
     while finish_one(st, sockets, false) {}
 }
 
-/// Answers batches as the journal writer completes them.
+/// Answers batches as the journal writer and the dataplane complete them.
 pub(super) async fn commit_loop(
     state: Rc<RefCell<State>>,
     sockets: Sockets,
@@ -146,6 +158,7 @@ pub(super) async fn recv_loop(
     let mut metas = [RecvMeta::default(); BATCH];
     let mut stage = Stage::new();
     loop {
+        until_room(&state).await;
         let (sock, udp) = &sockets[si];
         if sock.readable().await.is_err() {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -226,7 +239,9 @@ pub(super) async fn handoff_loop(
     mut rx: mpsc::Receiver<Handoff>,
     timer: Rc<Notify>,
 ) {
-    while let Some(first) = rx.recv().await {
+    loop {
+        until_room(&state).await;
+        let Some(first) = rx.recv().await else { break };
         {
             let mut st = state.borrow_mut();
             let mut next = Some(first);

@@ -4,11 +4,13 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
 
 use pcp_engine::Engine;
 use pcp_wire::{Opcode, ResultCode};
 use quinn_udp::Transmit;
 use tokio::io::Interest;
+use tokio::sync::Notify;
 
 use super::effects::{Origin, Settled};
 use super::{now_ms, Sockets, MAX_DATAGRAM};
@@ -172,6 +174,8 @@ impl ReplyArena {
 pub(super) struct Parked {
     queue: VecDeque<ReplyArena>,
     spare: Vec<ReplyArena>,
+    /// Notified each time a parked batch has been answered.
+    answered: Rc<Notify>,
 }
 
 impl Parked {
@@ -187,9 +191,16 @@ impl Parked {
         self.queue.pop_front()
     }
 
-    /// Keeps a sent (empty) arena for reuse.
+    /// Keeps a sent (empty) arena for reuse, and wakes whoever waits for
+    /// a batch to be answered.
     pub(super) fn recycle(&mut self, arena: ReplyArena) {
         self.spare.push(arena);
+        self.answered.notify_waiters();
+    }
+
+    /// Notified each time a parked batch has been answered.
+    pub(super) fn answered(&self) -> Rc<Notify> {
+        self.answered.clone()
     }
 }
 

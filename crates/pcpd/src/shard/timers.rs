@@ -1,7 +1,8 @@
 //! The shard's timer loop: sleeps until the engine's next deadline, fires
-//! it, settles the effects (expiries are journaled like anything else),
-//! and sends the due unsolicited messages (RFC 6887 §14) only when the
-//! state they report is durable.
+//! it, settles the effects (expiries are journaled like anything else; on
+//! the pipelined path when nothing is to be sent), and sends the due
+//! unsolicited messages (RFC 6887 §14) only when the state they report is
+//! durable.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -44,6 +45,13 @@ pub(super) async fn timer_loop(state: Rc<RefCell<State>>, sockets: Sockets, noti
 fn fire(st: &mut State, sockets: &Sockets) {
     st.engine.handle_timeout(now_ms());
     st.effects.collect(&mut st.engine, Origin::Timer);
+    if st.effects.pipelined() && !st.engine.has_transmit() {
+        // Expiries and releases only, nobody to tell: they take the
+        // pipelined path like a batch of requests (with no replies), so
+        // the shard does not wait for the disk or the kernel.
+        super::recv::flush(st, sockets);
+        return;
+    }
     let settled = st.effects.settle(&mut st.engine);
     // Batches of requests the synchronous settle completed: answered first.
     super::recv::answer_finished(st, sockets);

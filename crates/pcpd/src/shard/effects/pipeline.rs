@@ -16,9 +16,10 @@
 
 use std::sync::Arc;
 
-use pcp_engine::{Engine, Event};
+use pcp_engine::{Engine, Event, MappingId};
 use tokio::sync::Notify;
 
+use super::super::applier::Applied;
 use super::super::now_ms;
 use super::super::writer::{Done, JournalWriter};
 use super::{records_of, take_back, Effects, Origin, Origins, Settled, Store};
@@ -33,6 +34,17 @@ pub(in crate::shard) enum Pending {
     },
     /// A compaction snapshot.
     Snapshot,
+}
+
+/// A durable batch whose dataplane changes are being applied.
+pub(in crate::shard) struct Applying {
+    batch: Vec<(Origin, Event)>,
+    /// Per change handed to the applier: the mapping an upsert makes real.
+    origins: Vec<Option<(Origin, MappingId)>>,
+    /// Whether changes were handed to the applier (else it only waits for
+    /// the batches before it).
+    submitted: bool,
+    settled: Settled,
 }
 
 /// What [`Effects::complete`] finished.
@@ -50,7 +62,8 @@ impl Effects {
         matches!(&self.store, Store::Journal(w) if !w.poisoned())
     }
 
-    /// The writer's wake-up, for the task that finishes completed batches.
+    /// The writer's and applier's wake-up, for the task that finishes
+    /// completed batches.
     pub(in crate::shard) fn wake(&self) -> Option<Arc<Notify>> {
         match &self.store {
             Store::Journal(w) => Some(w.wake.clone()),
@@ -73,12 +86,13 @@ impl Effects {
         }
     }
 
-    /// Batches handed to the writer and not yet answered.
+    /// Batches handed to the writer or the applier and not yet answered.
     pub(in crate::shard) fn in_flight(&self) -> usize {
         self.inflight
             .iter()
             .filter(|p| matches!(p, Pending::Batch { .. }))
             .count()
+            + self.applying.len()
             + self.finished.len()
     }
 
@@ -113,73 +127,78 @@ impl Effects {
         }
     }
 
-    /// Finishes the oldest job the writer has completed; with `wait`,
-    /// waits for it. `None`: nothing (more) to finish.
+    /// Finishes the oldest job that is complete: a batch once its records
+    /// are durable and its dataplane changes applied, in submission order;
+    /// with `wait`, waits for it. `None`: nothing (more) to finish.
     pub(in crate::shard) fn complete(
         &mut self,
         engine: &mut Engine,
         wait: bool,
     ) -> Option<Completed> {
-        if let Some(settled) = self.finished.pop_front() {
-            return Some(Completed::Batch(settled));
-        }
-        let writer = self.writer()?;
-        let done = if wait {
-            writer.wait_done()?
-        } else {
-            writer.try_done()?
-        };
-        Some(self.finish(engine, done))
-    }
-
-    /// Completes everything the writer holds, keeping the batches'
-    /// outcomes for [`Effects::complete`] (the synchronous path waits
-    /// for the writer this way before it uses it).
-    pub(super) fn settle_outstanding(&mut self, engine: &mut Engine) {
         loop {
-            let Some(writer) = self.writer() else {
-                return;
-            };
-            let Some(done) = writer.wait_done() else {
-                return;
-            };
-            if let Completed::Batch(settled) = self.finish(engine, done) {
-                self.finished.push_back(settled);
+            if let Some(settled) = self.finished.pop_front() {
+                return Some(Completed::Batch(settled));
+            }
+            // What is durable goes on to the applier at once, so batches
+            // that queue behind a slow transaction share the next one.
+            while let Some(done) = self.writer().and_then(JournalWriter::try_done) {
+                if let Some(other) = self.durable_done(engine, done) {
+                    return Some(other);
+                }
+            }
+            if let Some(submitted) = self.applying.front().map(|h| h.submitted) {
+                let applied = match (submitted, wait) {
+                    (false, _) => None,
+                    (true, false) => self.applier.try_done(),
+                    (true, true) => self.applier.wait_done(),
+                };
+                if applied.is_some() || !submitted {
+                    let head = self.applying.pop_front()?;
+                    return Some(self.applied(engine, head, applied));
+                }
+                return None;
+            }
+            if !wait {
+                return None;
+            }
+            let done = self.writer()?.wait_done()?;
+            if let Some(other) = self.durable_done(engine, done) {
+                return Some(other);
             }
         }
     }
 
-    /// One completion: the job at the head of the queue.
-    fn finish(&mut self, engine: &mut Engine, done: Done) -> Completed {
+    /// Completes everything the writer and the applier hold, keeping the
+    /// batches' outcomes for [`Effects::complete`] (the synchronous path
+    /// waits for them this way before it uses them).
+    pub(super) fn settle_outstanding(&mut self, engine: &mut Engine) {
+        // `complete` hands out what is already finished first: set those
+        // aside so the loop reaches the writer and the applier.
+        let mut finished = std::mem::take(&mut self.finished);
+        while let Some(c) = self.complete(engine, true) {
+            if let Completed::Batch(settled) = c {
+                finished.push_back(settled);
+            }
+        }
+        self.finished = finished;
+    }
+
+    /// A job the writer completed: a snapshot is done with (`Some`); a
+    /// batch is taken back where not durable, and its dataplane changes go
+    /// to the applier (`None`: it continues in `applying`).
+    fn durable_done(&mut self, engine: &mut Engine, done: Done) -> Option<Completed> {
         let Some(job) = self.inflight.pop_front() else {
             tracing::error!(
                 shard = self.index,
                 seq = done.seq,
                 "journal writer completed a job nobody waits for"
             );
-            return Completed::Other;
+            return Some(Completed::Other);
         };
         let (mut batch, with_records) = match job {
             Pending::Snapshot => {
-                self.compacting = false;
-                match done.outcome {
-                    Ok(()) => {
-                        tracing::info!(shard = self.index, "journal compacted into a snapshot");
-                        // An earlier compaction that failed said so: the
-                        // state is durable again.
-                        if self.last_complaint.take().is_some() && !done.poisoned {
-                            self.health.set_ok(self.index);
-                            self.metrics.state_writable(self.index, true);
-                        }
-                    }
-                    // A commit before it failed: that failure is reported.
-                    Err(_) if done.poisoned => {}
-                    Err(e) => {
-                        self.metrics.journal_errors.inc();
-                        self.broken(e);
-                    }
-                }
-                return Completed::Other;
+                self.snapshot_done(done);
+                return Some(Completed::Other);
             }
             Pending::Batch {
                 batch,
@@ -187,7 +206,6 @@ impl Effects {
             } => (batch, with_records),
         };
         let mut settled = Settled::default();
-        let now = now_ms();
         self.metrics
             .journal_latency
             .observe(done.latency.as_secs_f64());
@@ -195,13 +213,65 @@ impl Effects {
             self.metrics.journal_errors.inc();
             self.broken(e);
             settled.not_durable.extend(&with_records);
-            take_back(engine, &mut batch, now);
+            take_back(engine, &mut batch, now_ms());
         }
-        let refused = self.install_and_log(&batch);
-        // The take-backs are journaled with the next batch.
+        settled.durable = !done.poisoned;
+        let (changes, origins) = self.plan(&batch);
+        let submitted = !changes.is_empty();
+        if submitted {
+            self.applier.submit(changes);
+        }
+        self.applying.push_back(Applying {
+            batch,
+            origins,
+            submitted,
+            settled,
+        });
+        None
+    }
+
+    fn snapshot_done(&mut self, done: Done) {
+        self.compacting = false;
+        match done.outcome {
+            Ok(()) => {
+                tracing::info!(shard = self.index, "journal compacted into a snapshot");
+                // An earlier compaction that failed said so: the
+                // state is durable again.
+                if self.last_complaint.take().is_some() && !done.poisoned {
+                    self.health.set_ok(self.index);
+                    self.metrics.state_writable(self.index, true);
+                }
+            }
+            // A commit before it failed: that failure is reported.
+            Err(_) if done.poisoned => {}
+            Err(e) => {
+                self.metrics.journal_errors.inc();
+                self.broken(e);
+            }
+        }
+    }
+
+    /// A batch whose changes are applied: mappings the dataplane refused
+    /// are taken back (journaled with the next batch), then the NAT log.
+    fn applied(
+        &mut self,
+        engine: &mut Engine,
+        job: Applying,
+        applied: Option<Applied>,
+    ) -> Completed {
+        let Applying {
+            mut batch,
+            origins,
+            mut settled,
+            ..
+        } = job;
+        let refused = match applied {
+            Some(a) => self.refused_of(a, &origins),
+            None => Vec::new(),
+        };
+        self.log(&batch);
         self.revoke_refused(engine, refused, &mut settled);
         self.natlog.flush();
-        settled.durable = !done.poisoned;
         batch.clear();
         if self.events.is_empty() && self.events.capacity() < batch.capacity() {
             self.events = batch;
@@ -215,14 +285,18 @@ mod tests {
     //! The pipeline against pcp-store's fault seam: a slow fdatasync does
     //! not hold the shard, nothing is released before its own commit, one
     //! fdatasync covers what queued meanwhile, and a failed commit refuses
-    //! its batch and every batch after it.
+    //! its batch and every batch after it. Then the same for a dataplane
+    //! that waits (the applier thread): a slow transaction holds only its
+    //! own replies, and a refused mapping is taken back.
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
+    use pcp_dataplane::{ApplyError, Change, Dataplane, Entry, Key};
     use pcp_store::Faults;
     use pcp_wire::ResultCode;
 
-    use super::super::super::control::tests::{dir, map, state};
+    use super::super::super::control::tests::{dir, map, state, state_with};
     use super::super::super::State;
     use super::{Completed, Origin};
 
@@ -306,5 +380,114 @@ mod tests {
         assert!(!st.effects.pipelined());
         assert!(st.effects.durable(&mut st.engine));
         assert!(st.effects.pipelined());
+    }
+    /// A dataplane that waits like the kernel does on a delete (so it gets
+    /// a thread of its own), counts its transactions and can refuse.
+    struct Slow {
+        delay: Duration,
+        transactions: Arc<AtomicUsize>,
+        changes: Arc<AtomicUsize>,
+        refuse: Arc<AtomicBool>,
+    }
+
+    impl Dataplane for Slow {
+        fn apply(&mut self, changes: &[Change]) -> Vec<Result<(), ApplyError>> {
+            std::thread::sleep(self.delay);
+            self.transactions.fetch_add(1, Ordering::SeqCst);
+            self.changes.fetch_add(changes.len(), Ordering::SeqCst);
+            let refuse = self.refuse.load(Ordering::SeqCst);
+            changes
+                .iter()
+                .map(|_| match refuse {
+                    true => Err(ApplyError::Refused("test".into())),
+                    false => Ok(()),
+                })
+                .collect()
+        }
+        fn installed(&self) -> Vec<(Key, Option<Entry>)> {
+            Vec::new()
+        }
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+    }
+
+    type Counters = (Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<AtomicBool>);
+
+    /// A shard state whose dataplane takes `delay_ms` per transaction.
+    fn slow(name: &str, delay_ms: u64) -> (State, Counters) {
+        let (transactions, changes) = (Arc::default(), Arc::default());
+        let refuse = Arc::new(AtomicBool::new(false));
+        let dp = Slow {
+            delay: Duration::from_millis(delay_ms),
+            transactions: Arc::clone(&transactions),
+            changes: Arc::clone(&changes),
+            refuse: Arc::clone(&refuse),
+        };
+        let (st, _) = state_with(&dir(name), Arc::new(Faults::default()), Box::new(dp));
+        (st, (transactions, changes, refuse))
+    }
+
+    #[test]
+    fn a_slow_dataplane_holds_only_its_own_replies_and_one_transaction_covers_what_queued() {
+        let (mut st, (transactions, changes, _)) = slow("applier-slow", 400);
+        let started = Instant::now();
+        request(&mut st, 3000, 0);
+        st.effects.submit(&st.engine);
+        // Once durable, the first batch goes to the dataplane thread;
+        // finishing what is complete never waits for it.
+        while st.effects.applying.is_empty() {
+            assert!(st.effects.complete(&mut st.engine, false).is_none());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        request(&mut st, 3001, 1);
+        st.effects.submit(&st.engine);
+        request(&mut st, 3002, 2);
+        st.effects.submit(&st.engine);
+        // Both become durable and queue behind the first transaction.
+        while st.effects.applying.len() < 3 {
+            assert!(st.effects.complete(&mut st.engine, false).is_none());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "the shard waited for the dataplane: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(st.effects.in_flight(), 3);
+        // In submission order, each answered once its change is applied.
+        for slot in 0..3 {
+            let s = batch(st.effects.complete(&mut st.engine, true));
+            assert!(s.durable);
+            assert_eq!(s.refusal(Origin::Reply(slot)), None);
+            assert!(started.elapsed() >= Duration::from_millis(400));
+        }
+        assert!(st.effects.complete(&mut st.engine, false).is_none());
+        // The two batches that queued behind the first share a transaction.
+        let n = transactions.load(Ordering::SeqCst);
+        assert_eq!(n, 2, "{n} transactions for 3 batches");
+        // The subscriber's port block with the first mapping, then one each.
+        assert_eq!(changes.load(Ordering::SeqCst), 4);
+        assert_eq!(st.engine.mapping_count(), 3);
+    }
+
+    #[test]
+    fn a_mapping_the_dataplane_refuses_is_taken_back_and_answered_network_failure() {
+        let (mut st, (_, _, refuse)) = slow("applier-refuse", 20);
+        refuse.store(true, Ordering::SeqCst);
+        request(&mut st, 4000, 7);
+        st.effects.submit(&st.engine);
+        let s = batch(st.effects.complete(&mut st.engine, true));
+        // RFC 6887 §7.4: NETWORK_FAILURE when the NAT could not be set up.
+        assert_eq!(
+            s.refusal(Origin::Reply(7)),
+            Some(ResultCode::NetworkFailure)
+        );
+        assert_eq!(st.engine.mapping_count(), 0);
+        // The take-back is journaled with the next batch.
+        refuse.store(false, Ordering::SeqCst);
+        assert!(st.effects.has_events());
+        st.effects.submit(&st.engine);
+        assert!(batch(st.effects.complete(&mut st.engine, true)).durable);
     }
 }

@@ -1,0 +1,242 @@
+//! The dataplane's applier: for a backend that waits on the kernel
+//! (nftables over netlink, where a transaction that deletes elements
+//! waits for the kernel's commit, ~10 ms here), one thread per shard owns
+//! the dataplane, so the shard never blocks on it. The shard hands it a
+//! batch's changes once the batch is durable and goes on receiving; the
+//! batch's replies are held until the applier says the changes are in.
+//!
+//! * **Coalescing**: every batch queued while the last transaction ran
+//!   goes into the next one (the backend caps each kernel transaction,
+//!   see pcp-dataplane's `nftables.rs`), so a slow transaction makes the
+//!   next one larger, not the queue longer.
+//! * **Order**: batches complete in the order they were submitted, and
+//!   changes reach the kernel in that order.
+//!
+//! A backend that never waits (the memory one) is applied inline on the
+//! shard: a thread hop would only add latency. The synchronous path
+//! (timers, operator requests, cluster mode) uses [`Applier::apply_now`]
+//! once nothing is outstanding.
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pcp_dataplane::{ApplyError, Change, Dataplane};
+use tokio::sync::Notify;
+
+/// What became of one batch's changes.
+pub(super) struct Applied {
+    /// One result per change, in order.
+    pub(super) results: Vec<Result<(), ApplyError>>,
+    /// How long the transaction that carried them took.
+    pub(super) latency: Duration,
+    /// The changes' buffer, emptied, for reuse.
+    buffer: Vec<Change>,
+}
+
+enum Mode {
+    /// Applied on the shard's thread.
+    Inline(Box<dyn Dataplane>),
+    /// Applied by a thread of its own.
+    Thread {
+        jobs: Option<Sender<Vec<Change>>>,
+        done: Receiver<Applied>,
+        thread: Option<JoinHandle<()>>,
+    },
+}
+
+/// The shard's side of its dataplane.
+pub(super) struct Applier {
+    mode: Mode,
+    /// The number of changes of each batch handed over and not yet
+    /// taken back, oldest first.
+    sizes: VecDeque<usize>,
+    spare: Vec<Vec<Change>>,
+    /// Inline completions not yet taken.
+    ready: VecDeque<Applied>,
+}
+
+impl Applier {
+    /// Shard `index`'s applier for `dataplane`; a thread of its own when
+    /// the backend waits on the kernel. `wake` is notified per completion.
+    pub(super) fn start(
+        index: usize,
+        dataplane: Box<dyn Dataplane>,
+        wake: Arc<Notify>,
+    ) -> std::io::Result<Self> {
+        let mode = if dataplane.waits() {
+            let (jobs, rx) = channel::<Vec<Change>>();
+            let (tx, done) = channel::<Applied>();
+            let thread = std::thread::Builder::new()
+                .name(format!("pcpd-dataplane-{index}"))
+                .spawn(move || apply_loop(dataplane, &rx, &tx, &wake))?;
+            Mode::Thread {
+                jobs: Some(jobs),
+                done,
+                thread: Some(thread),
+            }
+        } else {
+            Mode::Inline(dataplane)
+        };
+        Ok(Applier {
+            mode,
+            sizes: VecDeque::new(),
+            spare: Vec::new(),
+            ready: VecDeque::new(),
+        })
+    }
+
+    /// A buffer for the next batch's changes (reused).
+    pub(super) fn buffer(&mut self) -> Vec<Change> {
+        self.spare.pop().unwrap_or_default()
+    }
+
+    /// Hands a batch's changes over; its completion comes from
+    /// [`Applier::try_done`] or [`Applier::wait_done`], in order.
+    pub(super) fn submit(&mut self, changes: Vec<Change>) {
+        self.sizes.push_back(changes.len());
+        match &mut self.mode {
+            Mode::Inline(dp) => {
+                let applied = apply(dp.as_mut(), changes);
+                self.ready.push_back(applied);
+            }
+            // A thread that is gone (it never exits first) shows as a
+            // closed completion queue: see `next`.
+            Mode::Thread { jobs, .. } => {
+                if let Some(j) = jobs {
+                    let _ = j.send(changes);
+                }
+            }
+        }
+    }
+
+    /// The next completion, if one is there.
+    pub(super) fn try_done(&mut self) -> Option<Applied> {
+        self.next(false)
+    }
+
+    /// Waits for the next completion (`None`: nothing outstanding).
+    pub(super) fn wait_done(&mut self) -> Option<Applied> {
+        self.next(true)
+    }
+
+    fn next(&mut self, wait: bool) -> Option<Applied> {
+        let n = *self.sizes.front()?;
+        let mut d = match &self.mode {
+            Mode::Inline(_) => self.ready.pop_front()?,
+            Mode::Thread { done, .. } => {
+                let got = if wait {
+                    done.recv().ok()
+                } else {
+                    match done.try_recv() {
+                        Ok(d) => Some(d),
+                        Err(TryRecvError::Empty) => return None,
+                        Err(TryRecvError::Disconnected) => None,
+                    }
+                };
+                // The thread is gone: every change it did not answer for
+                // is refused (and its mapping taken back).
+                got.unwrap_or_else(|| refused(n))
+            }
+        };
+        self.sizes.pop_front();
+        let mut buf = std::mem::take(&mut d.buffer);
+        buf.clear();
+        if buf.capacity() > 0 && self.spare.len() < 4 {
+            self.spare.push(buf);
+        }
+        Some(d)
+    }
+
+    /// Batches handed over and not yet taken back.
+    pub(super) fn outstanding(&self) -> usize {
+        self.sizes.len()
+    }
+
+    /// Applies `changes` and waits for them (the synchronous path; the
+    /// caller has taken every earlier completion).
+    pub(super) fn apply_now(&mut self, changes: Vec<Change>) -> Applied {
+        debug_assert_eq!(self.outstanding(), 0, "apply_now with batches outstanding");
+        let n = changes.len();
+        self.submit(changes);
+        self.wait_done().unwrap_or_else(|| refused(n))
+    }
+}
+
+impl Drop for Applier {
+    fn drop(&mut self) {
+        if let Mode::Thread { jobs, thread, .. } = &mut self.mode {
+            // Closing the queue ends the thread once it has applied what
+            // is queued (nothing is left half in the kernel).
+            *jobs = None;
+            if let Some(t) = thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// Every change of a batch refused: the applier thread is gone.
+fn refused(n: usize) -> Applied {
+    Applied {
+        results: vec![
+            Err(ApplyError::Unavailable(
+                "the dataplane thread stopped".into()
+            ));
+            n
+        ],
+        latency: Duration::ZERO,
+        buffer: Vec::new(),
+    }
+}
+
+fn apply(dp: &mut dyn Dataplane, changes: Vec<Change>) -> Applied {
+    let started = Instant::now();
+    let results = dp.apply(&changes);
+    Applied {
+        results,
+        latency: started.elapsed(),
+        buffer: changes,
+    }
+}
+
+/// The applier thread: per wake-up, every queued batch in one call to the
+/// backend, each batch's results sent back in order.
+fn apply_loop(
+    mut dp: Box<dyn Dataplane>,
+    jobs: &Receiver<Vec<Change>>,
+    done: &Sender<Applied>,
+    wake: &Notify,
+) {
+    let mut all: Vec<Change> = Vec::new();
+    let mut batches: Vec<Vec<Change>> = Vec::new();
+    while let Ok(first) = jobs.recv() {
+        batches.push(first);
+        while let Ok(more) = jobs.try_recv() {
+            batches.push(more);
+        }
+        let started = Instant::now();
+        let mut results = if batches.len() == 1 {
+            dp.apply(&batches[0])
+        } else {
+            all.clear();
+            for b in &batches {
+                all.extend(b.iter().cloned());
+            }
+            dp.apply(&all)
+        }
+        .into_iter();
+        let latency = started.elapsed();
+        for buffer in batches.drain(..) {
+            let results = results.by_ref().take(buffer.len()).collect();
+            let _ = done.send(Applied {
+                results,
+                latency,
+                buffer,
+            });
+        }
+        wake.notify_one();
+    }
+}
