@@ -59,9 +59,9 @@ for round in 1 2 3; do
   run "reflect-$round" --target "$IP:5399" --echo --mix create --subscribers 10000 --server-pid "$REFLECT_PID"
   run "reflect-c-$round" --target "$IP:5398" --echo --mix create --subscribers 10000 --server-pid "$CREFLECT_PID"
   start_pcpd
-  run "create-$round" --target "$IP:5351" --mix create --subscribers 10000 --mappings 0 --server-pid "$PCPD_PID"
+  run "create-$round" --target "$IP:5351" --mix create --subscribers 10000 --mappings 0 --first-port 10000 --server-pid "$PCPD_PID"
   run "renew-$round" --target "$IP:5351" --mix renew --subscribers 10000 --mappings 4 --server-pid "$PCPD_PID"
-  run "mixed-$round" --target "$IP:5351" --mix mixed --subscribers 10000 --mappings 4 --server-pid "$PCPD_PID"
+  run "mixed-$round" --target "$IP:5351" --mix mixed --subscribers 10000 --mappings 4 --first-port 40000 --server-pid "$PCPD_PID"
   stop_pcpd
 done
 

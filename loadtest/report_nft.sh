@@ -41,7 +41,8 @@ table ip bed {
 }
 NFT
 # The load test's configuration with the kernel dataplane.
-{ cat loadtest/pcpd-load.yaml; printf 'dataplane:\n  backend: nftables\n  nftables: { table: pcpdload }\n'; } >"$OUT/pcpd-load-nft.yaml"
+# State and NAT log under $OUT (the file names target/loadtest-report).
+{ sed "s#target/loadtest-report/state#$OUT/state#g" loadtest/pcpd-load.yaml; printf 'dataplane:\n  backend: nftables\n  nftables: { table: pcpdload }\n'; } >"$OUT/pcpd-load-nft.yaml"
 "$PCPD" check-config "$OUT/pcpd-load-nft.yaml" >/dev/null
 
 for round in 1 2 3; do
@@ -51,9 +52,11 @@ for round in 1 2 3; do
   NPID=$!
   wait_ready ip netns exec "$NS"
   for w in create renew mixed; do
-    maps=4; [ "$w" = create ] && maps=0
+    # Each workload on ports of its own, as in report.sh (mixed creates
+    # must not meet the create run's mappings).
+    case $w in create) maps=0 port=10000 ;; renew) maps=4 port=20000 ;; *) maps=4 port=40000 ;; esac
     in_ns timeout 900 "$LT" run --json --concurrency "$CONC" --seconds "$SECONDS_PER_RUN" \
-      --target "$IP:5351" --mix "$w" --subscribers 10000 --mappings "$maps" \
+      --target "$IP:5351" --mix "$w" --subscribers 10000 --mappings "$maps" --first-port "$port" \
       --server-pid "$NPID" >"$OUT/nft-$w-$round.json"
   done
   kill "$NPID"; wait "$NPID" 2>/dev/null || true

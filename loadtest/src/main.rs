@@ -58,6 +58,12 @@ struct RunArgs {
     /// Mappings created per subscriber before measuring.
     #[arg(long, default_value_t = 4)]
     mappings: u16,
+    /// The first internal port each subscriber maps (then upwards). Runs
+    /// against the same server that should not meet each other's mappings
+    /// use different ones: a MAP for a port another run mapped carries
+    /// another nonce and is refused NOT_AUTHORIZED (RFC 6887 §11.3).
+    #[arg(long, default_value_t = 20_000)]
+    first_port: u16,
     /// Workload: create, renew, mixed, or KIND=WEIGHT,...
     #[arg(long, default_value = "mixed")]
     mix: String,
@@ -289,7 +295,7 @@ impl Gen {
                     self.seq += 1;
                     let sub = &mut self.subs[s as usize];
                     let port = sub.next_port;
-                    sub.next_port = sub.next_port.wrapping_add(1).max(20_000);
+                    sub.next_port = sub.next_port.wrapping_add(1).max(self.args.first_port);
                     (self.seq, port, self.seq)
                 }
                 Kind::Renew | Kind::Delete => {
@@ -436,7 +442,7 @@ async fn run(args: RunArgs) -> anyhow::Result<Summary> {
         subs: (0..args.subscribers)
             .map(|_| Sub {
                 mappings: Vec::new(),
-                next_port: 20_000,
+                next_port: args.first_port,
                 cursor: 0,
             })
             .collect(),

@@ -61,6 +61,9 @@ pub(crate) struct ElemOp {
     pub(crate) data: Option<Vec<u8>>,
     /// The element's kernel timeout (adds only).
     pub(crate) timeout_ms: Option<u64>,
+    /// The element's expiration, when an add only moves it (an element
+    /// that goes away: see `nftables/script.rs`).
+    pub(crate) expiration_ms: Option<u64>,
 }
 
 /// The register layout of a key or value as nft's text writes it
@@ -269,6 +272,9 @@ fn element(op: ElemOp) -> ListAttribute<SetElementAttribute> {
     }
     if let Some(t) = op.timeout_ms {
         attrs.push(SetElementAttribute::Timeout(t));
+    }
+    if let Some(e) = op.expiration_ms {
+        attrs.push(SetElementAttribute::Expiration(e));
     }
     ListAttribute::Element(attrs)
 }

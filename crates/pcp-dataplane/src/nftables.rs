@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::{Command, Stdio};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pcp_engine::{
     shard_of, Block, ExternalEndpoint, InternalEndpoint, MappingKey, MappingKind, Millis,
@@ -53,6 +53,18 @@ use crate::pinholes::{self, FirewallRules};
 use crate::{ApplyError, Change, Dataplane, Entry, Key, ReconcilePlan, Reconciled};
 use listing::parse_listing;
 use script::Script;
+
+/// How long an element removed by expiring it (netlink, `script.rs`) may
+/// still be in the kernel's set: its expiration is one jiffy (10 ms at
+/// HZ=100), and the set's garbage collection may not have run. Adding the
+/// same element again within this time waits it out, on the dataplane's
+/// own thread, since the kernel refuses an element whose key is held with
+/// another value.
+const EXPIRY_SETTLE: Duration = Duration::from_millis(25);
+
+/// The second conntrack flushes (see `forget_later`) at most this often:
+/// each walks the kernel's whole conntrack table.
+const FLUSH_EVERY: Duration = Duration::from_millis(50);
 
 /// Seconds added to a mapping's kernel timeout so pcpd expires it first.
 const GRACE_SECS: u64 = 30;
@@ -115,6 +127,13 @@ pub struct NftablesDataplane {
     netlink: bool,
     /// Transactions committed over netlink and through `nft -f`.
     transactions: (u64, u64),
+    /// Elements removed over netlink by expiring them, until when the
+    /// kernel may still hold them (see [`EXPIRY_SETTLE`]).
+    expiring: HashMap<script::ElemId, Instant>,
+    /// Flows of removed mappings to flush, and from when (oldest first).
+    deferred: std::collections::VecDeque<(Instant, Forget)>,
+    /// When conntrack was last flushed (see [`FLUSH_EVERY`]).
+    last_flush: Option<Instant>,
     installed: HashMap<Key, Installed>,
     ports: HashMap<Ipv4Addr, PortSets>,
 }
@@ -174,6 +193,9 @@ impl NftablesDataplane {
             link: None,
             netlink: true,
             transactions: (0, 0),
+            expiring: HashMap::new(),
+            deferred: Default::default(),
+            last_flush: None,
             installed: HashMap::new(),
             ports: HashMap::new(),
         };
@@ -198,6 +220,9 @@ impl NftablesDataplane {
                 link: None,
                 netlink: self.netlink,
                 transactions: (0, 0),
+                expiring: HashMap::new(),
+                deferred: Default::default(),
+                last_flush: None,
                 installed: HashMap::new(),
                 ports: HashMap::new(),
             })
@@ -306,8 +331,18 @@ impl NftablesDataplane {
                 }
             }
         }
+        let now = Instant::now();
+        self.expiring.retain(|_, until| *until > now);
+        if let Some(until) = script.added().filter_map(|k| self.expiring.get(k)).max() {
+            std::thread::sleep(until.saturating_duration_since(now));
+        }
         let table = &self.table;
         let result = self.link.as_mut().map_or(Ok(()), |l| l.apply(table, ops));
+        if result.is_ok() {
+            let until = Instant::now() + EXPIRY_SETTLE;
+            self.expiring
+                .extend(script.expired().map(|k| (k.clone(), until)));
+        }
         result.map_err(|e| {
             // A socket in an unknown state is not reused.
             self.link = None;
@@ -447,8 +482,9 @@ impl NftablesDataplane {
                 }
                 let (elems, timeout, kernel_expires_ms) = Self::elems_for(entry)?;
                 if let Some(old) = self.installed.get(&key) {
+                    let timed = old.kernel_expires_ms != Millis::MAX;
                     for el in &old.elems {
-                        out.delete(el);
+                        out.delete(el, timed);
                         if !elems.contains(el) {
                             gone_flows(el, flows);
                         }
@@ -475,8 +511,9 @@ impl NftablesDataplane {
             }) => self.stage_port_set(*subscriber, *external_addr, *first_port, None, out),
             Change::Remove(key) => match self.installed.remove(key) {
                 Some(old) => {
+                    let timed = old.kernel_expires_ms != Millis::MAX;
                     for el in &old.elems {
-                        out.delete(el);
+                        out.delete(el, timed);
                         gone_flows(el, flows);
                     }
                     Ok(vec![Undo::Mapping(*key, Some(old))])
@@ -515,11 +552,14 @@ impl NftablesDataplane {
         let value = snat_range(&mut now.blocks);
         if value != now.value {
             if let Some(old) = &now.value {
-                out.delete(&Elem {
-                    set: "subs",
-                    key: sub.to_string(),
-                    value: Some(old.clone()),
-                });
+                out.delete(
+                    &Elem {
+                        set: "subs",
+                        key: sub.to_string(),
+                        value: Some(old.clone()),
+                    },
+                    false,
+                );
             }
             if let Some(v) = &value {
                 out.add(
@@ -543,6 +583,23 @@ impl NftablesDataplane {
 
     /// Removes the conntrack entries of `flows` (ctnetlink); a failure is
     /// reported once, the mappings themselves are gone already.
+    /// Flushes the conntrack entries of removed mappings' flows, at once
+    /// (before anyone is told the mapping is gone). An element removed by
+    /// expiring it (netlink) may still match for a jiffy, so a packet that
+    /// arrived in between could have left a new entry behind: the flows
+    /// are flushed a second time once the kernel no longer matches the
+    /// element ([`EXPIRY_SETTLE`]), by [`Dataplane::tick`].
+    fn forget_later(&mut self, flows: Forget) {
+        if flows.is_empty() {
+            return;
+        }
+        self.forget_flows(&flows);
+        if self.netlink {
+            self.deferred
+                .push_back((Instant::now() + EXPIRY_SETTLE, flows));
+        }
+    }
+
     fn forget_flows(&mut self, flows: &Forget) {
         if flows.is_empty() {
             return;
@@ -682,7 +739,7 @@ impl Dataplane for NftablesDataplane {
             }
         }
         if script.is_empty() || self.commit(&script).is_ok() {
-            self.forget_flows(&flows);
+            self.forget_later(flows);
             return results;
         }
         // The batch failed as a whole: forget it, then apply change by
@@ -708,8 +765,33 @@ impl Dataplane for NftablesDataplane {
                 Ok(())
             })
             .collect();
-        self.forget_flows(&flows);
+        self.forget_later(flows);
         results
+    }
+
+    fn tick(&mut self) -> Option<Duration> {
+        // One conntrack dump walks the kernel's whole table (its cost is
+        // the table's size, not what is flushed): the second flushes that
+        // are due go together, at most once per FLUSH_EVERY.
+        let now = Instant::now();
+        let first = self.deferred.front()?.0;
+        let due = self
+            .last_flush
+            .map_or(first, |t| first.max(t + FLUSH_EVERY));
+        if due > now {
+            return Some(due - now);
+        }
+        let mut flows = Forget::default();
+        while self.deferred.front().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, f)) = self.deferred.pop_front() {
+                flows.external.extend(f.external);
+                flows.peers.extend(f.peers);
+            }
+        }
+        self.forget_flows(&flows);
+        self.last_flush = Some(now);
+        let next = self.deferred.front()?.0.max(now + FLUSH_EVERY);
+        Some(next.saturating_duration_since(Instant::now()))
     }
 
     fn installed(&self) -> Vec<(Key, Option<Entry>)> {

@@ -57,6 +57,22 @@ fn elements(table: &str, set: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Whether `set` of `table` is empty within 200 ms: a removed element
+/// with a kernel timeout is expired, not deleted (nftables/script.rs), and
+/// the kernel stops listing it within a jiffy.
+fn emptied(table: &str, set: &str) -> bool {
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(200);
+    loop {
+        if elements(table, set).is_empty() {
+            return true;
+        }
+        if std::time::Instant::now() > until {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -171,7 +187,7 @@ fn mappings_become_map_elements_with_kernel_timeouts() {
     // Delete.
     let key = map_entry(1050, 2, 1, Vec::new()).key();
     assert!(dp.apply(&[Change::Remove(key)]).iter().all(Result::is_ok));
-    assert!(elements(&t.0, "dnat4").is_empty());
+    assert!(emptied(&t.0, "dnat4"));
 
     // A restarted pcpd learns what is installed, and can rewrite it.
     drop(dp);
@@ -269,13 +285,68 @@ fn deletes_are_idempotent_and_batches_see_their_own_changes() {
     assert!(status.success());
     let results = dp.apply(&[Change::Remove(e.key())]);
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    assert!(elements(&t.0, "snat4").is_empty());
+    assert!(emptied(&t.0, "snat4"));
     // Created and deleted in one batch: nothing is left behind.
     let f = map_entry(1201, 1, 600, Vec::new());
     let results = dp.apply(&[Change::Upsert(f.clone()), Change::Remove(f.key())]);
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    assert!(elements(&t.0, "dnat4").is_empty());
+    assert!(emptied(&t.0, "dnat4"));
     assert!(dp.installed().is_empty());
+}
+
+#[test]
+fn a_removed_element_expires_at_once_and_its_key_can_be_taken_again() {
+    let t = table("expire");
+    let mut dp = NftablesDataplane::open(&t.0, "nft", FirewallRules::default())
+        .expect("nft works (root, nftables installed)");
+    let e = map_entry(1300, 1, 600, Vec::new());
+    assert!(dp
+        .apply(&[Change::Upsert(e.clone())])
+        .iter()
+        .all(Result::is_ok));
+    // Removed: over netlink the element's expiration moves to now instead
+    // of a delete (which waits for a grace period); the kernel no longer
+    // holds it a moment later, far before its 600 s + safety net.
+    assert!(dp
+        .apply(&[Change::Remove(e.key())])
+        .iter()
+        .all(Result::is_ok));
+    for el in elements(&t.0, "dnat4") {
+        let expires = el[0]["elem"]["expires"].as_u64().unwrap_or(u64::MAX);
+        assert!(
+            expires <= 1,
+            "a removed element still expires in {expires} s: {el}"
+        );
+    }
+    assert!(emptied(&t.0, "dnat4"));
+    assert!(emptied(&t.0, "snat4"));
+    // The same external endpoint for another internal host right away: the
+    // kernel would refuse the key with another value while the expired
+    // element is still there; the dataplane waits that out.
+    let mut other = map_entry(1300, 1, 600, Vec::new());
+    other.internal_addr = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2));
+    let f = map_entry(1301, 1, 600, Vec::new());
+    assert!(dp
+        .apply(&[Change::Upsert(f.clone())])
+        .iter()
+        .all(Result::is_ok));
+    assert!(dp
+        .apply(&[Change::Remove(f.key())])
+        .iter()
+        .all(Result::is_ok));
+    let results = dp.apply(&[Change::Upsert(other)]);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let mut g = map_entry(1301, 1, 600, Vec::new());
+    g.internal_addr = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 3));
+    let results = dp.apply(&[Change::Upsert(g)]);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let dnat: Vec<String> = elements(&t.0, "dnat4")
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(dnat.len(), 2, "{dnat:?}");
+    assert!(dnat.iter().any(|e| e.contains("100.64.0.2")), "{dnat:?}");
+    assert!(dnat.iter().any(|e| e.contains("100.64.0.3")), "{dnat:?}");
 }
 
 #[test]

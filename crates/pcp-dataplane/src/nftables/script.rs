@@ -28,6 +28,10 @@ const RANGE_VALUES: [&str; 1] = ["subs"];
 pub(super) struct Script {
     order: Vec<ElemId>,
     touched: HashMap<ElemId, Touched>,
+    /// Elements in `touched` whose kernel copy carries a timeout: over
+    /// netlink, removing one only moves its expiration to now (see
+    /// [`Script::ops`]).
+    timed: std::collections::HashSet<ElemId>,
 }
 
 /// An element before the batch, and after it with its kernel timeout in
@@ -35,12 +39,22 @@ pub(super) struct Script {
 type Touched = (Option<Elem>, Option<(Elem, Option<u64>)>);
 
 /// An element's set and key.
-type ElemId = (&'static str, String);
+pub(super) type ElemId = (&'static str, String);
+
+/// The expiration given to an element that is removed by expiring it: the
+/// kernel's smallest (it rounds up to one jiffy).
+const EXPIRE_NOW_MS: u64 = 1;
+/// The timeout that comes with it (the kernel wants one longer).
+const EXPIRING_TIMEOUT_MS: u64 = 1000;
 
 impl Script {
-    /// Removes an element that is installed now.
-    pub(super) fn delete(&mut self, el: &Elem) {
+    /// Removes an element that is installed now; `timed`: its kernel copy
+    /// carries a timeout.
+    pub(super) fn delete(&mut self, el: &Elem, timed: bool) {
         let k = (el.set, el.key.clone());
+        if timed && !INTERVAL_SETS.contains(&el.set) {
+            self.timed.insert(k.clone());
+        }
         match self.touched.get_mut(&k) {
             Some(t) => t.1 = None,
             None => {
@@ -62,32 +76,69 @@ impl Script {
         }
     }
 
-    /// The three phases of the transaction, in order: elements that go
-    /// away added as they are, then deleted, then the new ones added
-    /// (see [`Script::render`]).
-    fn phases(&self) -> [Vec<(&Elem, Option<u64>)>; 3] {
+    /// The phases of the transaction, in order: elements that go away
+    /// added as they are, then deleted, then the new ones added (see
+    /// [`Script::render`]); with `expire`, timed elements that go away
+    /// and come back with no other value are in a fourth list instead.
+    fn phases(&self, expire: bool) -> [Vec<(&Elem, Option<u64>)>; 4] {
         let (mut old, mut gone, mut new) = (Vec::new(), Vec::new(), Vec::new());
+        let mut expiring = Vec::new();
         for k in &self.order {
             let Some((before, after)) = self.touched.get(k) else {
                 continue;
             };
-            if let Some(b) = before {
-                old.push((b, None));
-                gone.push((b, None));
+            match before {
+                Some(b) if expire && after.is_none() && self.timed.contains(k) => {
+                    expiring.push((b, None));
+                }
+                // The same element with a new timeout: the add updates it
+                // in place (kernel 6.5 and later).
+                Some(b)
+                    if expire
+                        && self.timed.contains(k)
+                        && after.as_ref().is_some_and(|(a, t)| a == b && t.is_some()) => {}
+                Some(b) => {
+                    old.push((b, None));
+                    gone.push((b, None));
+                }
+                None => {}
             }
             if let Some((a, timeout)) = after {
                 new.push((a, *timeout));
             }
         }
-        [old, gone, new]
+        [old, gone, new, expiring]
+    }
+
+    /// The elements this transaction adds.
+    pub(super) fn added(&self) -> impl Iterator<Item = &ElemId> {
+        self.order
+            .iter()
+            .filter(|k| self.touched.get(*k).is_some_and(|t| t.1.is_some()))
+    }
+
+    /// The elements this transaction removes by expiring them (netlink).
+    pub(super) fn expired(&self) -> impl Iterator<Item = &ElemId> {
+        self.order.iter().filter(|k| {
+            self.timed.contains(*k) && self.touched.get(*k).is_some_and(|t| t.1.is_none())
+        })
     }
 
     /// The transaction as netlink element operations, grouped per set
     /// within each phase; `None` when an element's text does not encode
     /// (never for what pcpd writes; `nft -f` then reports it).
+    ///
+    /// An element with a kernel timeout that goes away is not deleted: it
+    /// is re-added with its expiration moved to now (an update the kernel
+    /// makes in place, 6.5 and later). The kernel never matches an expired
+    /// element, so it stops forwarding within a jiffy, and its garbage
+    /// collection frees it; a delete instead makes the transaction wait
+    /// for an RCU grace period (~10 ms here, whatever its size). Adding
+    /// "as it is" first is not needed: an update of an element the kernel
+    /// has already dropped adds one that is expired.
     pub(super) fn ops(&self) -> Option<Vec<ElemOp>> {
         let mut ops = Vec::new();
-        for (phase, list) in self.phases().into_iter().enumerate() {
+        for (phase, list) in self.phases(true).into_iter().enumerate() {
             let at = ops.len();
             for (el, timeout) in list {
                 let add = phase != 1;
@@ -97,6 +148,7 @@ impl Script {
                 } else {
                     (nfnetlink::encode(&el.key)?, None)
                 };
+                let expiration_ms = (phase == 3).then_some(EXPIRE_NOW_MS);
                 let data = match (&el.value, add) {
                     (Some(v), true) if RANGE_VALUES.contains(&el.set) => {
                         let (lo, hi) = nfnetlink::encode_range(v)?;
@@ -112,7 +164,12 @@ impl Script {
                     key,
                     key_end,
                     data,
-                    timeout_ms: timeout.map(|s| s * 1000),
+                    // An expiration comes with a timeout longer than it.
+                    timeout_ms: match expiration_ms {
+                        Some(_) => Some(EXPIRING_TIMEOUT_MS),
+                        None => timeout.map(|s| s * 1000),
+                    },
+                    expiration_ms,
                 });
             }
             ops[at..].sort_by_key(|o| (o.ipv6, o.set));
@@ -135,7 +192,7 @@ impl Script {
                 .map(|v| format!(" : {v}"))
                 .unwrap_or_default()
         };
-        let [old, gone, new] = self.phases();
+        let [old, gone, new, _] = self.phases(false);
         let old = old
             .into_iter()
             .map(|(b, _)| (b.set, format!("{}{}", b.key, value(b))));
