@@ -232,7 +232,7 @@ impl Conntrack {
 /// Whether this network namespace's conntrack table is empty (then no
 /// dump is needed: a dump walks every bucket of the kernel's table, which
 /// costs about the same empty or not). Unknown counts as not empty.
-fn tracks_nothing() -> bool {
+pub(crate) fn tracks_nothing() -> bool {
     std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())

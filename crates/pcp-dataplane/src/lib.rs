@@ -310,14 +310,6 @@ pub trait Dataplane: Send {
     fn waits(&self) -> bool {
         true
     }
-    /// Work the backend does later (the nftables one flushes the flows of
-    /// removed mappings once the kernel no longer matches them): does
-    /// what is due; returns how long until the next is, if any. The
-    /// dataplane's thread calls it after each batch and when that time
-    /// has passed.
-    fn tick(&mut self) -> Option<std::time::Duration> {
-        None
-    }
 }
 
 /// The in-memory backend: keeps what would be installed, hashed by key

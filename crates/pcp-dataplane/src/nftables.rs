@@ -62,9 +62,36 @@ use script::Script;
 /// another value.
 const EXPIRY_SETTLE: Duration = Duration::from_millis(25);
 
-/// The second conntrack flushes (see `forget_later`) at most this often:
-/// each walks the kernel's whole conntrack table.
-const FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// The kernel's tick (one jiffy) plus a millisecond: how long an element
+/// whose expiration was moved to now may still match. Measured from
+/// /proc/timer_list's jiffies over 50 ms (once, when the backend opens);
+/// 10 ms (HZ=100, the longest tick) plus the margin when that is not
+/// readable.
+fn kernel_tick() -> Duration {
+    fn jiffies() -> Option<u64> {
+        let t = std::fs::read_to_string("/proc/timer_list").ok()?;
+        t.lines()
+            .find_map(|l| l.strip_prefix("jiffies: "))?
+            .trim()
+            .parse()
+            .ok()
+    }
+    let margin = Duration::from_millis(1);
+    let slowest = Duration::from_millis(10) + margin;
+    let started = Instant::now();
+    let Some(a) = jiffies() else { return slowest };
+    std::thread::sleep(Duration::from_millis(50));
+    let Some(b) = jiffies() else { return slowest };
+    let hz = (b.saturating_sub(a)) as f64 / started.elapsed().as_secs_f64();
+    // The nearest of the kernel's choices (100, 250, 300, 1000).
+    let nearest = [100.0, 250.0, 300.0, 1000.0]
+        .into_iter()
+        .min_by(|a: &f64, b: &f64| (a - hz).abs().total_cmp(&(b - hz).abs()));
+    match nearest {
+        Some(h) if hz >= 50.0 => Duration::from_secs_f64(1.0 / h) + margin,
+        _ => slowest,
+    }
+}
 
 /// Seconds added to a mapping's kernel timeout so pcpd expires it first.
 const GRACE_SECS: u64 = 30;
@@ -95,7 +122,22 @@ struct Installed {
     /// The subscriber the elements belong to (`None`: filters read back
     /// without their mapping).
     owner: Option<IpAddr>,
+    /// The elements, when read back from the kernel; for an entry pcpd
+    /// installed they follow from it ([`Installed::elements`]), so they are
+    /// not kept: their texts would be most of the backend's memory.
     elems: Vec<Elem>,
+}
+
+impl Installed {
+    /// The mapping's elements in the kernel.
+    fn elements(&self) -> std::borrow::Cow<'_, [Elem]> {
+        match &self.entry {
+            Some(e) => NftablesDataplane::elems_for(e)
+                .map(|(v, _, _)| std::borrow::Cow::Owned(v))
+                .unwrap_or(std::borrow::Cow::Borrowed(&self.elems)),
+            None => std::borrow::Cow::Borrowed(&self.elems),
+        }
+    }
 }
 
 /// A subscriber's port blocks and the `subs` value installed for them.
@@ -130,10 +172,11 @@ pub struct NftablesDataplane {
     /// Elements removed over netlink by expiring them, until when the
     /// kernel may still hold them (see [`EXPIRY_SETTLE`]).
     expiring: HashMap<script::ElemId, Instant>,
-    /// Flows of removed mappings to flush, and from when (oldest first).
-    deferred: std::collections::VecDeque<(Instant, Forget)>,
-    /// When conntrack was last flushed (see [`FLUSH_EVERY`]).
-    last_flush: Option<Instant>,
+    /// When the last transaction that expired elements committed, until
+    /// the batch is settled ([`NftablesDataplane::settle_removals`]).
+    expired_at: Option<Instant>,
+    /// The kernel's tick, plus a margin ([`kernel_tick`]).
+    jiffy: Duration,
     installed: HashMap<Key, Installed>,
     ports: HashMap<Ipv4Addr, PortSets>,
 }
@@ -194,8 +237,8 @@ impl NftablesDataplane {
             netlink: true,
             transactions: (0, 0),
             expiring: HashMap::new(),
-            deferred: Default::default(),
-            last_flush: None,
+            expired_at: None,
+            jiffy: kernel_tick(),
             installed: HashMap::new(),
             ports: HashMap::new(),
         };
@@ -221,8 +264,8 @@ impl NftablesDataplane {
                 netlink: self.netlink,
                 transactions: (0, 0),
                 expiring: HashMap::new(),
-                deferred: Default::default(),
-                last_flush: None,
+                expired_at: None,
+                jiffy: self.jiffy,
                 installed: HashMap::new(),
                 ports: HashMap::new(),
             })
@@ -338,7 +381,8 @@ impl NftablesDataplane {
         }
         let table = &self.table;
         let result = self.link.as_mut().map_or(Ok(()), |l| l.apply(table, ops));
-        if result.is_ok() {
+        if result.is_ok() && script.expired().next().is_some() {
+            self.expired_at = Some(Instant::now());
             let until = Instant::now() + EXPIRY_SETTLE;
             self.expiring
                 .extend(script.expired().map(|k| (k.clone(), until)));
@@ -483,7 +527,7 @@ impl NftablesDataplane {
                 let (elems, timeout, kernel_expires_ms) = Self::elems_for(entry)?;
                 if let Some(old) = self.installed.get(&key) {
                     let timed = old.kernel_expires_ms != Millis::MAX;
-                    for el in &old.elems {
+                    for el in old.elements().iter() {
                         out.delete(el, timed);
                         if !elems.contains(el) {
                             gone_flows(el, flows);
@@ -499,7 +543,7 @@ impl NftablesDataplane {
                         entry: Some(entry.clone()),
                         kernel_expires_ms,
                         owner: Some(entry.internal_addr),
-                        elems,
+                        elems: Vec::new(),
                     },
                 );
                 Ok(vec![Undo::Mapping(key, prev)])
@@ -512,7 +556,7 @@ impl NftablesDataplane {
             Change::Remove(key) => match self.installed.remove(key) {
                 Some(old) => {
                     let timed = old.kernel_expires_ms != Millis::MAX;
-                    for el in &old.elems {
+                    for el in old.elements().iter() {
                         out.delete(el, timed);
                         gone_flows(el, flows);
                     }
@@ -583,21 +627,22 @@ impl NftablesDataplane {
 
     /// Removes the conntrack entries of `flows` (ctnetlink); a failure is
     /// reported once, the mappings themselves are gone already.
-    /// Flushes the conntrack entries of removed mappings' flows, at once
-    /// (before anyone is told the mapping is gone). An element removed by
-    /// expiring it (netlink) may still match for a jiffy, so a packet that
-    /// arrived in between could have left a new entry behind: the flows
-    /// are flushed a second time once the kernel no longer matches the
-    /// element ([`EXPIRY_SETTLE`]), by [`Dataplane::tick`].
-    fn forget_later(&mut self, flows: Forget) {
-        if flows.is_empty() {
+    /// Makes the batch's removals hold before anyone is told of them. An
+    /// element removed by expiring it (netlink) still matches until the
+    /// kernel's next tick: a pinhole still lets packets in, a DNAT element
+    /// still translates a packet that would leave a new conntrack entry
+    /// behind. So the tick is waited out first (on the dataplane's thread;
+    /// the shard goes on and batches queue into the next transaction),
+    /// then the removed mappings' conntrack entries are flushed (nothing to
+    /// flush, or a namespace that tracks no flow: no dump).
+    fn settle_removals(&mut self, flows: Forget) {
+        if let Some(at) = self.expired_at.take() {
+            std::thread::sleep((at + self.jiffy).saturating_duration_since(Instant::now()));
+        }
+        if flows.is_empty() || crate::conntrack::tracks_nothing() {
             return;
         }
         self.forget_flows(&flows);
-        if self.netlink {
-            self.deferred
-                .push_back((Instant::now() + EXPIRY_SETTLE, flows));
-        }
     }
 
     fn forget_flows(&mut self, flows: &Forget) {
@@ -664,7 +709,7 @@ impl NftablesDataplane {
                 let Ok((mut want, _, _)) = Self::elems_for(e) else {
                     return false;
                 };
-                let mut got = have.elems.clone();
+                let mut got = have.elements().into_owned();
                 want.sort();
                 got.sort();
                 want == got
@@ -739,7 +784,7 @@ impl Dataplane for NftablesDataplane {
             }
         }
         if script.is_empty() || self.commit(&script).is_ok() {
-            self.forget_later(flows);
+            self.settle_removals(flows);
             return results;
         }
         // The batch failed as a whole: forget it, then apply change by
@@ -765,33 +810,8 @@ impl Dataplane for NftablesDataplane {
                 Ok(())
             })
             .collect();
-        self.forget_later(flows);
+        self.settle_removals(flows);
         results
-    }
-
-    fn tick(&mut self) -> Option<Duration> {
-        // One conntrack dump walks the kernel's whole table (its cost is
-        // the table's size, not what is flushed): the second flushes that
-        // are due go together, at most once per FLUSH_EVERY.
-        let now = Instant::now();
-        let first = self.deferred.front()?.0;
-        let due = self
-            .last_flush
-            .map_or(first, |t| first.max(t + FLUSH_EVERY));
-        if due > now {
-            return Some(due - now);
-        }
-        let mut flows = Forget::default();
-        while self.deferred.front().is_some_and(|(at, _)| *at <= now) {
-            if let Some((_, f)) = self.deferred.pop_front() {
-                flows.external.extend(f.external);
-                flows.peers.extend(f.peers);
-            }
-        }
-        self.forget_flows(&flows);
-        self.last_flush = Some(now);
-        let next = self.deferred.front()?.0.max(now + FLUSH_EVERY);
-        Some(next.saturating_duration_since(Instant::now()))
     }
 
     fn installed(&self) -> Vec<(Key, Option<Entry>)> {

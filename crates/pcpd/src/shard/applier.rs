@@ -18,7 +18,7 @@
 //! once nothing is outstanding.
 
 use std::collections::VecDeque;
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -203,8 +203,7 @@ fn apply(dp: &mut dyn Dataplane, changes: Vec<Change>) -> Applied {
 }
 
 /// The applier thread: per wake-up, every queued batch in one call to the
-/// backend, each batch's results sent back in order; the backend's
-/// deferred work when it is due, and before the thread ends.
+/// backend, each batch's results sent back in order.
 fn apply_loop(
     mut dp: Box<dyn Dataplane>,
     jobs: &Receiver<Vec<Change>>,
@@ -213,23 +212,7 @@ fn apply_loop(
 ) {
     let mut all: Vec<Change> = Vec::new();
     let mut batches: Vec<Vec<Change>> = Vec::new();
-    // Deferred work left by the restore's reconcile, if any.
-    let mut later = dp.tick();
-    loop {
-        let first = match later {
-            Some(wait) => match jobs.recv_timeout(wait) {
-                Ok(job) => job,
-                Err(RecvTimeoutError::Timeout) => {
-                    later = dp.tick();
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => break,
-            },
-            None => match jobs.recv() {
-                Ok(job) => job,
-                Err(_) => break,
-            },
-        };
+    while let Ok(first) = jobs.recv() {
         batches.push(first);
         while let Ok(more) = jobs.try_recv() {
             batches.push(more);
@@ -255,9 +238,5 @@ fn apply_loop(
             });
         }
         wake.notify_one();
-        later = dp.tick();
-    }
-    while let Some(wait) = dp.tick() {
-        std::thread::sleep(wait);
     }
 }
