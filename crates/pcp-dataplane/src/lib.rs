@@ -310,6 +310,22 @@ pub trait Dataplane: Send {
     fn waits(&self) -> bool {
         true
     }
+    /// Like `apply`, but may return before removals hold (the nftables
+    /// backend expires elements, which still match until the kernel's next
+    /// tick): also returns from when they do (`None`: now). Nobody may be
+    /// told of the batch before that time has passed and [`settle`] has
+    /// run after it. The dataplane's thread uses this to start the next
+    /// transaction meanwhile.
+    ///
+    /// [`settle`]: Dataplane::settle
+    fn apply_early(
+        &mut self,
+        changes: &[Change],
+    ) -> (Vec<Result<(), ApplyError>>, Option<std::time::Instant>) {
+        (self.apply(changes), None)
+    }
+    /// Finishes the removals whose time has come (see `apply_early`).
+    fn settle(&mut self) {}
 }
 
 /// The in-memory backend: keeps what would be installed, hashed by key

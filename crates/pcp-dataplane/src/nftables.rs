@@ -173,8 +173,10 @@ pub struct NftablesDataplane {
     /// kernel may still hold them (see [`EXPIRY_SETTLE`]).
     expiring: HashMap<script::ElemId, Instant>,
     /// When the last transaction that expired elements committed, until
-    /// the batch is settled ([`NftablesDataplane::settle_removals`]).
+    /// its batch's removals are queued ([`NftablesDataplane::removals`]).
     expired_at: Option<Instant>,
+    /// Removed mappings' flows to flush, and from when, oldest first.
+    removing: std::collections::VecDeque<(Instant, Forget)>,
     /// The kernel's tick, plus a margin ([`kernel_tick`]).
     jiffy: Duration,
     installed: HashMap<Key, Installed>,
@@ -238,6 +240,7 @@ impl NftablesDataplane {
             transactions: (0, 0),
             expiring: HashMap::new(),
             expired_at: None,
+            removing: Default::default(),
             jiffy: kernel_tick(),
             installed: HashMap::new(),
             ports: HashMap::new(),
@@ -265,6 +268,7 @@ impl NftablesDataplane {
                 transactions: (0, 0),
                 expiring: HashMap::new(),
                 expired_at: None,
+                removing: Default::default(),
                 jiffy: self.jiffy,
                 installed: HashMap::new(),
                 ports: HashMap::new(),
@@ -627,22 +631,21 @@ impl NftablesDataplane {
 
     /// Removes the conntrack entries of `flows` (ctnetlink); a failure is
     /// reported once, the mappings themselves are gone already.
-    /// Makes the batch's removals hold before anyone is told of them. An
-    /// element removed by expiring it (netlink) still matches until the
-    /// kernel's next tick: a pinhole still lets packets in, a DNAT element
-    /// still translates a packet that would leave a new conntrack entry
-    /// behind. So the tick is waited out first (on the dataplane's thread;
-    /// the shard goes on and batches queue into the next transaction),
-    /// then the removed mappings' conntrack entries are flushed (nothing to
-    /// flush, or a namespace that tracks no flow: no dump).
-    fn settle_removals(&mut self, flows: Forget) {
-        if let Some(at) = self.expired_at.take() {
-            std::thread::sleep((at + self.jiffy).saturating_duration_since(Instant::now()));
+    /// What the batch's removals still need before anyone is told of them,
+    /// and from when ([`Dataplane::settle`] does it). An element removed
+    /// by expiring it (netlink) still matches until the kernel's next
+    /// tick: a pinhole still lets packets in, a DNAT element still
+    /// translates a packet that would leave a new conntrack entry behind.
+    /// So the removed mappings' conntrack entries are flushed once that
+    /// tick has passed, and the batch holds from then on. Returns when
+    /// the batch holds (`None`: now).
+    fn removals(&mut self, flows: Forget) -> Option<Instant> {
+        let at = self.expired_at.take().map(|t| t + self.jiffy);
+        if at.is_some() || !flows.is_empty() {
+            self.removing
+                .push_back((at.unwrap_or_else(Instant::now), flows));
         }
-        if flows.is_empty() || crate::conntrack::tracks_nothing() {
-            return;
-        }
-        self.forget_flows(&flows);
+        at
     }
 
     fn forget_flows(&mut self, flows: &Forget) {
@@ -766,8 +769,20 @@ fn snat_range(blocks: &mut [Block]) -> Option<String> {
 
 impl Dataplane for NftablesDataplane {
     fn apply(&mut self, changes: &[Change]) -> Vec<Result<(), ApplyError>> {
+        let (results, holds_at) = self.apply_early(changes);
+        if let Some(at) = holds_at {
+            std::thread::sleep(at.saturating_duration_since(Instant::now()));
+        }
+        self.settle();
+        results
+    }
+
+    fn apply_early(
+        &mut self,
+        changes: &[Change],
+    ) -> (Vec<Result<(), ApplyError>>, Option<Instant>) {
         if changes.is_empty() {
-            return Vec::new();
+            return (Vec::new(), None);
         }
         // One transaction for the whole batch.
         let mut script = Script::default();
@@ -784,8 +799,7 @@ impl Dataplane for NftablesDataplane {
             }
         }
         if script.is_empty() || self.commit(&script).is_ok() {
-            self.settle_removals(flows);
-            return results;
+            return (results, self.removals(flows));
         }
         // The batch failed as a whole: forget it, then apply change by
         // change so each gets its own result and the good ones still land.
@@ -810,8 +824,22 @@ impl Dataplane for NftablesDataplane {
                 Ok(())
             })
             .collect();
-        self.settle_removals(flows);
-        results
+        (results, self.removals(flows))
+    }
+
+    fn settle(&mut self) {
+        let now = Instant::now();
+        let mut flows = Forget::default();
+        while self.removing.front().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, f)) = self.removing.pop_front() {
+                flows.external.extend(f.external);
+                flows.peers.extend(f.peers);
+            }
+        }
+        if flows.is_empty() || crate::conntrack::tracks_nothing() {
+            return;
+        }
+        self.forget_flows(&flows);
     }
 
     fn installed(&self) -> Vec<(Key, Option<Entry>)> {

@@ -11,6 +11,10 @@
 //!   next one larger, not the queue longer.
 //! * **Order**: batches complete in the order they were submitted, and
 //!   changes reach the kernel in that order.
+//! * **Removals that hold later**: nftables removes an element by expiring
+//!   it, which holds from the kernel's next tick; such a batch is held
+//!   until then (and until its flows are flushed) while the next
+//!   transactions go ahead, so the tick costs latency, not throughput.
 //!
 //! A backend that never waits (the memory one) is applied inline on the
 //! shard: a thread hop would only add latency. The synchronous path
@@ -18,7 +22,7 @@
 //! once nothing is outstanding.
 
 use std::collections::VecDeque;
-use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -203,7 +207,10 @@ fn apply(dp: &mut dyn Dataplane, changes: Vec<Change>) -> Applied {
 }
 
 /// The applier thread: per wake-up, every queued batch in one call to the
-/// backend, each batch's results sent back in order.
+/// backend. A batch whose removals hold only later (the nftables backend's
+/// expired elements, see pcp-dataplane's `Dataplane::apply_early`) is held
+/// until then while the next transactions go ahead; completions leave in
+/// order, after the backend has settled them.
 fn apply_loop(
     mut dp: Box<dyn Dataplane>,
     jobs: &Receiver<Vec<Change>>,
@@ -212,31 +219,71 @@ fn apply_loop(
 ) {
     let mut all: Vec<Change> = Vec::new();
     let mut batches: Vec<Vec<Change>> = Vec::new();
-    while let Ok(first) = jobs.recv() {
+    let mut held: VecDeque<(Instant, Vec<Applied>)> = VecDeque::new();
+    loop {
+        release(dp.as_mut(), &mut held, done, wake);
+        let next = match held.front() {
+            Some((at, _)) => jobs.recv_timeout(at.saturating_duration_since(Instant::now())),
+            None => jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        let first = match next {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         batches.push(first);
         while let Ok(more) = jobs.try_recv() {
             batches.push(more);
         }
         let started = Instant::now();
-        let mut results = if batches.len() == 1 {
-            dp.apply(&batches[0])
+        let (results, holds_at) = if batches.len() == 1 {
+            dp.apply_early(&batches[0])
         } else {
             all.clear();
             for b in &batches {
                 all.extend(b.iter().cloned());
             }
-            dp.apply(&all)
-        }
-        .into_iter();
-        let latency = started.elapsed();
-        for buffer in batches.drain(..) {
-            let results = results.by_ref().take(buffer.len()).collect();
-            let _ = done.send(Applied {
-                results,
+            dp.apply_early(&all)
+        };
+        let mut results = results.into_iter();
+        let at = holds_at.unwrap_or(started);
+        let latency = at.max(Instant::now()) - started;
+        let applied = batches
+            .drain(..)
+            .map(|buffer| Applied {
+                results: results.by_ref().take(buffer.len()).collect(),
                 latency,
                 buffer,
-            });
-        }
-        wake.notify_one();
+            })
+            .collect();
+        held.push_back((at, applied));
     }
+    // Closed: what is held still leaves (nothing is left half applied).
+    while let Some((at, _)) = held.back() {
+        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+        release(dp.as_mut(), &mut held, done, wake);
+    }
+}
+
+/// Sends the held completions whose time has come, in order, once the
+/// backend has settled what is due.
+fn release(
+    dp: &mut dyn Dataplane,
+    held: &mut VecDeque<(Instant, Vec<Applied>)>,
+    done: &Sender<Applied>,
+    wake: &Notify,
+) {
+    let now = Instant::now();
+    if !held.front().is_some_and(|(at, _)| *at <= now) {
+        return;
+    }
+    dp.settle();
+    while held.front().is_some_and(|(at, _)| *at <= now) {
+        if let Some((_, applied)) = held.pop_front() {
+            for a in applied {
+                let _ = done.send(a);
+            }
+        }
+    }
+    wake.notify_one();
 }
