@@ -274,7 +274,7 @@ fn release(
     wake: &Notify,
 ) {
     let now = Instant::now();
-    if !held.front().is_some_and(|(at, _)| *at <= now) {
+    if held.front().is_none_or(|(at, _)| *at > now) {
         return;
     }
     dp.settle();
