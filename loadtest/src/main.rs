@@ -82,6 +82,10 @@ struct RunArgs {
     /// A reply later than this is lost, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     timeout_ms: u64,
+    /// Requests in flight while prefilling (a server that answers one
+    /// request at a time needs fewer than it can hold in its socket).
+    #[arg(long, default_value_t = 256)]
+    prefill_concurrency: usize,
     /// The target is `reflect`: replies are echoes.
     #[arg(long)]
     echo: bool,
@@ -470,7 +474,7 @@ async fn run(args: RunArgs) -> anyhow::Result<Summary> {
             total: Some(total),
             until: deadline,
             rate: None,
-            concurrency: 256,
+            concurrency: args.prefill_concurrency.max(1),
         };
         drive(&sock, &state, &mut gen, &mut scratch, &mut plan, None).await?;
         gen.mix = real;

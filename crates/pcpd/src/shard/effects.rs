@@ -26,9 +26,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pcp_dataplane::{Change, Dataplane};
+use pcp_dataplane::Dataplane;
 
-use super::applier::{Applied, Applier};
+use super::applier::Applier;
 use pcp_engine::{DeleteReason, Engine, Event, MappingId};
 use pcp_store::Record;
 
@@ -117,6 +117,7 @@ impl Settled {
     }
 }
 
+mod install;
 mod pipeline;
 
 pub(super) use pipeline::Completed;
@@ -236,31 +237,6 @@ impl Effects {
         }
     }
 
-    /// Applies dataplane changes that no engine event stands for (a
-    /// partition installed or handed over); returns how many failed.
-    #[cfg(feature = "cluster")]
-    pub(super) fn install_direct(&mut self, changes: Vec<Change>) -> usize {
-        if changes.is_empty() {
-            return 0;
-        }
-        // Cluster mode never pipelines: nothing is with the applier.
-        let failed = self
-            .applier
-            .apply_now(changes)
-            .results
-            .into_iter()
-            .filter(|r| r.is_err())
-            .count();
-        if failed > 0 {
-            tracing::error!(
-                shard = self.index,
-                failed,
-                "dataplane: partition changes refused"
-            );
-        }
-        failed
-    }
-
     /// Applies the batch: journal, dataplane, NAT log; takes back what did
     /// not hold. The caller answers according to the result.
     ///
@@ -378,109 +354,6 @@ impl Effects {
                 false
             }
         }
-    }
-
-    /// Installs a committed batch, then writes its NAT log lines; returns
-    /// the mappings the dataplane refused.
-    fn install_and_log(&mut self, batch: &[(Origin, Event)]) -> Vec<(Origin, MappingId)> {
-        let refused = self.install(batch);
-        self.log(batch);
-        refused
-    }
-
-    /// Writes a settled batch's NAT log lines.
-    fn log(&mut self, batch: &[(Origin, Event)]) {
-        let wall = crate::clock::wall_ms();
-        for (_, event) in batch {
-            self.natlog.record(wall, event);
-        }
-    }
-
-    /// Takes back the mappings the dataplane refused (their requests are
-    /// answered NETWORK_FAILURE); their events wait in `events`. Returns
-    /// whether there were any.
-    fn revoke_refused(
-        &mut self,
-        engine: &mut Engine,
-        refused: Vec<(Origin, MappingId)>,
-        settled: &mut Settled,
-    ) -> bool {
-        if refused.is_empty() {
-            return false;
-        }
-        let now = now_ms();
-        for (origin, id) in refused {
-            if let Some(m) = engine.revoke(now, id) {
-                tracing::warn!(
-                    shard = self.index,
-                    internal = %m.internal_addr,
-                    port = m.internal_port,
-                    "mapping taken back: the dataplane did not install it"
-                );
-            }
-            settled.not_installed.insert(origin);
-        }
-        self.collect(engine, Origin::Timer);
-        true
-    }
-
-    /// Applies the round's dataplane changes and waits for them; returns
-    /// the refused upserts.
-    fn install(&mut self, batch: &[(Origin, Event)]) -> Vec<(Origin, MappingId)> {
-        let (changes, origins) = self.plan(batch);
-        if changes.is_empty() {
-            return Vec::new();
-        }
-        let applied = self.applier.apply_now(changes);
-        self.refused_of(applied, &origins)
-    }
-
-    /// A batch's dataplane changes and, for each, the mapping an `Upsert`
-    /// makes real and who waits for it.
-    fn plan(
-        &mut self,
-        batch: &[(Origin, Event)],
-    ) -> (Vec<Change>, Vec<Option<(Origin, MappingId)>>) {
-        let mut changes = self.applier.buffer();
-        let mut origins = Vec::new();
-        for (origin, event) in batch {
-            let before = changes.len();
-            Change::from_event(event, &mut changes);
-            let made = match event {
-                Event::MappingCreated(m) | Event::MappingRenewed(m) => Some(m.id),
-                Event::MappingMoved { new, .. } => Some(new.id),
-                _ => None,
-            };
-            for c in &changes[before..] {
-                let upsert = matches!(c, Change::Upsert(_));
-                origins.push(made.filter(|_| upsert).map(|id| (*origin, id)));
-            }
-        }
-        (changes, origins)
-    }
-
-    /// The mappings whose upserts the dataplane refused; counts and logs.
-    fn refused_of(
-        &self,
-        applied: Applied,
-        origins: &[Option<(Origin, MappingId)>],
-    ) -> Vec<(Origin, MappingId)> {
-        self.metrics
-            .dataplane_latency
-            .observe(applied.latency.as_secs_f64());
-        let mut refused = Vec::new();
-        for (r, origin) in applied.results.into_iter().zip(origins) {
-            let label = if r.is_ok() { "ok" } else { "error" };
-            self.metrics
-                .dataplane_changes
-                .with_label_values(&[label])
-                .inc();
-            if let Err(e) = r {
-                tracing::error!(shard = self.index, "dataplane: {e}");
-                refused.extend(*origin);
-            }
-        }
-        refused
     }
 
     /// A poisoned journal is replaced by a snapshot of the state in memory,

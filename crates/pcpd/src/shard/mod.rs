@@ -7,7 +7,8 @@
 //! | `recv.rs` | batched receive, hand-off to the owning shard, flush |
 //! | `stage.rs` | overload shedding: what is answered when not all can be |
 //! | `effects.rs` | the one forward path: journal, dataplane, NAT log; refusals |
-//! | `effects/pipeline.rs` | a batch with the journal writer, finished when its commit completes |
+//! | `effects/pipeline.rs` | a batch with the journal writer, then the dataplane thread, finished in order |
+//! | `effects/install.rs` | a batch's dataplane changes, refused upserts taken back, NAT log |
 //! | `writer.rs` | the journal writer thread: group commit and fdatasync off the shard |
 //! | `applier.rs` | the dataplane thread (nftables): kernel transactions off the shard |
 //! | `replies.rs` | held replies, replaced by a refusal, sent after settling |

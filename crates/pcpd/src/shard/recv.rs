@@ -94,7 +94,12 @@ async fn until_room(state: &Rc<RefCell<State>>) {
         if state.borrow().effects.in_flight() < IN_FLIGHT {
             return;
         }
-        answered.await;
+        // Re-checked now and then too: a wake-up that never comes must not
+        // stop the shard from receiving for good.
+        tokio::select! {
+            _ = answered => {}
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
     }
 }
 
