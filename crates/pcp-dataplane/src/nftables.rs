@@ -93,6 +93,19 @@ fn kernel_tick() -> Duration {
     }
 }
 
+/// Whether the running kernel is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let have = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    have >= (major, minor)
+}
+
 /// Seconds added to a mapping's kernel timeout so pcpd expires it first.
 const GRACE_SECS: u64 = 30;
 
@@ -179,6 +192,11 @@ pub struct NftablesDataplane {
     removing: std::collections::VecDeque<(Instant, Forget)>,
     /// The kernel's tick, plus a margin ([`kernel_tick`]).
     jiffy: Duration,
+    /// Whether the kernel updates an existing element's timeout and
+    /// expiration when it is added again (Linux 6.12 and later; before,
+    /// such an add succeeds and changes nothing): only then is a removal
+    /// written as an expiry and a renewal as an in-place update.
+    expire_in_place: bool,
     installed: HashMap<Key, Installed>,
     ports: HashMap<Ipv4Addr, PortSets>,
 }
@@ -242,6 +260,7 @@ impl NftablesDataplane {
             expired_at: None,
             removing: Default::default(),
             jiffy: kernel_tick(),
+            expire_in_place: kernel_at_least(6, 12),
             installed: HashMap::new(),
             ports: HashMap::new(),
         };
@@ -270,6 +289,7 @@ impl NftablesDataplane {
                 expired_at: None,
                 removing: Default::default(),
                 jiffy: self.jiffy,
+                expire_in_place: self.expire_in_place,
                 installed: HashMap::new(),
                 ports: HashMap::new(),
             })
@@ -530,7 +550,7 @@ impl NftablesDataplane {
                 }
                 let (elems, timeout, kernel_expires_ms) = Self::elems_for(entry)?;
                 if let Some(old) = self.installed.get(&key) {
-                    let timed = old.kernel_expires_ms != Millis::MAX;
+                    let timed = self.expire_in_place && old.kernel_expires_ms != Millis::MAX;
                     for el in old.elements().iter() {
                         out.delete(el, timed);
                         if !elems.contains(el) {
@@ -559,7 +579,7 @@ impl NftablesDataplane {
             }) => self.stage_port_set(*subscriber, *external_addr, *first_port, None, out),
             Change::Remove(key) => match self.installed.remove(key) {
                 Some(old) => {
-                    let timed = old.kernel_expires_ms != Millis::MAX;
+                    let timed = self.expire_in_place && old.kernel_expires_ms != Millis::MAX;
                     for el in old.elements().iter() {
                         out.delete(el, timed);
                         gone_flows(el, flows);

@@ -79,7 +79,8 @@ impl Script {
     /// The phases of the transaction, in order: elements that go away
     /// added as they are, then deleted, then the new ones added (see
     /// [`Script::render`]); with `expire`, timed elements that go away
-    /// and come back with no other value are in a fourth list instead.
+    /// are in a fourth list instead (expired), and timed elements added
+    /// again as they were, with a timeout, are only added (updated).
     fn phases(&self, expire: bool) -> [Vec<(&Elem, Option<u64>)>; 4] {
         let (mut old, mut gone, mut new) = (Vec::new(), Vec::new(), Vec::new());
         let mut expiring = Vec::new();
@@ -92,7 +93,7 @@ impl Script {
                     expiring.push((b, None));
                 }
                 // The same element with a new timeout: the add updates it
-                // in place (kernel 6.5 and later).
+                // in place (kernel 6.12 and later; see `NftablesDataplane::expire_in_place`).
                 Some(b)
                     if expire
                         && self.timed.contains(k)
@@ -130,7 +131,7 @@ impl Script {
     ///
     /// An element with a kernel timeout that goes away is not deleted: it
     /// is re-added with its expiration moved to now (an update the kernel
-    /// makes in place, 6.5 and later). The kernel never matches an expired
+    /// makes in place, 6.12 and later). The kernel never matches an expired
     /// element, so it stops forwarding within a jiffy, and its garbage
     /// collection frees it; a delete instead makes the transaction wait
     /// for an RCU grace period (~10 ms here, whatever its size). Adding

@@ -1,7 +1,8 @@
 //! The dataplane's applier: for a backend that waits on the kernel
-//! (nftables over netlink, where a transaction that deletes elements
-//! waits for the kernel's commit, ~10 ms here), one thread per shard owns
-//! the dataplane, so the shard never blocks on it. The shard hands it a
+//! (nftables over netlink: each transaction is a round trip to nf_tables,
+//! milliseconds for a large one, and a removal holds only at the kernel's
+//! next tick), one thread per shard owns the dataplane, so the shard never
+//! blocks on it. The shard hands it a
 //! batch's changes once the batch is durable and goes on receiving; the
 //! batch's replies are held until the applier says the changes are in.
 //!
@@ -18,8 +19,9 @@
 //!
 //! A backend that never waits (the memory one) is applied inline on the
 //! shard: a thread hop would only add latency. The synchronous path
-//! (timers, operator requests, cluster mode) uses [`Applier::apply_now`]
-//! once nothing is outstanding.
+//! (operator requests, timers with a message to send, cluster mode, a
+//! poisoned journal) uses [`Applier::apply_now`] once nothing is
+//! outstanding.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
