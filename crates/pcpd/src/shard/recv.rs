@@ -59,7 +59,7 @@ pub(super) fn handle_one(st: &mut State, sockets: &Sockets, peer: Peer, datagram
 /// Batches that wait for the journal writer or the dataplane at most
 /// (their replies are held; past this the shard stops receiving until the
 /// oldest is answered, and datagrams wait in the socket's buffer).
-const IN_FLIGHT: usize = 16;
+const IN_FLIGHT: usize = 4;
 
 /// Ends a batch. With the journal store, its records go to the writer
 /// thread and its replies are parked until their own commit completes and
