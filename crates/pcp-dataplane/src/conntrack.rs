@@ -47,6 +47,12 @@ impl Forget {
     pub(crate) fn is_empty(&self) -> bool {
         self.external.is_empty() && self.peers.is_empty()
     }
+
+    /// Adds what `other` forgets.
+    pub(crate) fn absorb(&mut self, other: Forget) {
+        self.external.extend(other.external);
+        self.peers.extend(other.peers);
+    }
 }
 
 /// One direction of a conntrack entry: (source, destination).

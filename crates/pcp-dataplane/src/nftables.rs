@@ -22,9 +22,12 @@
 //! never before pcpd itself does, and a renewal that only moves the
 //! expiry costs no kernel operation. A batch is folded per element (created and
 //! deleted in one batch: nothing written) into a few messages of many
-//! elements. Deletes are written as "add the element as it was, then
-//! delete it", which is idempotent in one transaction: an element the
-//! kernel already timed out does not fail the batch. A failed batch is
+//! elements. On kernels that update elements in place (6.12+), a removed
+//! element with a timeout is expired rather than deleted (`script.rs`):
+//! deletes make the kernel wait a grace period. Other deletes are written
+//! as "add the element as it was, then delete it", which is idempotent in
+//! one transaction: an element the kernel already timed out does not fail
+//! the batch. A failed batch is
 //! rolled back in pcpd's own view and retried change by change, so each
 //! change gets its own result.
 //!
@@ -185,9 +188,6 @@ pub struct NftablesDataplane {
     /// Elements removed over netlink by expiring them, until when the
     /// kernel may still hold them (see [`EXPIRY_SETTLE`]).
     expiring: HashMap<script::ElemId, Instant>,
-    /// When the last transaction that expired elements committed, until
-    /// its batch's removals are queued ([`NftablesDataplane::removals`]).
-    expired_at: Option<Instant>,
     /// Removed mappings' flows to flush, and from when, oldest first.
     removing: std::collections::VecDeque<(Instant, Forget)>,
     /// The kernel's tick, plus a margin ([`kernel_tick`]).
@@ -257,7 +257,6 @@ impl NftablesDataplane {
             netlink: true,
             transactions: (0, 0),
             expiring: HashMap::new(),
-            expired_at: None,
             removing: Default::default(),
             jiffy: kernel_tick(),
             expire_in_place: kernel_at_least(6, 12),
@@ -269,31 +268,34 @@ impl NftablesDataplane {
         Ok(dp)
     }
 
+    /// An empty dataplane on the same table, with the same settings and
+    /// what was learnt of the kernel (for [`NftablesDataplane::split`]).
+    fn sibling(&self) -> Self {
+        NftablesDataplane {
+            table: self.table.clone(),
+            nft: self.nft.clone(),
+            firewall: self.firewall.clone(),
+            conntrack: None,
+            conntrack_complained: false,
+            link: None,
+            netlink: self.netlink,
+            transactions: (0, 0),
+            expiring: HashMap::new(),
+            removing: Default::default(),
+            jiffy: self.jiffy,
+            expire_in_place: self.expire_in_place,
+            installed: HashMap::new(),
+            ports: HashMap::new(),
+        }
+    }
+
     /// Splits what the table holds among `shards` shards by subscriber
     /// (`pcp_engine::shard_of`), so each shard owns its elements. Orphans
     /// (filters read back without their mapping) go to shard 0, which
     /// removes them when it reconciles.
     pub fn split(self, shards: usize) -> Vec<NftablesDataplane> {
         let n = shards.max(1);
-        let mut parts: Vec<NftablesDataplane> = (0..n)
-            .map(|_| NftablesDataplane {
-                table: self.table.clone(),
-                nft: self.nft.clone(),
-                firewall: self.firewall.clone(),
-                conntrack: None,
-                conntrack_complained: false,
-                link: None,
-                netlink: self.netlink,
-                transactions: (0, 0),
-                expiring: HashMap::new(),
-                expired_at: None,
-                removing: Default::default(),
-                jiffy: self.jiffy,
-                expire_in_place: self.expire_in_place,
-                installed: HashMap::new(),
-                ports: HashMap::new(),
-            })
-            .collect();
+        let mut parts: Vec<NftablesDataplane> = (0..n).map(|_| self.sibling()).collect();
         for (k, v) in self.installed {
             let s = v.owner.map_or(0, |o| shard_of(o, n));
             parts[s].installed.insert(k, v);
@@ -376,12 +378,13 @@ impl NftablesDataplane {
     }
 
     /// Runs one transaction: over netlink when every element is in a set
-    /// of plain concatenations, else as nft text.
-    fn commit(&mut self, script: &Script) -> Result<(), ApplyError> {
+    /// of plain concatenations, else as nft text. `Ok(true)`: it removed
+    /// elements by expiring them (see [`NftablesDataplane::removals`]).
+    fn commit(&mut self, script: &Script) -> Result<bool, ApplyError> {
         let ops = if self.netlink { script.ops() } else { None };
         let Some(ops) = ops else {
             self.transactions.1 += 1;
-            return self.run(&script.render(&self.table));
+            return self.run(&script.render(&self.table)).map(|()| false);
         };
         self.transactions.0 += 1;
         if self.link.is_none() {
@@ -394,7 +397,7 @@ impl NftablesDataplane {
                     );
                     self.netlink = false;
                     self.transactions = (self.transactions.0 - 1, self.transactions.1 + 1);
-                    return self.run(&script.render(&self.table));
+                    return self.run(&script.render(&self.table)).map(|()| false);
                 }
             }
         }
@@ -405,17 +408,18 @@ impl NftablesDataplane {
         }
         let table = &self.table;
         let result = self.link.as_mut().map_or(Ok(()), |l| l.apply(table, ops));
-        if result.is_ok() && script.expired().next().is_some() {
-            self.expired_at = Some(Instant::now());
-            let until = Instant::now() + EXPIRY_SETTLE;
-            self.expiring
-                .extend(script.expired().map(|k| (k.clone(), until)));
-        }
-        result.map_err(|e| {
+        if let Err(e) = result {
             // A socket in an unknown state is not reused.
             self.link = None;
-            ApplyError::Refused(format!("nf_tables: {e}"))
-        })
+            return Err(ApplyError::Refused(format!("nf_tables: {e}")));
+        }
+        let until = Instant::now() + EXPIRY_SETTLE;
+        let mut expired = false;
+        for k in script.expired() {
+            self.expiring.insert(k.clone(), until);
+            expired = true;
+        }
+        Ok(expired)
     }
 
     /// Reads the tables' elements back (after a restart of pcpd).
@@ -649,8 +653,6 @@ impl NftablesDataplane {
         Ok(vec![Undo::PortSets(sub, prev)])
     }
 
-    /// Removes the conntrack entries of `flows` (ctnetlink); a failure is
-    /// reported once, the mappings themselves are gone already.
     /// What the batch's removals still need before anyone is told of them,
     /// and from when ([`Dataplane::settle`] does it). An element removed
     /// by expiring it (netlink) still matches until the kernel's next
@@ -658,9 +660,10 @@ impl NftablesDataplane {
     /// translates a packet that would leave a new conntrack entry behind.
     /// So the removed mappings' conntrack entries are flushed once that
     /// tick has passed, and the batch holds from then on. Returns when
-    /// the batch holds (`None`: now).
-    fn removals(&mut self, flows: Forget) -> Option<Instant> {
-        let at = self.expired_at.take().map(|t| t + self.jiffy);
+    /// the batch holds (`None`: now). `expired`: its transactions removed
+    /// elements by expiring them.
+    fn removals(&mut self, flows: Forget, expired: bool) -> Option<Instant> {
+        let at = expired.then(|| Instant::now() + self.jiffy);
         if at.is_some() || !flows.is_empty() {
             self.removing
                 .push_back((at.unwrap_or_else(Instant::now), flows));
@@ -668,6 +671,8 @@ impl NftablesDataplane {
         at
     }
 
+    /// Removes the conntrack entries of `flows` (ctnetlink); a failure is
+    /// reported once, the mappings themselves are gone already.
     fn forget_flows(&mut self, flows: &Forget) {
         if flows.is_empty() {
             return;
@@ -818,13 +823,19 @@ impl Dataplane for NftablesDataplane {
                 Err(e) => results.push(Err(e)),
             }
         }
-        if script.is_empty() || self.commit(&script).is_ok() {
-            return (results, self.removals(flows));
+        let committed = if script.is_empty() {
+            Ok(false)
+        } else {
+            self.commit(&script)
+        };
+        if let Ok(expired) = committed {
+            return (results, self.removals(flows, expired));
         }
         // The batch failed as a whole: forget it, then apply change by
         // change so each gets its own result and the good ones still land.
         self.undo(undo);
         let mut flows = Forget::default();
+        let mut expired = false;
         let results = changes
             .iter()
             .zip(results)
@@ -834,17 +845,19 @@ impl Dataplane for NftablesDataplane {
                 let mut these = Forget::default();
                 let undo = self.stage(c, &mut one, &mut these)?;
                 if !one.is_empty() {
-                    if let Err(e) = self.commit(&one) {
-                        self.undo(undo);
-                        return Err(e);
+                    match self.commit(&one) {
+                        Ok(e) => expired |= e,
+                        Err(e) => {
+                            self.undo(undo);
+                            return Err(e);
+                        }
                     }
                 }
-                flows.external.extend(these.external);
-                flows.peers.extend(these.peers);
+                flows.absorb(these);
                 Ok(())
             })
             .collect();
-        (results, self.removals(flows))
+        (results, self.removals(flows, expired))
     }
 
     fn settle(&mut self) {
@@ -852,8 +865,7 @@ impl Dataplane for NftablesDataplane {
         let mut flows = Forget::default();
         while self.removing.front().is_some_and(|(at, _)| *at <= now) {
             if let Some((_, f)) = self.removing.pop_front() {
-                flows.external.extend(f.external);
-                flows.peers.extend(f.peers);
+                flows.absorb(f);
             }
         }
         if flows.is_empty() || crate::conntrack::tracks_nothing() {

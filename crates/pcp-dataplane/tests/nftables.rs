@@ -73,6 +73,12 @@ fn emptied(table: &str, set: &str) -> bool {
     }
 }
 
+/// Applies `changes` and asserts every one held.
+fn apply_ok(dp: &mut NftablesDataplane, changes: &[Change]) {
+    let results = dp.apply(changes);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -161,22 +167,22 @@ fn mappings_become_map_elements_with_kernel_timeouts() {
     // A renewal that only moves the expiry, within the safety net, costs
     // no kernel operation: the element keeps its first timeout.
     let filter = vec![(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 0)), 24, 0)];
-    assert!(dp
-        .apply(&[Change::Upsert(map_entry(1050, 2, 7200, filter.clone()))])
-        .iter()
-        .all(Result::is_ok));
+    apply_ok(
+        &mut dp,
+        &[Change::Upsert(map_entry(1050, 2, 7200, filter.clone()))],
+    );
     assert!((25200..=25201).contains(&timeout_of(&elements(&t.0, "dnat4")[0])));
     // Past it, the element is rewritten with a new timeout.
-    assert!(dp
-        .apply(&[Change::Upsert(map_entry(1050, 2, 86_400, filter))])
-        .iter()
-        .all(Result::is_ok));
+    apply_ok(
+        &mut dp,
+        &[Change::Upsert(map_entry(1050, 2, 86_400, filter))],
+    );
     assert!(timeout_of(&elements(&t.0, "dnat4")[0]) >= 86_400 + 21_600);
     // Other changes (the filters here) rewrite it too.
-    assert!(dp
-        .apply(&[Change::Upsert(map_entry(1050, 2, 86_400, Vec::new()))])
-        .iter()
-        .all(Result::is_ok));
+    apply_ok(
+        &mut dp,
+        &[Change::Upsert(map_entry(1050, 2, 86_400, Vec::new()))],
+    );
     let dnat = elements(&t.0, "dnat4");
     assert_eq!(dnat.len(), 2);
     assert!(
@@ -186,7 +192,7 @@ fn mappings_become_map_elements_with_kernel_timeouts() {
 
     // Delete.
     let key = map_entry(1050, 2, 1, Vec::new()).key();
-    assert!(dp.apply(&[Change::Remove(key)]).iter().all(Result::is_ok));
+    apply_ok(&mut dp, &[Change::Remove(key)]);
     assert!(emptied(&t.0, "dnat4"));
 
     // A restarted pcpd learns what is installed, and can rewrite it.
@@ -204,24 +210,24 @@ fn mappings_become_map_elements_with_kernel_timeouts() {
         )),
         "{installed:?}"
     );
-    assert!(again
-        .apply(&[
+    apply_ok(
+        &mut again,
+        &[
             Change::Upsert(peer_entry()),
             Change::AddBlock {
                 subscriber: sub,
-                block
-            }
-        ])
-        .iter()
-        .all(Result::is_ok));
+                block,
+            },
+        ],
+    );
     assert_eq!(elements(&t.0, "peer4").len(), 1);
-    assert!(again
-        .apply(&[Change::RemoveBlock {
+    apply_ok(
+        &mut again,
+        &[Change::RemoveBlock {
             subscriber: sub,
-            block
-        }])
-        .iter()
-        .all(Result::is_ok));
+            block,
+        }],
+    );
     assert!(elements(&t.0, "subs").is_empty());
 }
 
@@ -273,23 +279,21 @@ fn deletes_are_idempotent_and_batches_see_their_own_changes() {
     let mut dp = NftablesDataplane::open(&t.0, "nft", FirewallRules::default())
         .expect("nft works (root, nftables installed)");
     let e = map_entry(1200, 1, 600, Vec::new());
-    assert!(dp
-        .apply(&[Change::Upsert(e.clone())])
-        .iter()
-        .all(Result::is_ok));
+    apply_ok(&mut dp, &[Change::Upsert(e.clone())]);
     // The kernel (or an operator) removed it behind pcpd's back.
     let status = Command::new("nft")
         .args(["flush", "map", "ip", &t.0, "dnat4"])
         .status()
         .unwrap();
     assert!(status.success());
-    let results = dp.apply(&[Change::Remove(e.key())]);
-    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    apply_ok(&mut dp, &[Change::Remove(e.key())]);
     assert!(emptied(&t.0, "snat4"));
     // Created and deleted in one batch: nothing is left behind.
     let f = map_entry(1201, 1, 600, Vec::new());
-    let results = dp.apply(&[Change::Upsert(f.clone()), Change::Remove(f.key())]);
-    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    apply_ok(
+        &mut dp,
+        &[Change::Upsert(f.clone()), Change::Remove(f.key())],
+    );
     assert!(emptied(&t.0, "dnat4"));
     assert!(dp.installed().is_empty());
 }
@@ -300,17 +304,11 @@ fn a_removed_element_expires_at_once_and_its_key_can_be_taken_again() {
     let mut dp = NftablesDataplane::open(&t.0, "nft", FirewallRules::default())
         .expect("nft works (root, nftables installed)");
     let e = map_entry(1300, 1, 600, Vec::new());
-    assert!(dp
-        .apply(&[Change::Upsert(e.clone())])
-        .iter()
-        .all(Result::is_ok));
+    apply_ok(&mut dp, &[Change::Upsert(e.clone())]);
     // Removed: over netlink the element's expiration moves to now instead
     // of a delete (which waits for a grace period); the kernel no longer
     // holds it a moment later, far before its 600 s + safety net.
-    assert!(dp
-        .apply(&[Change::Remove(e.key())])
-        .iter()
-        .all(Result::is_ok));
+    apply_ok(&mut dp, &[Change::Remove(e.key())]);
     for el in elements(&t.0, "dnat4") {
         let expires = el[0]["elem"]["expires"].as_u64().unwrap_or(u64::MAX);
         assert!(
@@ -326,20 +324,12 @@ fn a_removed_element_expires_at_once_and_its_key_can_be_taken_again() {
     let mut other = map_entry(1300, 1, 600, Vec::new());
     other.internal_addr = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2));
     let f = map_entry(1301, 1, 600, Vec::new());
-    assert!(dp
-        .apply(&[Change::Upsert(f.clone())])
-        .iter()
-        .all(Result::is_ok));
-    assert!(dp
-        .apply(&[Change::Remove(f.key())])
-        .iter()
-        .all(Result::is_ok));
-    let results = dp.apply(&[Change::Upsert(other)]);
-    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    apply_ok(&mut dp, &[Change::Upsert(f.clone())]);
+    apply_ok(&mut dp, &[Change::Remove(f.key())]);
+    apply_ok(&mut dp, &[Change::Upsert(other)]);
     let mut g = map_entry(1301, 1, 600, Vec::new());
     g.internal_addr = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 3));
-    let results = dp.apply(&[Change::Upsert(g)]);
-    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    apply_ok(&mut dp, &[Change::Upsert(g)]);
     let dnat: Vec<String> = elements(&t.0, "dnat4")
         .iter()
         .map(|e| e.to_string())

@@ -219,41 +219,38 @@ fn apply_loop(
     done: &Sender<Applied>,
     wake: &Notify,
 ) {
-    let mut all: Vec<Change> = Vec::new();
-    let mut batches: Vec<Vec<Change>> = Vec::new();
     let mut held: VecDeque<(Instant, Vec<Applied>)> = VecDeque::new();
+    let mut sizes: Vec<usize> = Vec::new();
+    let mut buffers: Vec<Vec<Change>> = Vec::new();
     loop {
         release(dp.as_mut(), &mut held, done, wake);
         let next = match held.front() {
             Some((at, _)) => jobs.recv_timeout(at.saturating_duration_since(Instant::now())),
             None => jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
-        let first = match next {
+        let mut all = match next {
             Ok(job) => job,
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => break,
         };
-        batches.push(first);
-        while let Ok(more) = jobs.try_recv() {
-            batches.push(more);
+        // The batches queued behind the first are moved onto it (their
+        // emptied buffers go back with their results).
+        sizes.push(all.len());
+        while let Ok(mut more) = jobs.try_recv() {
+            sizes.push(more.len());
+            all.append(&mut more);
+            buffers.push(more);
         }
         let started = Instant::now();
-        let (results, holds_at) = if batches.len() == 1 {
-            dp.apply_early(&batches[0])
-        } else {
-            all.clear();
-            for b in &batches {
-                all.extend(b.iter().cloned());
-            }
-            dp.apply_early(&all)
-        };
+        let (results, holds_at) = dp.apply_early(&all);
         let mut results = results.into_iter();
         let at = holds_at.unwrap_or(started);
         let latency = at.max(Instant::now()) - started;
-        let applied = batches
+        let applied = sizes
             .drain(..)
-            .map(|buffer| Applied {
-                results: results.by_ref().take(buffer.len()).collect(),
+            .zip(std::iter::once(all).chain(buffers.drain(..)))
+            .map(|(n, buffer)| Applied {
+                results: results.by_ref().take(n).collect(),
                 latency,
                 buffer,
             })

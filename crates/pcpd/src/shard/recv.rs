@@ -86,8 +86,7 @@ pub(super) fn flush(st: &mut State, sockets: &Sockets) {
 /// Waits (without blocking the shard's thread) until fewer than
 /// [`IN_FLIGHT`] batches are held; woken each time a held batch is
 /// answered (`Parked::recycle`).
-async fn until_room(state: &Rc<RefCell<State>>) {
-    let room = state.borrow().parked.answered();
+async fn until_room(state: &Rc<RefCell<State>>, room: &Notify) {
     loop {
         // Created before the check, so an answer in between is not missed.
         let answered = room.notified();
@@ -162,8 +161,9 @@ pub(super) async fn recv_loop(
     let mut bufs: Box<[[u8; RECV_BUF]; BATCH]> = Box::new([[0u8; RECV_BUF]; BATCH]);
     let mut metas = [RecvMeta::default(); BATCH];
     let mut stage = Stage::new();
+    let room = state.borrow().parked.answered();
     loop {
-        until_room(&state).await;
+        until_room(&state, &room).await;
         let (sock, udp) = &sockets[si];
         if sock.readable().await.is_err() {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -244,8 +244,9 @@ pub(super) async fn handoff_loop(
     mut rx: mpsc::Receiver<Handoff>,
     timer: Rc<Notify>,
 ) {
+    let room = state.borrow().parked.answered();
     loop {
-        until_room(&state).await;
+        until_room(&state, &room).await;
         let Some(first) = rx.recv().await else { break };
         {
             let mut st = state.borrow_mut();

@@ -39,11 +39,10 @@ pub(in crate::shard) enum Pending {
 /// A durable batch whose dataplane changes are being applied.
 pub(in crate::shard) struct Applying {
     batch: Vec<(Origin, Event)>,
-    /// Per change handed to the applier: the mapping an upsert makes real.
+    /// Per change handed to the applier: the mapping an upsert makes real
+    /// (none: nothing was handed over, it only waits for the batches
+    /// before it).
     origins: Vec<Option<(Origin, MappingId)>>,
-    /// Whether changes were handed to the applier (else it only waits for
-    /// the batches before it).
-    submitted: bool,
     settled: Settled,
 }
 
@@ -146,7 +145,7 @@ impl Effects {
                     return Some(other);
                 }
             }
-            if let Some(submitted) = self.applying.front().map(|h| h.submitted) {
+            if let Some(submitted) = self.applying.front().map(|h| !h.origins.is_empty()) {
                 let applied = match (submitted, wait) {
                     (false, _) => None,
                     (true, false) => self.applier.try_done(),
@@ -217,14 +216,12 @@ impl Effects {
         }
         settled.durable = !done.poisoned;
         let (changes, origins) = self.plan(&batch);
-        let submitted = !changes.is_empty();
-        if submitted {
+        if !changes.is_empty() {
             self.applier.submit(changes);
         }
         self.applying.push_back(Applying {
             batch,
             origins,
-            submitted,
             settled,
         });
         None
