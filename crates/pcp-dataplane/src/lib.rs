@@ -196,7 +196,7 @@ impl Change {
     /// The changes an engine event implies (none for pure log events).
     pub fn from_event(event: &Event, out: &mut Vec<Change>) {
         match event {
-            Event::MappingCreated(m) | Event::MappingRenewed(m) => {
+            Event::MappingCreated(m) | Event::MappingRenewed(m) | Event::MappingRefreshed(m) => {
                 out.push(Change::Upsert(Entry::from_mapping(m)));
             }
             Event::MappingDeleted { mapping, .. } => {
@@ -434,6 +434,7 @@ mod tests {
             nonce: Nonce::default(),
             created_ms: 0,
             expires_ms: 1000,
+            durable_ms: 1000,
             client_port: 1,
             natpmp: false,
             extra: None,

@@ -242,6 +242,13 @@ pub struct Mapping {
     pub created_ms: Millis,
     /// When it expires; `Millis::MAX` for static mappings.
     pub expires_ms: Millis,
+    /// The expiry the durable store was last asked to hold, at or after
+    /// `expires_ms`: a renewal that moves the expiry no further than this
+    /// needs no write (see [`Event::MappingRefreshed`]). Equal to
+    /// `expires_ms` unless the engine has a renewal slack
+    /// (`Engine::set_renewal_slack`).
+    #[serde(skip)]
+    pub durable_ms: Millis,
     /// The client's UDP port, for unsolicited updates (§14.2); the client's
     /// address is the subscriber's, or the THIRD_PARTY manager's.
     pub client_port: u16,
@@ -252,6 +259,19 @@ pub struct Mapping {
 }
 
 impl Mapping {
+    /// The mapping as the durable store keeps it: with the expiry it was
+    /// promised to hold (`durable_ms`), so that no client is ever told an
+    /// expiry later than the stored one, and renewals within it need no
+    /// write. After a crash the mapping lives until that stored expiry.
+    pub fn as_stored(&self) -> Mapping {
+        let expires_ms = self.expires_ms.max(self.durable_ms);
+        Mapping {
+            expires_ms,
+            durable_ms: expires_ms,
+            ..self.clone()
+        }
+    }
+
     /// The mapping's identity.
     pub fn key(&self) -> MappingKey {
         MappingKey {
@@ -356,8 +376,13 @@ pub enum DeleteReason {
 pub enum Event {
     /// A mapping was created.
     MappingCreated(Mapping),
-    /// A mapping's lifetime, filters or description changed.
+    /// A mapping's lifetime, filters or description changed, and the
+    /// store must hold what it is now (its expiry as `durable_ms`).
     MappingRenewed(Mapping),
+    /// A mapping was renewed and nothing but its expiry and client port
+    /// moved, its expiry no later than the `durable_ms` the store already
+    /// holds: the dataplane sees it as a renewal, the store writes nothing.
+    MappingRefreshed(Mapping),
     /// A mapping was deleted.
     MappingDeleted {
         /// The mapping as it was.

@@ -23,6 +23,68 @@ fn in_pool(a: IpAddr) -> bool {
     matches!(a, IpAddr::V4(v4) if POOL.contains(&v4))
 }
 
+/// With a renewal slack, the store is asked to hold each mapping that
+/// many lifetimes beyond the one granted; a renewal that only moves the
+/// expiry within that is a refresh (no write), and every expiry a client
+/// is told (§15: the lifetime in the response) is covered by what the
+/// store holds.
+#[test]
+fn renewals_within_the_renewal_slack_are_refreshes_covered_by_the_stored_expiry() {
+    let mut h = H::default();
+    h.engine.set_renewal_slack(2);
+    let r = h.map(sub(1), nonce(1), 8080, 0, 100);
+    assert_eq!(r.result, ResultCode::Success);
+    let stored = match &h.take_events()[..] {
+        [Event::BlockAllocated { .. }, Event::MappingCreated(m)] => m.as_stored(),
+        other => panic!("{other:?}"),
+    };
+    // Granted L (the configured minimum may raise the 100 s asked for),
+    // stored for 3 L.
+    let lifetime = u64::from(r.lifetime) * 1000;
+    assert_eq!(stored.expires_ms, h.now + 3 * lifetime);
+    let mut refreshes = 0;
+    let mut writes = 0;
+    let mut held = stored.expires_ms;
+    // Renew every half lifetime (§11.2.1) for 10 lifetimes.
+    for _ in 0..20 {
+        h.advance(lifetime / 2);
+        let again = h.map(sub(1), nonce(1), 8080, 0, 100);
+        assert_eq!((again.result, again.ext()), (ResultCode::Success, r.ext()));
+        let told = h.now + u64::from(again.lifetime) * 1000;
+        match &h.take_events()[..] {
+            [Event::MappingRefreshed(m)] => {
+                refreshes += 1;
+                assert_eq!(m.expires_ms, told);
+            }
+            [Event::MappingRenewed(m)] => {
+                writes += 1;
+                held = m.as_stored().expires_ms;
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(told <= held, "told {told} beyond the stored {held}");
+    }
+    // One write per 2.5 lifetimes of renewals: 4 of 20, the rest refreshes.
+    assert_eq!((writes, refreshes), (4, 16));
+
+    // A change other than the expiry is always written.
+    let mut h = H::default();
+    h.engine.set_renewal_slack(2);
+    h.map(sub(1), nonce(1), 8080, 0, 100);
+    h.take_events();
+    let filter = [PcpOption::Filter(Filter {
+        prefix_len: 128,
+        remote_port: 0,
+        remote_addr: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)),
+    })];
+    let r = h.map_opts(sub(1), nonce(1), 6, 8080, 0, 100, &filter);
+    assert_eq!(r.result, ResultCode::Success);
+    assert!(matches!(h.take_events()[..], [Event::MappingRenewed(_)]));
+    // The same filter again changes nothing: a refresh.
+    h.map_opts(sub(1), nonce(1), 6, 8080, 0, 100, &filter);
+    assert!(matches!(h.take_events()[..], [Event::MappingRefreshed(_)]));
+}
+
 #[test]
 fn map_create_renew_delete_section_11_3_and_15_1() {
     let mut h = H::default();

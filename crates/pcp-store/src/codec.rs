@@ -299,6 +299,7 @@ pub(crate) fn decode(body: &[u8]) -> Option<Record> {
                 nonce: Nonce(nonce),
                 created_ms,
                 expires_ms,
+                durable_ms: expires_ms,
                 client_port,
                 natpmp,
                 extra,

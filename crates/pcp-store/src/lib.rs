@@ -85,6 +85,7 @@ impl Record {
             Record::Mapping(m) => {
                 at(&mut m.created_ms);
                 at(&mut m.expires_ms);
+                at(&mut m.durable_ms);
             }
             Record::BlockGone { .. } | Record::Gone(_) => {}
         }
@@ -94,14 +95,16 @@ impl Record {
     pub fn from_event(event: &Event, now: Millis, out: &mut Vec<Record>) {
         match event {
             Event::MappingCreated(m) | Event::MappingRenewed(m) => {
-                out.push(Record::Mapping(m.clone()))
+                out.push(Record::Mapping(m.as_stored()))
             }
+            // The store already holds an expiry at least as late.
+            Event::MappingRefreshed(_) => {}
             Event::MappingDeleted { mapping, .. } => out.push(Record::Gone(mapping.key())),
             Event::MappingMoved { old, new } => {
                 if old.key() != new.key() {
                     out.push(Record::Gone(old.key()));
                 }
-                out.push(Record::Mapping(new.clone()));
+                out.push(Record::Mapping(new.as_stored()));
             }
             Event::BlockAllocated { subscriber, block } => out.push(Record::Block {
                 subscriber: *subscriber,

@@ -37,6 +37,7 @@ fn mapping(port: u16, extra: bool) -> Mapping {
         nonce: Nonce([port as u8; 12]),
         created_ms: 1000,
         expires_ms: 9_000_000,
+        durable_ms: 9_000_000,
         client_port: 5000,
         natpmp: false,
         extra: extra.then(|| {

@@ -324,6 +324,7 @@ fn shard_specs(
                 state_dir: cfg.state_dir.clone(),
                 generation: now,
                 journal_max_bytes: cfg.journal_max_mib << 20,
+                renewal_slack: cfg.journal_renewal_slack,
                 restored: tx,
                 dataplane,
                 #[cfg(feature = "cluster")]

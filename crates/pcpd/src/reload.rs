@@ -19,7 +19,10 @@ impl Config {
         if self.listen != new.listen || self.shard_count() != new.shard_count() {
             return Some(C::Sockets);
         }
-        if self.state_dir != new.state_dir || self.journal_max_mib != new.journal_max_mib {
+        if self.state_dir != new.state_dir
+            || self.journal_max_mib != new.journal_max_mib
+            || self.journal_renewal_slack != new.journal_renewal_slack
+        {
             return Some(C::State);
         }
         if self.dataplane != new.dataplane {
@@ -53,7 +56,7 @@ pub enum ReloadConflict {
     #[error("listen or shards changed: restart required")]
     Sockets,
     /// The journal is open.
-    #[error("state_dir or journal_max_mib changed: restart required")]
+    #[error("state_dir, journal_max_mib or journal_renewal_slack changed: restart required")]
     State,
     /// The dataplane is open.
     #[error("dataplane changed: restart required")]

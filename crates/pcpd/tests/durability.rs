@@ -160,3 +160,95 @@ fn damaged_state_stops_start_up_and_discard_state_starts_a_new_epoch() {
         .to_string_lossy()
         .starts_with("discarded-")));
 }
+
+/// `journal_renewal_slack` (default 2): a mapping is journaled with an
+/// expiry two lifetimes past the one granted, so renewals that only move
+/// the expiry within that cost no journal commit; one that goes further
+/// is written. After kill -9 the mapping holds at least what the client
+/// was last told (RFC 6887 §15: the lifetime is the server's promise).
+#[test]
+fn renewals_within_the_journaled_expiry_write_nothing_and_survive_kill_9() {
+    let ip = Ipv4Addr::new(127, 0, 0, 20);
+    let dir = temp_dir("slack");
+    let mut cfg = config_for(ip, &dir);
+    no_rate_limit(&mut cfg);
+    let mut d = Daemon::start_in(dir, ip, cfg);
+    let commits = |d: &Daemon| {
+        metric(&d.metrics_text(), "pcpd_journal_commit_seconds_count").expect("commit histogram")
+    };
+    let wall_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let sub = Ipv4Addr::new(127, 20, 0, 1);
+    let map = |d: &Daemon, lifetime: u32| {
+        let s = std::net::UdpSocket::bind((sub, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let req = pcp_wire::Request {
+            lifetime,
+            client_addr: sub.into(),
+            data: pcp_wire::OpData::Map(pcp_wire::MapData {
+                nonce: pcp_wire::Nonce([7; 12]),
+                protocol: 6,
+                internal_port: 4000,
+                external_port: 0,
+                external_addr: Ipv4Addr::UNSPECIFIED.into(),
+            }),
+            options: pcp_wire::Options::NONE,
+        };
+        let mut buf = vec![0u8; req.buffer_len()];
+        req.emit(&mut buf).unwrap();
+        s.send_to(&buf, d.pcp_addr()).unwrap();
+        let mut out = [0u8; 1100];
+        let n = s.recv(&mut out).expect("pcpd answers");
+        let r = Response::parse(&out[..n]).unwrap();
+        assert_eq!(r.result, ResultCode::Success);
+        wall_ms() + u64::from(r.lifetime) * 1000
+    };
+    let created = wall_ms();
+    map(&d, 600);
+    let before = commits(&d);
+    let mut told = 0;
+    for _ in 0..50 {
+        told = map(&d, 600);
+    }
+    assert_eq!(
+        commits(&d),
+        before,
+        "50 renewals within the journaled expiry made a journal commit"
+    );
+    d.kill9_and_restart();
+    let expires = journaled_expiry(&d, sub);
+    assert!(
+        expires >= told,
+        "after kill -9 the mapping expires at {expires}, before the {told} the client was told"
+    );
+    assert!(
+        expires <= created + 3 * 600_000 + 2000,
+        "journaled at {expires}: more than two lifetimes of slack past {created} + 600 s"
+    );
+    // A renewal past the journaled expiry is written before its reply.
+    let before = commits(&d);
+    let told = map(&d, 3600);
+    assert!(
+        commits(&d) > before,
+        "a renewal past the journaled expiry was not written"
+    );
+    d.kill9_and_restart();
+    assert!(journaled_expiry(&d, sub) >= told);
+}
+
+/// The expiry (ms since the epoch) of `sub`'s one mapping, from the admin API.
+fn journaled_expiry(d: &Daemon, sub: Ipv4Addr) -> u64 {
+    let (s, body) = call("GET", &d.url("/v1/mappings"), Some(TOKEN_READ), None);
+    assert_eq!(s, 200, "{body}");
+    let items = body["items"].as_array().expect("a list");
+    let mine: Vec<_> = items
+        .iter()
+        .filter(|m| m["internal_addr"] == sub.to_string())
+        .collect();
+    assert_eq!(mine.len(), 1, "{body}");
+    mine[0]["expires_ms"].as_u64().expect("expires_ms")
+}

@@ -98,6 +98,7 @@ dataplane:
       mark: {{ .Values.dataplane.firewall.mark | int64 }}
 state_dir: /var/lib/pcpd
 journal_max_mib: {{ .Values.journalMaxMib }}
+journal_renewal_slack: {{ .Values.journalRenewalSlack }}
 admin:
   listen: {{ printf "%s:%d" .Values.admin.bindAddress (int .Values.admin.port) | quote }}
   tls:

@@ -39,20 +39,28 @@ impl Engine {
 
     /// Renews the mapping in `slot` for `lifetime` seconds on behalf of
     /// `client` (§14.2: updates go where the last response went), applying
-    /// `update` to it first; reports the renewal.
+    /// `update` to it first (which says whether it changed anything but the
+    /// expiry); reports the renewal, as a refresh when the store already
+    /// holds an expiry at least as late and nothing else changed.
     pub(super) fn extend(
         &mut self,
         now: Millis,
         slot: u32,
         lifetime: u32,
         client: SocketAddr,
-        update: impl FnOnce(&mut Mapping),
+        update: impl FnOnce(&mut Mapping) -> bool,
     ) -> Result<Granted, Refusal> {
+        let expires = now + u64::from(lifetime) * 1000;
+        let durable = self.durable_for(now, expires);
         let mapping = self.table.get_mut(slot).ok_or(ResultCode::NoResources)?;
         let old_expires = mapping.expires_ms;
-        mapping.expires_ms = now + u64::from(lifetime) * 1000;
+        mapping.expires_ms = expires;
         mapping.client_port = client.port();
-        update(mapping);
+        let changed = update(mapping);
+        let refreshed = !changed && expires <= mapping.durable_ms;
+        if !refreshed {
+            mapping.durable_ms = durable;
+        }
         let snapshot = mapping.clone();
         self.table.refreshed(slot, now);
         if snapshot.expires_ms > old_expires {
@@ -70,7 +78,11 @@ impl Engine {
                 parity: false,
             }),
         };
-        self.events.push_back(Event::MappingRenewed(snapshot));
+        self.events.push_back(if refreshed {
+            Event::MappingRefreshed(snapshot)
+        } else {
+            Event::MappingRenewed(snapshot)
+        });
         Ok(granted)
     }
 
@@ -122,7 +134,15 @@ impl Engine {
 
     /// Inserts a mapping (see [`Engine::insert`]); `report` says whether
     /// `MappingCreated` is queued.
-    pub(super) fn insert_as(&mut self, now: Millis, mapping: Mapping, report: Report) -> MappingId {
+    pub(super) fn insert_as(
+        &mut self,
+        now: Millis,
+        mut mapping: Mapping,
+        report: Report,
+    ) -> MappingId {
+        if report == Report::Created {
+            mapping.durable_ms = self.durable_for(now, mapping.expires_ms);
+        }
         let subscriber = mapping.internal_addr;
         let counted = mapping
             .counts_against_quota()

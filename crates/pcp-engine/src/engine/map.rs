@@ -112,6 +112,8 @@ impl Engine {
             },
             created_ms: now,
             expires_ms: now + u64::from(lifetime) * 1000,
+            // Set by `insert`.
+            durable_ms: 0,
             client_port: ask.client.port(),
             natpmp: via == Via::NatPmp,
             extra: map_extra(ask),
@@ -219,19 +221,26 @@ impl Engine {
         }
         let parity = opts.port_set.is_some_and(|p| p.parity);
         let mut granted = self.extend(now, slot, lifetime, ask.client, |mapping| {
+            let mut changed = false;
             if adopt {
                 mapping.natpmp = false;
                 mapping.nonce = m.nonce;
+                changed = true;
             }
             if opts.has_filter || opts.description.is_some() {
                 let extra = mapping.extra.get_or_insert_with(Default::default);
-                if opts.has_filter {
+                if opts.has_filter && extra.filters != filters {
                     extra.filters = filters;
+                    changed = true;
                 }
                 if let Some(d) = opts.description {
-                    extra.description = Some(d.to_string());
+                    if extra.description.as_deref() != Some(d) {
+                        extra.description = Some(d.to_string());
+                        changed = true;
+                    }
                 }
             }
+            changed
         })?;
         if let Some(ps) = granted.port_set.as_mut() {
             ps.parity = parity;

@@ -126,6 +126,9 @@ pub struct Engine {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     stats: Stats,
+    /// Lifetimes beyond the granted one that a mapping's stored expiry
+    /// reaches (see [`Engine::set_renewal_slack`]).
+    renewal_slack: u32,
 }
 
 impl Engine {
@@ -153,7 +156,28 @@ impl Engine {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
+            renewal_slack: 0,
         }
+    }
+
+    /// Makes the durable store hold each mapping `slack` lifetimes beyond
+    /// the one granted (`Mapping::durable_ms`), so that a renewal that
+    /// moves nothing but the expiry, within that, is reported as
+    /// [`Event::MappingRefreshed`] and costs the store no write. No client
+    /// is ever told an expiry later than the stored one; after a crash a
+    /// mapping lives until its stored expiry. 0 (the default): every
+    /// renewal is written.
+    pub fn set_renewal_slack(&mut self, slack: u32) {
+        self.renewal_slack = slack;
+    }
+
+    /// The expiry to store for a mapping granted until `expires` now.
+    fn durable_for(&self, now: Millis, expires: Millis) -> Millis {
+        if expires == Millis::MAX {
+            return expires;
+        }
+        let lifetime = expires.saturating_sub(now);
+        expires.saturating_add(lifetime.saturating_mul(u64::from(self.renewal_slack)))
     }
 
     /// The epoch time to put in responses (RFC 6887 §8.5).

@@ -65,6 +65,8 @@ impl Engine {
             nonce: Nonce::default(),
             created_ms: now,
             expires_ms: Millis::MAX,
+            // Set by `insert`.
+            durable_ms: 0,
             client_port: 0,
             natpmp: false,
             extra: None,

@@ -46,7 +46,7 @@ impl Engine {
         let lifetime = self.compiled.clamp_lifetime(ask.lifetime);
         if let Some(slot) = existing {
             self.check_nonce(now, slot, m.nonce)?;
-            return self.extend(now, slot, lifetime, ask.client, |_| {});
+            return self.extend(now, slot, lifetime, ask.client, |_| false);
         }
         self.peer_create(now, ask, key, lifetime, p)
     }
@@ -87,6 +87,8 @@ impl Engine {
             nonce: m.nonce,
             created_ms: now,
             expires_ms: now + u64::from(lifetime) * 1000,
+            // Set by `insert`.
+            durable_ms: 0,
             client_port: ask.client.port(),
             natpmp: false,
             extra,

@@ -266,6 +266,7 @@ mod tests {
             nonce: Nonce::default(),
             created_ms: 0,
             expires_ms: 1000,
+            durable_ms: 1000,
             client_port: 1,
             natpmp: false,
             extra: None,

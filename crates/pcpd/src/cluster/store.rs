@@ -265,6 +265,7 @@ impl EtcdStore {
                 // new ephemeral port costs no write.
                 let mut same = m.clone();
                 same.expires_ms = s.mapping.expires_ms;
+                same.durable_ms = s.mapping.durable_ms;
                 same.id = s.mapping.id;
                 same.client_port = s.mapping.client_port;
                 same == s.mapping

@@ -36,6 +36,13 @@ pub struct Config {
     /// Journal size per shard, in MiB, that triggers a snapshot.
     #[serde(default = "default_journal_max_mib")]
     pub journal_max_mib: u64,
+    /// Lifetimes beyond the granted one that the journal holds a mapping
+    /// for, so that renewals within it write nothing (no client is ever
+    /// told an expiry later than the journaled one; after a crash a
+    /// mapping lives until its journaled expiry). 0: every renewal is
+    /// written. Cluster mode has its own (`cluster.renewal_slack`).
+    #[serde(default = "default_journal_renewal_slack")]
+    pub journal_renewal_slack: u32,
     /// Admin REST API.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -61,6 +68,9 @@ fn default_queue() -> usize {
 }
 fn default_journal_max_mib() -> u64 {
     64
+}
+fn default_journal_renewal_slack() -> u32 {
+    2
 }
 fn default_state_dir() -> PathBuf {
     PathBuf::from("pcpd-state")
@@ -338,6 +348,15 @@ impl Config {
         }
         if self.journal_max_mib == 0 {
             err("journal_max_mib", "must be at least 1".into());
+        }
+        if self.journal_renewal_slack > 16 {
+            err(
+                "journal_renewal_slack",
+                format!(
+                    "{} is more than 16 (a crashed node would keep mappings 16 lifetimes past what was granted)",
+                    self.journal_renewal_slack
+                ),
+            );
         }
         if self.handoff_queue == 0 {
             err("handoff_queue", "must be at least 1".into());

@@ -456,7 +456,7 @@ fn to_json(now: Millis, event: &Event) -> Option<Value> {
             json!({ "natPoolName": pool }),
         ),
         // Renewals change lifetimes only; RFC 8158 has no event for them.
-        Event::MappingRenewed(_) => return None,
+        Event::MappingRenewed(_) | Event::MappingRefreshed(_) => return None,
     };
     fields["timeStamp"] = json!(now);
     fields["natEvent"] = json!(code);

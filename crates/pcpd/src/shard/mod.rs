@@ -118,6 +118,8 @@ pub struct ShardSpec {
     pub generation: u64,
     /// Journal size that triggers a snapshot.
     pub journal_max_bytes: u64,
+    /// `journal_renewal_slack` (journal store only).
+    pub renewal_slack: u32,
     /// Tells the daemon the shard has restored its state.
     pub restored: oneshot::Sender<Result<RestoreReport, pcp_store::StoreError>>,
     /// This shard's dataplane (its share of the table for nftables).
@@ -241,6 +243,7 @@ fn open(spec: ShardSpec) -> Option<State> {
         spec.epoch_start_ms,
         spec.seed,
     );
+    engine.set_renewal_slack(spec.renewal_slack);
     let mut dataplane = spec.dataplane;
     let restored = restore::restore(
         &mut engine,

@@ -81,6 +81,8 @@ pub(super) fn flush(st: &mut State, sockets: &Sockets) {
     }
     st.effects.submit(&st.engine);
     st.parked.park(&mut st.replies);
+    // A batch with nothing to write may be complete already.
+    answer_finished(st, sockets);
 }
 
 /// Waits (without blocking the shard's thread) until fewer than

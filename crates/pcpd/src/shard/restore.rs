@@ -85,7 +85,7 @@ pub(super) fn state_records(engine: &Engine, offset: i64) -> Vec<Record> {
             since,
         })
         .collect();
-    v.extend(engine.mappings().map(|m| Record::Mapping(m.clone())));
+    v.extend(engine.mappings().map(|m| Record::Mapping(m.as_stored())));
     v.extend(engine.history().map(|h| Record::History(h.clone())));
     if offset != 0 {
         v.iter_mut().for_each(|r| r.shift(offset));

@@ -155,11 +155,16 @@ impl JournalWriter {
         self.outstanding -= 1;
         self.poisoned = d.poisoned;
         self.len = d.len;
-        let buf = std::mem::take(&mut d.buffer);
+        self.recycle(std::mem::take(&mut d.buffer));
+        d
+    }
+
+    /// Gives back a records buffer that was not handed over.
+    pub(super) fn recycle(&mut self, mut buf: Vec<Record>) {
+        buf.clear();
         if buf.capacity() > 0 && self.spare.len() < 4 {
             self.spare.push(buf);
         }
-        d
     }
 
     /// Whether the journal was poisoned as of the last completion.

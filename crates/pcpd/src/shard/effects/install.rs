@@ -105,7 +105,9 @@ impl Effects {
             let before = changes.len();
             Change::from_event(event, &mut changes);
             let made = match event {
-                Event::MappingCreated(m) | Event::MappingRenewed(m) => Some(m.id),
+                Event::MappingCreated(m)
+                | Event::MappingRenewed(m)
+                | Event::MappingRefreshed(m) => Some(m.id),
                 Event::MappingMoved { new, .. } => Some(new.id),
                 _ => None,
             };

@@ -99,15 +99,33 @@ impl Effects {
     /// caller holds the batch's replies until [`Effects::complete`]
     /// returns it). When the journal has grown past its limit, a snapshot
     /// of the state follows it in the writer's queue.
+    ///
+    /// A batch with nothing to write (renewals within the stored expiry,
+    /// refusals, queries) skips the writer when no batch before it waits
+    /// there: it goes straight to the dataplane, behind the durable batches
+    /// already there, and is answered as soon as those are.
     pub(in crate::shard) fn submit(&mut self, engine: &Engine) {
         let (compacting, max) = (self.compacting, self.journal_max_bytes);
         let batch = std::mem::take(&mut self.events);
+        let writing = self
+            .inflight
+            .iter()
+            .any(|p| matches!(p, Pending::Batch { .. }));
         let Store::Journal(writer) = &mut self.store else {
             self.events = batch;
             return;
         };
         let mut records = writer.buffer();
         let (with_records, offset) = records_of(&batch, now_ms(), &mut records);
+        if records.is_empty() && !writing {
+            writer.recycle(records);
+            let settled = Settled {
+                durable: !writer.poisoned(),
+                ..Settled::default()
+            };
+            self.hand_to_applier(batch, settled);
+            return;
+        }
         writer.commit(records);
         let compact = !compacting && writer.len() > max;
         if compact {
@@ -215,6 +233,13 @@ impl Effects {
             take_back(engine, &mut batch, now_ms());
         }
         settled.durable = !done.poisoned;
+        self.hand_to_applier(batch, settled);
+        None
+    }
+
+    /// Hands a durable batch's dataplane changes to the applier; it waits
+    /// in `applying` until they are applied.
+    fn hand_to_applier(&mut self, batch: Vec<(Origin, Event)>, settled: Settled) {
         let (changes, origins) = self.plan(&batch);
         if !changes.is_empty() {
             self.applier.submit(changes);
@@ -224,7 +249,6 @@ impl Effects {
             origins,
             settled,
         });
-        None
     }
 
     fn snapshot_done(&mut self, done: Done) {
