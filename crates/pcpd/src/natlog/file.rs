@@ -6,7 +6,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::Value;
@@ -143,11 +142,11 @@ impl FileWriter {
 }
 
 impl Writer for FileWriter {
-    fn write(&mut self, events: &[Arc<Value>]) -> u64 {
+    fn write(&mut self, events: &[Value]) -> u64 {
         self.maintain();
         self.buf.clear();
         for e in events {
-            if serde_json::to_writer(&mut self.buf, e.as_ref()).is_ok() {
+            if serde_json::to_writer(&mut self.buf, e).is_ok() {
                 self.buf.push(b'\n');
             }
         }

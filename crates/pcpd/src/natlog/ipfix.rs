@@ -7,7 +7,6 @@
 
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -303,7 +302,7 @@ impl IpfixWriter {
 }
 
 impl Writer for IpfixWriter {
-    fn write(&mut self, events: &[Arc<Value>]) -> u64 {
+    fn write(&mut self, events: &[Value]) -> u64 {
         if let Err(e) = self.ready() {
             self.fail(&e);
             return events.iter().filter(|e| record(e).is_some()).count() as u64;
@@ -407,10 +406,8 @@ mod tests {
             queue: 16,
         })
         .unwrap();
-        let e = Arc::new(
-            json!({"timeStamp": 1u64, "natEvent": 16, "sourceAddress": "100.64.0.2",
-                                "postNATSourceIPv4Address": "192.0.2.1", "portRangeStart": 1024, "portRangeEnd": 1535}),
-        );
+        let e = json!({"timeStamp": 1u64, "natEvent": 16, "sourceAddress": "100.64.0.2",
+                       "postNATSourceIPv4Address": "192.0.2.1", "portRangeStart": 1024, "portRangeEnd": 1535});
         assert_eq!(w.write(&[e.clone(), e.clone()]), 0);
         let mut buf = [0u8; 2048];
         let set_id = |b: &[u8]| u16::from_be_bytes([b[16], b[17]]);

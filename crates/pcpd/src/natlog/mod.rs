@@ -11,10 +11,12 @@
 //!
 //! Each sink has its own bounded queue and thread: a slow or absent
 //! collector never blocks a shard; what a full queue cannot take is
-//! dropped and counted, and logged once per interval.
+//! dropped and counted, and logged once per interval. The shard only
+//! copies the events: a batch's events go to each queue as one message,
+//! and the sink's thread makes the JSON (off the request path).
 
 use std::net::IpAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -165,15 +167,18 @@ pub(crate) fn default_queue() -> usize {
 /// What a sink thread does with the events it is given.
 trait Writer: Send {
     /// Writes a batch (in order); returns how many could not be written.
-    fn write(&mut self, events: &[Arc<Value>]) -> u64;
+    fn write(&mut self, events: &[Value]) -> u64;
     /// Called about once a second with nothing to write (rotation,
     /// reconnects, template refresh).
     fn tick(&mut self) {}
 }
 
+/// Events of one batch, with the wall-clock time they were logged at.
+type Events = Arc<Vec<(Millis, Event)>>;
+
 /// What a sink thread is given.
 enum Msg {
-    Event(Arc<Value>),
+    Events(Events),
     /// Answer once everything queued before is written (shutdown).
     Flush(SyncSender<()>),
 }
@@ -182,6 +187,10 @@ enum Msg {
 struct SinkTx {
     name: String,
     tx: SyncSender<Msg>,
+    /// Events queued and not yet taken by the sink's thread, and how many
+    /// may be (`queue` in the sink's configuration).
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
     complained: Mutex<Option<Instant>>,
 }
 
@@ -189,7 +198,7 @@ struct SinkTx {
 pub struct NatLog {
     sinks: Arc<Vec<SinkTx>>,
     dropped: IntCounterVec,
-    buf: Vec<Arc<Value>>,
+    buf: Vec<(Millis, Event)>,
 }
 
 impl Clone for NatLog {
@@ -235,14 +244,19 @@ impl NatLog {
                 SinkConfig::Syslog(s) => Box::new(syslog::SyslogWriter::new(s)?),
                 SinkConfig::Ipfix(i) => Box::new(ipfix::IpfixWriter::new(i)?),
             };
-            let (tx, rx) = sync_channel(cfg.queue().max(1));
+            let capacity = cfg.queue().max(1);
+            let (tx, rx) = sync_channel(capacity);
             let counter = dropped.with_label_values(&[&name]);
+            let queued = Arc::new(AtomicUsize::new(0));
+            let taken = queued.clone();
             std::thread::Builder::new()
                 .name(format!("natlog {name}"))
-                .spawn(move || run(rx, writer, counter))?;
+                .spawn(move || run(rx, writer, counter, &taken))?;
             handles.push(SinkTx {
                 name,
                 tx,
+                queued,
+                capacity,
                 complained: Mutex::new(None),
             });
         }
@@ -260,31 +274,39 @@ impl NatLog {
         Self::open(&[SinkConfig::File(out)], None)
     }
 
-    /// Buffers the event.
+    /// Buffers the event, if it is one the log records.
     pub fn record(&mut self, now: Millis, event: &Event) {
-        if let Some(line) = to_json(now, event) {
-            self.buf.push(Arc::new(line));
+        let logged = !matches!(
+            event,
+            // Renewals change lifetimes only; RFC 8158 has no event for them.
+            Event::MappingRenewed(_) | Event::MappingRefreshed(_)
+        );
+        if logged && !self.sinks.is_empty() {
+            self.buf.push((now, event.clone()));
         }
     }
 
     /// Hands buffered events to every sink's queue, never waiting.
     pub fn flush(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let events: Events = Arc::new(std::mem::take(&mut self.buf));
+        let n = events.len();
         for sink in self.sinks.iter() {
-            let mut lost = 0u64;
-            for e in &self.buf {
-                match sink.tx.try_send(Msg::Event(e.clone())) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => lost += 1,
-                }
-            }
-            if lost > 0 {
+            // The queue's bound counts events, not batches (a batch larger
+            // than the bound still goes into an empty queue).
+            let before = sink.queued.fetch_add(n, Ordering::AcqRel);
+            let full = before > 0 && before + n > sink.capacity;
+            if full || sink.tx.try_send(Msg::Events(events.clone())).is_err() {
+                sink.queued.fetch_sub(n, Ordering::AcqRel);
+                let lost = n as u64;
                 self.dropped.with_label_values(&[&sink.name]).inc_by(lost);
                 complain(&sink.complained, || {
                     tracing::error!(sink = %sink.name, lost, "NAT log: the sink's queue is full; events dropped (pcpd_natlog_dropped_total)");
                 });
             }
         }
-        self.buf.clear();
     }
 
     /// Waits (at most `within`) until every sink has written what was
@@ -322,8 +344,16 @@ fn complain(last: &Mutex<Option<Instant>>, f: impl FnOnce()) {
     }
 }
 
+/// How long a sink thread lets events gather after writing some.
+const GATHER: Duration = Duration::from_millis(5);
+
 /// A sink thread: takes what is queued, writes it in batches.
-fn run(rx: Receiver<Msg>, mut writer: Box<dyn Writer>, dropped: prometheus::IntCounter) {
+fn run(
+    rx: Receiver<Msg>,
+    mut writer: Box<dyn Writer>,
+    dropped: prometheus::IntCounter,
+    queued: &AtomicUsize,
+) {
     let mut batch = Vec::new();
     loop {
         match rx.recv_timeout(Duration::from_secs(1)) {
@@ -332,7 +362,10 @@ fn run(rx: Receiver<Msg>, mut writer: Box<dyn Writer>, dropped: prometheus::IntC
                 let mut flushed = Vec::new();
                 while let Some(m) = next.take() {
                     match m {
-                        Msg::Event(e) => batch.push(e),
+                        Msg::Events(events) => {
+                            queued.fetch_sub(events.len(), Ordering::AcqRel);
+                            batch.extend(events.iter().filter_map(|(now, e)| to_json(*now, e)));
+                        }
                         Msg::Flush(ack) => flushed.push(ack),
                     }
                     if batch.len() < 4096 {
@@ -341,9 +374,17 @@ fn run(rx: Receiver<Msg>, mut writer: Box<dyn Writer>, dropped: prometheus::IntC
                 }
                 let lost = writer.write(&batch);
                 dropped.inc_by(lost);
+                let busy = !batch.is_empty();
                 batch.clear();
+                let acked = !flushed.is_empty();
                 for ack in flushed {
                     let _ = ack.try_send(());
+                }
+                if busy && !acked {
+                    // Under load, let events gather: a shard's send wakes
+                    // this thread only while it waits, so a short pause
+                    // here spares the shards a wake-up per batch.
+                    std::thread::sleep(GATHER);
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => writer.tick(),

@@ -220,7 +220,7 @@ pub(super) fn message(event: &Value, facility: u8, host: &str, app: &str, sd_id:
 }
 
 impl Writer for SyslogWriter {
-    fn write(&mut self, events: &[Arc<Value>]) -> u64 {
+    fn write(&mut self, events: &[Value]) -> u64 {
         let mut lost = 0;
         for e in events {
             if self.conn.is_none() && Instant::now() >= self.next_try {
