@@ -24,6 +24,9 @@
 )]
 
 mod codec;
+mod rotation;
+
+pub use rotation::SnapshotTarget;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -256,6 +259,8 @@ pub struct Faults {
     fail_syncs: std::sync::atomic::AtomicU32,
     /// Milliseconds the next fdatasync sleeps first (a slow disk).
     slow_sync_ms: std::sync::atomic::AtomicU64,
+    /// Milliseconds the next snapshot takes at least (a large state).
+    slow_snapshot_ms: std::sync::atomic::AtomicU64,
     /// fdatasyncs so far (journal commits and snapshots).
     syncs: std::sync::atomic::AtomicU64,
 }
@@ -277,6 +282,23 @@ impl Faults {
     pub fn slow_sync(&self, ms: u64) {
         self.slow_sync_ms
             .store(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The next snapshot takes at least `ms` milliseconds (a large state
+    /// on a busy disk).
+    pub fn slow_snapshot(&self, ms: u64) {
+        self.slow_snapshot_ms
+            .store(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Sleeps as long as [`Faults::slow_snapshot`] asked for, once.
+    fn snapshot(&self) {
+        let slow = self
+            .slow_snapshot_ms
+            .swap(0, std::sync::atomic::Ordering::SeqCst);
+        if slow > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(slow));
+        }
     }
 
     /// How many fdatasyncs (journal commits and snapshots) were asked for.
@@ -450,7 +472,7 @@ pub fn write_snapshot_with(
     faults: Option<std::sync::Arc<Faults>>,
 ) -> Result<Journal, StoreError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let tmp = dir.join(format!("shard-{shard}.snap.tmp"));
+    let tmp = rotation::snap_tmp_path(dir, shard);
     let jtmp = dir.join(format!("shard-{shard}.journal.tmp"));
     let r = snapshot_files(
         dir,
@@ -493,23 +515,8 @@ fn snapshot_files(
     tmp: &Path,
     jtmp: &Path,
 ) -> Result<PathBuf, StoreError> {
-    let injected = |r: io::Result<()>| r.map_err(io_err(tmp));
     let final_path = snap_path(dir, shard);
-    let mut buf = Vec::with_capacity(1 << 20);
-    buf.extend_from_slice(&header(SNAP_MAGIC, generation));
-    let mut f = File::create(tmp).map_err(io_err(tmp))?;
-    for rec in state {
-        frame(&rec, &mut buf);
-        if buf.len() > 8 << 20 {
-            f.write_all(&buf).map_err(io_err(tmp))?;
-            buf.clear();
-        }
-    }
-    injected(faults.map_or(Ok(()), Faults::write))?;
-    f.write_all(&buf).map_err(io_err(tmp))?;
-    injected(faults.map_or(Ok(()), Faults::sync))?;
-    f.sync_all().map_err(io_err(tmp))?;
-    drop(f);
+    rotation::write_snapshot_file(tmp, generation, state, faults)?;
     // The new journal must exist (empty) before the snapshot that it follows
     // becomes visible, so a crash never pairs a new snapshot with old records.
     let jpath = journal_path(dir, shard);
@@ -520,6 +527,11 @@ fn snapshot_files(
     drop(jf);
     fs::rename(tmp, &final_path).map_err(io_err(&final_path))?;
     fs::rename(jtmp, &jpath).map_err(io_err(&jpath))?;
+    // A rotation this snapshot replaces (its records are in the state).
+    match fs::remove_file(rotation::next_journal_path(dir, shard)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(dir)(e)),
+        _ => {}
+    }
     sync_dir(dir).map_err(io_err(dir))?;
     Ok(jpath)
 }
@@ -592,7 +604,7 @@ pub fn remove_stale(dir: &Path, keep: usize) -> Result<(), StoreError> {
 fn shard_index(name: &str) -> Option<usize> {
     let rest = name.strip_prefix("shard-")?;
     let (n, ext) = rest.split_once('.')?;
-    matches!(ext, "snap" | "journal").then(|| n.parse().ok())?
+    matches!(ext, "snap" | "journal" | "journal.next").then(|| n.parse().ok())?
 }
 
 fn state_files(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
@@ -676,7 +688,15 @@ pub fn load(dir: &Path) -> Result<Loaded, StoreError> {
         offset,
         reason: reason.to_string(),
     };
-    let mut sets: Vec<(u64, usize, Option<PathBuf>, Option<PathBuf>)> = Vec::new();
+    // Per shard: generation, index, snapshot, journal, next journal.
+    type Set = (
+        u64,
+        usize,
+        Option<PathBuf>,
+        Option<PathBuf>,
+        Option<PathBuf>,
+    );
+    let mut sets: Vec<Set> = Vec::new();
     for f in &files {
         let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         if name == "epoch" {
@@ -701,19 +721,21 @@ pub fn load(dir: &Path) -> Result<Loaded, StoreError> {
         let entry = match sets.iter_mut().find(|s| s.1 == idx) {
             Some(e) => e,
             None => {
-                sets.push((0, idx, None, None));
+                sets.push((0, idx, None, None, None));
                 sets.last_mut().ok_or_else(|| corrupt(f, 0, "internal"))?
             }
         };
         if name.ends_with(".snap") {
             entry.2 = Some(f.clone());
+        } else if name.ends_with(".journal.next") {
+            entry.4 = Some(f.clone());
         } else {
             entry.3 = Some(f.clone());
         }
     }
     // Read each set's generation from its snapshot (or journal) header.
     let mut bufs = Vec::new();
-    for (generation, _, snap, journal) in &mut sets {
+    for (generation, _, snap, journal, next) in &mut sets {
         let read = |p: &Option<PathBuf>| -> Result<Option<(PathBuf, Vec<u8>)>, StoreError> {
             match p {
                 None => Ok(None),
@@ -728,6 +750,7 @@ pub fn load(dir: &Path) -> Result<Loaded, StoreError> {
         };
         let s = read(snap)?;
         let j = read(journal)?;
+        let n = read(next)?;
         let head = s.as_ref().or(j.as_ref());
         if let Some((p, b)) = head {
             if b.len() < HEADER_LEN {
@@ -737,26 +760,40 @@ pub fn load(dir: &Path) -> Result<Loaded, StoreError> {
             g.copy_from_slice(&b[8..16]);
             *generation = u64::from_be_bytes(g);
         }
-        bufs.push((*generation, s, j));
+        bufs.push((*generation, s, j, n));
     }
-    bufs.sort_by_key(|(g, _, _)| *g);
-    for (generation, snap, journal) in bufs {
+    bufs.sort_by_key(|(g, _, _, _)| *g);
+    for (generation, snap, journal, next) in bufs {
         if let Some((p, b)) = snap {
             check_header(&p, &b, SNAP_MAGIC, generation).map_err(|r| corrupt(&p, 0, &r))?;
             apply_file(&p, &b, false, &mut state).map_err(|(off, r)| corrupt(&p, off, &r))?;
         }
         if let Some((p, b)) = journal {
             if older_generation(&b, generation) {
-                // A crash between the two renames of write_snapshot: the new
-                // snapshot was written from memory and holds every record of
-                // the older journal, which is left over.
+                // A crash between the two renames of write_snapshot (or of
+                // a rotation's completion): the new snapshot holds every
+                // record of the older journal, which is left over.
                 state.warnings.push(format!(
                     "{}: older than its snapshot (a compaction was interrupted); ignored",
                     p.display()
                 ));
+            } else {
+                check_header(&p, &b, JOURNAL_MAGIC, generation).map_err(|r| corrupt(&p, 0, &r))?;
+                apply_file(&p, &b, true, &mut state).map_err(|(off, r)| corrupt(&p, off, &r))?;
+            }
+        }
+        if let Some((p, b)) = next {
+            // A compaction beside the journal (rotation.rs): the records
+            // since it began follow the snapshot and journal before them.
+            if older_generation(&b, generation) {
+                state.warnings.push(format!(
+                    "{}: older than its snapshot (replaced by a later compaction); ignored",
+                    p.display()
+                ));
                 continue;
             }
-            check_header(&p, &b, JOURNAL_MAGIC, generation).map_err(|r| corrupt(&p, 0, &r))?;
+            let own = header_generation(&b).unwrap_or(generation);
+            check_header(&p, &b, JOURNAL_MAGIC, own).map_err(|r| corrupt(&p, 0, &r))?;
             apply_file(&p, &b, true, &mut state).map_err(|(off, r)| corrupt(&p, off, &r))?;
         }
     }
@@ -772,9 +809,13 @@ pub fn load(dir: &Path) -> Result<Loaded, StoreError> {
 
 /// Whether a journal's header names a generation older than `generation`.
 fn older_generation(b: &[u8], generation: u64) -> bool {
-    b.len() >= HEADER_LEN
-        && &b[..8] == JOURNAL_MAGIC
-        && u64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]) < generation
+    &b[..8.min(b.len())] == JOURNAL_MAGIC && header_generation(b).is_some_and(|g| g < generation)
+}
+
+/// The generation a state file's header names.
+fn header_generation(b: &[u8]) -> Option<u64> {
+    let g: [u8; 8] = b.get(8..HEADER_LEN)?.try_into().ok()?;
+    Some(u64::from_be_bytes(g))
 }
 
 fn check_header(_p: &Path, b: &[u8], magic: &[u8; 8], generation: u64) -> Result<(), String> {

@@ -329,3 +329,106 @@ fn a_journal_older_than_its_snapshot_is_ignored() {
     assert_eq!(loaded.mappings.len(), 1);
     assert_eq!(loaded.warnings.len(), 1);
 }
+
+/// The ports of the mappings `load` finds.
+fn loaded_ports(d: &Path) -> Vec<u16> {
+    let mut ports: Vec<u16> = load(d)
+        .unwrap()
+        .mappings
+        .values()
+        .map(|m| m.internal_port)
+        .collect();
+    ports.sort_unstable();
+    ports
+}
+
+/// A compaction beside the journal (rotation.rs): commits go on in the
+/// next journal while the snapshot is written, and a crash at each step
+/// (before the snapshot is in place, between the two renames, after)
+/// loses no record.
+#[test]
+fn a_rotation_loses_nothing_at_any_step() {
+    let d = dir("rotation");
+    write_epoch(&d, 1).unwrap();
+    let mut j = write_snapshot(&d, 0, 1, vec![Record::Mapping(mapping(2, false))]).unwrap();
+    j.append(&Record::Mapping(mapping(4, false)));
+    j.commit().unwrap();
+    // The state up to now, as the shard would take it.
+    let state = vec![
+        Record::Mapping(mapping(2, false)),
+        Record::Mapping(mapping(4, false)),
+    ];
+    let target = j.rotate(2).unwrap();
+    assert!(j.is_rotated());
+    j.append(&Record::Mapping(mapping(6, false)));
+    j.append(&Record::Gone(mapping(2, false).key()));
+    j.commit().unwrap();
+    // Crash before the snapshot is written: old snapshot, old journal,
+    // then the next journal.
+    assert_eq!(loaded_ports(&d), vec![4, 6]);
+    let tmp = target.write(2, state).unwrap();
+    // Crash with the snapshot written but not in place: the same.
+    assert_eq!(loaded_ports(&d), vec![4, 6]);
+    // Crash between the renames: the old journal is older than the new
+    // snapshot (ignored), the next journal follows the snapshot.
+    let next = d.join("shard-0.journal.next");
+    fs::rename(&tmp, d.join("shard-0.snap")).unwrap();
+    let between = load(&d).unwrap();
+    let mut ports: Vec<u16> = between.mappings.values().map(|m| m.internal_port).collect();
+    ports.sort_unstable();
+    assert_eq!(ports, vec![4, 6]);
+    assert_eq!(between.warnings.len(), 1, "{:?}", between.warnings);
+    // Completed: snapshot and journal of generation 2, commits go on.
+    let tmp = target
+        .write(
+            2,
+            vec![
+                Record::Mapping(mapping(2, false)),
+                Record::Mapping(mapping(4, false)),
+            ],
+        )
+        .unwrap();
+    j.complete_rotation(&tmp).unwrap();
+    assert!(!j.is_rotated());
+    assert!(!next.exists());
+    j.append(&Record::Mapping(mapping(8, false)));
+    j.commit().unwrap();
+    assert_eq!(loaded_ports(&d), vec![4, 6, 8]);
+    assert!(load(&d).unwrap().warnings.is_empty());
+    let _ = fs::remove_dir_all(&d);
+}
+
+/// A rotation whose snapshot failed (a full disk) keeps committing to the
+/// next journal; the synchronous compaction after it replaces every file
+/// and removes the next journal.
+#[test]
+fn a_failed_background_snapshot_leaves_the_next_journal_until_a_compaction() {
+    let (d, faults, mut j) = faulty("rotation-fail");
+    j.append(&Record::Mapping(mapping(2, false)));
+    j.commit().unwrap();
+    let target = j.rotate(2).unwrap();
+    faults.fail_writes(1);
+    assert!(target
+        .write(2, vec![Record::Mapping(mapping(2, false))])
+        .is_err());
+    assert!(
+        !d.join("shard-0.snap.tmp").exists(),
+        "the half-written copy is removed"
+    );
+    j.append(&Record::Mapping(mapping(4, false)));
+    j.commit().unwrap();
+    assert_eq!(loaded_ports(&d), vec![2, 4]);
+    j.compact(
+        3,
+        vec![
+            Record::Mapping(mapping(2, false)),
+            Record::Mapping(mapping(4, false)),
+        ],
+    )
+    .unwrap();
+    assert!(!d.join("shard-0.journal.next").exists());
+    assert!(!j.is_rotated());
+    assert_eq!(loaded_ports(&d), vec![2, 4]);
+    assert!(load(&d).unwrap().warnings.is_empty());
+    let _ = fs::remove_dir_all(&d);
+}

@@ -8,17 +8,21 @@
 //! * **Order**: jobs complete in the order they were submitted; a failed
 //!   commit poisons the journal (pcp-store's rule), so every later batch
 //!   fails too until a snapshot replaces it.
-//! * **Compaction** is a job like any other: the snapshot (taken by the
-//!   shard right after submitting a batch) is written by the writer. It is
-//!   skipped when a commit before it failed, since the snapshot may then
-//!   hold changes that are taken back.
+//! * **Compaction** is a job in its place in the queue: the state (taken by
+//!   the shard right after submitting a batch) is everything before it, so
+//!   the writer starts the next generation's journal for the commits after
+//!   it, and a thread of its own writes the snapshot beside it (pcp-store's
+//!   `rotation.rs`): no commit, and so no reply, waits for a snapshot. A
+//!   compaction is skipped when a commit before it failed, since the
+//!   snapshot may then hold changes that are taken back; it is written
+//!   synchronously when the previous one could not be put in place.
 //!
 //! The writer wakes the shard through a [`Notify`]; the shard reads the
 //! completions from a plain channel, so it can also wait for them
 //! synchronously (operator requests, timers and a poisoned journal take
 //! the synchronous path in `effects.rs`).
 
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -197,7 +201,22 @@ fn write_loop(
     wake: &Notify,
 ) {
     let mut group: Vec<(u64, Vec<Record>)> = Vec::new();
-    while let Ok(first) = jobs.recv() {
+    let mut background: Option<Background> = None;
+    loop {
+        // While a snapshot is written beside the journal, look at it now
+        // and then even when no commit comes.
+        let first = match &background {
+            None => jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(_) => jobs.recv_timeout(Duration::from_millis(100)),
+        };
+        let first = match first {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => {
+                settle_background(&mut journal, &mut background, false);
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         let mut next = Some(first);
         while let Some((seq, job)) = next.take() {
             match job {
@@ -209,10 +228,18 @@ fn write_loop(
                 }
                 Job::Compact { generation, state } => {
                     commit_group(&mut journal, &mut group, done);
-                    snapshot(&mut journal, seq, generation, state, false, done);
+                    settle_background(&mut journal, &mut background, true);
+                    compact(
+                        &mut journal,
+                        &mut background,
+                        (seq, generation),
+                        state,
+                        done,
+                    );
                 }
                 Job::Repair { generation, state } => {
                     commit_group(&mut journal, &mut group, done);
+                    settle_background(&mut journal, &mut background, true);
                     snapshot(&mut journal, seq, generation, state, true, done);
                 }
             }
@@ -220,7 +247,81 @@ fn write_loop(
         }
         commit_group(&mut journal, &mut group, done);
         wake.notify_one();
+        settle_background(&mut journal, &mut background, false);
     }
+    // Closing: a snapshot still being written is put in place.
+    settle_background(&mut journal, &mut background, true);
+}
+
+/// A compaction's snapshot being written by a thread of its own while
+/// commits go to the next generation's journal (pcp-store's rotation).
+type Background = std::thread::JoinHandle<Result<std::path::PathBuf, pcp_store::StoreError>>;
+
+/// Puts a finished background snapshot in place (with `wait`, waits for
+/// it). If it failed, commits stay in the next journal and the next
+/// compaction is written synchronously; nothing is lost either way.
+fn settle_background(journal: &mut Journal, background: &mut Option<Background>, wait: bool) {
+    if !background.as_ref().is_some_and(|b| wait || b.is_finished()) {
+        return;
+    }
+    let Some(thread) = background.take() else {
+        return;
+    };
+    let put = match thread.join() {
+        Ok(Ok(tmp)) => journal.complete_rotation(&tmp),
+        Ok(Err(e)) => Err(e),
+        Err(_) => {
+            tracing::error!(journal = %journal.path().display(), "compaction: the snapshot thread panicked");
+            return;
+        }
+    };
+    match put {
+        Ok(()) => {
+            tracing::info!(journal = %journal.path().display(), "journal compacted into a snapshot")
+        }
+        Err(e) => tracing::error!(
+            journal = %journal.path().display(),
+            "compaction: {e}; the journal keeps growing until the next compaction, which is written synchronously"
+        ),
+    }
+}
+
+/// A compaction: commits go on in the next generation's journal at once,
+/// and a thread of its own writes the snapshot (so no reply waits for
+/// it). Synchronous when a rotation is still not completed, or when the
+/// next journal cannot be made.
+fn compact(
+    journal: &mut Journal,
+    background: &mut Option<Background>,
+    (seq, generation): (u64, u64),
+    state: Vec<Record>,
+    done: &Sender<Done>,
+) {
+    if journal.is_poisoned() || journal.is_rotated() {
+        return snapshot(journal, seq, generation, state, false, done);
+    }
+    let target = match journal.rotate(generation) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!("compaction: {e}; writing the snapshot synchronously");
+            return snapshot(journal, seq, generation, state, false, done);
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("pcpd-snapshot".into())
+        .spawn(move || target.write(generation, state));
+    match spawned {
+        Ok(t) => *background = Some(t),
+        Err(e) => tracing::error!("compaction: cannot start the snapshot thread: {e}"),
+    }
+    let _ = done.send(Done {
+        seq,
+        outcome: Ok(()),
+        poisoned: journal.is_poisoned(),
+        len: journal.len(),
+        latency: Duration::ZERO,
+        buffer: Vec::new(),
+    });
 }
 
 /// Replaces snapshot and journal with `state`; a compaction (not a
@@ -271,5 +372,77 @@ fn commit_group(journal: &mut Journal, group: &mut Vec<(u64, Vec<Record>)>, done
             latency,
             buffer: records,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Compaction beside the journal, through pcp-store's fault seam.
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use pcp_store::{Faults, Record};
+
+    use super::JournalWriter;
+
+    fn gone(port: u16) -> Record {
+        Record::Gone(pcp_engine::MappingKey::inbound(
+            pcp_engine::InternalEndpoint {
+                addr: "100.64.0.1".parse().unwrap(),
+                port,
+                protocol: 6,
+            },
+        ))
+    }
+
+    /// A snapshot that takes 600 ms does not hold the commits behind it
+    /// (item 2 of issue 15: compaction never stalls a shard's replies), and
+    /// is put in place once written, with every record kept.
+    #[test]
+    fn a_slow_snapshot_holds_no_commit() {
+        let dir = std::env::temp_dir().join(format!("pcpd-writer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        pcp_store::write_epoch(&dir, 1).unwrap();
+        let faults = Arc::new(Faults::default());
+        let journal =
+            pcp_store::write_snapshot_with(&dir, 0, 1, Vec::new(), Some(faults.clone())).unwrap();
+        let mut w = JournalWriter::start(0, journal).unwrap();
+        w.commit(vec![gone(1)]);
+        assert!(w.wait_done().unwrap().outcome.is_ok());
+        faults.slow_snapshot(600);
+        let started = Instant::now();
+        w.compact(2, Vec::new());
+        w.commit(vec![gone(2)]);
+        assert!(
+            w.wait_done().unwrap().outcome.is_ok(),
+            "compaction handed over"
+        );
+        assert!(w.wait_done().unwrap().outcome.is_ok(), "commit");
+        assert!(
+            started.elapsed() < Duration::from_millis(400),
+            "the commit behind the compaction waited {:?}",
+            started.elapsed()
+        );
+        assert!(
+            dir.join("shard-0.journal.next").exists(),
+            "snapshot still being written"
+        );
+        // Put in place by the writer once written (it looks every 100 ms).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while dir.join("shard-0.journal.next").exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !dir.join("shard-0.journal.next").exists(),
+            "rotation completed"
+        );
+        drop(w);
+        let loaded = pcp_store::load(&dir).unwrap();
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        assert_eq!(
+            loaded.records, 1,
+            "the commit after the rotation, after the snapshot"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -255,7 +255,10 @@ impl Effects {
         self.compacting = false;
         match done.outcome {
             Ok(()) => {
-                tracing::info!(shard = self.index, "journal compacted into a snapshot");
+                tracing::debug!(
+                    shard = self.index,
+                    "journal compaction under way (the snapshot is written beside the journal)"
+                );
                 // An earlier compaction that failed said so: the
                 // state is durable again.
                 if self.last_complaint.take().is_some() && !done.poisoned {
