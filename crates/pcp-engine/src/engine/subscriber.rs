@@ -71,12 +71,14 @@ impl Engine {
         now: Millis,
         addr: IpAddr,
     ) -> Option<&mut Subscriber> {
-        if !self.subscribers.contains_key(&addr) {
-            let (class, det_index) = self.compiled.class_of(addr)?;
-            let profile = self.compiled.class_profile[usize::from(class)];
-            self.subscribers.insert(
-                addr,
-                Subscriber {
+        use std::collections::hash_map::Entry;
+        // One lookup: at a million subscribers each is a cache miss.
+        match self.subscribers.entry(addr) {
+            Entry::Occupied(e) => Some(e.into_mut()),
+            Entry::Vacant(v) => {
+                let (class, det_index) = self.compiled.class_of(addr)?;
+                let profile = self.compiled.class_profile[usize::from(class)];
+                Some(v.insert(Subscriber {
                     class,
                     pool: self.compiled.class_pool[usize::from(class)],
                     det_index,
@@ -86,10 +88,9 @@ impl Engine {
                     slots: Vec::new(),
                     bucket: TokenBucket::full(&profile, now),
                     idle_since: Some(now),
-                },
-            );
+                }))
+            }
         }
-        self.subscribers.get_mut(&addr)
     }
 
     /// Drops the record of a subscriber that holds nothing (no block, no
