@@ -317,7 +317,12 @@ impl Metrics {
 
     /// Counts drops the I/O layer decided (queue full, send failure).
     pub fn drop_io(&self, reason: &str) {
-        self.drops.with_label_values(&[reason]).inc();
+        self.drop_io_n(reason, 1);
+    }
+
+    /// Counts `n` datagrams dropped for `reason`.
+    pub fn drop_io_n(&self, reason: &str, n: u64) {
+        self.drops.with_label_values(&[reason]).inc_by(n);
     }
 
     /// Sets the pool gauges.

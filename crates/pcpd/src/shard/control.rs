@@ -278,6 +278,7 @@ pub(in crate::shard) mod tests {
             ownership: None,
             replies: ReplyArena::new(),
             parked: Default::default(),
+            sender: super::super::send::Sender::new(),
             metrics,
             health,
         };

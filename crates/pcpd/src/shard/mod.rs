@@ -51,6 +51,7 @@ mod partition;
 mod recv;
 mod replies;
 mod restore;
+mod send;
 mod stage;
 mod timers;
 mod writer;
@@ -145,6 +146,8 @@ struct State {
     replies: ReplyArena,
     /// Replies of batches with the journal writer.
     parked: Parked,
+    /// Message headers for sending replies (send.rs).
+    sender: send::Sender,
     metrics: Metrics,
     health: Arc<Health>,
     /// Cluster mode: what this node answers for (`None`: everything).
@@ -288,6 +291,7 @@ fn open(spec: ShardSpec) -> Option<State> {
         effects,
         replies: ReplyArena::new(),
         parked: Parked::default(),
+        sender: send::Sender::new(),
         metrics: spec.metrics,
         health: spec.health,
         ownership: None,
@@ -327,6 +331,7 @@ fn open_clustered(spec: ShardSpec, cluster: ShardCluster) -> Option<State> {
         effects,
         replies: ReplyArena::new(),
         parked: Parked::default(),
+        sender: send::Sender::new(),
         metrics: spec.metrics,
         health: spec.health,
         ownership: Some(cluster.ownership),

@@ -73,7 +73,7 @@ pub(super) fn flush(st: &mut State, sockets: &Sockets) {
         // Batches completed meanwhile go first (they came first).
         answer_finished(st, sockets);
         st.replies.apply(&settled, &st.engine);
-        st.replies.send_all(sockets, &st.metrics);
+        st.replies.send_all(&mut st.sender, sockets, &st.metrics);
         return;
     }
     if st.replies.is_empty() && !st.effects.has_events() {
@@ -113,7 +113,7 @@ fn finish_one(st: &mut State, sockets: &Sockets, wait: bool) -> bool {
         Some(Completed::Batch(settled)) => {
             if let Some(mut arena) = st.parked.next() {
                 arena.apply(&settled, &st.engine);
-                arena.send_all(sockets, &st.metrics);
+                arena.send_all(&mut st.sender, sockets, &st.metrics);
                 st.parked.recycle(arena);
             }
             true

@@ -8,11 +8,10 @@ use std::rc::Rc;
 
 use pcp_engine::Engine;
 use pcp_wire::{Opcode, ResultCode};
-use quinn_udp::Transmit;
-use tokio::io::Interest;
 use tokio::sync::Notify;
 
 use super::effects::{Origin, Settled};
+use super::send::Sender;
 use super::{now_ms, Sockets, MAX_DATAGRAM};
 use crate::metrics::Metrics;
 
@@ -142,26 +141,34 @@ impl ReplyArena {
     }
 
     /// Sends every held reply and empties the arena.
-    pub(super) fn send_all(&mut self, sockets: &Sockets, metrics: &Metrics) {
-        let log = tracing::enabled!(tracing::Level::DEBUG);
-        for (i, r) in self.held.iter().enumerate() {
-            if log {
+    pub(super) fn send_all(&mut self, sender: &mut Sender, sockets: &Sockets, metrics: &Metrics) {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            for (i, r) in self.held.iter().enumerate() {
                 log_reply(r.dst, &self.replies[i][..r.len]);
             }
-            let (sock, udp) = &sockets[r.socket];
-            let t = Transmit {
-                destination: r.dst,
-                ecn: None,
-                contents: &self.replies[i][..r.len],
-                segment_size: None,
-                src_ip: r.src_ip,
-            };
-            if sock
-                .try_io(Interest::WRITABLE, || udp.try_send(sock.into(), &t))
-                .is_err()
-            {
-                metrics.drop_io("send_failed");
+        }
+        // Runs of replies by the same socket from the same address go out
+        // together (send.rs).
+        let mut run: Vec<(SocketAddr, &[u8])> = Vec::with_capacity(self.held.len());
+        let mut start = 0;
+        while start < self.held.len() {
+            let (socket, src) = (self.held[start].socket, self.held[start].src_ip);
+            let end = self.held[start..]
+                .iter()
+                .position(|h| h.socket != socket || h.src_ip != src)
+                .map_or(self.held.len(), |n| start + n);
+            run.clear();
+            run.extend(
+                self.held[start..end]
+                    .iter()
+                    .zip(&self.replies[start..end])
+                    .map(|(h, r)| (h.dst, &r[..h.len])),
+            );
+            let unsent = sender.send_from(&sockets[socket], src, &run);
+            if unsent > 0 {
+                metrics.drop_io_n("send_failed", unsent as u64);
             }
+            start = end;
         }
         self.held.clear();
     }
