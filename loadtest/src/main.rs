@@ -393,10 +393,14 @@ impl Gen {
         let Some(o) = self.out.remove(&key) else {
             // An unsolicited MAP/PEER response (RFC 6887 §14.2: the mapping
             // moved, e.g. a drain) for a mapping we hold: take the new port.
-            let moved = self
-                .subs
-                .iter_mut()
-                .find_map(|s| s.mappings.iter_mut().find(|m| m.1 == key));
+            // Looked up in the subscriber it was sent to only: a late reply
+            // to a request that timed out lands here too, and a scan of
+            // every subscriber per reply stalled the generator for minutes
+            // at a million subscribers (pcpd idle, the run reporting
+            // nothing).
+            let moved = sub_of(dst)
+                .and_then(|s| self.subs.get_mut(s as usize))
+                .and_then(|s| s.mappings.iter_mut().find(|m| m.1 == key));
             return match moved {
                 Some(m) if ok => {
                     m.2 = ext_port;
