@@ -254,6 +254,7 @@ impl Effects {
             self.apply_round(engine, false, &mut second);
         }
         self.natlog.flush();
+        self.background_compaction();
         settled.durable = !self.poisoned();
         let full = matches!(&self.store, Store::Journal(w) if w.len() > self.journal_max_bytes);
         if settled.durable && full {

@@ -56,6 +56,9 @@ pub(super) struct Done {
     pub(super) latency: Duration,
     /// The records' buffer, emptied, for reuse.
     pub(super) buffer: Vec<Record>,
+    /// How a compaction's snapshot written beside the journal ended, if
+    /// one ended since the last completion (`Err`: the reason).
+    pub(super) compacted: Option<Result<(), String>>,
 }
 
 /// The shard's side of its journal writer.
@@ -70,6 +73,7 @@ pub(super) struct JournalWriter {
     poisoned: bool,
     len: u64,
     spare: Vec<Vec<Record>>,
+    compacted: Option<Result<(), String>>,
 }
 
 impl JournalWriter {
@@ -94,6 +98,7 @@ impl JournalWriter {
             poisoned,
             len,
             spare: Vec::new(),
+            compacted: None,
         })
     }
 
@@ -160,7 +165,16 @@ impl JournalWriter {
         self.poisoned = d.poisoned;
         self.len = d.len;
         self.recycle(std::mem::take(&mut d.buffer));
+        if let Some(c) = d.compacted.take() {
+            self.compacted = Some(c);
+        }
         d
+    }
+
+    /// How the last compaction's snapshot written beside the journal
+    /// ended, once (`None`: none ended since the last call).
+    pub(super) fn take_compacted(&mut self) -> Option<Result<(), String>> {
+        self.compacted.take()
     }
 
     /// Gives back a records buffer that was not handed over.
@@ -201,18 +215,22 @@ fn write_loop(
     wake: &Notify,
 ) {
     let mut group: Vec<(u64, Vec<Record>)> = Vec::new();
-    let mut background: Option<Background> = None;
+    let mut side = Side {
+        done,
+        background: None,
+        ended: None,
+    };
     loop {
         // While a snapshot is written beside the journal, look at it now
         // and then even when no commit comes.
-        let first = match &background {
+        let first = match &side.background {
             None => jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
             Some(_) => jobs.recv_timeout(Duration::from_millis(100)),
         };
         let first = match first {
             Ok(job) => job,
             Err(RecvTimeoutError::Timeout) => {
-                settle_background(&mut journal, &mut background, false);
+                side.settle(&mut journal, false);
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,
@@ -227,62 +245,91 @@ fn write_loop(
                     group.push((seq, records));
                 }
                 Job::Compact { generation, state } => {
-                    commit_group(&mut journal, &mut group, done);
-                    settle_background(&mut journal, &mut background, true);
-                    compact(
-                        &mut journal,
-                        &mut background,
-                        (seq, generation),
-                        state,
-                        done,
-                    );
+                    commit_group(&mut journal, &mut group, &mut side);
+                    side.settle(&mut journal, true);
+                    compact(&mut journal, (seq, generation), state, &mut side);
                 }
                 Job::Repair { generation, state } => {
-                    commit_group(&mut journal, &mut group, done);
-                    settle_background(&mut journal, &mut background, true);
-                    snapshot(&mut journal, seq, generation, state, true, done);
+                    commit_group(&mut journal, &mut group, &mut side);
+                    side.settle(&mut journal, true);
+                    snapshot(&mut journal, (seq, generation), state, true, &mut side);
                 }
             }
             next = jobs.try_recv().ok();
         }
-        commit_group(&mut journal, &mut group, done);
+        commit_group(&mut journal, &mut group, &mut side);
         wake.notify_one();
-        settle_background(&mut journal, &mut background, false);
+        side.settle(&mut journal, false);
     }
     // Closing: a snapshot still being written is put in place.
-    settle_background(&mut journal, &mut background, true);
+    side.settle(&mut journal, true);
 }
 
 /// A compaction's snapshot being written by a thread of its own while
 /// commits go to the next generation's journal (pcp-store's rotation).
 type Background = std::thread::JoinHandle<Result<std::path::PathBuf, pcp_store::StoreError>>;
 
-/// Puts a finished background snapshot in place (with `wait`, waits for
-/// it). If it failed, commits stay in the next journal and the next
-/// compaction is written synchronously; nothing is lost either way.
-fn settle_background(journal: &mut Journal, background: &mut Option<Background>, wait: bool) {
-    if !background.as_ref().is_some_and(|b| wait || b.is_finished()) {
-        return;
+/// The writer's completions, and a compaction's snapshot being written
+/// beside the journal.
+struct Side<'a> {
+    done: &'a Sender<Done>,
+    background: Option<Background>,
+    /// How the last background snapshot ended, told with the next
+    /// completion (the shard reports a failure as it does a failed
+    /// synchronous compaction).
+    ended: Option<Result<(), String>>,
+}
+
+impl Side<'_> {
+    /// Completes job `seq`.
+    fn send(
+        &mut self,
+        journal: &Journal,
+        seq: u64,
+        outcome: Result<(), String>,
+        (latency, buffer): (Duration, Vec<Record>),
+    ) {
+        let _ = self.done.send(Done {
+            seq,
+            outcome,
+            poisoned: journal.is_poisoned(),
+            len: journal.len(),
+            latency,
+            buffer,
+            compacted: self.ended.take(),
+        });
     }
-    let Some(thread) = background.take() else {
-        return;
-    };
-    let put = match thread.join() {
-        Ok(Ok(tmp)) => journal.complete_rotation(&tmp),
-        Ok(Err(e)) => Err(e),
-        Err(_) => {
-            tracing::error!(journal = %journal.path().display(), "compaction: the snapshot thread panicked");
+
+    /// Puts a finished background snapshot in place (with `wait`, waits
+    /// for it). If it failed, commits stay in the next journal and the
+    /// next compaction is written synchronously; nothing is lost either
+    /// way.
+    fn settle(&mut self, journal: &mut Journal, wait: bool) {
+        if !self
+            .background
+            .as_ref()
+            .is_some_and(|b| wait || b.is_finished())
+        {
             return;
         }
-    };
-    match put {
-        Ok(()) => {
-            tracing::info!(journal = %journal.path().display(), "journal compacted into a snapshot")
+        let Some(thread) = self.background.take() else {
+            return;
+        };
+        let put = match thread.join() {
+            Ok(Ok(tmp)) => journal.complete_rotation(&tmp).map_err(|e| e.to_string()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the snapshot thread panicked".to_string()),
+        };
+        match &put {
+            Ok(()) => {
+                tracing::info!(journal = %journal.path().display(), "journal compacted into a snapshot")
+            }
+            Err(e) => tracing::error!(
+                journal = %journal.path().display(),
+                "compaction: {e}; the journal keeps growing until the next compaction, which is written synchronously"
+            ),
         }
-        Err(e) => tracing::error!(
-            journal = %journal.path().display(),
-            "compaction: {e}; the journal keeps growing until the next compaction, which is written synchronously"
-        ),
+        self.ended = Some(put.map_err(|e| format!("compaction: {e}")));
     }
 }
 
@@ -290,49 +337,36 @@ fn settle_background(journal: &mut Journal, background: &mut Option<Background>,
 /// and a thread of its own writes the snapshot (so no reply waits for
 /// it). Synchronous when a rotation is still not completed, or when the
 /// next journal cannot be made.
-fn compact(
-    journal: &mut Journal,
-    background: &mut Option<Background>,
-    (seq, generation): (u64, u64),
-    state: Vec<Record>,
-    done: &Sender<Done>,
-) {
+fn compact(journal: &mut Journal, job: (u64, u64), state: Vec<Record>, side: &mut Side<'_>) {
     if journal.is_poisoned() || journal.is_rotated() {
-        return snapshot(journal, seq, generation, state, false, done);
+        return snapshot(journal, job, state, false, side);
     }
+    let (seq, generation) = job;
     let target = match journal.rotate(generation) {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!("compaction: {e}; writing the snapshot synchronously");
-            return snapshot(journal, seq, generation, state, false, done);
+            return snapshot(journal, job, state, false, side);
         }
     };
     let spawned = std::thread::Builder::new()
         .name("pcpd-snapshot".into())
         .spawn(move || target.write(generation, state));
     match spawned {
-        Ok(t) => *background = Some(t),
+        Ok(t) => side.background = Some(t),
         Err(e) => tracing::error!("compaction: cannot start the snapshot thread: {e}"),
     }
-    let _ = done.send(Done {
-        seq,
-        outcome: Ok(()),
-        poisoned: journal.is_poisoned(),
-        len: journal.len(),
-        latency: Duration::ZERO,
-        buffer: Vec::new(),
-    });
+    side.send(journal, seq, Ok(()), (Duration::ZERO, Vec::new()));
 }
 
 /// Replaces snapshot and journal with `state`; a compaction (not a
 /// repair) is skipped once a commit before it failed.
 fn snapshot(
     journal: &mut Journal,
-    seq: u64,
-    generation: u64,
+    (seq, generation): (u64, u64),
     state: Vec<Record>,
     repair: bool,
-    done: &Sender<Done>,
+    side: &mut Side<'_>,
 ) {
     let outcome = if journal.is_poisoned() && !repair {
         Err("skipped: a commit before the snapshot failed".to_string())
@@ -341,18 +375,11 @@ fn snapshot(
             .compact(generation, state)
             .map_err(|e| format!("snapshot: {e}"))
     };
-    let _ = done.send(Done {
-        seq,
-        outcome,
-        poisoned: journal.is_poisoned(),
-        len: journal.len(),
-        latency: Duration::ZERO,
-        buffer: Vec::new(),
-    });
+    side.send(journal, seq, outcome, (Duration::ZERO, Vec::new()));
 }
 
 /// One write and one fdatasync for every commit in `group`.
-fn commit_group(journal: &mut Journal, group: &mut Vec<(u64, Vec<Record>)>, done: &Sender<Done>) {
+fn commit_group(journal: &mut Journal, group: &mut Vec<(u64, Vec<Record>)>, side: &mut Side<'_>) {
     if group.is_empty() {
         return;
     }
@@ -364,14 +391,7 @@ fn commit_group(journal: &mut Journal, group: &mut Vec<(u64, Vec<Record>)>, done
     let latency = started.elapsed();
     for (seq, mut records) in group.drain(..) {
         records.clear();
-        let _ = done.send(Done {
-            seq,
-            outcome: outcome.clone(),
-            poisoned: journal.is_poisoned(),
-            len: journal.len(),
-            latency,
-            buffer: records,
-        });
+        side.send(journal, seq, outcome.clone(), (latency, records));
     }
 }
 
@@ -443,6 +463,45 @@ mod tests {
             loaded.records, 1,
             "the commit after the rotation, after the snapshot"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A snapshot beside the journal that fails (a full disk) is told to
+    /// the shard with the next completion, and the next compaction is
+    /// written synchronously; no commit is lost.
+    #[test]
+    fn a_failed_background_snapshot_is_told_and_the_next_compaction_is_synchronous() {
+        let dir = std::env::temp_dir().join(format!("pcpd-writer-fail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        pcp_store::write_epoch(&dir, 1).unwrap();
+        let faults = Arc::new(Faults::default());
+        let journal =
+            pcp_store::write_snapshot_with(&dir, 0, 1, Vec::new(), Some(faults.clone())).unwrap();
+        let mut w = JournalWriter::start(0, journal).unwrap();
+        faults.fail_writes(1);
+        w.compact(2, Vec::new());
+        assert!(w.wait_done().unwrap().outcome.is_ok(), "handed over");
+        // The writer looks at the snapshot thread every 100 ms.
+        std::thread::sleep(Duration::from_millis(300));
+        w.commit(vec![gone(1)]);
+        let d = w.wait_done().unwrap();
+        assert!(d.outcome.is_ok(), "the commit itself is durable");
+        assert!(
+            matches!(w.take_compacted(), Some(Err(ref e)) if e.contains("compaction")),
+            "the failure is told"
+        );
+        assert!(
+            dir.join("shard-0.journal.next").exists(),
+            "commits stay in the next journal"
+        );
+        w.compact(3, vec![gone(1)]);
+        assert!(w.wait_done().unwrap().outcome.is_ok());
+        assert!(
+            !dir.join("shard-0.journal.next").exists(),
+            "replaced synchronously"
+        );
+        drop(w);
+        assert_eq!(pcp_store::load(&dir).unwrap().records, 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -204,6 +204,7 @@ impl Effects {
     /// batch is taken back where not durable, and its dataplane changes go
     /// to the applier (`None`: it continues in `applying`).
     fn durable_done(&mut self, engine: &mut Engine, done: Done) -> Option<Completed> {
+        self.background_compaction();
         let Some(job) = self.inflight.pop_front() else {
             tracing::error!(
                 shard = self.index,
@@ -249,6 +250,27 @@ impl Effects {
             origins,
             settled,
         });
+    }
+
+    /// A compaction's snapshot written beside the journal ended: a failure
+    /// is reported as a failed synchronous compaction is (not ready, the
+    /// gauge, one log line per interval); a success clears that.
+    pub(super) fn background_compaction(&mut self) {
+        let Some(ended) = self.writer().and_then(JournalWriter::take_compacted) else {
+            return;
+        };
+        match ended {
+            Ok(()) => {
+                if !self.poisoned() && self.last_complaint.take().is_some() {
+                    self.health.set_ok(self.index);
+                    self.metrics.state_writable(self.index, true);
+                }
+            }
+            Err(e) => {
+                self.metrics.journal_errors.inc();
+                self.broken(e);
+            }
+        }
     }
 
     fn snapshot_done(&mut self, done: Done) {
