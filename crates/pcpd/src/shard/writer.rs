@@ -415,18 +415,27 @@ mod tests {
         ))
     }
 
-    /// A snapshot that takes 600 ms does not hold the commits behind it
-    /// (item 2 of issue 15: compaction never stalls a shard's replies), and
-    /// is put in place once written, with every record kept.
-    #[test]
-    fn a_slow_snapshot_holds_no_commit() {
-        let dir = std::env::temp_dir().join(format!("pcpd-writer-{}", std::process::id()));
+    /// A writer on a fresh state directory, with pcp-store's fault seam.
+    fn writer(name: &str) -> (std::path::PathBuf, Arc<Faults>, JournalWriter) {
+        let dir = std::env::temp_dir().join(format!("pcpd-writer-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         pcp_store::write_epoch(&dir, 1).unwrap();
         let faults = Arc::new(Faults::default());
         let journal =
             pcp_store::write_snapshot_with(&dir, 0, 1, Vec::new(), Some(faults.clone())).unwrap();
-        let mut w = JournalWriter::start(0, journal).unwrap();
+        (
+            dir,
+            faults.clone(),
+            JournalWriter::start(0, journal).unwrap(),
+        )
+    }
+
+    /// A snapshot that takes 600 ms does not hold the commits behind it
+    /// (item 2 of issue 15: compaction never stalls a shard's replies), and
+    /// is put in place once written, with every record kept.
+    #[test]
+    fn a_slow_snapshot_holds_no_commit() {
+        let (dir, faults, mut w) = writer("slow");
         w.commit(vec![gone(1)]);
         assert!(w.wait_done().unwrap().outcome.is_ok());
         faults.slow_snapshot(600);
@@ -471,13 +480,7 @@ mod tests {
     /// written synchronously; no commit is lost.
     #[test]
     fn a_failed_background_snapshot_is_told_and_the_next_compaction_is_synchronous() {
-        let dir = std::env::temp_dir().join(format!("pcpd-writer-fail-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        pcp_store::write_epoch(&dir, 1).unwrap();
-        let faults = Arc::new(Faults::default());
-        let journal =
-            pcp_store::write_snapshot_with(&dir, 0, 1, Vec::new(), Some(faults.clone())).unwrap();
-        let mut w = JournalWriter::start(0, journal).unwrap();
+        let (dir, faults, mut w) = writer("fail");
         faults.fail_writes(1);
         w.compact(2, Vec::new());
         assert!(w.wait_done().unwrap().outcome.is_ok(), "handed over");
