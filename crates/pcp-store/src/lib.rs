@@ -753,12 +753,8 @@ pub fn load(dir: &Path) -> Result<Loaded, StoreError> {
         let n = read(next)?;
         let head = s.as_ref().or(j.as_ref());
         if let Some((p, b)) = head {
-            if b.len() < HEADER_LEN {
-                return Err(corrupt(p, 0, "file shorter than its header"));
-            }
-            let mut g = [0u8; 8];
-            g.copy_from_slice(&b[8..16]);
-            *generation = u64::from_be_bytes(g);
+            *generation = header_generation(b)
+                .ok_or_else(|| corrupt(p, 0, "file shorter than its header"))?;
         }
         bufs.push((*generation, s, j, n));
     }
@@ -768,31 +764,25 @@ pub fn load(dir: &Path) -> Result<Loaded, StoreError> {
             check_header(&p, &b, SNAP_MAGIC, generation).map_err(|r| corrupt(&p, 0, &r))?;
             apply_file(&p, &b, false, &mut state).map_err(|(off, r)| corrupt(&p, off, &r))?;
         }
-        if let Some((p, b)) = journal {
+        // The journal, then a compaction's next journal (rotation.rs): the
+        // records since that compaction began.
+        for (file, next) in [(journal, false), (next, true)] {
+            let Some((p, b)) = file else { continue };
             if older_generation(&b, generation) {
-                // A crash between the two renames of write_snapshot (or of
-                // a rotation's completion): the new snapshot holds every
-                // record of the older journal, which is left over.
+                // A crash between the two renames of a compaction: the new
+                // snapshot holds every record of the older journal.
                 state.warnings.push(format!(
                     "{}: older than its snapshot (a compaction was interrupted); ignored",
                     p.display()
                 ));
-            } else {
-                check_header(&p, &b, JOURNAL_MAGIC, generation).map_err(|r| corrupt(&p, 0, &r))?;
-                apply_file(&p, &b, true, &mut state).map_err(|(off, r)| corrupt(&p, off, &r))?;
-            }
-        }
-        if let Some((p, b)) = next {
-            // A compaction beside the journal (rotation.rs): the records
-            // since it began follow the snapshot and journal before them.
-            if older_generation(&b, generation) {
-                state.warnings.push(format!(
-                    "{}: older than its snapshot (replaced by a later compaction); ignored",
-                    p.display()
-                ));
                 continue;
             }
-            let own = header_generation(&b).unwrap_or(generation);
+            // A next journal is of its own generation, the snapshot's or later.
+            let own = if next {
+                header_generation(&b).unwrap_or(generation)
+            } else {
+                generation
+            };
             check_header(&p, &b, JOURNAL_MAGIC, own).map_err(|r| corrupt(&p, 0, &r))?;
             apply_file(&p, &b, true, &mut state).map_err(|(off, r)| corrupt(&p, off, &r))?;
         }
