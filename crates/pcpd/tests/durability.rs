@@ -184,28 +184,9 @@ fn renewals_within_the_journaled_expiry_write_nothing_and_survive_kill_9() {
     };
     let sub = Ipv4Addr::new(127, 20, 0, 1);
     let map = |d: &Daemon, lifetime: u32| {
-        let s = std::net::UdpSocket::bind((sub, 0)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let req = pcp_wire::Request {
-            lifetime,
-            client_addr: sub.into(),
-            data: pcp_wire::OpData::Map(pcp_wire::MapData {
-                nonce: pcp_wire::Nonce([7; 12]),
-                protocol: 6,
-                internal_port: 4000,
-                external_port: 0,
-                external_addr: Ipv4Addr::UNSPECIFIED.into(),
-            }),
-            options: pcp_wire::Options::NONE,
-        };
-        let mut buf = vec![0u8; req.buffer_len()];
-        req.emit(&mut buf).unwrap();
-        s.send_to(&buf, d.pcp_addr()).unwrap();
-        let mut out = [0u8; 1100];
-        let n = s.recv(&mut out).expect("pcpd answers");
-        let r = Response::parse(&out[..n]).unwrap();
-        assert_eq!(r.result, ResultCode::Success);
-        wall_ms() + u64::from(r.lifetime) * 1000
+        let (result, granted) = pcp_map_granted(d, sub, 6, 4000, lifetime, 7);
+        assert_eq!(result, ResultCode::Success);
+        wall_ms() + u64::from(granted) * 1000
     };
     let created = wall_ms();
     map(&d, 600);

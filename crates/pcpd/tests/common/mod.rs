@@ -446,6 +446,18 @@ pub fn pcp_map(
     lifetime: u32,
     nonce: u8,
 ) -> pcp_wire::ResultCode {
+    pcp_map_granted(d, src, protocol, port, lifetime, nonce).0
+}
+
+/// [`pcp_map`]: the result code and the lifetime granted.
+pub fn pcp_map_granted(
+    d: &Daemon,
+    src: Ipv4Addr,
+    protocol: u8,
+    port: u16,
+    lifetime: u32,
+    nonce: u8,
+) -> (pcp_wire::ResultCode, u32) {
     let s = UdpSocket::bind((src, 0)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let req = pcp_wire::Request {
@@ -465,5 +477,6 @@ pub fn pcp_map(
     s.send_to(&buf, d.pcp_addr()).unwrap();
     let mut out = [0u8; 1100];
     let n = s.recv(&mut out).expect("pcpd answers");
-    pcp_wire::Response::parse(&out[..n]).unwrap().result
+    let r = pcp_wire::Response::parse(&out[..n]).unwrap();
+    (r.result, r.lifetime)
 }
