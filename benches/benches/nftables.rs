@@ -7,7 +7,8 @@
 //!
 //! Baseline, measured in the same run: one `nft -f -` transaction that
 //! changes nothing (the cost of starting nft and one netlink round trip).
-//! Run: `cargo bench -p pcp-benches --bench nftables` (as root).
+//! Run: `cargo bench -p pcp-benches --bench nftables` (as root);
+//! `-- netlink` or `-- nft` runs one backend only (for a profile).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
@@ -83,8 +84,15 @@ fn main() {
     );
     println!("| batch | backend | add: ms/batch | add: changes/s | renew: ms/batch | delete: ms/batch (transaction) | delete: changes/s (transaction) | delete: ms until it holds | add batch / baseline |");
     println!("|---|---|---|---|---|---|---|---|---|");
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a == "netlink" || a == "nft")
+        .collect();
     for batch in [1u32, 10, 100, 1_000, 10_000] {
         for (name, dp) in [("netlink", &mut netlink), ("nft -f", &mut text)] {
+            if !only.is_empty() && !only.iter().any(|o| name.starts_with(o.as_str())) {
+                continue;
+            }
             let (a, n, (d, held)) = measure(dp, batch, rounds, far);
             println!(
                 "| {batch} | {name} | {:.3} | {:.0} | {:.3} | {:.3} | {:.0} | {:.3} | {:.2}x |",
@@ -99,7 +107,10 @@ fn main() {
         }
     }
     let (nl, _) = netlink.transactions();
-    assert!(nl > 0, "the netlink backend wrote over netlink");
+    assert!(
+        nl > 0 || (!only.is_empty() && !only.iter().any(|o| o == "netlink")),
+        "the netlink backend wrote over netlink"
+    );
 }
 
 /// Median times of `rounds` batches of `batch` adds, expiry-only

@@ -35,7 +35,7 @@
 //! shard the elements of its own subscribers (`pcp_engine::shard_of`), so
 //! no two shards ever write the same element.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::{Command, Stdio};
@@ -256,12 +256,12 @@ impl NftablesDataplane {
             link: None,
             netlink: true,
             transactions: (0, 0),
-            expiring: HashMap::new(),
+            expiring: HashMap::default(),
             removing: Default::default(),
             jiffy: kernel_tick(),
             expire_in_place: kernel_at_least(6, 12),
-            installed: HashMap::new(),
-            ports: HashMap::new(),
+            installed: HashMap::default(),
+            ports: HashMap::default(),
         };
         dp.run(&dp.skeleton())?;
         dp.load()?;
@@ -280,12 +280,12 @@ impl NftablesDataplane {
             link: None,
             netlink: self.netlink,
             transactions: (0, 0),
-            expiring: HashMap::new(),
+            expiring: HashMap::default(),
             removing: Default::default(),
             jiffy: self.jiffy,
             expire_in_place: self.expire_in_place,
-            installed: HashMap::new(),
-            ports: HashMap::new(),
+            installed: HashMap::default(),
+            ports: HashMap::default(),
         }
     }
 

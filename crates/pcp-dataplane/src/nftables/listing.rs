@@ -1,7 +1,7 @@
 //! Reading pcpd's table back from `nft -j list table` (after a restart):
 //! the elements, grouped by the mapping they belong to.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::net::Ipv4Addr;
 
 use serde_json::Value;
@@ -36,8 +36,8 @@ fn render(v: &Value) -> String {
 pub(super) fn parse_listing(
     json: &Value,
 ) -> (HashMap<Key, Installed>, HashMap<Ipv4Addr, PortSets>) {
-    let mut installed: HashMap<Key, Installed> = HashMap::new();
-    let mut ports: HashMap<Ipv4Addr, PortSets> = HashMap::new();
+    let mut installed: HashMap<Key, Installed> = HashMap::default();
+    let mut ports: HashMap<Ipv4Addr, PortSets> = HashMap::default();
     let empty = Vec::new();
     for item in json["nftables"].as_array().unwrap_or(&empty) {
         let Some(obj) = item.get("map").or_else(|| item.get("set")) else {

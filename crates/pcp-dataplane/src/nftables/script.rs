@@ -3,7 +3,9 @@
 //! [`crate::nfnetlink`]) and `nft -f` text (the fallback, and the writer
 //! the bench compares against).
 
-use std::collections::HashMap;
+// Keys here are pcpd's own elements and mappings, hashed per element
+// per batch: foldhash (randomly seeded) rather than SipHash.
+use foldhash::{HashMap, HashSet};
 use std::fmt::Write as _;
 
 use super::Elem;
@@ -31,7 +33,7 @@ pub(super) struct Script {
     /// Elements in `touched` whose kernel copy carries a timeout: over
     /// netlink, removing one only moves its expiration to now (see
     /// [`Script::ops`]).
-    timed: std::collections::HashSet<ElemId>,
+    timed: HashSet<ElemId>,
 }
 
 /// An element before the batch, and after it with its kernel timeout in
