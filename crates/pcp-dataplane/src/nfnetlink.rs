@@ -334,7 +334,7 @@ fn put_element(out: &mut Vec<u8>, op: &ElemOp) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use netlink_packet_core::{Emitable, Nla};
+    use netlink_packet_core::Emitable;
     use netlink_packet_netfilter::nftables::{DataAttribute, ListAttribute, SetElementAttribute};
 
     /// The element as `netlink-packet-netfilter` writes it.
