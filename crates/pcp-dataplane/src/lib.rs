@@ -22,6 +22,7 @@
 )]
 
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher as _;
 use std::net::{IpAddr, Ipv4Addr};
 
 use pcp_engine::{
@@ -328,11 +329,27 @@ pub trait Dataplane: Send {
     fn settle(&mut self) {}
 }
 
-/// The in-memory backend: keeps what would be installed, hashed by key
-/// (a renewal that only moves the expiry updates it in place).
-#[derive(Debug, Default)]
+/// The in-memory backend: keeps what would be installed (a renewal that
+/// only moves the expiry updates it in place). It is the embedded
+/// default's dataplane, so its memory counts in the daemon's bytes per
+/// mapping: each entry is stored once and found by the key it implies
+/// ([`Entry::key`], not stored beside it), and a port block is only its
+/// key.
+#[derive(Default)]
 pub struct MemoryDataplane {
-    entries: HashMap<Key, Option<Entry>>,
+    entries: hashbrown::HashTable<Entry>,
+    hasher: foldhash::fast::RandomState,
+    /// Port blocks: (subscriber, external address, first port).
+    blocks: HashSet<(IpAddr, Ipv4Addr, u16), foldhash::fast::RandomState>,
+}
+
+impl std::fmt::Debug for MemoryDataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryDataplane")
+            .field("entries", &self.entries.len())
+            .field("blocks", &self.blocks.len())
+            .finish()
+    }
 }
 
 impl MemoryDataplane {
@@ -343,52 +360,82 @@ impl MemoryDataplane {
 
     /// Installed entries (mappings only).
     pub fn len(&self) -> usize {
-        self.entries.values().filter(|e| e.is_some()).count()
+        self.entries.len()
     }
 
     /// True when no mapping is installed.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.entries.is_empty()
     }
 
     /// One installed entry.
     pub fn get(&self, key: &Key) -> Option<&Entry> {
-        self.entries.get(key).and_then(|e| e.as_ref())
+        self.entries
+            .find(self.hasher.hash_one(key), |e| e.key() == *key)
+    }
+
+    fn upsert(&mut self, e: &Entry) {
+        let key = e.key();
+        let hash = self.hasher.hash_one(key);
+        match self.entries.find_mut(hash, |have| have.key() == key) {
+            Some(have) if have.same_but_expiry(e) => have.expires_ms = e.expires_ms,
+            Some(have) => *have = e.clone(),
+            None => {
+                let hasher = &self.hasher;
+                self.entries
+                    .insert_unique(hash, e.clone(), |x| hasher.hash_one(x.key()));
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &Key) {
+        if let Key::SubscriberBlock {
+            subscriber,
+            external_addr,
+            first_port,
+        } = *key
+        {
+            self.blocks.remove(&(subscriber, external_addr, first_port));
+        } else if let Ok(found) = self
+            .entries
+            .find_entry(self.hasher.hash_one(key), |e| e.key() == *key)
+        {
+            found.remove();
+        }
     }
 }
 
 impl Dataplane for MemoryDataplane {
     fn apply(&mut self, changes: &[Change]) -> Vec<Result<(), ApplyError>> {
-        changes
-            .iter()
-            .map(|c| {
-                match c {
-                    Change::Upsert(e) => match self.entries.get_mut(&e.key()) {
-                        Some(Some(have)) if have.same_but_expiry(e) => {
-                            have.expires_ms = e.expires_ms;
-                        }
-                        _ => {
-                            self.entries.insert(e.key(), Some(e.clone()));
-                        }
-                    },
-                    Change::Remove(k) => {
-                        self.entries.remove(k);
-                    }
-                    Change::AddBlock { subscriber, block } => {
-                        self.entries.insert(port_set_key(*subscriber, block), None);
-                    }
-                    Change::RemoveBlock { subscriber, block } => {
-                        self.entries.remove(&port_set_key(*subscriber, block));
-                    }
+        for c in changes {
+            match c {
+                Change::Upsert(e) => self.upsert(e),
+                Change::Remove(k) => self.remove(k),
+                Change::AddBlock { subscriber, block } => {
+                    self.blocks.insert((*subscriber, block.addr, block.first));
                 }
-                Ok(())
-            })
-            .collect()
+                Change::RemoveBlock { subscriber, block } => {
+                    self.blocks.remove(&(*subscriber, block.addr, block.first));
+                }
+            }
+        }
+        vec![Ok(()); changes.len()]
     }
 
     fn installed(&self) -> Vec<(Key, Option<Entry>)> {
-        let mut all: Vec<(Key, Option<Entry>)> =
-            self.entries.iter().map(|(k, v)| (*k, v.clone())).collect();
+        let mut all: Vec<(Key, Option<Entry>)> = self
+            .entries
+            .iter()
+            .map(|e| (e.key(), Some(e.clone())))
+            .chain(self.blocks.iter().map(|&(subscriber, external_addr, first_port)| {
+                let key = Key::SubscriberBlock {
+                    subscriber,
+                    external_addr,
+                    first_port,
+                };
+                (key, None)
+            }))
+            .collect();
         all.sort_unstable_by_key(|(k, _)| *k);
         all
     }

@@ -5,6 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use pcp_wire::ResultCode;
+use smallvec::SmallVec;
 
 use super::request::Refusal;
 use super::timers::Timer;
@@ -51,15 +52,21 @@ pub(super) struct Subscriber {
     pub(super) det_index: u64,
     /// The external address of every block (paired pooling).
     pub(super) ext: Option<Ipv4Addr>,
-    /// Blocks held, with since when.
-    pub(super) blocks: Vec<(Block, Millis)>,
+    /// Blocks held, with since when. Most subscribers hold one block and a
+    /// few mappings: both lists sit inline in the record (no allocation of
+    /// their own) until they outgrow it, at the size of an empty `Vec`.
+    pub(super) blocks: SmallVec<[(Block, Millis); 1]>,
     /// Ports held by mappings that count against the quota.
     pub(super) quota_used: u32,
     /// Slots of the subscriber's mappings.
-    pub(super) slots: Vec<u32>,
+    pub(super) slots: SmallVec<[u32; 4]>,
     bucket: TokenBucket,
     idle_since: Option<Millis>,
 }
+
+// One record per subscriber: at a million subscribers each byte here is
+// a megabyte of the daemon's memory.
+const _: () = assert!(std::mem::size_of::<Subscriber>() <= 104);
 
 impl Engine {
     /// The subscriber's record, made on first use (with a full bucket). A
@@ -83,9 +90,9 @@ impl Engine {
                     pool: self.compiled.class_pool[usize::from(class)],
                     det_index,
                     ext: None,
-                    blocks: Vec::new(),
+                    blocks: SmallVec::new(),
                     quota_used: 0,
-                    slots: Vec::new(),
+                    slots: SmallVec::new(),
                     bucket: TokenBucket::full(&profile, now),
                     idle_since: Some(now),
                 }))
@@ -140,7 +147,7 @@ impl Engine {
     pub(super) fn slots_of(&self, subscriber: IpAddr) -> Vec<u32> {
         self.subscribers
             .get(&subscriber)
-            .map(|s| s.slots.clone())
+            .map(|s| s.slots.to_vec())
             .unwrap_or_default()
     }
 
@@ -240,3 +247,4 @@ impl Engine {
         }
     }
 }
+
