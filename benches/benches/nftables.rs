@@ -27,7 +27,7 @@ fn entry(i: u32, expires_ms: u64) -> Entry {
         firewall: false,
         internal_addr: IpAddr::V4(Ipv4Addr::from(0x6440_0000 + i)),
         internal_port: 8080,
-        filters: Vec::new(),
+        filters: Box::default(),
         expires_ms,
     }
 }

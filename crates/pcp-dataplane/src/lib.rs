@@ -58,7 +58,7 @@ pub struct Entry {
     /// First internal port.
     pub internal_port: u16,
     /// Remote prefixes allowed in (RFC 6887 §13.3) as (address, family prefix length, port).
-    pub filters: Vec<(IpAddr, u8, u16)>,
+    pub filters: Box<[(IpAddr, u8, u16)]>,
     /// When the kernel should drop it by itself (`Millis::MAX`: never).
     pub expires_ms: Millis,
 }
@@ -427,14 +427,18 @@ impl Dataplane for MemoryDataplane {
             .entries
             .iter()
             .map(|e| (e.key(), Some(e.clone())))
-            .chain(self.blocks.iter().map(|&(subscriber, external_addr, first_port)| {
-                let key = Key::SubscriberBlock {
-                    subscriber,
-                    external_addr,
-                    first_port,
-                };
-                (key, None)
-            }))
+            .chain(
+                self.blocks
+                    .iter()
+                    .map(|&(subscriber, external_addr, first_port)| {
+                        let key = Key::SubscriberBlock {
+                            subscriber,
+                            external_addr,
+                            first_port,
+                        };
+                        (key, None)
+                    }),
+            )
             .collect();
         all.sort_unstable_by_key(|(k, _)| *k);
         all

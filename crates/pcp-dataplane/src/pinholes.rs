@@ -363,7 +363,7 @@ mod tests {
             firewall: true,
             internal_addr: "2001:db8:f00::1".parse().unwrap(),
             internal_port: 6000,
-            filters: vec![("2001:db8:eee::7".parse().unwrap(), 128, 0)],
+            filters: vec![("2001:db8:eee::7".parse().unwrap(), 128, 0)].into(),
             expires_ms: 0,
         };
         let got: Vec<(&str, String)> = elems(&e, "udp")

@@ -96,7 +96,7 @@ fn map_entry(ext_port: u16, count: u16, lifetime_s: u64, filters: Vec<(IpAddr, u
         firewall: false,
         internal_addr: IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1)),
         internal_port: 8080,
-        filters,
+        filters: filters.into(),
         expires_ms: now_ms() + lifetime_s * 1000,
     }
 }
@@ -114,7 +114,7 @@ fn peer_entry() -> Entry {
         firewall: false,
         internal_addr: IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1)),
         internal_port: 5000,
-        filters: Vec::new(),
+        filters: Box::default(),
         expires_ms: now_ms() + 600_000,
     }
 }
@@ -377,7 +377,7 @@ fn reopened_table_is_split_by_subscriber_and_reconciled() {
         let mut e = map_entry(1400 + u16::from(i), 1, 600, Vec::new());
         e.internal_addr = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 10 + i));
         if i == 0 {
-            e.filters = vec![("198.51.100.0".parse().unwrap(), 24, 0)];
+            e.filters = vec![("198.51.100.0".parse().unwrap(), 24, 0)].into();
         }
         entries.push(e);
     }
@@ -428,7 +428,7 @@ fn pinhole(addr: &str, port: u16, kind: MappingKind, filters: Vec<(IpAddr, u8, u
         firewall: true,
         internal_addr: addr.parse().unwrap(),
         internal_port: port,
-        filters,
+        filters: filters.into(),
         expires_ms: now_ms() + 600_000,
     }
 }

@@ -2,7 +2,9 @@
 //! over them, kept in step by the only two functions that change them,
 //! [`MappingTable::insert`] and [`MappingTable::detach`].
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::hash::BuildHasher as _;
 
 use crate::types::{ExternalEndpoint, InternalEndpoint, Mapping, MappingId, MappingKey, Millis};
 
@@ -33,10 +35,14 @@ pub(super) struct MappingTable {
     shard: u16,
     slots: Vec<Slot>,
     free: Vec<u32>,
-    /// MAP and static mappings by internal endpoint (§11.3: one per endpoint).
-    by_internal: HashMap<InternalEndpoint, u32>,
-    /// PEER mappings by their full key (§12.3).
-    by_peer: HashMap<MappingKey, u32>,
+    /// Every mapping's slot, found by its key: MAP and static by internal
+    /// endpoint (§11.3: one per endpoint), PEER by the full key (§12.3).
+    /// The index holds slot numbers only and compares against the
+    /// mapping in the slot, so a million mappings cost 4 bytes each here
+    /// instead of a copy of their key.
+    by_key: hashbrown::HashTable<u32>,
+    /// Keys are chosen by subscribers: SipHash, randomly keyed.
+    hasher: RandomState,
     /// External ports in use.
     ports: HashMap<ExternalEndpoint, PortUse>,
     /// External port of each outbound (PEER) internal endpoint (RFC 4787
@@ -51,8 +57,8 @@ impl MappingTable {
             shard,
             slots: Vec::new(),
             free: Vec::new(),
-            by_internal: HashMap::new(),
-            by_peer: HashMap::new(),
+            by_key: hashbrown::HashTable::new(),
+            hasher: RandomState::new(),
             ports: HashMap::new(),
             outbound: HashMap::new(),
             live: 0,
@@ -69,6 +75,8 @@ impl MappingTable {
             .and_then(|s| s.mapping.as_ref())
     }
 
+    /// The mapping in `slot`, to change anything but its key (the index
+    /// finds it by the key it holds).
     pub(super) fn get_mut(&mut self, slot: u32) -> Option<&mut Mapping> {
         self.slots
             .get_mut(slot as usize)
@@ -84,10 +92,14 @@ impl MappingTable {
 
     /// The slot of the mapping with `key`.
     pub(super) fn find(&self, key: &MappingKey) -> Option<u32> {
-        match key.remote {
-            Some(_) => self.by_peer.get(key).copied(),
-            None => self.by_internal.get(&key.internal).copied(),
-        }
+        self.by_key
+            .find(self.hasher.hash_one(key), |&s| self.key_at(s) == Some(*key))
+            .copied()
+    }
+
+    /// The key of the mapping in `slot`.
+    fn key_at(&self, slot: u32) -> Option<MappingKey> {
+        self.get(slot).map(Mapping::key)
     }
 
     /// The external port an outbound (PEER) mapping of `internal` uses.
@@ -153,19 +165,13 @@ impl MappingTable {
         };
         mapping.id = id;
         let key = mapping.key();
-        match key.remote {
-            Some(_) => {
-                self.by_peer.insert(key, slot);
-                // Outbound endpoints (PEER) are indexed apart; a MAP
-                // mapping's port is found through `by_internal`.
-                self.outbound
-                    .entry(key.internal)
-                    .or_insert((mapping.external_port, 0))
-                    .1 += 1;
-            }
-            None => {
-                self.by_internal.insert(key.internal, slot);
-            }
+        if key.remote.is_some() {
+            // Outbound endpoints (PEER) are indexed apart; a MAP
+            // mapping's port is found through its key.
+            self.outbound
+                .entry(key.internal)
+                .or_insert((mapping.external_port, 0))
+                .1 += 1;
         }
         // A pinhole holds no external port: it is its internal one (§3).
         let held = if mapping.firewall {
@@ -184,34 +190,41 @@ impl MappingTable {
         s.refreshed_ms = now;
         s.mapping = Some(mapping);
         self.live += 1;
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        let rehash = |&s: &u32| {
+            let m = slots[s as usize].mapping.as_ref();
+            m.map_or(0, |m| hasher.hash_one(m.key()))
+        };
+        self.by_key
+            .insert_unique(self.hasher.hash_one(key), slot, rehash);
         id
     }
 
     /// Takes a mapping out of its slot and every index; returns it with
     /// the external ports no other mapping holds any more.
     pub(super) fn detach(&mut self, slot: u32) -> Option<(Mapping, Vec<ReleasedPort>)> {
+        let key = self.key_at(slot)?;
+        if let Ok(found) = self
+            .by_key
+            .find_entry(self.hasher.hash_one(key), |&s| s == slot)
+        {
+            found.remove();
+        }
         let entry = self.slots.get_mut(slot as usize)?;
         let mapping = entry.mapping.take()?;
         entry.generation = entry.generation.wrapping_add(1);
         self.free.push(slot);
         self.live -= 1;
-        let key = mapping.key();
-        match key.remote {
-            Some(_) => {
-                self.by_peer.remove(&key);
-                // A NAT endpoint's outbound port goes when the port is
-                // released (below); a pinhole's when its last PEER goes.
-                if let Some(o) = self.outbound.get_mut(&key.internal) {
-                    o.1 = o.1.saturating_sub(1);
-                    if mapping.firewall && o.1 == 0 {
-                        self.outbound.remove(&key.internal);
-                    }
+        if key.remote.is_some() {
+            // A NAT endpoint's outbound port goes when the port is
+            // released (below); a pinhole's when its last PEER goes.
+            if let Some(o) = self.outbound.get_mut(&key.internal) {
+                o.1 = o.1.saturating_sub(1);
+                if mapping.firewall && o.1 == 0 {
+                    self.outbound.remove(&key.internal);
                 }
             }
-            None => {
-                self.by_internal.remove(&key.internal);
-            }
-        };
+        }
         let mut released = Vec::new();
         let held = if mapping.firewall {
             0
