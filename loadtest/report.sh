@@ -3,8 +3,9 @@
 # bounded in time (about 5 minutes on a 2-core machine):
 #   1. three rounds of: reflector baseline, then pcpd with create, renew
 #      and mixed workloads (same load generator, same settings);
-#   2. scale: renewals with 1 k, 100 k and 1 M live mappings, and pcpd's
-#      resident memory per mapping;
+#   2. scale: renewals with 1 k, 100 k and 1 M live mappings (1 M both over
+#      100 k subscribers and over 1 M, one each: the two memory goals), and
+#      pcpd's resident memory per mapping;
 #   3. restart: with the 1 M mappings, kill -9 and time until ready (journal
 #      replay), then a clean restart (from the snapshots written at start);
 #   4. the workloads of 1 with the nftables dataplane (loadtest/report_nft.sh,
@@ -65,7 +66,7 @@ for round in 1 2 3; do
   stop_pcpd
 done
 
-for spec in 1000:1 10000:10 1000000:1; do
+for spec in 1000:1 10000:10 100000:10 1000000:1; do
   subs=${spec%:*}; maps=${spec#*:}
   start_pcpd
   idle=$(awk '/VmRSS/ {print $2 * 1024}' "/proc/$PCPD_PID/status")
@@ -112,12 +113,12 @@ print(f"Baseline check: pcp-loadtest reflect {statistics.median(r['replies_per_s
 print()
 print("| live mappings | subscribers | renew replies/s | p99 µs | pcpd RSS | bytes per mapping (RSS growth) |")
 print("|---|---|---|---|---|---|")
-scale = []
-for subs in (1000, 10000, 1000000):
+scale = {}
+for subs in (1000, 10000, 100000, 1000000):
     r = load(f"scale-{subs}")
     idle = int(open(os.path.join(out, f"idle-rss-{subs}.txt")).read())
     grown = (r["server_rss_bytes"] - idle) / max(r["prefilled"], 1)
-    scale.append((r["prefilled"], r["replies_per_sec"]))
+    scale[subs] = (r["prefilled"], r["replies_per_sec"])
     print(f"| {r['prefilled']:,} | {subs:,} | {r['replies_per_sec']:,.0f} | {r['latency_us']['p99']} | {r['server_rss_bytes']/1048576:.0f} MiB | {grown:.0f} |")
 
 # Plots, plain SVG: renewals per second against live mappings, and the
@@ -128,9 +129,8 @@ def svg(path, w, h, body):
         f.write(f'<rect width="{w}" height="{h}" fill="white"/>\n{body}</svg>\n')
 
 import math
-W, H, L, B = 560, 320, 70, 50
-top = max(v for _, v in scale) * 1.15
-xs = [math.log10(max(m, 1)) for m, _ in scale]
+W, H, L, B = 560, 360, 70, 70
+top = max(v for _, v in scale.values()) * 1.15
 x0, x1 = 2.5, 6.5
 px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - 20)
 py = lambda y: H - B - y / top * (H - B - 30)
@@ -141,14 +141,18 @@ for e in range(3, 7):
 for i in range(5):
     y = top * i / 4
     body += f'<text x="{L-6}" y="{py(y)+4}" text-anchor="end">{y/1000:.0f}k</text>\n'
-pts = " ".join(f"{px(x)},{py(v)}" for x, (_, v) in zip(xs, scale))
-body += f'<polyline points="{pts}" fill="none" stroke="#1f77b4" stroke-width="2"/>\n'
-for x, (m, v) in zip(xs, scale):
-    body += f'<circle cx="{px(x)}" cy="{py(v)}" r="4" fill="#1f77b4"/><text x="{px(x)}" y="{py(v)-8}" text-anchor="middle">{v/1000:.0f}k</text>\n'
-body += f'<text x="{W/2}" y="{H-10}" text-anchor="middle">live mappings (log scale)</text>\n'
+# Two series: one mapping per subscriber (1 k, 1 M), ten (100 k, 1 M).
+for n, (series, color, label) in enumerate((((1000, 1000000), "#1f77b4", "1 mapping per subscriber"),
+                                            ((10000, 100000), "#ff7f0e", "10 mappings per subscriber"))):
+    pts = [(math.log10(max(scale[s][0], 1)), scale[s][1]) for s in series]
+    body += f'<polyline points="{" ".join(f"{px(x)},{py(v)}" for x, v in pts)}" fill="none" stroke="{color}" stroke-width="2"/>\n'
+    for x, v in pts:
+        body += f'<circle cx="{px(x)}" cy="{py(v)}" r="4" fill="{color}"/><text x="{px(x)}" y="{py(v)-8 - 14*n}" text-anchor="middle" fill="{color}">{v/1000:.0f}k</text>\n'
+    body += f'<rect x="{L + 10 + n*200}" y="{H-B+46}" width="10" height="10" fill="{color}"/><text x="{L + 24 + n*200}" y="{H-B+55}">{label}</text>\n'
+body += f'<text x="{W/2}" y="{H-B+32}" text-anchor="middle">live mappings (log scale)</text>\n'
 svg("docs/perf-scale.svg", W, H, body)
 
-W, H = 640, 360
+W, H, B = 640, 360, 50
 top = max(l["p999"] for _, l in lat_rows) * 1.1
 bw = (W - L - 20) / len(lat_rows)
 body = f'<text x="{W/2}" y="18" text-anchor="middle">latency at {256} in flight, µs: p50 / p99 / p99.9 (median run)</text>\n'

@@ -128,30 +128,65 @@ pub(crate) struct Elem {
     pub(crate) value: Option<String>,
 }
 
-/// The elements of one mapping.
+/// The elements of one mapping. One of these per mapping is most of the
+/// backend's memory, so an entry pcpd installed keeps only the entry: its
+/// elements follow from it ([`Installed::elements`]).
 #[derive(Debug, Clone)]
-struct Installed {
-    /// The entry as pcpd installed it (`None` when read back from the kernel).
-    entry: Option<Entry>,
-    /// When the kernel drops the elements by itself (0: unknown, read back).
-    kernel_expires_ms: Millis,
+enum Installed {
+    /// An entry pcpd installed, and when the kernel drops its elements by
+    /// itself.
+    Ours {
+        entry: Entry,
+        kernel_expires_ms: Millis,
+    },
+    /// Elements read back from the kernel (after a restart of pcpd).
+    ReadBack(Box<ReadBack>),
+}
+
+/// Elements read back from the kernel, grouped by mapping.
+#[derive(Debug, Clone, Default)]
+struct ReadBack {
     /// The subscriber the elements belong to (`None`: filters read back
     /// without their mapping).
     owner: Option<IpAddr>,
-    /// The elements, when read back from the kernel; for an entry pcpd
-    /// installed they follow from it ([`Installed::elements`]), so they are
-    /// not kept: their texts would be most of the backend's memory.
     elems: Vec<Elem>,
 }
 
 impl Installed {
     /// The mapping's elements in the kernel.
     fn elements(&self) -> std::borrow::Cow<'_, [Elem]> {
-        match &self.entry {
-            Some(e) => NftablesDataplane::elems_for(e)
+        match self {
+            Installed::Ours { entry, .. } => NftablesDataplane::elems_for(entry)
                 .map(|(v, _, _)| std::borrow::Cow::Owned(v))
-                .unwrap_or(std::borrow::Cow::Borrowed(&self.elems)),
-            None => std::borrow::Cow::Borrowed(&self.elems),
+                .unwrap_or_default(),
+            Installed::ReadBack(r) => std::borrow::Cow::Borrowed(&r.elems),
+        }
+    }
+
+    /// The entry, when pcpd installed it.
+    fn entry(&self) -> Option<&Entry> {
+        match self {
+            Installed::Ours { entry, .. } => Some(entry),
+            Installed::ReadBack(_) => None,
+        }
+    }
+
+    /// The subscriber the elements belong to.
+    fn owner(&self) -> Option<IpAddr> {
+        match self {
+            Installed::Ours { entry, .. } => Some(entry.internal_addr),
+            Installed::ReadBack(r) => r.owner,
+        }
+    }
+
+    /// Whether the kernel's elements carry a timeout (those read back are
+    /// taken to).
+    fn timed(&self) -> bool {
+        match self {
+            Installed::Ours {
+                kernel_expires_ms, ..
+            } => *kernel_expires_ms != Millis::MAX,
+            Installed::ReadBack(_) => true,
         }
     }
 }
@@ -297,7 +332,7 @@ impl NftablesDataplane {
         let n = shards.max(1);
         let mut parts: Vec<NftablesDataplane> = (0..n).map(|_| self.sibling()).collect();
         for (k, v) in self.installed {
-            let s = v.owner.map_or(0, |o| shard_of(o, n));
+            let s = v.owner().map_or(0, |o| shard_of(o, n));
             parts[s].installed.insert(k, v);
         }
         for (sub, p) in self.ports {
@@ -523,15 +558,16 @@ impl NftablesDataplane {
     /// by an expiry the installed elements still outlive (by the grace):
     /// a renewal that needs no kernel operation.
     fn expiry_only(&self, key: &Key, entry: &Entry) -> bool {
-        let Some(have) = self.installed.get(key) else {
-            return false;
-        };
-        let Some(prev) = &have.entry else {
+        let Some(Installed::Ours {
+            entry: prev,
+            kernel_expires_ms,
+        }) = self.installed.get(key)
+        else {
             return false;
         };
         prev.same_but_expiry(entry)
             && entry.expires_ms != Millis::MAX
-            && entry.expires_ms.saturating_add(GRACE_SECS * 1000) <= have.kernel_expires_ms
+            && entry.expires_ms.saturating_add(GRACE_SECS * 1000) <= *kernel_expires_ms
     }
 
     /// Writes one change's nft statements and updates pcpd's view of the
@@ -546,7 +582,7 @@ impl NftablesDataplane {
             Change::Upsert(entry) => {
                 let key = entry.key();
                 if self.expiry_only(&key, entry) {
-                    if let Some(prev) = self.installed.get_mut(&key).and_then(|h| h.entry.as_mut())
+                    if let Some(Installed::Ours { entry: prev, .. }) = self.installed.get_mut(&key)
                     {
                         let old = std::mem::replace(&mut prev.expires_ms, entry.expires_ms);
                         return Ok(vec![Undo::Expiry(key, old)]);
@@ -554,7 +590,7 @@ impl NftablesDataplane {
                 }
                 let (elems, timeout, kernel_expires_ms) = Self::elems_for(entry)?;
                 if let Some(old) = self.installed.get(&key) {
-                    let timed = self.expire_in_place && old.kernel_expires_ms != Millis::MAX;
+                    let timed = self.expire_in_place && old.timed();
                     for el in old.elements().iter() {
                         out.delete(el, timed);
                         if !elems.contains(el) {
@@ -567,11 +603,9 @@ impl NftablesDataplane {
                 }
                 let prev = self.installed.insert(
                     key,
-                    Installed {
-                        entry: Some(entry.clone()),
+                    Installed::Ours {
+                        entry: entry.clone(),
                         kernel_expires_ms,
-                        owner: Some(entry.internal_addr),
-                        elems: Vec::new(),
                     },
                 );
                 Ok(vec![Undo::Mapping(key, prev)])
@@ -583,7 +617,7 @@ impl NftablesDataplane {
             }) => self.stage_port_set(*subscriber, *external_addr, *first_port, None, out),
             Change::Remove(key) => match self.installed.remove(key) {
                 Some(old) => {
-                    let timed = self.expire_in_place && old.kernel_expires_ms != Millis::MAX;
+                    let timed = self.expire_in_place && old.timed();
                     for el in old.elements().iter() {
                         out.delete(el, timed);
                         gone_flows(el, flows);
@@ -708,8 +742,8 @@ impl NftablesDataplane {
                     self.installed.remove(&k);
                 }
                 Undo::Expiry(k, ms) => {
-                    if let Some(e) = self.installed.get_mut(&k).and_then(|h| h.entry.as_mut()) {
-                        e.expires_ms = ms;
+                    if let Some(Installed::Ours { entry, .. }) = self.installed.get_mut(&k) {
+                        entry.expires_ms = ms;
                     }
                 }
                 Undo::PortSets(s, Some(p)) => {
@@ -731,7 +765,7 @@ impl NftablesDataplane {
                 let Some(have) = self.installed.get(&e.key()) else {
                     return false;
                 };
-                if have.entry.as_ref() == Some(e) {
+                if have.entry() == Some(e) {
                     return true;
                 }
                 let Ok((mut want, _, _)) = Self::elems_for(e) else {
@@ -878,7 +912,7 @@ impl Dataplane for NftablesDataplane {
         let mut v: Vec<(Key, Option<Entry>)> = self
             .installed
             .iter()
-            .map(|(k, i)| (*k, i.entry.clone()))
+            .map(|(k, i)| (*k, i.entry().cloned()))
             .collect();
         for (sub, p) in &self.ports {
             for b in &p.blocks {
@@ -927,7 +961,9 @@ mod tests {
             protocol: 6,
             port: 80,
         });
-        let g = &installed[&k];
+        let Installed::ReadBack(g) = &installed[&k] else {
+            panic!("read back");
+        };
         assert_eq!(g.owner, Some("100.64.0.9".parse().unwrap()));
         assert_eq!(g.elems.len(), 3);
         assert!(g
@@ -940,7 +976,7 @@ mod tests {
             protocol: 17,
             port: 99,
         });
-        assert_eq!(installed[&orphan].owner, None);
+        assert_eq!(installed[&orphan].owner(), None);
         let p = &ports[&Ipv4Addr::new(100, 64, 0, 9)];
         assert_eq!(p.blocks[0].len, 512);
         assert_eq!(p.value.as_deref(), Some("192.0.2.1 . 1024-1535"));

@@ -125,16 +125,13 @@ pub(super) fn parse_listing(
                 _ => continue,
             };
             let Some(group) = group else { continue };
-            let inst = installed.entry(group).or_insert_with(|| Installed {
-                entry: None,
-                kernel_expires_ms: 0,
-                owner: None,
-                elems: Vec::new(),
-            });
-            if inst.owner.is_none() {
-                inst.owner = owner;
+            let inst = installed
+                .entry(group)
+                .or_insert_with(|| Installed::ReadBack(Box::default()));
+            if let Installed::ReadBack(r) = inst {
+                r.owner = r.owner.or(owner);
+                r.elems.push(Elem { set, key, value });
             }
-            inst.elems.push(Elem { set, key, value });
         }
     }
     (installed, ports)
