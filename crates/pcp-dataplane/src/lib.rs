@@ -22,7 +22,6 @@
 )]
 
 use std::collections::{HashMap, HashSet};
-use std::hash::BuildHasher as _;
 use std::net::{IpAddr, Ipv4Addr};
 
 use pcp_engine::{
@@ -31,6 +30,7 @@ use pcp_engine::{
 };
 
 mod conntrack;
+mod keyed;
 mod nfnetlink;
 mod nftables;
 mod pinholes;
@@ -337,10 +337,15 @@ pub trait Dataplane: Send {
 /// key.
 #[derive(Default)]
 pub struct MemoryDataplane {
-    entries: hashbrown::HashTable<Entry>,
-    hasher: foldhash::fast::RandomState,
+    entries: keyed::KeyedTable<Entry>,
     /// Port blocks: (subscriber, external address, first port).
     blocks: HashSet<(IpAddr, Ipv4Addr, u16), foldhash::fast::RandomState>,
+}
+
+impl keyed::Keyed for Entry {
+    fn key(&self) -> Key {
+        Entry::key(self)
+    }
 }
 
 impl std::fmt::Debug for MemoryDataplane {
@@ -370,20 +375,14 @@ impl MemoryDataplane {
 
     /// One installed entry.
     pub fn get(&self, key: &Key) -> Option<&Entry> {
-        self.entries
-            .find(self.hasher.hash_one(key), |e| e.key() == *key)
+        self.entries.get(key)
     }
 
     fn upsert(&mut self, e: &Entry) {
-        let key = e.key();
-        let hash = self.hasher.hash_one(key);
-        match self.entries.find_mut(hash, |have| have.key() == key) {
+        match self.entries.get_mut(&e.key()) {
             Some(have) if have.same_but_expiry(e) => have.expires_ms = e.expires_ms,
-            Some(have) => *have = e.clone(),
-            None => {
-                let hasher = &self.hasher;
-                self.entries
-                    .insert_unique(hash, e.clone(), |x| hasher.hash_one(x.key()));
+            _ => {
+                self.entries.insert(e.clone());
             }
         }
     }
@@ -396,11 +395,8 @@ impl MemoryDataplane {
         } = *key
         {
             self.blocks.remove(&(subscriber, external_addr, first_port));
-        } else if let Ok(found) = self
-            .entries
-            .find_entry(self.hasher.hash_one(key), |e| e.key() == *key)
-        {
-            found.remove();
+        } else {
+            self.entries.remove(key);
         }
     }
 }

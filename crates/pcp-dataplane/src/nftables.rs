@@ -48,6 +48,7 @@ use pcp_engine::{
 use serde_json::Value;
 
 use crate::conntrack::{Conntrack, Forget};
+use crate::keyed::{Keyed, KeyedTable};
 use crate::nfnetlink::NftLink;
 
 mod listing;
@@ -144,12 +145,23 @@ enum Installed {
 }
 
 /// Elements read back from the kernel, grouped by mapping.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct ReadBack {
+    /// The mapping they were grouped under.
+    key: Key,
     /// The subscriber the elements belong to (`None`: filters read back
     /// without their mapping).
     owner: Option<IpAddr>,
     elems: Vec<Elem>,
+}
+
+impl Keyed for Installed {
+    fn key(&self) -> Key {
+        match self {
+            Installed::Ours { entry, .. } => entry.key(),
+            Installed::ReadBack(r) => r.key,
+        }
+    }
 }
 
 impl Installed {
@@ -232,7 +244,7 @@ pub struct NftablesDataplane {
     /// such an add succeeds and changes nothing): only then is a removal
     /// written as an expiry and a renewal as an in-place update.
     expire_in_place: bool,
-    installed: HashMap<Key, Installed>,
+    installed: KeyedTable<Installed>,
     ports: HashMap<Ipv4Addr, PortSets>,
 }
 
@@ -295,7 +307,7 @@ impl NftablesDataplane {
             removing: Default::default(),
             jiffy: kernel_tick(),
             expire_in_place: kernel_at_least(6, 12),
-            installed: HashMap::default(),
+            installed: KeyedTable::default(),
             ports: HashMap::default(),
         };
         dp.run(&dp.skeleton())?;
@@ -319,7 +331,7 @@ impl NftablesDataplane {
             removing: Default::default(),
             jiffy: self.jiffy,
             expire_in_place: self.expire_in_place,
-            installed: HashMap::default(),
+            installed: KeyedTable::default(),
             ports: HashMap::default(),
         }
     }
@@ -331,9 +343,9 @@ impl NftablesDataplane {
     pub fn split(self, shards: usize) -> Vec<NftablesDataplane> {
         let n = shards.max(1);
         let mut parts: Vec<NftablesDataplane> = (0..n).map(|_| self.sibling()).collect();
-        for (k, v) in self.installed {
+        for v in self.installed {
             let s = v.owner().map_or(0, |o| shard_of(o, n));
-            parts[s].installed.insert(k, v);
+            parts[s].installed.insert(v);
         }
         for (sub, p) in self.ports {
             parts[shard_of(IpAddr::V4(sub), n)].ports.insert(sub, p);
@@ -601,13 +613,10 @@ impl NftablesDataplane {
                 for el in &elems {
                     out.add(el.clone(), timeout);
                 }
-                let prev = self.installed.insert(
-                    key,
-                    Installed::Ours {
-                        entry: entry.clone(),
-                        kernel_expires_ms,
-                    },
-                );
+                let prev = self.installed.insert(Installed::Ours {
+                    entry: entry.clone(),
+                    kernel_expires_ms,
+                });
                 Ok(vec![Undo::Mapping(key, prev)])
             }
             Change::Remove(Key::SubscriberBlock {
@@ -735,8 +744,8 @@ impl NftablesDataplane {
     fn undo(&mut self, undo: Vec<Undo>) {
         for u in undo.into_iter().rev() {
             match u {
-                Undo::Mapping(k, Some(v)) => {
-                    self.installed.insert(k, v);
+                Undo::Mapping(_, Some(v)) => {
+                    self.installed.insert(v);
                 }
                 Undo::Mapping(k, None) => {
                     self.installed.remove(&k);
@@ -912,7 +921,7 @@ impl Dataplane for NftablesDataplane {
         let mut v: Vec<(Key, Option<Entry>)> = self
             .installed
             .iter()
-            .map(|(k, i)| (*k, i.entry().cloned()))
+            .map(|i| (i.key(), i.entry().cloned()))
             .collect();
         for (sub, p) in &self.ports {
             for b in &p.blocks {
@@ -961,7 +970,7 @@ mod tests {
             protocol: 6,
             port: 80,
         });
-        let Installed::ReadBack(g) = &installed[&k] else {
+        let Some(Installed::ReadBack(g)) = installed.get(&k) else {
             panic!("read back");
         };
         assert_eq!(g.owner, Some("100.64.0.9".parse().unwrap()));
@@ -976,7 +985,7 @@ mod tests {
             protocol: 17,
             port: 99,
         });
-        assert_eq!(installed[&orphan].owner(), None);
+        assert_eq!(installed.get(&orphan).and_then(Installed::owner), None);
         let p = &ports[&Ipv4Addr::new(100, 64, 0, 9)];
         assert_eq!(p.blocks[0].len, 512);
         assert_eq!(p.value.as_deref(), Some("192.0.2.1 . 1024-1535"));

@@ -33,10 +33,8 @@ fn render(v: &Value) -> String {
 /// Rebuilds pcpd's view of its table from `nft -j list table`: elements
 /// are grouped by the mapping they belong to (inbound by external
 /// endpoint, PEER by five-tuple) with the subscriber that owns them.
-pub(super) fn parse_listing(
-    json: &Value,
-) -> (HashMap<Key, Installed>, HashMap<Ipv4Addr, PortSets>) {
-    let mut installed: HashMap<Key, Installed> = HashMap::default();
+pub(super) fn parse_listing(json: &Value) -> (KeyedTable<Installed>, HashMap<Ipv4Addr, PortSets>) {
+    let mut installed: HashMap<Key, ReadBack> = HashMap::default();
     let mut ports: HashMap<Ipv4Addr, PortSets> = HashMap::default();
     let empty = Vec::new();
     for item in json["nftables"].as_array().unwrap_or(&empty) {
@@ -125,14 +123,18 @@ pub(super) fn parse_listing(
                 _ => continue,
             };
             let Some(group) = group else { continue };
-            let inst = installed
-                .entry(group)
-                .or_insert_with(|| Installed::ReadBack(Box::default()));
-            if let Installed::ReadBack(r) = inst {
-                r.owner = r.owner.or(owner);
-                r.elems.push(Elem { set, key, value });
-            }
+            let r = installed.entry(group).or_insert_with(|| ReadBack {
+                key: group,
+                owner: None,
+                elems: Vec::new(),
+            });
+            r.owner = r.owner.or(owner);
+            r.elems.push(Elem { set, key, value });
         }
     }
+    let installed = installed
+        .into_values()
+        .map(|r| Installed::ReadBack(Box::new(r)))
+        .collect();
     (installed, ports)
 }
