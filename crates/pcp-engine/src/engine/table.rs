@@ -37,10 +37,12 @@ pub(super) struct MappingTable {
     free: Vec<u32>,
     /// Every mapping's slot, found by its key: MAP and static by internal
     /// endpoint (§11.3: one per endpoint), PEER by the full key (§12.3).
-    /// The index holds slot numbers only and compares against the
-    /// mapping in the slot, so a million mappings cost 4 bytes each here
-    /// instead of a copy of their key.
-    by_key: hashbrown::HashTable<u32>,
+    /// The index holds a slot number and 32 bits of the key's hash, and
+    /// compares against the mapping in the slot: a million mappings cost
+    /// 8 bytes each here instead of a copy of their key, and growing the
+    /// index rehashes from what it holds (no visit to every slot, which
+    /// at a million mappings would stall the shard for tens of ms).
+    by_key: hashbrown::HashTable<(u32, u32)>,
     /// Keys are chosen by subscribers: SipHash, randomly keyed.
     hasher: RandomState,
     /// External ports in use.
@@ -92,9 +94,15 @@ impl MappingTable {
 
     /// The slot of the mapping with `key`.
     pub(super) fn find(&self, key: &MappingKey) -> Option<u32> {
+        let h = self.short_hash(key);
         self.by_key
-            .find(self.hasher.hash_one(key), |&s| self.key_at(s) == Some(*key))
-            .copied()
+            .find(widen(h), |&(s, hs)| hs == h && self.key_at(s) == Some(*key))
+            .map(|&(s, _)| s)
+    }
+
+    /// The 32 bits of a key's hash the index keeps.
+    fn short_hash(&self, key: &MappingKey) -> u32 {
+        self.hasher.hash_one(key) as u32
     }
 
     /// The key of the mapping in `slot`.
@@ -190,13 +198,9 @@ impl MappingTable {
         s.refreshed_ms = now;
         s.mapping = Some(mapping);
         self.live += 1;
-        let (slots, hasher) = (&self.slots, &self.hasher);
-        let rehash = |&s: &u32| {
-            let m = slots[s as usize].mapping.as_ref();
-            m.map_or(0, |m| hasher.hash_one(m.key()))
-        };
+        let h = self.short_hash(&key);
         self.by_key
-            .insert_unique(self.hasher.hash_one(key), slot, rehash);
+            .insert_unique(widen(h), (slot, h), |&(_, h)| widen(h));
         id
     }
 
@@ -204,10 +208,8 @@ impl MappingTable {
     /// the external ports no other mapping holds any more.
     pub(super) fn detach(&mut self, slot: u32) -> Option<(Mapping, Vec<ReleasedPort>)> {
         let key = self.key_at(slot)?;
-        if let Ok(found) = self
-            .by_key
-            .find_entry(self.hasher.hash_one(key), |&s| s == slot)
-        {
+        let h = self.short_hash(&key);
+        if let Ok(found) = self.by_key.find_entry(widen(h), |&(s, _)| s == slot) {
             found.remove();
         }
         let entry = self.slots.get_mut(slot as usize)?;
@@ -249,6 +251,13 @@ impl MappingTable {
         }
         Some((mapping, released))
     }
+}
+
+/// The index's hash of a key from the 32 bits it keeps: the table places
+/// entries by the low bits and tags them with the top seven, so both
+/// halves carry the short hash.
+fn widen(h: u32) -> u64 {
+    u64::from(h) << 32 | u64::from(h)
 }
 
 /// A placeholder id: [`MappingTable::insert`] assigns the real one.

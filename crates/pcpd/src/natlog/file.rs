@@ -8,8 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use serde_json::Value;
-
 use super::{Writer, REOPEN};
 
 /// `type: file` in `log.nat_sinks`.
@@ -142,7 +140,7 @@ impl FileWriter {
 }
 
 impl Writer for FileWriter {
-    fn write(&mut self, events: &[Value]) -> u64 {
+    fn write(&mut self, events: &[super::Record]) -> u64 {
         self.maintain();
         self.buf.clear();
         for e in events {

@@ -302,7 +302,8 @@ impl IpfixWriter {
 }
 
 impl Writer for IpfixWriter {
-    fn write(&mut self, events: &[Value]) -> u64 {
+    fn write(&mut self, events: &[super::Record]) -> u64 {
+        let events: Vec<Value> = events.iter().map(super::Record::to_value).collect();
         if let Err(e) = self.ready() {
             self.fail(&e);
             return events.iter().filter(|e| record(e).is_some()).count() as u64;
@@ -330,7 +331,7 @@ impl Writer for IpfixWriter {
             *n = 0;
             r
         };
-        for e in events {
+        for e in &events {
             let Some((id, rec)) = record(e) else { continue };
             if sets.len() + rec.len() + 4 > 1200 {
                 lost += flush(self, &mut sets, &mut in_msg);
@@ -406,8 +407,16 @@ mod tests {
             queue: 16,
         })
         .unwrap();
-        let e = json!({"timeStamp": 1u64, "natEvent": 16, "sourceAddress": "100.64.0.2",
-                       "postNATSourceIPv4Address": "192.0.2.1", "portRangeStart": 1024, "portRangeEnd": 1535});
+        let e = super::super::Record {
+            event: "port_block_allocation",
+            time: 1,
+            nat_event: Some(16),
+            source: Some("100.64.0.2".parse().unwrap()),
+            post_addr: Some("192.0.2.1".parse().unwrap()),
+            port_first: Some(1024),
+            port_last: Some(1535),
+            ..Default::default()
+        };
         assert_eq!(w.write(&[e.clone(), e.clone()]), 0);
         let mut buf = [0u8; 2048];
         let set_id = |b: &[u8]| u16::from_be_bytes([b[16], b[17]]);

@@ -15,35 +15,24 @@
 //! copies the events: a batch's events go to each queue as one message,
 //! and the sink's thread makes the JSON (off the request path).
 
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pcp_engine::{DeleteReason, Event, Mapping, Millis};
+use pcp_engine::{Event, Millis};
 use prometheus::IntCounterVec;
-use serde_json::{json, Value};
 
 mod file;
 mod ipfix;
+mod record;
 mod syslog;
+
+use record::Record;
 
 pub use file::FileSinkConfig;
 pub use ipfix::IpfixSinkConfig;
 pub use syslog::SyslogSinkConfig;
-
-/// RFC 8158 natEvent values used here.
-mod nat_event {
-    pub(super) const ADDRESSES_EXHAUSTED: u8 = 3;
-    pub(super) const NAT44_BIB_CREATE: u8 = 8;
-    pub(super) const NAT44_BIB_DELETE: u8 = 9;
-    pub(super) const NAT64_BIB_CREATE: u8 = 10;
-    pub(super) const NAT64_BIB_DELETE: u8 = 11;
-    pub(super) const QUOTA_EXCEEDED: u8 = 13;
-    pub(super) const PORT_BLOCK_ALLOCATION: u8 = 16;
-    pub(super) const PORT_BLOCK_DEALLOCATION: u8 = 17;
-}
 
 /// Bumped by SIGHUP: file sinks reopen their file (logrotate's habit).
 pub static REOPEN: AtomicU64 = AtomicU64::new(0);
@@ -167,7 +156,7 @@ pub(crate) fn default_queue() -> usize {
 /// What a sink thread does with the events it is given.
 trait Writer: Send {
     /// Writes a batch (in order); returns how many could not be written.
-    fn write(&mut self, events: &[Value]) -> u64;
+    fn write(&mut self, events: &[Record]) -> u64;
     /// Called about once a second with nothing to write (rotation,
     /// reconnects, template refresh).
     fn tick(&mut self) {}
@@ -364,7 +353,7 @@ fn run(
                     match m {
                         Msg::Events(events) => {
                             queued.fetch_sub(events.len(), Ordering::AcqRel);
-                            batch.extend(events.iter().filter_map(|(now, e)| to_json(*now, e)));
+                            batch.extend(events.iter().filter_map(|(now, e)| Record::of(*now, e)));
                         }
                         Msg::Flush(ack) => flushed.push(ack),
                     }
@@ -391,118 +380,6 @@ fn run(
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
         }
     }
-}
-
-fn bib(m: &Mapping, create: bool) -> u8 {
-    match (m.internal_addr, create) {
-        (IpAddr::V4(_), true) => nat_event::NAT44_BIB_CREATE,
-        (IpAddr::V4(_), false) => nat_event::NAT44_BIB_DELETE,
-        (IpAddr::V6(_), true) => nat_event::NAT64_BIB_CREATE,
-        (IpAddr::V6(_), false) => nat_event::NAT64_BIB_DELETE,
-    }
-}
-
-fn mapping_fields(m: &Mapping) -> Value {
-    json!({
-        "sourceAddress": m.internal_addr,
-        "sourceTransportPort": m.internal_port,
-        "protocolIdentifier": m.protocol,
-        "postNATSourceIPv4Address": m.external_addr,
-        "postNAPTSourceTransportPort": m.external_port,
-        "portRangeStart": m.external_port,
-        "portRangeEnd": u32::from(m.external_port) + u32::from(m.port_count) - 1,
-        "kind": m.kind,
-    })
-}
-
-/// A firewall pinhole opened or closed: not a NAT event (RFC 8158 has
-/// none for a firewall), logged with the same field names and no
-/// `natEvent`, so "who could be reached on this address and port" is
-/// answered from the same log.
-fn pinhole_json(now: Millis, event: &Event) -> Option<Value> {
-    let (m, name, reason) = match event {
-        Event::MappingCreated(m) if m.firewall => (m, "pinhole_open", None),
-        Event::MappingDeleted { mapping, reason } if mapping.firewall => {
-            (mapping, "pinhole_close", Some(reason))
-        }
-        _ => return None,
-    };
-    let mut f = json!({
-        "sourceAddress": m.internal_addr,
-        "sourceTransportPort": m.internal_port,
-        "protocolIdentifier": m.protocol,
-        "portRangeStart": m.internal_port,
-        "portRangeEnd": u32::from(m.internal_port) + u32::from(m.port_count) - 1,
-        "kind": m.kind,
-        "timeStamp": now,
-        "event": name,
-    });
-    if let Some(r) = reason {
-        f["reason"] = json!(r);
-    }
-    Some(f)
-}
-
-fn to_json(now: Millis, event: &Event) -> Option<Value> {
-    if let Some(v) = pinhole_json(now, event) {
-        return Some(v);
-    }
-    let (code, name, mut fields) = match event {
-        Event::MappingCreated(m) => (bib(m, true), "mapping_create", mapping_fields(m)),
-        Event::MappingDeleted { mapping, reason } => {
-            let mut f = mapping_fields(mapping);
-            f["reason"] = json!(reason);
-            (bib(mapping, false), "mapping_delete", f)
-        }
-        Event::MappingMoved { old, new } => {
-            let mut f = mapping_fields(new);
-            f["previousPostNATSourceIPv4Address"] = json!(old.external_addr);
-            f["previousPostNAPTSourceTransportPort"] = json!(old.external_port);
-            f["reason"] = json!(DeleteReason::Drained);
-            (bib(new, true), "mapping_move", f)
-        }
-        Event::BlockAllocated { subscriber, block }
-        | Event::BlockReleased {
-            subscriber, block, ..
-        } => {
-            let alloc = matches!(event, Event::BlockAllocated { .. });
-            (
-                if alloc {
-                    nat_event::PORT_BLOCK_ALLOCATION
-                } else {
-                    nat_event::PORT_BLOCK_DEALLOCATION
-                },
-                if alloc {
-                    "port_block_allocation"
-                } else {
-                    "port_block_deallocation"
-                },
-                json!({
-                    "sourceAddress": subscriber,
-                    "postNATSourceIPv4Address": block.addr,
-                    "portRangeStart": block.first,
-                    "portRangeEnd": block.last(),
-                }),
-            )
-        }
-        Event::QuotaExceeded { subscriber } => (
-            nat_event::QUOTA_EXCEEDED,
-            "quota_exceeded",
-            // natQuotaExceededEvent 3: maximum entries per user.
-            json!({ "sourceAddress": subscriber, "natQuotaExceededEvent": 3 }),
-        ),
-        Event::PoolExhausted { pool } => (
-            nat_event::ADDRESSES_EXHAUSTED,
-            "addresses_exhausted",
-            json!({ "natPoolName": pool }),
-        ),
-        // Renewals change lifetimes only; RFC 8158 has no event for them.
-        Event::MappingRenewed(_) | Event::MappingRefreshed(_) => return None,
-    };
-    fields["timeStamp"] = json!(now);
-    fields["natEvent"] = json!(code);
-    fields["event"] = json!(name);
-    Some(fields)
 }
 
 #[cfg(test)]

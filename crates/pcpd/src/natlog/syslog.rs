@@ -220,9 +220,9 @@ pub(super) fn message(event: &Value, facility: u8, host: &str, app: &str, sd_id:
 }
 
 impl Writer for SyslogWriter {
-    fn write(&mut self, events: &[Value]) -> u64 {
+    fn write(&mut self, events: &[super::Record]) -> u64 {
         let mut lost = 0;
-        for e in events {
+        for e in events.iter().map(super::Record::to_value) {
             if self.conn.is_none() && Instant::now() >= self.next_try {
                 match self.connect() {
                     Ok(c) => self.conn = Some(c),
@@ -236,7 +236,7 @@ impl Writer for SyslogWriter {
                 }
             }
             let msg = message(
-                e,
+                &e,
                 self.cfg.facility,
                 &self.hostname,
                 &self.cfg.app_name,

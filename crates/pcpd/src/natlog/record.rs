@@ -1,0 +1,302 @@
+//! One NAT log record: an engine event as RFC 8158 names its fields. Made
+//! on a sink's thread, one per logged event; the file sink writes it
+//! straight as a JSON line (no intermediate JSON tree: building one per
+//! event was most of the log's cost under a flood of creates).
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use pcp_engine::{DeleteReason, Event, Mapping, MappingKind, Millis};
+
+/// RFC 8158 natEvent values used here.
+mod nat_event {
+    pub(super) const ADDRESSES_EXHAUSTED: u8 = 3;
+    pub(super) const NAT44_BIB_CREATE: u8 = 8;
+    pub(super) const NAT44_BIB_DELETE: u8 = 9;
+    pub(super) const NAT64_BIB_CREATE: u8 = 10;
+    pub(super) const NAT64_BIB_DELETE: u8 = 11;
+    pub(super) const QUOTA_EXCEEDED: u8 = 13;
+    pub(super) const PORT_BLOCK_ALLOCATION: u8 = 16;
+    pub(super) const PORT_BLOCK_DEALLOCATION: u8 = 17;
+}
+
+/// The fields of one record, in the order of their names (the order the
+/// log has always had); those a record lacks are left out.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub(super) struct Record {
+    /// What happened (`mapping_create`, `pinhole_open`, ...).
+    pub(super) event: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) kind: Option<MappingKind>,
+    /// RFC 8158's natEvent (none for a firewall pinhole).
+    #[serde(rename = "natEvent", skip_serializing_if = "Option::is_none")]
+    pub(super) nat_event: Option<u8>,
+    #[serde(rename = "natPoolName", skip_serializing_if = "Option::is_none")]
+    pub(super) pool: Option<String>,
+    #[serde(
+        rename = "natQuotaExceededEvent",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub(super) quota_exceeded: Option<u32>,
+    #[serde(rename = "portRangeEnd", skip_serializing_if = "Option::is_none")]
+    pub(super) port_last: Option<u32>,
+    #[serde(rename = "portRangeStart", skip_serializing_if = "Option::is_none")]
+    pub(super) port_first: Option<u16>,
+    #[serde(
+        rename = "postNAPTSourceTransportPort",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub(super) post_port: Option<u16>,
+    #[serde(
+        rename = "postNATSourceIPv4Address",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub(super) post_addr: Option<Ipv4Addr>,
+    #[serde(
+        rename = "previousPostNAPTSourceTransportPort",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub(super) previous_port: Option<u16>,
+    #[serde(
+        rename = "previousPostNATSourceIPv4Address",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub(super) previous_addr: Option<Ipv4Addr>,
+    #[serde(rename = "protocolIdentifier", skip_serializing_if = "Option::is_none")]
+    pub(super) protocol: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) reason: Option<DeleteReason>,
+    #[serde(rename = "sourceAddress", skip_serializing_if = "Option::is_none")]
+    pub(super) source: Option<IpAddr>,
+    #[serde(
+        rename = "sourceTransportPort",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub(super) source_port: Option<u16>,
+    #[serde(rename = "timeStamp")]
+    pub(super) time: Millis,
+}
+
+fn bib(m: &Mapping, create: bool) -> u8 {
+    match (m.internal_addr, create) {
+        (IpAddr::V4(_), true) => nat_event::NAT44_BIB_CREATE,
+        (IpAddr::V4(_), false) => nat_event::NAT44_BIB_DELETE,
+        (IpAddr::V6(_), true) => nat_event::NAT64_BIB_CREATE,
+        (IpAddr::V6(_), false) => nat_event::NAT64_BIB_DELETE,
+    }
+}
+
+/// A mapping's fields: internal endpoint, external endpoint and range.
+fn mapping(time: Millis, event: &'static str, m: &Mapping) -> Record {
+    Record {
+        event,
+        time,
+        source: Some(m.internal_addr),
+        source_port: Some(m.internal_port),
+        protocol: Some(m.protocol),
+        post_addr: Some(m.external_addr),
+        post_port: Some(m.external_port),
+        port_first: Some(m.external_port),
+        port_last: Some(u32::from(m.external_port) + u32::from(m.port_count) - 1),
+        kind: Some(m.kind),
+        ..Record::default()
+    }
+}
+
+/// A firewall pinhole opened or closed: not a NAT event (RFC 8158 has
+/// none for a firewall), logged with the same field names and no
+/// `natEvent`, so "who could be reached on this address and port" is
+/// answered from the same log.
+fn pinhole(time: Millis, event: &Event) -> Option<Record> {
+    let (m, name, reason) = match event {
+        Event::MappingCreated(m) if m.firewall => (m, "pinhole_open", None),
+        Event::MappingDeleted { mapping, reason } if mapping.firewall => {
+            (mapping, "pinhole_close", Some(*reason))
+        }
+        _ => return None,
+    };
+    Some(Record {
+        event: name,
+        time,
+        source: Some(m.internal_addr),
+        source_port: Some(m.internal_port),
+        protocol: Some(m.protocol),
+        port_first: Some(m.internal_port),
+        port_last: Some(u32::from(m.internal_port) + u32::from(m.port_count) - 1),
+        kind: Some(m.kind),
+        reason,
+        ..Record::default()
+    })
+}
+
+impl Record {
+    /// The record of an event; `None` for events RFC 8158 does not log
+    /// (renewals change lifetimes only).
+    pub(super) fn of(time: Millis, event: &Event) -> Option<Record> {
+        if let Some(r) = pinhole(time, event) {
+            return Some(r);
+        }
+        let r = match event {
+            Event::MappingCreated(m) => Record {
+                nat_event: Some(bib(m, true)),
+                ..mapping(time, "mapping_create", m)
+            },
+            Event::MappingDeleted { mapping: m, reason } => Record {
+                nat_event: Some(bib(m, false)),
+                reason: Some(*reason),
+                ..mapping(time, "mapping_delete", m)
+            },
+            Event::MappingMoved { old, new } => Record {
+                nat_event: Some(bib(new, true)),
+                previous_addr: Some(old.external_addr),
+                previous_port: Some(old.external_port),
+                reason: Some(DeleteReason::Drained),
+                ..mapping(time, "mapping_move", new)
+            },
+            Event::BlockAllocated { subscriber, block }
+            | Event::BlockReleased {
+                subscriber, block, ..
+            } => {
+                let (code, name) = if matches!(event, Event::BlockAllocated { .. }) {
+                    (nat_event::PORT_BLOCK_ALLOCATION, "port_block_allocation")
+                } else {
+                    (
+                        nat_event::PORT_BLOCK_DEALLOCATION,
+                        "port_block_deallocation",
+                    )
+                };
+                Record {
+                    event: name,
+                    time,
+                    nat_event: Some(code),
+                    source: Some(*subscriber),
+                    post_addr: Some(block.addr),
+                    port_first: Some(block.first),
+                    port_last: Some(u32::from(block.last())),
+                    ..Record::default()
+                }
+            }
+            Event::QuotaExceeded { subscriber } => Record {
+                event: "quota_exceeded",
+                time,
+                nat_event: Some(nat_event::QUOTA_EXCEEDED),
+                source: Some(*subscriber),
+                // natQuotaExceededEvent 3: maximum entries per user.
+                quota_exceeded: Some(3),
+                ..Record::default()
+            },
+            Event::PoolExhausted { pool } => Record {
+                event: "addresses_exhausted",
+                time,
+                nat_event: Some(nat_event::ADDRESSES_EXHAUSTED),
+                pool: Some(pool.clone()),
+                ..Record::default()
+            },
+            Event::MappingRenewed(_) | Event::MappingRefreshed(_) => return None,
+        };
+        Some(r)
+    }
+
+    /// The record as a JSON object (the syslog and IPFIX sinks read
+    /// fields by name).
+    pub(super) fn to_value(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pcp_engine::{Block, MappingId};
+
+    fn map(firewall: bool) -> Mapping {
+        Mapping {
+            id: MappingId {
+                shard: 0,
+                slot: 1,
+                generation: 2,
+            },
+            kind: MappingKind::Map,
+            internal_addr: "100.64.0.2".parse().unwrap(),
+            internal_port: 8080,
+            protocol: 6,
+            external_addr: Ipv4Addr::new(192, 0, 2, 1),
+            external_port: 40000,
+            firewall,
+            port_count: 2,
+            nonce: Default::default(),
+            created_ms: 0,
+            expires_ms: 1,
+            durable_ms: 1,
+            client_port: 5350,
+            natpmp: false,
+            extra: None,
+        }
+    }
+
+    #[test]
+    fn records_write_their_fields_in_name_order_with_rfc_8158_names() {
+        let block = Block {
+            addr: Ipv4Addr::new(192, 0, 2, 1),
+            first: 1024,
+            len: 512,
+        };
+        let sub: IpAddr = "100.64.0.2".parse().unwrap();
+        let moved = Mapping {
+            external_port: 40100,
+            ..map(false)
+        };
+        let events = [
+            Event::MappingCreated(map(false)),
+            Event::MappingDeleted {
+                mapping: map(false),
+                reason: DeleteReason::Expired,
+            },
+            Event::MappingMoved {
+                old: map(false),
+                new: moved,
+            },
+            Event::MappingCreated(map(true)),
+            Event::BlockAllocated {
+                subscriber: sub,
+                block,
+            },
+            Event::BlockReleased {
+                subscriber: sub,
+                block,
+                since: 0,
+            },
+            Event::QuotaExceeded { subscriber: sub },
+            Event::PoolExhausted {
+                pool: "default".into(),
+            },
+        ];
+        for e in &events {
+            let r = Record::of(7, e).unwrap();
+            // The JSON tree orders keys by name: the record's own
+            // serialization must be the very same text.
+            let text = serde_json::to_string(&r).unwrap();
+            assert_eq!(text, r.to_value().to_string(), "{e:?}");
+            assert!(text.contains(r#""timeStamp":7"#), "{text}");
+        }
+        let created = Record::of(7, &events[0]).unwrap().to_value();
+        assert_eq!(created["natEvent"], 8);
+        assert_eq!(created["event"], "mapping_create");
+        assert_eq!(created["postNAPTSourceTransportPort"], 40000);
+        assert_eq!(created["portRangeEnd"], 40001);
+        let moved = Record::of(7, &events[2]).unwrap().to_value();
+        assert_eq!(moved["previousPostNAPTSourceTransportPort"], 40000);
+        assert_eq!(moved["postNAPTSourceTransportPort"], 40100);
+        assert_eq!(moved["reason"], "drained");
+        let pinhole = Record::of(7, &events[3]).unwrap().to_value();
+        assert_eq!(pinhole["event"], "pinhole_open");
+        assert!(pinhole.get("natEvent").is_none());
+        let block = Record::of(7, &events[4]).unwrap().to_value();
+        assert_eq!(block["natEvent"], 16);
+        assert_eq!(block["portRangeEnd"], 1535);
+        assert_eq!(
+            Record::of(7, &events[6]).unwrap().to_value()["natQuotaExceededEvent"],
+            3
+        );
+        assert!(Record::of(7, &Event::MappingRenewed(map(false))).is_none());
+    }
+}
