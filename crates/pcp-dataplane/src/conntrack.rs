@@ -4,9 +4,18 @@
 //! established flow keeps its DNAT/SNAT until the entry times out (days
 //! for TCP), and the external port may by then be another subscriber's.
 //!
-//! One dump per batch of removals (IPv4, the NAT44 table), matched in
-//! pcpd, then one delete per matching entry by its original tuple; a delete
-//! of an entry that is already gone is not an error.
+//! Which entries to delete comes from an index of the flows of installed
+//! mappings, learnt from conntrack's own events (NEW and DESTROY, the
+//! ctnetlink multicast groups): a removal costs one delete per flow of
+//! its mappings, by original tuple, whatever the size of the table (a
+//! carrier's holds millions of flows, almost all of them port-block SNAT
+//! that no mapping owns). The index is built by one dump of the table
+//! (IPv4, the NAT44 table) at the dataplane's first batch, and again
+//! whenever it cannot be trusted (the kernel dropped events because pcpd
+//! read them too late: ENOBUFS); events are read at every batch. Without
+//! events (no permission) every removal dumps and matches in pcpd. A delete of an entry that is
+//! already gone is not an error. How often each way ran is counted
+//! ([`flow_stats`], `pcpd_conntrack_*` metrics).
 //!
 //! What is a mapping's flow:
 //! * inbound (MAP, static): the original destination is the external endpoint;
@@ -14,9 +23,10 @@
 //!   the external endpoint;
 //! * PEER: the original tuple is the internal endpoint to the remote peer.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
@@ -31,6 +41,38 @@ use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
 /// errno ENOENT (Linux).
 const ENOENT: i32 = 2;
+/// errno ENOBUFS (Linux): the kernel dropped events for this socket.
+const ENOBUFS: i32 = 105;
+/// `NFNLGRP_CONNTRACK_NEW` and `NFNLGRP_CONNTRACK_DESTROY`.
+const GROUPS: [u32; 2] = [1, 3];
+/// Receive buffer of the event socket: room for ~40 k events between two
+/// reads (as root; otherwise the system's `rmem_max`).
+const EVENT_BUFFER: usize = 8 << 20;
+
+/// Process-wide counts of conntrack work (all shards).
+static DUMPS: AtomicU64 = AtomicU64::new(0);
+static REMOVED_BY_INDEX: AtomicU64 = AtomicU64::new(0);
+static REMOVED_BY_DUMP: AtomicU64 = AtomicU64::new(0);
+
+/// How removed mappings' flows were found, since the process started.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FlowStats {
+    /// Dumps of the whole table (the index was not trusted).
+    pub dumps: u64,
+    /// Entries deleted as the index listed them.
+    pub removed_by_index: u64,
+    /// Entries deleted as a dump found them.
+    pub removed_by_dump: u64,
+}
+
+/// The counts so far.
+pub fn flow_stats() -> FlowStats {
+    FlowStats {
+        dumps: DUMPS.load(Ordering::Relaxed),
+        removed_by_index: REMOVED_BY_INDEX.load(Ordering::Relaxed),
+        removed_by_dump: REMOVED_BY_DUMP.load(Ordering::Relaxed),
+    }
+}
 
 /// An address, protocol and port, as a conntrack tuple half holds them.
 pub(crate) type Endpoint = (IpAddr, u8, u16);
@@ -108,10 +150,94 @@ fn tuple_of(h: &Half) -> Vec<Tuple> {
     ]
 }
 
-/// A ctnetlink socket.
+/// A ctnetlink socket, and the flows of installed mappings learnt from
+/// conntrack's events.
 pub(crate) struct Conntrack {
     socket: Socket,
     seq: u32,
+    /// Subscribed to NEW and DESTROY events (`None`: events could not be
+    /// had, every removal dumps).
+    events: Option<Socket>,
+    index: FlowIndex,
+    buf: Vec<u8>,
+}
+
+/// The flows of mapped external endpoints, by endpoint.
+#[derive(Debug, Default)]
+struct FlowIndex {
+    /// Original tuples of the flows through each mapped external endpoint
+    /// (inbound to it, or outbound from its mapped port).
+    flows: HashMap<Endpoint, Vec<Half>>,
+    /// Whether `flows` holds every such flow: not at start, nor after the
+    /// kernel dropped events.
+    trusted: bool,
+}
+
+impl FlowIndex {
+    /// Files a flow under the mapped external endpoint it goes through, if
+    /// any (`mapped`).
+    fn file(&mut self, orig: Half, reply: &Half, mapped: &dyn Fn(&Endpoint) -> bool) {
+        let at = if mapped(&orig.1) {
+            orig.1
+        } else if mapped(&reply.1) {
+            reply.1
+        } else {
+            return;
+        };
+        let flows = self.flows.entry(at).or_default();
+        if !flows.contains(&orig) {
+            flows.push(orig);
+        }
+    }
+
+    /// Takes a flow that ended out.
+    fn unfile(&mut self, orig: &Half, reply: &Half) {
+        for at in [orig.1, reply.1] {
+            if let Some(flows) = self.flows.get_mut(&at) {
+                flows.retain(|h| h != orig);
+                if flows.is_empty() {
+                    self.flows.remove(&at);
+                }
+            }
+        }
+    }
+
+    /// Takes the flows of an endpoint out.
+    fn take(&mut self, at: &Endpoint) -> Vec<Half> {
+        self.flows.remove(at).unwrap_or_default()
+    }
+}
+
+/// Opens a socket subscribed to conntrack's NEW and DESTROY events,
+/// non-blocking, with a large receive buffer.
+fn event_socket() -> io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_NETFILTER)?;
+    socket.bind_auto()?;
+    for g in GROUPS {
+        socket.add_membership(g)?;
+    }
+    socket.set_non_blocking(true)?;
+    let fd = socket2::SockRef::from(&socket);
+    // SO_RCVBUFFORCE (root) may exceed rmem_max; else what is allowed.
+    if nix::sys::socket::setsockopt(&*fd, nix::sys::socket::sockopt::RcvBufForce, &EVENT_BUFFER)
+        .is_err()
+    {
+        socket.set_rx_buf_sz(EVENT_BUFFER)?;
+    }
+    Ok(socket)
+}
+
+/// The (original, reply) halves of an entry's attributes.
+fn halves(attrs: &[ConntrackAttribute]) -> Option<(Half, Half)> {
+    let (mut orig, mut reply) = (None, None);
+    for a in attrs {
+        match a {
+            ConntrackAttribute::CtaTupleOrig(t) => orig = half(t),
+            ConntrackAttribute::CtaTupleReply(t) => reply = half(t),
+            _ => {}
+        }
+    }
+    Some((orig?, reply?))
 }
 
 impl Conntrack {
@@ -121,7 +247,71 @@ impl Conntrack {
         socket.connect(&SocketAddr::new(0, 0))?;
         // A kernel that stops answering fails the flush, never hangs the shard.
         socket2::SockRef::from(&socket).set_read_timeout(Some(crate::nfnetlink::REPLY_TIMEOUT))?;
-        Ok(Conntrack { socket, seq: 0 })
+        let events = event_socket()
+            .inspect_err(|e| {
+                tracing::warn!("conntrack events: {e}; every removal dumps the conntrack table")
+            })
+            .ok();
+        Ok(Conntrack {
+            socket,
+            seq: 0,
+            events,
+            index: FlowIndex::default(),
+            buf: vec![0u8; 1 << 16],
+        })
+    }
+
+    /// Reads the events queued so far into the index: NEW files a flow of
+    /// a mapped endpoint (`mapped`), DESTROY takes it out.
+    pub(crate) fn learn(&mut self, mapped: &dyn Fn(&Endpoint) -> bool) {
+        let Some(events) = self.events.take() else {
+            return;
+        };
+        let mut buf = std::mem::take(&mut self.buf);
+        loop {
+            let n = match events.recv(&mut &mut buf[..], 0) {
+                Ok(n) => n,
+                Err(e) if e.raw_os_error() == Some(ENOBUFS) => {
+                    // Events were lost: the index is a guess until a dump.
+                    self.index.trusted = false;
+                    continue;
+                }
+                Err(_) => break, // EAGAIN: all read
+            };
+            let mut off = 0;
+            while off < n {
+                let Ok(msg) = <NetlinkMessage<NetfilterMessage>>::deserialize(&buf[off..n]) else {
+                    self.index.trusted = false;
+                    break;
+                };
+                let len = msg.header.length as usize;
+                if let NetlinkPayload::InnerMessage(NetfilterMessage {
+                    inner: NetfilterMessageInner::Conntrack(m),
+                    ..
+                }) = msg.payload
+                {
+                    match m {
+                        ConntrackMessage::New(attrs) => {
+                            if let Some((orig, reply)) = halves(&attrs) {
+                                self.index.file(orig, &reply, mapped);
+                            }
+                        }
+                        ConntrackMessage::Delete(attrs) => {
+                            if let Some((orig, reply)) = halves(&attrs) {
+                                self.index.unfile(&orig, &reply);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if len == 0 {
+                    break;
+                }
+                off += len;
+            }
+        }
+        self.buf = buf;
+        self.events = Some(events);
     }
 
     fn send(&mut self, flags: u16, msg: ConntrackMessage) -> io::Result<u32> {
@@ -192,32 +382,86 @@ impl Conntrack {
         }
     }
 
-    /// Deletes every IPv4 conntrack entry that belongs to `f`; returns how many.
-    pub(crate) fn forget(&mut self, f: &Forget) -> io::Result<usize> {
-        if f.is_empty() || tracks_nothing() {
+    /// Brings the index up to date: the events queued so far, and a dump
+    /// of the table when the index is not trusted (at the first batch, or
+    /// after the kernel dropped events), so removals need none. Nothing
+    /// without events: removals then dump.
+    pub(crate) fn resync(&mut self, mapped: &dyn Fn(&Endpoint) -> bool) -> io::Result<()> {
+        if self.events.is_none() {
+            return Ok(());
+        }
+        self.learn(mapped);
+        if !self.index.trusted {
+            self.dump(&Forget::default(), mapped)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every IPv4 conntrack entry that belongs to `f`; returns how
+    /// many. `mapped`: whether an external endpoint is an installed
+    /// mapping's (the flows the index keeps).
+    pub(crate) fn forget(
+        &mut self,
+        f: &Forget,
+        mapped: &dyn Fn(&Endpoint) -> bool,
+    ) -> io::Result<usize> {
+        if f.is_empty() {
             return Ok(0);
         }
+        // Flows that began up to now, the removed mappings' included.
+        self.learn(&|e| f.external.contains(e) || mapped(e));
+        let doomed = if self.index.trusted {
+            let mut doomed: Vec<Half> = f.peers.iter().copied().collect();
+            for e in &f.external {
+                doomed.extend(self.index.take(e));
+            }
+            REMOVED_BY_INDEX.fetch_add(doomed.len() as u64, Ordering::Relaxed);
+            doomed
+        } else {
+            let doomed = self.dump(f, mapped)?;
+            REMOVED_BY_DUMP.fetch_add(doomed.len() as u64, Ordering::Relaxed);
+            doomed
+        };
+        self.delete(&doomed)?;
+        Ok(doomed.len())
+    }
+
+    /// Walks the whole table: returns the entries that belong to `f`, and
+    /// rebuilds the index from the others (trusted from now on, if events
+    /// come: those of entries made during the dump are read next).
+    fn dump(&mut self, f: &Forget, mapped: &dyn Fn(&Endpoint) -> bool) -> io::Result<Vec<Half>> {
+        self.index = FlowIndex {
+            flows: HashMap::new(),
+            trusted: self.events.is_some(),
+        };
+        if tracks_nothing() {
+            return Ok(Vec::new());
+        }
+        DUMPS.fetch_add(1, Ordering::Relaxed);
         let seq = self.send(
             NLM_F_REQUEST | NLM_F_DUMP,
             ConntrackMessage::Get(Vec::new()),
         )?;
         let mut doomed: Vec<Half> = Vec::new();
+        let mut entries: Vec<(Half, Half)> = Vec::new();
         self.read(seq, 0, |attrs| {
-            let (mut orig, mut reply) = (None, None);
-            for a in attrs {
-                match a {
-                    ConntrackAttribute::CtaTupleOrig(t) => orig = half(t),
-                    ConntrackAttribute::CtaTupleReply(t) => reply = half(t),
-                    _ => {}
-                }
-            }
-            if let (Some(o), Some(r)) = (orig, reply) {
+            if let Some((o, r)) = halves(attrs) {
                 if belongs(f, &o, &r) {
                     doomed.push(o);
+                } else {
+                    entries.push((o, r));
                 }
             }
         })?;
-        // Deletes in chunks, each answered by an ack or an error.
+        for (o, r) in entries {
+            self.index.file(o, &r, mapped);
+        }
+        Ok(doomed)
+    }
+
+    /// Deletes entries by original tuple, in chunks, each answered by an
+    /// ack or an error.
+    fn delete(&mut self, doomed: &[Half]) -> io::Result<()> {
         for chunk in doomed.chunks(256) {
             let mut first = None;
             for o in chunk {
@@ -231,7 +475,7 @@ impl Conntrack {
                 self.read(first, chunk.len(), |_| {})?;
             }
         }
-        Ok(doomed.len())
+        Ok(())
     }
 }
 
@@ -269,5 +513,32 @@ mod tests {
         assert!(belongs(&f, &(internal, remote), &(remote, other)));
         let t = tuple_of(&(remote, ext));
         assert_eq!(half(&t), Some((remote, ext)));
+    }
+
+    #[test]
+    fn the_index_files_flows_under_the_mapped_endpoint_they_go_through() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let ext = (ip("192.0.2.1"), 17, 40000);
+        let other_ext = (ip("192.0.2.1"), 17, 1500);
+        let internal = (ip("100.64.0.2"), 17, 9100);
+        let remote = (ip("198.51.100.2"), 17, 5555);
+        let dns = (ip("198.51.100.3"), 17, 53);
+        let mapped = |e: &Endpoint| *e == ext;
+        let mut i = FlowIndex::default();
+        // Inbound through the DNAT, and outbound from the mapped port.
+        let inbound = (remote, ext);
+        i.file(inbound, &(internal, remote), &mapped);
+        let outbound = (internal, dns);
+        i.file(outbound, &(dns, ext), &mapped);
+        // A port-block SNAT flow of no mapping is not kept.
+        i.file((internal, remote), &(remote, other_ext), &mapped);
+        // The same flow told twice is kept once.
+        i.file(inbound, &(internal, remote), &mapped);
+        assert_eq!(i.flows.len(), 1);
+        assert_eq!(i.flows[&ext], [inbound, outbound]);
+        // DESTROY takes one out; the rest goes with the mapping.
+        i.unfile(&inbound, &(internal, remote));
+        assert_eq!(i.take(&ext), [outbound]);
+        assert!(i.take(&ext).is_empty() && i.flows.is_empty());
     }
 }

@@ -34,6 +34,7 @@ mod keyed;
 mod nfnetlink;
 mod nftables;
 mod pinholes;
+pub use conntrack::{flow_stats, FlowStats};
 pub use nftables::NftablesDataplane;
 pub use pinholes::{FirewallRules, Unsolicited};
 

@@ -47,7 +47,7 @@ use pcp_engine::{
 };
 use serde_json::Value;
 
-use crate::conntrack::{Conntrack, Forget};
+use crate::conntrack::{Conntrack, Endpoint, Forget};
 use crate::keyed::{Keyed, KeyedTable};
 use crate::nfnetlink::NftLink;
 
@@ -726,7 +726,28 @@ impl NftablesDataplane {
                 Err(e) => return self.conntrack_failed(&e),
             }
         }
-        if let Some(Err(e)) = self.conntrack.as_mut().map(|c| c.forget(flows)) {
+        let (installed, removing) = (&self.installed, &self.removing);
+        let mapped = |e: &Endpoint| mapped(installed, removing, e);
+        if let Some(Err(e)) = self.conntrack.as_mut().map(|c| c.forget(flows, &mapped)) {
+            self.conntrack = None;
+            self.conntrack_failed(&e);
+        }
+    }
+
+    /// Keeps the conntrack flow index up to date, each batch: the events
+    /// queued since (so the kernel need not drop any), and a dump when the
+    /// index is not trusted (the first batch, normally the reconcile at
+    /// start). ctnetlink is opened here on first use.
+    fn learn_flows(&mut self) {
+        if self.conntrack.is_none() && !self.conntrack_complained {
+            match Conntrack::open() {
+                Ok(c) => self.conntrack = Some(c),
+                Err(e) => return self.conntrack_failed(&e),
+            }
+        }
+        let (installed, removing) = (&self.installed, &self.removing);
+        let mapped = |e: &Endpoint| mapped(installed, removing, e);
+        if let Some(Err(e)) = self.conntrack.as_mut().map(|c| c.resync(&mapped)) {
             self.conntrack = None;
             self.conntrack_failed(&e);
         }
@@ -798,6 +819,27 @@ impl NftablesDataplane {
     }
 }
 
+/// Whether `e` is the external endpoint of an installed MAP or static
+/// mapping, or of one whose flows are yet to be flushed: the flows the
+/// conntrack index keeps.
+fn mapped(
+    installed: &KeyedTable<Installed>,
+    removing: &std::collections::VecDeque<(Instant, Forget)>,
+    e: &Endpoint,
+) -> bool {
+    let (IpAddr::V4(addr), protocol, port) = *e else {
+        return false;
+    };
+    installed
+        .get(&Key::Inbound(ExternalEndpoint {
+            addr,
+            protocol,
+            port,
+        }))
+        .is_some()
+        || removing.iter().any(|(_, f)| f.external.contains(e))
+}
+
 /// The flows an element stood for, once it is gone: a DNAT element's
 /// external endpoint, a PEER's five-tuple (see [`crate::conntrack`]).
 /// Pinholes need nothing: their flows are checked on every packet.
@@ -849,6 +891,7 @@ impl Dataplane for NftablesDataplane {
         &mut self,
         changes: &[Change],
     ) -> (Vec<Result<(), ApplyError>>, Option<Instant>) {
+        self.learn_flows();
         if changes.is_empty() {
             return (Vec::new(), None);
         }

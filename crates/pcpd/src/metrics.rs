@@ -2,6 +2,8 @@
 //! constants shared with the tests and docs/metrics.md. No label carries a
 //! subscriber address.
 
+use std::sync::{Arc, Mutex};
+
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
@@ -34,6 +36,10 @@ pub const UNSOLICITED: &str = "pcpd_unsolicited_total";
 pub const DATAPLANE_CHANGES: &str = "pcpd_dataplane_changes_total";
 /// Time to apply one batch of dataplane changes.
 pub const DATAPLANE_LATENCY: &str = "pcpd_dataplane_apply_seconds";
+/// Conntrack entries of removed mappings deleted, by how they were found.
+pub const CONNTRACK_REMOVED: &str = "pcpd_conntrack_removed_total";
+/// Dumps of the whole conntrack table (the flow index was not trusted).
+pub const CONNTRACK_DUMPS: &str = "pcpd_conntrack_dumps_total";
 /// `pcpd_epoch_start_timestamp_seconds`: when the epoch (RFC 6887 §8.5) began.
 pub const EPOCH_START: &str = "pcpd_epoch_start_timestamp_seconds";
 /// `pcpd_build_info{version}`: always 1.
@@ -69,7 +75,7 @@ pub const CLUSTER_CERTAIN: &str = "pcpd_cluster_lease_certain";
 
 /// Every metric name (checked against docs/metrics.md).
 #[cfg(test)]
-pub const ALL: [&str; 28] = [
+pub const ALL: [&str; 30] = [
     RESPONSES,
     DROPS,
     LATENCY,
@@ -82,6 +88,8 @@ pub const ALL: [&str; 28] = [
     THIRD_PARTY_REFUSALS,
     UNSOLICITED,
     DATAPLANE_CHANGES,
+    CONNTRACK_REMOVED,
+    CONNTRACK_DUMPS,
     DATAPLANE_LATENCY,
     EPOCH_START,
     BUILD_INFO,
@@ -175,6 +183,55 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> 
     c
 }
 
+/// The nftables backend's conntrack counts (pcp-dataplane keeps them for
+/// every shard), read at each scrape.
+#[derive(Clone)]
+struct ConntrackCounts {
+    removed: IntCounterVec,
+    dumps: IntCounter,
+    /// One scrape at a time brings the counters up to date.
+    sync: Arc<Mutex<()>>,
+}
+
+impl ConntrackCounts {
+    fn new() -> Result<Self, prometheus::Error> {
+        Ok(ConntrackCounts {
+            removed: IntCounterVec::new(
+                Opts::new(CONNTRACK_REMOVED, "Conntrack entries of removed mappings deleted, by how they were found: index (conntrack's events) or dump (the whole table walked)."),
+                &["via"],
+            )?,
+            dumps: IntCounter::new(CONNTRACK_DUMPS, "Walks of the whole conntrack table: to build the flow index (at start) or rebuild it (events were lost), or at every removal without conntrack events.")?,
+            sync: Arc::default(),
+        })
+    }
+}
+
+impl prometheus::core::Collector for ConntrackCounts {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut d = self.removed.desc();
+        d.extend(self.dumps.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let _one = self.sync.lock().unwrap_or_else(|p| p.into_inner());
+        let now = pcp_dataplane::flow_stats();
+        let catch_up = |c: &IntCounter, to: u64| c.inc_by(to.saturating_sub(c.get()));
+        catch_up(
+            &self.removed.with_label_values(&["index"]),
+            now.removed_by_index,
+        );
+        catch_up(
+            &self.removed.with_label_values(&["dump"]),
+            now.removed_by_dump,
+        );
+        catch_up(&self.dumps, now.dumps);
+        let mut out = self.removed.collect();
+        out.extend(self.dumps.collect());
+        out
+    }
+}
+
 fn counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
     Ok(reg(r, IntCounter::new(name, help)?))
 }
@@ -257,6 +314,7 @@ impl Metrics {
         )?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         reg(&m.registry, build);
+        reg(&m.registry, ConntrackCounts::new()?);
         for name in pcp_engine::Stats::ROWS {
             // Pre-create the common series so rates start at zero.
             let success = pcp_wire::ResultCode::Success.name();

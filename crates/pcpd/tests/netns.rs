@@ -150,6 +150,20 @@ impl Lab {
         common::ns::api_get(&self.cgn, path, TOKEN)
     }
 
+    /// The value of one series of the metrics endpoint (127.0.0.1:9351
+    /// inside the router namespace), as `name{labels}` prints it.
+    fn metric(&self, series: &str) -> f64 {
+        let text = in_ns(&self.cgn, || {
+            let mut r = ureq::get("http://127.0.0.1:9351/metrics")
+                .call()
+                .expect("metrics endpoint");
+            r.body_mut().read_to_string().unwrap()
+        });
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    }
+
     fn mappings(&self) -> Vec<Value> {
         let (status, v) = self.api("/v1/mappings");
         assert_eq!(status, 200, "{v}");
@@ -560,5 +574,21 @@ fn established_flows_stop_with_their_mapping_delete_and_expiry() {
     assert!(
         udp_flow_alive(&p_keep, &keep, ext[1]),
         "and the other one still goes on"
+    );
+    // The three flows stopped were found in the flow index that
+    // conntrack's events keep: the table was walked at most once, at the
+    // first batch (when it held anything), never to remove.
+    assert!(
+        lab.metric("pcpd_conntrack_dumps_total") <= 1.0,
+        "{}",
+        lab.log()
+    );
+    assert_eq!(
+        lab.metric(r#"pcpd_conntrack_removed_total{via="dump"}"#),
+        0.0
+    );
+    assert!(
+        lab.metric(r#"pcpd_conntrack_removed_total{via="index"}"#) >= 3.0,
+        "the deleted and expired mappings' flows came from the index"
     );
 }
