@@ -1703,3 +1703,42 @@ fn natpmp_address_announcements_rfc6886_section_3_2_1() {
         .iter()
         .all(|(dst, _, addr)| *dst == format!("{}:5350", sub(1)) && *addr == new));
 }
+
+fn expired(events: &[Event]) -> bool {
+    events.iter().any(|e| {
+        matches!(
+            e,
+            Event::MappingDeleted {
+                reason: DeleteReason::Expired,
+                ..
+            }
+        )
+    })
+}
+
+/// §15: a renewal may ask for a shorter lifetime, and the mapping then
+/// goes when that one ends, not when the longer one would have; a mapping
+/// renewed for longer outlives its first expiry. One expiry timer per
+/// mapping either way.
+#[test]
+fn a_renewal_for_a_shorter_lifetime_ends_the_mapping_then() {
+    let mut h = H::default();
+    assert_eq!(h.map(sub(1), nonce(1), 8080, 0, 3600).lifetime, 3600);
+    h.advance(10_000);
+    assert_eq!(h.map(sub(1), nonce(1), 8080, 0, 120).lifetime, 120);
+    h.take_events();
+    h.advance(119_000);
+    assert!(!expired(&h.take_events()), "not before its time");
+    h.advance(2_000);
+    assert!(expired(&h.take_events()), "gone 120 s after the renewal");
+
+    let mut h = H::default();
+    h.map(sub(2), nonce(2), 8080, 0, 120);
+    h.advance(60_000);
+    assert_eq!(h.map(sub(2), nonce(2), 8080, 0, 600).lifetime, 600);
+    h.take_events();
+    h.advance(540_000);
+    assert!(!expired(&h.take_events()), "renewed for 600 s at 60 s");
+    h.advance(61_000);
+    assert!(expired(&h.take_events()), "gone 600 s after the renewal");
+}

@@ -9,7 +9,6 @@ use pcp_wire::{MapData, Nonce, PortSet, ResultCode};
 
 use super::map::Via;
 use super::request::{Granted, Refusal};
-use super::timers::Timer;
 use super::Engine;
 use crate::config::DeleteAnswer;
 use crate::types::{DeleteReason, Event, Mapping, MappingId, MappingKey, MappingKind, Millis};
@@ -63,10 +62,10 @@ impl Engine {
         }
         let snapshot = mapping.clone();
         self.table.refreshed(slot, now);
-        if snapshot.expires_ms > old_expires {
-            let generation = snapshot.id.generation;
-            self.timers
-                .schedule(snapshot.expires_ms, Timer::Expire { slot, generation });
+        if snapshot.counts_against_quota() && snapshot.expires_ms != old_expires {
+            // Later: the armed timer re-arms when it fires; earlier (a
+            // shorter lifetime asked for): armed for the new expiry (§15).
+            self.arm_expiry(slot, snapshot.id.generation, snapshot.expires_ms);
         }
         let granted = Granted {
             lifetime,
@@ -151,9 +150,7 @@ impl Engine {
         let id = self.table.insert(now, mapping);
         self.link(subscriber, id.slot, counted);
         if counted.is_some() {
-            let (slot, generation) = (id.slot, id.generation);
-            self.timers
-                .schedule(expires_ms, Timer::Expire { slot, generation });
+            self.arm_expiry(id.slot, id.generation, expires_ms);
         }
         if report == Report::Created {
             if let Some(m) = self.table.get(id.slot) {

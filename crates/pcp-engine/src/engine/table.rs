@@ -10,6 +10,11 @@ use crate::types::{ExternalEndpoint, InternalEndpoint, Mapping, MappingId, Mappi
 
 struct Slot {
     generation: u32,
+    /// The second the mapping's expiry timer is armed for (0: none). One
+    /// timer per mapping: a renewal that moves the expiry later leaves it,
+    /// and it re-arms when it fires early; one that moves it earlier arms
+    /// another, and the later one is then stale.
+    expiry_armed_s: u32,
     mapping: Option<Mapping>,
     /// When the client last refreshed it (to cancel §14.2 retransmissions).
     refreshed_ms: Millis,
@@ -143,6 +148,20 @@ impl MappingTable {
             .is_some_and(|s| s.generation == generation && s.refreshed_ms <= stamp)
     }
 
+    /// The second the expiry timer of `slot` is armed for, if it holds
+    /// `generation` (0: none armed).
+    pub(super) fn expiry_armed(&self, slot: u32, generation: u32) -> Option<u32> {
+        let s = self.slots.get(slot as usize)?;
+        (s.generation == generation && s.mapping.is_some()).then_some(s.expiry_armed_s)
+    }
+
+    /// Notes the second the expiry timer of `slot` is armed for.
+    pub(super) fn set_expiry_armed(&mut self, slot: u32, second: u32) {
+        if let Some(s) = self.slots.get_mut(slot as usize) {
+            s.expiry_armed_s = second;
+        }
+    }
+
     /// Whether `slot` holds `generation` and that mapping has expired at `now`.
     pub(super) fn expired(&self, slot: u32, generation: u32, now: Millis) -> bool {
         self.slots.get(slot as usize).is_some_and(|s| {
@@ -160,6 +179,7 @@ impl MappingTable {
             None => {
                 self.slots.push(Slot {
                     generation: 0,
+                    expiry_armed_s: 0,
                     mapping: None,
                     refreshed_ms: now,
                 });
@@ -196,6 +216,7 @@ impl MappingTable {
         }
         let s = &mut self.slots[slot as usize];
         s.refreshed_ms = now;
+        s.expiry_armed_s = 0;
         s.mapping = Some(mapping);
         self.live += 1;
         let h = self.short_hash(&key);

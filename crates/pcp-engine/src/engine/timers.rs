@@ -39,10 +39,10 @@ impl TimerWheel {
         self.buckets.keys().next().map(|s| s * 1000)
     }
 
-    /// Takes the earliest bucket if it is due at `now`.
-    pub(super) fn pop_due(&mut self, now: Millis) -> Option<Vec<Timer>> {
+    /// Takes the earliest bucket if it is due at `now`, with its second.
+    pub(super) fn pop_due(&mut self, now: Millis) -> Option<(u64, Vec<Timer>)> {
         let entry = self.buckets.first_entry()?;
-        (entry.key() * 1000 <= now).then(|| entry.remove())
+        (entry.key() * 1000 <= now).then(|| entry.remove_entry())
     }
 }
 
@@ -58,9 +58,9 @@ impl Engine {
     /// Expires mappings, ends reuse delays, releases idle blocks, and queues
     /// due unsolicited messages.
     pub fn handle_timeout(&mut self, now: Millis) {
-        while let Some(due) = self.timers.pop_due(now) {
+        while let Some((second, due)) = self.timers.pop_due(now) {
             for timer in due {
-                self.fire(now, timer);
+                self.fire(now, second, timer);
             }
         }
         while let Some(pending) = self.outbox.pop_due(now) {
@@ -68,11 +68,39 @@ impl Engine {
         }
     }
 
-    fn fire(&mut self, now: Millis, timer: Timer) {
+    /// Arms the expiry of the mapping in `slot` for `expires_ms`, unless
+    /// its timer is armed for that second or earlier already (that one
+    /// re-arms when it fires, see [`Engine::fire`]).
+    pub(super) fn arm_expiry(&mut self, slot: u32, generation: u32, expires_ms: Millis) {
+        let second = expires_ms.div_ceil(1000);
+        let armed = self.table.expiry_armed(slot, generation);
+        if armed.is_some_and(|a| a == 0 || u64::from(a) > second) {
+            self.timers
+                .schedule(expires_ms, Timer::Expire { slot, generation });
+            self.table
+                .set_expiry_armed(slot, u32::try_from(second).unwrap_or(u32::MAX));
+        }
+    }
+
+    /// Runs a timer of bucket `second`.
+    fn fire(&mut self, now: Millis, second: u64, timer: Timer) {
         match timer {
             Timer::Expire { slot, generation } => {
+                // Only the timer the slot is armed for counts: another one
+                // was superseded by an earlier expiry.
+                let armed = self.table.expiry_armed(slot, generation);
+                if armed.is_none_or(|a| u64::from(a) != second) {
+                    return;
+                }
+                self.table.set_expiry_armed(slot, 0);
                 if self.table.expired(slot, generation, now) {
                     self.remove(now, slot, DeleteReason::Expired);
+                } else if let Some(m) = self.table.get(slot) {
+                    // Renewed since: the expiry moved later.
+                    if m.counts_against_quota() {
+                        let expires = m.expires_ms;
+                        self.arm_expiry(slot, generation, expires);
+                    }
                 }
             }
             Timer::Cool { port } => self.end_reuse_delay(now, port),
