@@ -12,10 +12,11 @@
 //! that no mapping owns). The index is built by one dump of the table
 //! (IPv4, the NAT44 table) at the dataplane's first batch, and again
 //! whenever it cannot be trusted (the kernel dropped events because pcpd
-//! read them too late: ENOBUFS); events are read at every batch. Without
-//! events (no permission) every removal dumps and matches in pcpd. A delete of an entry that is
-//! already gone is not an error. How often each way ran is counted
-//! ([`flow_stats`], `pcpd_conntrack_*` metrics).
+//! read them too late: ENOBUFS); events are read at every batch and,
+//! when none comes, every `IDLE_TICK` (100 ms). Without events (no
+//! permission) every removal dumps and matches in pcpd. A delete of an
+//! entry that is already gone is not an error. How often each way ran is
+//! counted ([`flow_stats`], `pcpd_conntrack_*` metrics).
 //!
 //! What is a mapping's flow:
 //! * inbound (MAP, static): the original destination is the external endpoint;
@@ -48,6 +49,10 @@ const GROUPS: [u32; 2] = [1, 3];
 /// Receive buffer of the event socket: room for ~40 k events between two
 /// reads (as root; otherwise the system's `rmem_max`).
 const EVENT_BUFFER: usize = 8 << 20;
+/// Reads of the event socket per batch at most: a flood of events waits
+/// for the next batch rather than holding this one (the kernel drops what
+/// overflows, and the index is rebuilt).
+const EVENT_READS: usize = 1024;
 
 /// Process-wide counts of conntrack work (all shards).
 static DUMPS: AtomicU64 = AtomicU64::new(0);
@@ -268,7 +273,7 @@ impl Conntrack {
             return;
         };
         let mut buf = std::mem::take(&mut self.buf);
-        loop {
+        for _ in 0..EVENT_READS {
             let n = match events.recv(&mut &mut buf[..], 0) {
                 Ok(n) => n,
                 Err(e) if e.raw_os_error() == Some(ENOBUFS) => {

@@ -287,6 +287,10 @@ impl ReconcilePlan {
     }
 }
 
+/// How often a backend's thread calls [`Dataplane::idle`] while no batch
+/// comes.
+pub const IDLE_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A backend that makes mappings forward traffic.
 pub trait Dataplane: Send {
     /// Applies a batch; returns one result per change, in order.
@@ -328,6 +332,12 @@ pub trait Dataplane: Send {
     }
     /// Finishes the removals whose time has come (see `apply_early`).
     fn settle(&mut self) {}
+    /// Housekeeping while no batch comes (the thread that drives a
+    /// backend calls it about every [`IDLE_TICK`]): the nftables backend
+    /// reads conntrack's events, so the kernel need not drop any between
+    /// batches, and rebuilds its flow index off the request path when it
+    /// must.
+    fn idle(&mut self) {}
 }
 
 /// The in-memory backend: keeps what would be installed (a renewal that

@@ -946,6 +946,10 @@ impl Dataplane for NftablesDataplane {
         (results, self.removals(flows, expired))
     }
 
+    fn idle(&mut self) {
+        self.learn_flows();
+    }
+
     fn settle(&mut self) {
         let now = Instant::now();
         let mut flows = Forget::default();

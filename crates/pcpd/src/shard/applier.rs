@@ -224,13 +224,18 @@ fn apply_loop(
     let mut buffers: Vec<Vec<Change>> = Vec::new();
     loop {
         release(dp.as_mut(), &mut held, done, wake);
-        let next = match held.front() {
-            Some((at, _)) => jobs.recv_timeout(at.saturating_duration_since(Instant::now())),
-            None => jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        let wait = match held.front() {
+            Some((at, _)) => at.saturating_duration_since(Instant::now()),
+            None => pcp_dataplane::IDLE_TICK,
         };
-        let mut all = match next {
+        let mut all = match jobs.recv_timeout(wait) {
             Ok(job) => job,
-            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Timeout) => {
+                if held.is_empty() {
+                    dp.idle();
+                }
+                continue;
+            }
             Err(RecvTimeoutError::Disconnected) => break,
         };
         // The batches queued behind the first are moved onto it (their
