@@ -19,6 +19,13 @@ pub(super) enum Timer {
     Idle { subscriber: IpAddr },
 }
 
+/// A timer's second as a slot notes it: Unix seconds fit 32 bits until
+/// 2106; later ones (a lifetime of a century) all note the last, which
+/// still tells the armed timer from a stale one, as both sides saturate.
+fn armed_second(second: u64) -> u32 {
+    u32::try_from(second).unwrap_or(u32::MAX)
+}
+
 /// Timers by the second they are due.
 #[derive(Default)]
 pub(super) struct TimerWheel {
@@ -72,13 +79,12 @@ impl Engine {
     /// its timer is armed for that second or earlier already (that one
     /// re-arms when it fires, see [`Engine::fire`]).
     pub(super) fn arm_expiry(&mut self, slot: u32, generation: u32, expires_ms: Millis) {
-        let second = expires_ms.div_ceil(1000);
+        let second = armed_second(expires_ms.div_ceil(1000));
         let armed = self.table.expiry_armed(slot, generation);
-        if armed.is_some_and(|a| a == 0 || u64::from(a) > second) {
+        if armed.is_some_and(|a| a == 0 || a > second) {
             self.timers
                 .schedule(expires_ms, Timer::Expire { slot, generation });
-            self.table
-                .set_expiry_armed(slot, u32::try_from(second).unwrap_or(u32::MAX));
+            self.table.set_expiry_armed(slot, second);
         }
     }
 
@@ -89,7 +95,7 @@ impl Engine {
                 // Only the timer the slot is armed for counts: another one
                 // was superseded by an earlier expiry.
                 let armed = self.table.expiry_armed(slot, generation);
-                if armed.is_none_or(|a| u64::from(a) != second) {
+                if armed.is_none_or(|a| a != armed_second(second)) {
                     return;
                 }
                 self.table.set_expiry_armed(slot, 0);
