@@ -110,6 +110,10 @@ fn kernel_at_least(major: u32, minor: u32) -> bool {
     have >= (major, minor)
 }
 
+/// How often a busy dataplane reads conntrack's events into its flow
+/// index between removals (which read them anyway).
+const EVENTS_EVERY: Duration = Duration::from_millis(10);
+
 /// Seconds added to a mapping's kernel timeout so pcpd expires it first.
 const GRACE_SECS: u64 = 30;
 
@@ -226,6 +230,8 @@ pub struct NftablesDataplane {
     /// ctnetlink, opened on first use (flows of removed mappings).
     conntrack: Option<Conntrack>,
     conntrack_complained: bool,
+    /// When conntrack's events were last read into the flow index.
+    flows_read: Instant,
     /// nf_tables over netlink, opened on first use; `None` with
     /// `netlink` false: every batch goes through `nft -f`.
     link: Option<NftLink>,
@@ -300,6 +306,7 @@ impl NftablesDataplane {
             firewall,
             conntrack: None,
             conntrack_complained: false,
+            flows_read: Instant::now(),
             link: None,
             netlink: true,
             transactions: (0, 0),
@@ -324,6 +331,7 @@ impl NftablesDataplane {
             firewall: self.firewall.clone(),
             conntrack: None,
             conntrack_complained: false,
+            flows_read: Instant::now(),
             link: None,
             netlink: self.netlink,
             transactions: (0, 0),
@@ -734,11 +742,18 @@ impl NftablesDataplane {
         }
     }
 
-    /// Keeps the conntrack flow index up to date, each batch: the events
-    /// queued since (so the kernel need not drop any), and a dump when the
-    /// index is not trusted (the first batch, normally the reconcile at
-    /// start). ctnetlink is opened here on first use.
+    /// Keeps the conntrack flow index up to date, at most every
+    /// [`EVENTS_EVERY`]: the events queued since (so the kernel need not
+    /// drop any), and a dump when the index is not trusted (the first
+    /// batch, normally the reconcile at start). ctnetlink is opened here on
+    /// first use.
     fn learn_flows(&mut self) {
+        // A removal reads them itself first; otherwise reading every few
+        // ms keeps the socket from overflowing without a syscall per batch.
+        if self.conntrack.is_some() && self.flows_read.elapsed() < EVENTS_EVERY {
+            return;
+        }
+        self.flows_read = Instant::now();
         if self.conntrack.is_none() && !self.conntrack_complained {
             match Conntrack::open() {
                 Ok(c) => self.conntrack = Some(c),
