@@ -12,11 +12,12 @@
 //! that no mapping owns). The index is built by one dump of the table
 //! (IPv4, the NAT44 table) at the dataplane's first batch, and again
 //! whenever it cannot be trusted (the kernel dropped events because pcpd
-//! read them too late: ENOBUFS); events are read at every batch and,
-//! when none comes, every `IDLE_TICK` (100 ms). Without events (no
-//! permission) every removal dumps and matches in pcpd. A delete of an
-//! entry that is already gone is not an error. How often each way ran is
-//! counted ([`flow_stats`], `pcpd_conntrack_*` metrics).
+//! read them too late: ENOBUFS); events are read before every removal,
+//! at most every 10 ms between, and every `IDLE_TICK` (100 ms) when no
+//! batch comes. Without events (no permission) every removal dumps and
+//! matches in pcpd. A delete of an entry that is already gone is not an
+//! error. How often each way ran is counted ([`flow_stats`],
+//! `pcpd_conntrack_*` metrics).
 //!
 //! What is a mapping's flow:
 //! * inbound (MAP, static): the original destination is the external endpoint;
