@@ -9,7 +9,7 @@ use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use super::Record;
 
 use super::Writer;
 
@@ -109,38 +109,30 @@ fn templates() -> Vec<(u16, Vec<(u16, u16)>)> {
     ]
 }
 
-fn ip_of(v: &Value) -> Option<IpAddr> {
-    v.as_str()?.parse::<IpAddr>().ok().map(|a| a.to_canonical())
-}
-
-fn u16_of(v: &Value) -> u16 {
-    v.as_u64().and_then(|n| u16::try_from(n).ok()).unwrap_or(0)
-}
-
 /// The template id and data record of one event, if RFC 8158 has it.
-pub(super) fn record(e: &Value) -> Option<(u16, Vec<u8>)> {
-    let event = u8::try_from(e["natEvent"].as_u64()?).ok()?;
+pub(super) fn record(e: &Record) -> Option<(u16, Vec<u8>)> {
+    let event = e.nat_event?;
     let mut r = Vec::with_capacity(40);
-    r.extend_from_slice(&e["timeStamp"].as_u64().unwrap_or(0).to_be_bytes());
+    r.extend_from_slice(&e.time.to_be_bytes());
     r.push(event);
-    let src = ip_of(&e["sourceAddress"]);
+    let src = e.source.map(|a| a.to_canonical());
     let v6 = matches!(src, Some(IpAddr::V6(_)));
     let push_src = |r: &mut Vec<u8>| match src {
         Some(IpAddr::V4(a)) => r.extend_from_slice(&a.octets()),
         Some(IpAddr::V6(a)) => r.extend_from_slice(&a.octets()),
         None => r.extend_from_slice(&[0; 4]),
     };
-    let post = |r: &mut Vec<u8>| match ip_of(&e["postNATSourceIPv4Address"]) {
-        Some(IpAddr::V4(a)) => r.extend_from_slice(&a.octets()),
-        _ => r.extend_from_slice(&[0; 4]),
-    };
+    let post = e
+        .post_addr
+        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED)
+        .octets();
     let id = match event {
         8..=11 => {
             push_src(&mut r);
-            post(&mut r);
-            r.push(u8::try_from(e["protocolIdentifier"].as_u64().unwrap_or(0)).unwrap_or(0));
-            r.extend_from_slice(&u16_of(&e["sourceTransportPort"]).to_be_bytes());
-            r.extend_from_slice(&u16_of(&e["postNAPTSourceTransportPort"]).to_be_bytes());
+            r.extend_from_slice(&post);
+            r.push(e.protocol.unwrap_or(0));
+            r.extend_from_slice(&e.source_port.unwrap_or(0).to_be_bytes());
+            r.extend_from_slice(&e.post_port.unwrap_or(0).to_be_bytes());
             if v6 {
                 257
             } else {
@@ -149,8 +141,9 @@ pub(super) fn record(e: &Value) -> Option<(u16, Vec<u8>)> {
         }
         16 | 17 => {
             push_src(&mut r);
-            post(&mut r);
-            let (start, end) = (u16_of(&e["portRangeStart"]), u16_of(&e["portRangeEnd"]));
+            r.extend_from_slice(&post);
+            let start = e.port_first.unwrap_or(0);
+            let end = e.port_last.and_then(|p| u16::try_from(p).ok()).unwrap_or(0);
             r.extend_from_slice(&start.to_be_bytes());
             r.extend_from_slice(&end.to_be_bytes());
             r.extend_from_slice(&1u16.to_be_bytes());
@@ -162,8 +155,7 @@ pub(super) fn record(e: &Value) -> Option<(u16, Vec<u8>)> {
             }
         }
         13 => {
-            let q = u32::try_from(e["natQuotaExceededEvent"].as_u64().unwrap_or(0)).unwrap_or(0);
-            r.extend_from_slice(&q.to_be_bytes());
+            r.extend_from_slice(&e.quota_exceeded.unwrap_or(0).to_be_bytes());
             push_src(&mut r);
             if v6 {
                 261
@@ -302,8 +294,7 @@ impl IpfixWriter {
 }
 
 impl Writer for IpfixWriter {
-    fn write(&mut self, events: &[super::Record]) -> u64 {
-        let events: Vec<Value> = events.iter().map(super::Record::to_value).collect();
+    fn write(&mut self, events: &[Record]) -> u64 {
         if let Err(e) = self.ready() {
             self.fail(&e);
             return events.iter().filter(|e| record(e).is_some()).count() as u64;
@@ -331,7 +322,7 @@ impl Writer for IpfixWriter {
             *n = 0;
             r
         };
-        for e in &events {
+        for e in events {
             let Some((id, rec)) = record(e) else { continue };
             if sets.len() + rec.len() + 4 > 1200 {
                 lost += flush(self, &mut sets, &mut in_msg);
@@ -357,7 +348,6 @@ impl Writer for IpfixWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn records_follow_their_templates() {
@@ -365,19 +355,46 @@ mod tests {
             .into_iter()
             .map(|(id, f)| (id, f.iter().map(|(_, l)| usize::from(*l)).sum()))
             .collect();
+        let ip = |s: &str| Some(s.parse().unwrap());
+        let mapping = |event, source, protocol, port, post_port| Record {
+            time: 1,
+            nat_event: Some(event),
+            source: ip(source),
+            post_addr: Some(std::net::Ipv4Addr::new(192, 0, 2, 1)),
+            protocol: Some(protocol),
+            source_port: Some(port),
+            post_port: Some(post_port),
+            ..Record::default()
+        };
         let events = [
-            json!({"timeStamp": 1u64, "natEvent": 8, "sourceAddress": "100.64.0.2", "postNATSourceIPv4Address": "192.0.2.1",
-                   "protocolIdentifier": 6, "sourceTransportPort": 8080, "postNAPTSourceTransportPort": 40000}),
-            json!({"timeStamp": 1u64, "natEvent": 10, "sourceAddress": "2001:db8::1", "postNATSourceIPv4Address": "192.0.2.1",
-                   "protocolIdentifier": 17, "sourceTransportPort": 53, "postNAPTSourceTransportPort": 1053}),
-            json!({"timeStamp": 1u64, "natEvent": 16, "sourceAddress": "100.64.0.2", "postNATSourceIPv4Address": "192.0.2.1",
-                   "portRangeStart": 1024, "portRangeEnd": 1535}),
-            json!({"timeStamp": 1u64, "natEvent": 13, "sourceAddress": "100.64.0.2", "natQuotaExceededEvent": 3}),
-            json!({"timeStamp": 1u64, "natEvent": 3, "natPoolName": "default"}),
+            mapping(8, "100.64.0.2", 6, 8080, 40000),
+            mapping(10, "2001:db8::1", 17, 53, 1053),
+            Record {
+                time: 1,
+                nat_event: Some(16),
+                source: ip("100.64.0.2"),
+                post_addr: Some(std::net::Ipv4Addr::new(192, 0, 2, 1)),
+                port_first: Some(1024),
+                port_last: Some(1535),
+                ..Record::default()
+            },
+            Record {
+                time: 1,
+                nat_event: Some(13),
+                source: ip("100.64.0.2"),
+                quota_exceeded: Some(3),
+                ..Record::default()
+            },
+            Record {
+                time: 1,
+                nat_event: Some(3),
+                pool: Some("default".into()),
+                ..Record::default()
+            },
         ];
         for e in &events {
             let (id, r) = record(e).unwrap();
-            assert_eq!(r.len(), lens[&id], "template {id}: {e}");
+            assert_eq!(r.len(), lens[&id], "template {id}: {e:?}");
         }
         let (_, block) = record(&events[2]).unwrap();
         assert_eq!(
@@ -385,7 +402,11 @@ mod tests {
             &512u16.to_be_bytes(),
             "ports in the block"
         );
-        assert!(record(&json!({"event": "pinhole_open"})).is_none());
+        let pinhole = Record {
+            event: "pinhole_open",
+            ..Record::default()
+        };
+        assert!(record(&pinhole).is_none());
         let set = template_set();
         assert_eq!(u16::from_be_bytes([set[2], set[3]]) as usize, set.len());
     }
@@ -407,7 +428,7 @@ mod tests {
             queue: 16,
         })
         .unwrap();
-        let e = super::super::Record {
+        let e = Record {
             event: "port_block_allocation",
             time: 1,
             nat_event: Some(16),

@@ -196,8 +196,8 @@ impl Record {
         Some(r)
     }
 
-    /// The record as a JSON object (the syslog and IPFIX sinks read
-    /// fields by name).
+    /// The record as a JSON object (the syslog sink writes its fields by
+    /// name as structured data).
     pub(super) fn to_value(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or_default()
     }
