@@ -51,17 +51,21 @@ impl<T: Keyed> KeyedTable<T> {
 
     /// Puts `value` under its key; returns the value it replaced.
     pub(crate) fn insert(&mut self, value: T) -> Option<T> {
-        let key = value.key();
-        let hash = self.hasher.hash_one(key);
-        match self.table.find_mut(hash, |v| v.key() == key) {
+        match self.get_mut(&value.key()) {
             Some(have) => Some(std::mem::replace(have, value)),
             None => {
-                let hasher = &self.hasher;
-                self.table
-                    .insert_unique(hash, value, |v| hasher.hash_one(v.key()));
+                self.insert_new(value);
                 None
             }
         }
+    }
+
+    /// Puts `value` in, its key known to be absent (no search).
+    pub(crate) fn insert_new(&mut self, value: T) {
+        let hasher = &self.hasher;
+        let hash = hasher.hash_one(value.key());
+        self.table
+            .insert_unique(hash, value, |v| hasher.hash_one(v.key()));
     }
 
     pub(crate) fn remove(&mut self, key: &Key) -> Option<T> {

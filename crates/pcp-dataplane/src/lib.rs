@@ -392,9 +392,8 @@ impl MemoryDataplane {
     fn upsert(&mut self, e: &Entry) {
         match self.entries.get_mut(&e.key()) {
             Some(have) if have.same_but_expiry(e) => have.expires_ms = e.expires_ms,
-            _ => {
-                self.entries.insert(e.clone());
-            }
+            Some(have) => *have = e.clone(),
+            None => self.entries.insert_new(e.clone()),
         }
     }
 

@@ -574,20 +574,21 @@ impl NftablesDataplane {
         Ok((elems, timeout, kernel_expires_ms))
     }
 
-    /// Whether `entry` differs from what is installed under its key only
-    /// by an expiry the installed elements still outlive (by the grace):
-    /// a renewal that needs no kernel operation.
-    fn expiry_only(&self, key: &Key, entry: &Entry) -> bool {
+    /// The installed entry under `key`, if `entry` differs from it only by
+    /// an expiry the installed elements still outlive (by the grace): a
+    /// renewal that needs no kernel operation.
+    fn expiry_only(&mut self, key: &Key, entry: &Entry) -> Option<&mut Entry> {
         let Some(Installed::Ours {
             entry: prev,
             kernel_expires_ms,
-        }) = self.installed.get(key)
+        }) = self.installed.get_mut(key)
         else {
-            return false;
+            return None;
         };
-        prev.same_but_expiry(entry)
+        (prev.same_but_expiry(entry)
             && entry.expires_ms != Millis::MAX
-            && entry.expires_ms.saturating_add(GRACE_SECS * 1000) <= *kernel_expires_ms
+            && entry.expires_ms.saturating_add(GRACE_SECS * 1000) <= *kernel_expires_ms)
+            .then_some(prev)
     }
 
     /// Writes one change's nft statements and updates pcpd's view of the
@@ -601,15 +602,16 @@ impl NftablesDataplane {
         match change {
             Change::Upsert(entry) => {
                 let key = entry.key();
-                if self.expiry_only(&key, entry) {
-                    if let Some(Installed::Ours { entry: prev, .. }) = self.installed.get_mut(&key)
-                    {
-                        let old = std::mem::replace(&mut prev.expires_ms, entry.expires_ms);
-                        return Ok(vec![Undo::Expiry(key, old)]);
-                    }
+                if let Some(prev) = self.expiry_only(&key, entry) {
+                    let old = std::mem::replace(&mut prev.expires_ms, entry.expires_ms);
+                    return Ok(vec![Undo::Expiry(key, old)]);
                 }
                 let (elems, timeout, kernel_expires_ms) = Self::elems_for(entry)?;
-                if let Some(old) = self.installed.get(&key) {
+                let prev = self.installed.insert(Installed::Ours {
+                    entry: entry.clone(),
+                    kernel_expires_ms,
+                });
+                if let Some(old) = &prev {
                     let timed = self.expire_in_place && old.timed();
                     for el in old.elements().iter() {
                         out.delete(el, timed);
@@ -621,10 +623,6 @@ impl NftablesDataplane {
                 for el in &elems {
                     out.add(el.clone(), timeout);
                 }
-                let prev = self.installed.insert(Installed::Ours {
-                    entry: entry.clone(),
-                    kernel_expires_ms,
-                });
                 Ok(vec![Undo::Mapping(key, prev)])
             }
             Change::Remove(Key::SubscriberBlock {
