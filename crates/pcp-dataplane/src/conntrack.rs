@@ -208,6 +208,35 @@ impl FlowIndex {
         }
     }
 
+    /// Follows one conntrack event: NEW files the flow, DESTROY takes it
+    /// out.
+    fn event(
+        &mut self,
+        payload: NetlinkPayload<NetfilterMessage>,
+        mapped: &dyn Fn(&Endpoint) -> bool,
+    ) {
+        let NetlinkPayload::InnerMessage(NetfilterMessage {
+            inner: NetfilterMessageInner::Conntrack(m),
+            ..
+        }) = payload
+        else {
+            return;
+        };
+        match m {
+            ConntrackMessage::New(attrs) => {
+                if let Some((orig, reply)) = halves(&attrs) {
+                    self.file(orig, &reply, mapped);
+                }
+            }
+            ConntrackMessage::Delete(attrs) => {
+                if let Some((orig, reply)) = halves(&attrs) {
+                    self.unfile(&orig, &reply);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Takes the flows of an endpoint out.
     fn take(&mut self, at: &Endpoint) -> Vec<Half> {
         self.flows.remove(at).unwrap_or_default()
@@ -270,16 +299,21 @@ impl Conntrack {
     /// Reads the events queued so far into the index: NEW files a flow of
     /// a mapped endpoint (`mapped`), DESTROY takes it out.
     pub(crate) fn learn(&mut self, mapped: &dyn Fn(&Endpoint) -> bool) {
-        let Some(events) = self.events.take() else {
+        let Conntrack {
+            events: Some(events),
+            index,
+            buf,
+            ..
+        } = self
+        else {
             return;
         };
-        let mut buf = std::mem::take(&mut self.buf);
         for _ in 0..EVENT_READS {
             let n = match events.recv(&mut &mut buf[..], 0) {
                 Ok(n) => n,
                 Err(e) if e.raw_os_error() == Some(ENOBUFS) => {
                     // Events were lost: the index is a guess until a dump.
-                    self.index.trusted = false;
+                    index.trusted = false;
                     continue;
                 }
                 Err(_) => break, // EAGAIN: all read
@@ -287,37 +321,17 @@ impl Conntrack {
             let mut off = 0;
             while off < n {
                 let Ok(msg) = <NetlinkMessage<NetfilterMessage>>::deserialize(&buf[off..n]) else {
-                    self.index.trusted = false;
+                    index.trusted = false;
                     break;
                 };
                 let len = msg.header.length as usize;
-                if let NetlinkPayload::InnerMessage(NetfilterMessage {
-                    inner: NetfilterMessageInner::Conntrack(m),
-                    ..
-                }) = msg.payload
-                {
-                    match m {
-                        ConntrackMessage::New(attrs) => {
-                            if let Some((orig, reply)) = halves(&attrs) {
-                                self.index.file(orig, &reply, mapped);
-                            }
-                        }
-                        ConntrackMessage::Delete(attrs) => {
-                            if let Some((orig, reply)) = halves(&attrs) {
-                                self.index.unfile(&orig, &reply);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
+                index.event(msg.payload, mapped);
                 if len == 0 {
                     break;
                 }
                 off += len;
             }
         }
-        self.buf = buf;
-        self.events = Some(events);
     }
 
     fn send(&mut self, flags: u16, msg: ConntrackMessage) -> io::Result<u32> {
