@@ -726,6 +726,16 @@ impl NftablesDataplane {
         if flows.is_empty() {
             return;
         }
+        self.with_conntrack(|c, mapped| c.forget(flows, mapped).map(drop));
+    }
+
+    /// Runs `work` on the ctnetlink socket (opened on first use) with the
+    /// test of a mapped external endpoint; a failure is reported once and
+    /// the socket, in an unknown state, is not reused.
+    fn with_conntrack(
+        &mut self,
+        work: impl FnOnce(&mut Conntrack, &dyn Fn(&Endpoint) -> bool) -> std::io::Result<()>,
+    ) {
         if self.conntrack.is_none() {
             match Conntrack::open() {
                 Ok(c) => self.conntrack = Some(c),
@@ -734,7 +744,7 @@ impl NftablesDataplane {
         }
         let (installed, removing) = (&self.installed, &self.removing);
         let mapped = |e: &Endpoint| mapped(installed, removing, e);
-        if let Some(Err(e)) = self.conntrack.as_mut().map(|c| c.forget(flows, &mapped)) {
+        if let Some(Err(e)) = self.conntrack.as_mut().map(|c| work(c, &mapped)) {
             self.conntrack = None;
             self.conntrack_failed(&e);
         }
@@ -752,17 +762,9 @@ impl NftablesDataplane {
             return;
         }
         self.flows_read = Instant::now();
-        if self.conntrack.is_none() && !self.conntrack_complained {
-            match Conntrack::open() {
-                Ok(c) => self.conntrack = Some(c),
-                Err(e) => return self.conntrack_failed(&e),
-            }
-        }
-        let (installed, removing) = (&self.installed, &self.removing);
-        let mapped = |e: &Endpoint| mapped(installed, removing, e);
-        if let Some(Err(e)) = self.conntrack.as_mut().map(|c| c.resync(&mapped)) {
-            self.conntrack = None;
-            self.conntrack_failed(&e);
+        // After a failure, only a removal tries ctnetlink again.
+        if self.conntrack.is_some() || !self.conntrack_complained {
+            self.with_conntrack(|c, mapped| c.resync(mapped));
         }
     }
 
