@@ -30,13 +30,17 @@ use pcp_engine::{
 };
 
 mod conntrack;
-mod keyed;
 mod nfnetlink;
 mod nftables;
 mod pinholes;
 pub use conntrack::{flow_stats, FlowStats};
 pub use nftables::NftablesDataplane;
 pub use pinholes::{FirewallRules, Unsolicited};
+
+/// The dataplanes' tables of installed entries, found by the key each
+/// entry implies and kept dense ([`pcp_engine::keyed`]). Keys are pcpd's
+/// own mappings: foldhash, randomly seeded.
+type KeyedTable<T> = pcp_engine::keyed::KeyedTable<T, foldhash::fast::RandomState>;
 
 /// What one installed mapping looks like to the dataplane.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -348,12 +352,13 @@ pub trait Dataplane: Send {
 /// key.
 #[derive(Default)]
 pub struct MemoryDataplane {
-    entries: keyed::KeyedTable<Entry>,
+    entries: KeyedTable<Entry>,
     /// Port blocks: (subscriber, external address, first port).
     blocks: HashSet<(IpAddr, Ipv4Addr, u16), foldhash::fast::RandomState>,
 }
 
-impl keyed::Keyed for Entry {
+impl pcp_engine::keyed::Keyed for Entry {
+    type Key = Key;
     fn key(&self) -> Key {
         Entry::key(self)
     }

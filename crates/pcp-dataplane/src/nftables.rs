@@ -48,8 +48,9 @@ use pcp_engine::{
 use serde_json::Value;
 
 use crate::conntrack::{Conntrack, Endpoint, Forget};
-use crate::keyed::{Keyed, KeyedTable};
 use crate::nfnetlink::NftLink;
+use crate::KeyedTable;
+use pcp_engine::keyed::Keyed;
 
 mod listing;
 mod script;
@@ -160,6 +161,7 @@ struct ReadBack {
 }
 
 impl Keyed for Installed {
+    type Key = Key;
     fn key(&self) -> Key {
         match self {
             Installed::Ours { entry, .. } => entry.key(),

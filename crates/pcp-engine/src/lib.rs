@@ -32,6 +32,7 @@ mod compat;
 mod compiled;
 pub mod config;
 mod engine;
+pub mod keyed;
 pub mod types;
 mod validate;
 

@@ -25,13 +25,13 @@ impl Engine {
         let mut affected: Vec<IpAddr> = self
             .subscribers
             .iter()
-            .filter(|(_, s)| {
+            .filter(|s| {
                 s.ext == Some(addr)
                     && self
                         .pool(s.pool)
                         .is_some_and(|p| p.mode == PoolMode::Dynamic)
             })
-            .map(|(k, _)| *k)
+            .map(|s| s.addr)
             .collect();
         // A stable order, so a drain is reproducible.
         affected.sort_unstable();
@@ -91,7 +91,13 @@ impl Engine {
         }
         let subscriber = m.internal_addr;
         self.ensure_blocks(now, subscriber, None)?;
-        let first = self.subscribers[&subscriber].blocks[0].0.first;
+        let first = self
+            .subscribers
+            .get(&subscriber)
+            .and_then(|s| s.blocks.first())
+            .ok_or(ResultCode::NoResources)?
+            .0
+            .first;
         let (addr, port, count) = self.choose_ports(
             now,
             &PortAsk {

@@ -23,7 +23,7 @@
 //! | `queries.rs` | read-only answers for the admin API |
 //! | `history.rs` | who held which block until when |
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -114,7 +114,9 @@ pub struct Engine {
 
     // What the shard holds.
     table: MappingTable,
-    subscribers: HashMap<IpAddr, Subscriber>,
+    /// Subscriber records, dense: at a million subscribers they are the
+    /// shard's largest table.
+    subscribers: crate::keyed::KeyedTable<Subscriber>,
     reuse: ReuseDelay,
     history: History,
 
@@ -148,7 +150,7 @@ impl Engine {
             epoch_start_ms,
             rng: seed ^ 0x9e37_79b9_7f4a_7c15,
             table: MappingTable::new(shard),
-            subscribers: HashMap::new(),
+            subscribers: Default::default(),
             reuse: ReuseDelay::default(),
             history: History::default(),
             timers: TimerWheel::default(),

@@ -35,8 +35,8 @@ impl Engine {
         let mut out = Forgotten::default();
         let leaving: Vec<IpAddr> = self
             .subscribers
-            .keys()
-            .copied()
+            .iter()
+            .map(|s| s.addr)
             .filter(|a| owned(*a))
             .collect();
         for subscriber in leaving {

@@ -293,11 +293,11 @@ impl Engine {
         self.ensure_blocks(now, subscriber, wanted)?;
         loop {
             let addr = self.subscriber_address(subscriber);
-            let blocks: Vec<Block> = self.subscribers[&subscriber]
-                .blocks
-                .iter()
-                .map(|(b, _)| *b)
-                .collect();
+            let blocks: Vec<Block> = self
+                .subscribers
+                .get(&subscriber)
+                .map(|s| s.blocks.iter().map(|(b, _)| *b).collect())
+                .unwrap_or_default();
             let held = Held {
                 addr,
                 blocks: &blocks,

@@ -88,11 +88,11 @@ impl Engine {
         if let Some(h) = self.deterministic_holder(addr, port) {
             return h;
         }
-        for (sub, s) in &self.subscribers {
+        for s in self.subscribers.iter() {
             for (b, from) in &s.blocks {
                 if b.addr == addr && b.contains(port) && *from <= at {
                     return Some(Holder {
-                        internal_addr: *sub,
+                        internal_addr: s.addr,
                         block: *b,
                         from_ms: Some(*from),
                         to_ms: None,

@@ -15,7 +15,7 @@ impl Engine {
     pub fn blocks(&self) -> impl Iterator<Item = (IpAddr, Block, Millis)> + '_ {
         self.subscribers
             .iter()
-            .flat_map(|(addr, s)| s.blocks.iter().map(move |(b, since)| (*addr, *b, *since)))
+            .flat_map(|s| s.blocks.iter().map(move |(b, since)| (s.addr, *b, *since)))
     }
 
     /// The allocation history kept for [`Engine::lookup`].

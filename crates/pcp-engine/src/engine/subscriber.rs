@@ -46,6 +46,8 @@ impl TokenBucket {
 
 #[derive(Debug)]
 pub(super) struct Subscriber {
+    /// The subscriber's internal address: the key it is found by.
+    pub(super) addr: IpAddr,
     pub(super) class: u16,
     pub(super) pool: u16,
     /// Index within its class, for deterministic pools.
@@ -66,7 +68,14 @@ pub(super) struct Subscriber {
 
 // One record per subscriber: at a million subscribers each byte here is
 // a megabyte of the daemon's memory.
-const _: () = assert!(std::mem::size_of::<Subscriber>() <= 104);
+const _: () = assert!(std::mem::size_of::<Subscriber>() <= 120);
+
+impl crate::keyed::Keyed for Subscriber {
+    type Key = IpAddr;
+    fn key(&self) -> IpAddr {
+        self.addr
+    }
+}
 
 impl Engine {
     /// The subscriber's record, made on first use (with a full bucket). A
@@ -78,26 +87,24 @@ impl Engine {
         now: Millis,
         addr: IpAddr,
     ) -> Option<&mut Subscriber> {
-        use std::collections::hash_map::Entry;
-        // One lookup: at a million subscribers each is a cache miss.
-        match self.subscribers.entry(addr) {
-            Entry::Occupied(e) => Some(e.into_mut()),
-            Entry::Vacant(v) => {
-                let (class, det_index) = self.compiled.class_of(addr)?;
-                let profile = self.compiled.class_profile[usize::from(class)];
-                Some(v.insert(Subscriber {
-                    class,
-                    pool: self.compiled.class_pool[usize::from(class)],
-                    det_index,
-                    ext: None,
-                    blocks: SmallVec::new(),
-                    quota_used: 0,
-                    slots: SmallVec::new(),
-                    bucket: TokenBucket::full(&profile, now),
-                    idle_since: Some(now),
-                }))
-            }
-        }
+        let compiled = &self.compiled;
+        // One search: at a million subscribers each is a cache miss.
+        self.subscribers.get_or_make(&addr, || {
+            let (class, det_index) = compiled.class_of(addr)?;
+            let profile = compiled.class_profile[usize::from(class)];
+            Some(Subscriber {
+                addr,
+                class,
+                pool: compiled.class_pool[usize::from(class)],
+                det_index,
+                ext: None,
+                blocks: SmallVec::new(),
+                quota_used: 0,
+                slots: SmallVec::new(),
+                bucket: TokenBucket::full(&profile, now),
+                idle_since: Some(now),
+            })
+        })
     }
 
     /// Drops the record of a subscriber that holds nothing (no block, no

@@ -1,0 +1,270 @@
+//! A table of records found by the key each one implies ([`Keyed::key`]),
+//! which is not stored beside it, and kept dense.
+//!
+//! Records sit side by side in a vector; a hash index holds each one's
+//! position and 32 bits of its key's hash. At a million records this costs
+//! the record plus ~10 bytes, where a hash table holding the records
+//! themselves, at the load factor it has right after growing (under one
+//! half), costs twice the record. Removal moves the last record into the
+//! hole, so a record's position is not stable: hold its key, not where it
+//! sits.
+
+use std::hash::{BuildHasher, Hash};
+
+/// A record that knows its own key.
+pub trait Keyed {
+    /// The key the record is found by; it must not change while the record
+    /// is in a table.
+    type Key: Hash + Eq;
+    /// The record's key.
+    fn key(&self) -> Self::Key;
+}
+
+/// Records by key, at most one per key.
+pub struct KeyedTable<T, S = std::collections::hash_map::RandomState> {
+    values: Vec<T>,
+    /// (position in `values`, 32 bits of the key's hash). The stored hash
+    /// spares a visit to a record on a probe that does not match, and
+    /// growing the index rehashes from what it holds, never from the
+    /// records (at a million records a visit to each would stall the
+    /// owner for tens of ms).
+    index: hashbrown::HashTable<(u32, u32)>,
+    hasher: S,
+}
+
+impl<T, S: Default> Default for KeyedTable<T, S> {
+    fn default() -> Self {
+        KeyedTable {
+            values: Vec::new(),
+            index: hashbrown::HashTable::new(),
+            hasher: S::default(),
+        }
+    }
+}
+
+/// The index's hash from the 32 bits it keeps: the table places entries by
+/// the low bits and tags them with the top seven, so both halves carry it.
+fn widen(h: u32) -> u64 {
+    u64::from(h) << 32 | u64::from(h)
+}
+
+fn rehash(&(_, h): &(u32, u32)) -> u64 {
+    widen(h)
+}
+
+impl<T: Keyed, S: BuildHasher> KeyedTable<T, S> {
+    /// An empty table hashing with `hasher`.
+    pub fn with_hasher(hasher: S) -> Self {
+        KeyedTable {
+            values: Vec::new(),
+            index: hashbrown::HashTable::new(),
+            hasher,
+        }
+    }
+
+    /// Records held.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether it holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    fn short_hash(&self, key: &T::Key) -> u32 {
+        self.hasher.hash_one(key) as u32
+    }
+
+    /// The position of the record under `key`, with the key's short hash.
+    fn position(&self, key: &T::Key) -> (Option<u32>, u32) {
+        let h = self.short_hash(key);
+        let values = &self.values;
+        let found = self.index.find(widen(h), |&(at, hs)| {
+            hs == h && values.get(at as usize).is_some_and(|v| v.key() == *key)
+        });
+        (found.map(|&(at, _)| at), h)
+    }
+
+    /// The record under `key`.
+    pub fn get(&self, key: &T::Key) -> Option<&T> {
+        let (at, _) = self.position(key);
+        self.values.get(at? as usize)
+    }
+
+    /// The record under `key`, to change anything but its key.
+    pub fn get_mut(&mut self, key: &T::Key) -> Option<&mut T> {
+        let (at, _) = self.position(key);
+        self.values.get_mut(at? as usize)
+    }
+
+    /// The record under `key`, made by `make` if there is none (and
+    /// `None` if `make` makes none): one search either way.
+    pub fn get_or_make(
+        &mut self,
+        key: &T::Key,
+        make: impl FnOnce() -> Option<T>,
+    ) -> Option<&mut T> {
+        let (found, h) = self.position(key);
+        let at = match found {
+            Some(at) => at as usize,
+            None => {
+                self.push(h, make()?);
+                self.values.len() - 1
+            }
+        };
+        self.values.get_mut(at)
+    }
+
+    /// Puts `value` under its key; returns the record it replaced.
+    pub fn insert(&mut self, value: T) -> Option<T> {
+        match self.get_mut(&value.key()) {
+            Some(have) => Some(std::mem::replace(have, value)),
+            None => {
+                self.insert_new(value);
+                None
+            }
+        }
+    }
+
+    /// Puts `value` in, its key known to be absent (no search).
+    pub fn insert_new(&mut self, value: T) {
+        let h = self.short_hash(&value.key());
+        self.push(h, value);
+    }
+
+    fn push(&mut self, h: u32, value: T) {
+        // Positions are 32 bits: four billion records is far past what a
+        // shard's memory holds.
+        let at = self.values.len() as u32;
+        self.values.push(value);
+        self.index.insert_unique(widen(h), (at, h), rehash);
+    }
+
+    /// Takes out the record under `key`.
+    pub fn remove(&mut self, key: &T::Key) -> Option<T> {
+        let (at, h) = self.position(key);
+        let at = at?;
+        if let Ok(e) = self.index.find_entry(widen(h), |&(p, _)| p == at) {
+            e.remove();
+        }
+        let last = (self.values.len() - 1) as u32;
+        let value = self.values.swap_remove(at as usize);
+        if at != last {
+            // The last record moved into the hole: point its entry there.
+            let moved = self.short_hash(&self.values[at as usize].key());
+            if let Some(e) = self.index.find_mut(widen(moved), |&(p, _)| p == last) {
+                e.0 = at;
+            }
+        }
+        Some(value)
+    }
+
+    /// Every record, in no particular order.
+    pub fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.values.iter()
+    }
+
+    /// Every record, to change anything but its key.
+    pub fn iter_mut(&mut self) -> std::slice::IterMut<'_, T> {
+        self.values.iter_mut()
+    }
+
+    /// Keeps the records `keep` accepts.
+    pub fn retain(&mut self, mut keep: impl FnMut(&mut T) -> bool) {
+        let before = self.values.len();
+        self.values.retain_mut(|v| keep(v));
+        if self.values.len() != before {
+            self.reindex();
+        }
+    }
+
+    fn reindex(&mut self) {
+        self.index.clear();
+        for at in 0..self.values.len() {
+            let h = self.short_hash(&self.values[at].key());
+            self.index.insert_unique(widen(h), (at as u32, h), rehash);
+        }
+    }
+}
+
+impl<T, S> IntoIterator for KeyedTable<T, S> {
+    type Item = T;
+    type IntoIter = std::vec::IntoIter<T>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.values.into_iter()
+    }
+}
+
+impl<T: Keyed, S: BuildHasher + Default> FromIterator<T> for KeyedTable<T, S> {
+    fn from_iter<I: IntoIterator<Item = T>>(values: I) -> Self {
+        let mut t = KeyedTable::default();
+        for v in values {
+            t.insert(v);
+        }
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::hash_map::RandomState;
+
+    #[derive(Debug, PartialEq)]
+    struct V(u16, &'static str);
+
+    impl Keyed for V {
+        type Key = u16;
+        fn key(&self) -> u16 {
+            self.0
+        }
+    }
+
+    #[test]
+    fn records_are_found_replaced_and_removed_by_the_key_they_imply() {
+        let mut t: KeyedTable<V, RandomState> = (0..1000).map(|p| V(p, "a")).collect();
+        assert_eq!(t.len(), 1000);
+        assert_eq!(t.insert(V(7, "b")), Some(V(7, "a")));
+        assert_eq!(t.len(), 1000);
+        assert_eq!(t.get(&7), Some(&V(7, "b")));
+        if let Some(v) = t.get_mut(&8) {
+            v.1 = "c";
+        }
+        assert_eq!(t.get(&8), Some(&V(8, "c")));
+        assert_eq!(t.remove(&9), Some(V(9, "a")));
+        assert_eq!(t.remove(&9), None);
+        assert!(t.get(&9).is_none());
+        assert_eq!(t.len(), 999);
+        assert!(t.get_or_make(&9, || None).is_none());
+        assert_eq!(t.get_or_make(&9, || Some(V(9, "d"))), Some(&mut V(9, "d")));
+        assert_eq!(t.get_or_make(&9, || Some(V(9, "e"))), Some(&mut V(9, "d")));
+        assert_eq!(t.iter().count(), 1000);
+        assert_eq!(t.into_iter().count(), 1000);
+    }
+
+    #[test]
+    fn every_record_stays_found_through_removals_that_move_others() {
+        let mut t: KeyedTable<V, RandomState> = KeyedTable::default();
+        for p in 0..500 {
+            t.insert_new(V(p, "a"));
+        }
+        // Remove from the front, the middle and the end: each removal but
+        // the last moves the last record into the hole.
+        for p in (0..500).step_by(3).chain([499, 250]) {
+            t.remove(&p);
+        }
+        t.retain(|v| v.0 % 5 != 1);
+        for p in 0..500u16 {
+            let gone = p % 3 == 0 || p == 499 || p == 250 || p % 5 == 1;
+            assert_eq!(t.get(&p).is_some(), !gone, "record {p}");
+        }
+        assert_eq!(
+            t.len(),
+            (0..500u16)
+                .filter(|p| !(p % 3 == 0 || *p == 499 || *p == 250 || p % 5 == 1))
+                .count()
+        );
+    }
+}
