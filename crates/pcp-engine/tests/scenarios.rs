@@ -1742,3 +1742,30 @@ fn a_renewal_for_a_shorter_lifetime_ends_the_mapping_then() {
     h.advance(61_000);
     assert!(expired(&h.take_events()), "gone 600 s after the renewal");
 }
+
+#[test]
+fn a_block_taken_by_a_refused_request_goes_back_after_the_idle_hold() {
+    let mut h = H::default();
+    // §13.2: the suggested port is outside the pool (ports from 1024), so
+    // the request is refused with no mapping, but the block allocated for
+    // it stays with the subscriber.
+    let pf = [PcpOption::PreferFailure];
+    let r = h.map_opts(sub(2), nonce(1), 6, 80, 80, 3600, &pf);
+    assert_eq!(r.result, ResultCode::CannotProvideExternal);
+    assert_eq!(h.engine.mapping_count(), 0);
+    let block = h.engine.subscriber(sub(2)).unwrap().blocks[0];
+    assert!(h
+        .take_events()
+        .iter()
+        .any(|e| matches!(e, Event::BlockAllocated { .. })));
+    // Held through the pool's block_hold (300 s), given back at its end.
+    h.advance(299_000);
+    assert!(h.engine.subscriber(sub(2)).is_some());
+    h.advance(1_000);
+    assert!(h.engine.subscriber(sub(2)).is_none());
+    assert!(h
+        .take_events()
+        .iter()
+        .any(|e| matches!(e, Event::BlockReleased { .. })));
+    assert_eq!(h.shared.block_owner(block.addr, block.first), None);
+}

@@ -122,6 +122,11 @@ pub struct Engine {
 
     // What is due later.
     timers: TimerWheel,
+    /// Subscribers given a block since the last [`Engine::settle`]: those
+    /// that still hold no mapping then start their idle hold. Arming it
+    /// at the block would cost a timer per subscriber, when nearly every
+    /// block is taken for the mapping made right after it.
+    unsettled: Vec<IpAddr>,
     outbox: Outbox,
 
     // What the caller drains.
@@ -154,6 +159,7 @@ impl Engine {
             reuse: ReuseDelay::default(),
             history: History::default(),
             timers: TimerWheel::default(),
+            unsettled: Vec::new(),
             outbox: Outbox::default(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),

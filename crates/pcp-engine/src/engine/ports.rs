@@ -203,7 +203,7 @@ impl Engine {
             sub.ext = Some(block.addr);
             sub.blocks.push((block, now));
         }
-        self.arm_idle(now, subscriber);
+        self.unsettled.push(subscriber);
         self.events
             .push_back(Event::BlockAllocated { subscriber, block });
     }

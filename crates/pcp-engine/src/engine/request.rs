@@ -109,6 +109,18 @@ impl Engine {
         datagram: &[u8],
         out: &mut [u8],
     ) -> Option<usize> {
+        let n = self.answer(now, src, datagram, out);
+        self.settle(now);
+        n
+    }
+
+    fn answer(
+        &mut self,
+        now: Millis,
+        src: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> Option<usize> {
         let epoch = self.epoch(now);
         let mut to = ErrorTo {
             datagram,

@@ -51,7 +51,7 @@ impl Engine {
                 sub.ext = Some(block.addr);
                 sub.blocks.push((block, since));
             }
-            self.arm_idle(now, subscriber);
+            self.unsettled.push(subscriber);
         } else {
             self.forget_if_stateless(subscriber);
         }

@@ -137,6 +137,16 @@ impl Engine {
         self.timers.schedule(now + hold, Timer::Idle { subscriber });
     }
 
+    /// Starts the idle hold of each subscriber given a block since the last
+    /// call that holds no mapping now.
+    pub(super) fn settle(&mut self, now: Millis) {
+        let mut unsettled = std::mem::take(&mut self.unsettled);
+        for subscriber in unsettled.drain(..) {
+            self.arm_idle(now, subscriber);
+        }
+        self.unsettled = unsettled;
+    }
+
     /// The subscriber's external address (unspecified before its first block).
     pub(super) fn subscriber_address(&self, subscriber: IpAddr) -> Ipv4Addr {
         self.subscribers

@@ -29,16 +29,40 @@ fn armed_second(second: u64) -> u32 {
 /// Timers by the second they are due.
 #[derive(Default)]
 pub(super) struct TimerWheel {
-    buckets: BTreeMap<u64, Vec<Timer>>,
+    buckets: BTreeMap<u64, Bucket>,
+}
+
+/// The timers of one second. Mapping expiries, one per mapping, are most
+/// of them and are kept apart at 8 bytes each (a [`Timer`] takes 20, for
+/// the subscriber address of [`Timer::Idle`]).
+#[derive(Default)]
+pub(super) struct Bucket {
+    expiries: Vec<(u32, u32)>,
+    others: Vec<Timer>,
+}
+
+impl IntoIterator for Bucket {
+    type Item = Timer;
+    type IntoIter = std::iter::Chain<
+        std::iter::Map<std::vec::IntoIter<(u32, u32)>, fn((u32, u32)) -> Timer>,
+        std::vec::IntoIter<Timer>,
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        let expire: fn((u32, u32)) -> Timer =
+            |(slot, generation)| Timer::Expire { slot, generation };
+        self.expiries.into_iter().map(expire).chain(self.others)
+    }
 }
 
 impl TimerWheel {
     /// Arms `timer` for `at` (rounded up to the next second).
     pub(super) fn schedule(&mut self, at: Millis, timer: Timer) {
-        self.buckets
-            .entry(at.div_ceil(1000))
-            .or_default()
-            .push(timer);
+        let bucket = self.buckets.entry(at.div_ceil(1000)).or_default();
+        match timer {
+            Timer::Expire { slot, generation } => bucket.expiries.push((slot, generation)),
+            other => bucket.others.push(other),
+        }
     }
 
     /// When the earliest bucket is due.
@@ -47,7 +71,7 @@ impl TimerWheel {
     }
 
     /// Takes the earliest bucket if it is due at `now`, with its second.
-    pub(super) fn pop_due(&mut self, now: Millis) -> Option<(u64, Vec<Timer>)> {
+    pub(super) fn pop_due(&mut self, now: Millis) -> Option<(u64, Bucket)> {
         let entry = self.buckets.first_entry()?;
         (entry.key() * 1000 <= now).then(|| entry.remove_entry())
     }
@@ -56,6 +80,9 @@ impl TimerWheel {
 impl Engine {
     /// The next instant [`Engine::handle_timeout`] has work to do.
     pub fn poll_timeout(&self) -> Option<Millis> {
+        if !self.unsettled.is_empty() {
+            return Some(0); // idle holds to start (see `settle`)
+        }
         match (self.timers.next_deadline(), self.outbox.next_deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -65,6 +92,7 @@ impl Engine {
     /// Expires mappings, ends reuse delays, releases idle blocks, and queues
     /// due unsolicited messages.
     pub fn handle_timeout(&mut self, now: Millis) {
+        self.settle(now);
         while let Some((second, due)) = self.timers.pop_due(now) {
             for timer in due {
                 self.fire(now, second, timer);
