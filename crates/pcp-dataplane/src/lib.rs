@@ -353,8 +353,10 @@ pub trait Dataplane: Send {
 #[derive(Default)]
 pub struct MemoryDataplane {
     entries: KeyedTable<Entry>,
-    /// Port blocks: (subscriber, external address, first port).
-    blocks: HashSet<(IpAddr, Ipv4Addr, u16), foldhash::fast::RandomState>,
+    /// Port blocks by external address: (first port, subscriber), sorted.
+    /// ~20 bytes a block, where a set of (subscriber, address, port)
+    /// took ~50 at a million blocks.
+    blocks: HashMap<Ipv4Addr, Vec<(u16, IpAddr)>, foldhash::fast::RandomState>,
 }
 
 impl pcp_engine::keyed::Keyed for Entry {
@@ -368,7 +370,7 @@ impl std::fmt::Debug for MemoryDataplane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryDataplane")
             .field("entries", &self.entries.len())
-            .field("blocks", &self.blocks.len())
+            .field("blocks", &self.blocks.values().map(Vec::len).sum::<usize>())
             .finish()
     }
 }
@@ -402,6 +404,17 @@ impl MemoryDataplane {
         }
     }
 
+    fn remove_block(&mut self, subscriber: IpAddr, external_addr: Ipv4Addr, first_port: u16) {
+        if let Some(held) = self.blocks.get_mut(&external_addr) {
+            if let Ok(at) = held.binary_search(&(first_port, subscriber)) {
+                held.remove(at);
+            }
+            if held.is_empty() {
+                self.blocks.remove(&external_addr);
+            }
+        }
+    }
+
     fn remove(&mut self, key: &Key) {
         if let Key::SubscriberBlock {
             subscriber,
@@ -409,7 +422,7 @@ impl MemoryDataplane {
             first_port,
         } = *key
         {
-            self.blocks.remove(&(subscriber, external_addr, first_port));
+            self.remove_block(subscriber, external_addr, first_port);
         } else {
             self.entries.remove(key);
         }
@@ -423,10 +436,13 @@ impl Dataplane for MemoryDataplane {
                 Change::Upsert(e) => self.upsert(e),
                 Change::Remove(k) => self.remove(k),
                 Change::AddBlock { subscriber, block } => {
-                    self.blocks.insert((*subscriber, block.addr, block.first));
+                    let held = self.blocks.entry(block.addr).or_default();
+                    if let Err(at) = held.binary_search(&(block.first, *subscriber)) {
+                        held.insert(at, (block.first, *subscriber));
+                    }
                 }
                 Change::RemoveBlock { subscriber, block } => {
-                    self.blocks.remove(&(*subscriber, block.addr, block.first));
+                    self.remove_block(*subscriber, block.addr, block.first);
                 }
             }
         }
@@ -438,18 +454,16 @@ impl Dataplane for MemoryDataplane {
             .entries
             .iter()
             .map(|e| (e.key(), Some(e.clone())))
-            .chain(
-                self.blocks
-                    .iter()
-                    .map(|&(subscriber, external_addr, first_port)| {
-                        let key = Key::SubscriberBlock {
-                            subscriber,
-                            external_addr,
-                            first_port,
-                        };
-                        (key, None)
-                    }),
-            )
+            .chain(self.blocks.iter().flat_map(|(&external_addr, held)| {
+                held.iter().map(move |&(first_port, subscriber)| {
+                    let key = Key::SubscriberBlock {
+                        subscriber,
+                        external_addr,
+                        first_port,
+                    };
+                    (key, None)
+                })
+            }))
             .collect();
         all.sort_unstable_by_key(|(k, _)| *k);
         all
@@ -549,5 +563,50 @@ mod tests {
         dp.apply(&changes);
         assert!(dp.is_empty());
         assert!(dp.installed().is_empty());
+    }
+
+    #[test]
+    fn port_blocks_are_kept_per_address_and_removed_by_either_change() {
+        let mut dp = MemoryDataplane::new();
+        let addr = Ipv4Addr::new(192, 0, 2, 1);
+        let block = |first| Block {
+            addr,
+            first,
+            len: 512,
+        };
+        let a: IpAddr = "100.64.0.1".parse().unwrap();
+        let b: IpAddr = "100.64.0.2".parse().unwrap();
+        let add = |subscriber, first| Change::AddBlock {
+            subscriber,
+            block: block(first),
+        };
+        // Out of order, and one twice: the set holds three.
+        dp.apply(&[add(a, 2048), add(b, 1024), add(a, 1536), add(b, 1024)]);
+        let keys = |dp: &MemoryDataplane| -> Vec<Key> {
+            dp.installed().into_iter().map(|(k, _)| k).collect()
+        };
+        let mut want = vec![
+            port_set_key(a, &block(1536)),
+            port_set_key(a, &block(2048)),
+            port_set_key(b, &block(1024)),
+        ];
+        want.sort_unstable();
+        assert_eq!(keys(&dp), want);
+        dp.apply(&[
+            Change::Remove(port_set_key(a, &block(2048))),
+            Change::RemoveBlock {
+                subscriber: b,
+                block: block(1024),
+            },
+            // Another subscriber's block at that port: nothing to remove.
+            Change::RemoveBlock {
+                subscriber: b,
+                block: block(1536),
+            },
+        ]);
+        assert_eq!(keys(&dp), vec![port_set_key(a, &block(1536))]);
+        dp.apply(&[Change::Remove(port_set_key(a, &block(1536)))]);
+        assert!(dp.installed().is_empty());
+        assert!(dp.blocks.is_empty(), "an address with no block is dropped");
     }
 }

@@ -283,7 +283,8 @@ impl BlockAllocator {
             holders.is_empty()
         });
         if emptied {
-            self.owners.remove_if(&block.addr, |_, holders| holders.is_empty());
+            self.owners
+                .remove_if(&block.addr, |_, holders| holders.is_empty());
         }
     }
 
