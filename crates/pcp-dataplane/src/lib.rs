@@ -30,10 +30,12 @@ use pcp_engine::{
 };
 
 mod conntrack;
+mod memory;
 mod nfnetlink;
 mod nftables;
 mod pinholes;
 pub use conntrack::{flow_stats, FlowStats};
+pub use memory::MemoryDataplane;
 pub use nftables::NftablesDataplane;
 pub use pinholes::{FirewallRules, Unsolicited};
 
@@ -119,29 +121,45 @@ impl Entry {
     /// endpoint of a pinhole, the external endpoint otherwise (one DNAT
     /// entry per external port).
     pub fn key(&self) -> Key {
-        let internal = InternalEndpoint {
-            addr: self.internal_addr,
-            protocol: self.protocol,
-            port: self.internal_port,
-        };
-        match self.kind {
-            MappingKind::Peer {
-                remote_addr,
-                remote_port,
-            } => Key::Peer(MappingKey {
-                internal,
-                remote: Some(RemoteEndpoint {
-                    addr: remote_addr,
-                    port: remote_port,
-                }),
-            }),
-            _ if self.firewall => Key::Pinhole(internal),
-            _ => Key::Inbound(ExternalEndpoint {
-                addr: self.external_addr,
+        key_of(
+            self.kind,
+            self.firewall,
+            InternalEndpoint {
+                addr: self.internal_addr,
                 protocol: self.protocol,
-                port: self.external_port,
+                port: self.internal_port,
+            },
+            self.external_addr,
+            self.external_port,
+        )
+    }
+}
+
+/// The key of an entry from the fields it depends on (see [`Entry::key`]).
+pub(crate) fn key_of(
+    kind: MappingKind,
+    firewall: bool,
+    internal: InternalEndpoint,
+    external_addr: Ipv4Addr,
+    external_port: u16,
+) -> Key {
+    match kind {
+        MappingKind::Peer {
+            remote_addr,
+            remote_port,
+        } => Key::Peer(MappingKey {
+            internal,
+            remote: Some(RemoteEndpoint {
+                addr: remote_addr,
+                port: remote_port,
             }),
-        }
+        }),
+        _ if firewall => Key::Pinhole(internal),
+        _ => Key::Inbound(ExternalEndpoint {
+            addr: external_addr,
+            protocol: internal.protocol,
+            port: external_port,
+        }),
     }
 }
 
@@ -344,141 +362,7 @@ pub trait Dataplane: Send {
     fn idle(&mut self) {}
 }
 
-/// The in-memory backend: keeps what would be installed (a renewal that
-/// only moves the expiry updates it in place). It is the embedded
-/// default's dataplane, so its memory counts in the daemon's bytes per
-/// mapping: each entry is stored once and found by the key it implies
-/// ([`Entry::key`], not stored beside it), and a port block is only its
-/// key.
-#[derive(Default)]
-pub struct MemoryDataplane {
-    entries: KeyedTable<Entry>,
-    /// Port blocks by external address: (first port, subscriber), sorted.
-    /// ~20 bytes a block, where a set of (subscriber, address, port)
-    /// took ~50 at a million blocks.
-    blocks: HashMap<Ipv4Addr, Vec<(u16, IpAddr)>, foldhash::fast::RandomState>,
-}
-
-impl pcp_engine::keyed::Keyed for Entry {
-    type Key = Key;
-    fn key(&self) -> Key {
-        Entry::key(self)
-    }
-}
-
-impl std::fmt::Debug for MemoryDataplane {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryDataplane")
-            .field("entries", &self.entries.len())
-            .field("blocks", &self.blocks.values().map(Vec::len).sum::<usize>())
-            .finish()
-    }
-}
-
-impl MemoryDataplane {
-    /// An empty dataplane.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Installed entries (mappings only).
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// True when no mapping is installed.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// One installed entry.
-    pub fn get(&self, key: &Key) -> Option<&Entry> {
-        self.entries.get(key)
-    }
-
-    fn upsert(&mut self, e: &Entry) {
-        match self.entries.get_mut(&e.key()) {
-            Some(have) if have.same_but_expiry(e) => have.expires_ms = e.expires_ms,
-            Some(have) => *have = e.clone(),
-            None => self.entries.insert_new(e.clone()),
-        }
-    }
-
-    fn remove_block(&mut self, subscriber: IpAddr, external_addr: Ipv4Addr, first_port: u16) {
-        if let Some(held) = self.blocks.get_mut(&external_addr) {
-            if let Ok(at) = held.binary_search(&(first_port, subscriber)) {
-                held.remove(at);
-            }
-            if held.is_empty() {
-                self.blocks.remove(&external_addr);
-            }
-        }
-    }
-
-    fn remove(&mut self, key: &Key) {
-        if let Key::SubscriberBlock {
-            subscriber,
-            external_addr,
-            first_port,
-        } = *key
-        {
-            self.remove_block(subscriber, external_addr, first_port);
-        } else {
-            self.entries.remove(key);
-        }
-    }
-}
-
-impl Dataplane for MemoryDataplane {
-    fn apply(&mut self, changes: &[Change]) -> Vec<Result<(), ApplyError>> {
-        for c in changes {
-            match c {
-                Change::Upsert(e) => self.upsert(e),
-                Change::Remove(k) => self.remove(k),
-                Change::AddBlock { subscriber, block } => {
-                    let held = self.blocks.entry(block.addr).or_default();
-                    if let Err(at) = held.binary_search(&(block.first, *subscriber)) {
-                        held.insert(at, (block.first, *subscriber));
-                    }
-                }
-                Change::RemoveBlock { subscriber, block } => {
-                    self.remove_block(*subscriber, block.addr, block.first);
-                }
-            }
-        }
-        vec![Ok(()); changes.len()]
-    }
-
-    fn installed(&self) -> Vec<(Key, Option<Entry>)> {
-        let mut all: Vec<(Key, Option<Entry>)> = self
-            .entries
-            .iter()
-            .map(|e| (e.key(), Some(e.clone())))
-            .chain(self.blocks.iter().flat_map(|(&external_addr, held)| {
-                held.iter().map(move |&(first_port, subscriber)| {
-                    let key = Key::SubscriberBlock {
-                        subscriber,
-                        external_addr,
-                        first_port,
-                    };
-                    (key, None)
-                })
-            }))
-            .collect();
-        all.sort_unstable_by_key(|(k, _)| *k);
-        all
-    }
-
-    fn name(&self) -> &'static str {
-        "memory"
-    }
-
-    fn waits(&self) -> bool {
-        false
-    }
-}
-
-fn port_set_key(subscriber: IpAddr, block: &Block) -> Key {
+pub(crate) fn port_set_key(subscriber: IpAddr, block: &Block) -> Key {
     Key::SubscriberBlock {
         subscriber,
         external_addr: block.addr,
@@ -563,50 +447,5 @@ mod tests {
         dp.apply(&changes);
         assert!(dp.is_empty());
         assert!(dp.installed().is_empty());
-    }
-
-    #[test]
-    fn port_blocks_are_kept_per_address_and_removed_by_either_change() {
-        let mut dp = MemoryDataplane::new();
-        let addr = Ipv4Addr::new(192, 0, 2, 1);
-        let block = |first| Block {
-            addr,
-            first,
-            len: 512,
-        };
-        let a: IpAddr = "100.64.0.1".parse().unwrap();
-        let b: IpAddr = "100.64.0.2".parse().unwrap();
-        let add = |subscriber, first| Change::AddBlock {
-            subscriber,
-            block: block(first),
-        };
-        // Out of order, and one twice: the set holds three.
-        dp.apply(&[add(a, 2048), add(b, 1024), add(a, 1536), add(b, 1024)]);
-        let keys = |dp: &MemoryDataplane| -> Vec<Key> {
-            dp.installed().into_iter().map(|(k, _)| k).collect()
-        };
-        let mut want = vec![
-            port_set_key(a, &block(1536)),
-            port_set_key(a, &block(2048)),
-            port_set_key(b, &block(1024)),
-        ];
-        want.sort_unstable();
-        assert_eq!(keys(&dp), want);
-        dp.apply(&[
-            Change::Remove(port_set_key(a, &block(2048))),
-            Change::RemoveBlock {
-                subscriber: b,
-                block: block(1024),
-            },
-            // Another subscriber's block at that port: nothing to remove.
-            Change::RemoveBlock {
-                subscriber: b,
-                block: block(1536),
-            },
-        ]);
-        assert_eq!(keys(&dp), vec![port_set_key(a, &block(1536))]);
-        dp.apply(&[Change::Remove(port_set_key(a, &block(1536)))]);
-        assert!(dp.installed().is_empty());
-        assert!(dp.blocks.is_empty(), "an address with no block is dropped");
     }
 }
