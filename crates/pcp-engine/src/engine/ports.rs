@@ -59,7 +59,7 @@ struct Cooling {
 /// was last reported.
 #[derive(Default)]
 pub(super) struct ReuseDelay {
-    ports: HashMap<ExternalEndpoint, Cooling>,
+    ports: HashMap<ExternalEndpoint, Cooling, super::table::PortHasher>,
     exhausted_logged: Vec<Option<Millis>>,
 }
 
@@ -293,7 +293,8 @@ impl Engine {
         self.ensure_blocks(now, subscriber, wanted)?;
         loop {
             let addr = self.subscriber_address(subscriber);
-            let blocks: Vec<Block> = self
+            // A subscriber holds a block or two: no allocation per create.
+            let blocks: smallvec::SmallVec<[Block; 4]> = self
                 .subscribers
                 .get(&subscriber)
                 .map(|s| s.blocks.iter().map(|(b, _)| *b).collect())

@@ -20,6 +20,9 @@ struct Slot {
     refreshed_ms: Millis,
 }
 
+/// The hasher of tables keyed by external endpoints (see `MappingTable::ports`).
+pub(super) type PortHasher = foldhash::fast::RandomState;
+
 /// Who holds one external port, and for which internal port.
 #[derive(Debug, Clone, Copy)]
 struct PortUse {
@@ -50,8 +53,10 @@ pub(super) struct MappingTable {
     by_key: hashbrown::HashTable<(u32, u32)>,
     /// Keys are chosen by subscribers: SipHash, randomly keyed.
     hasher: RandomState,
-    /// External ports in use.
-    ports: HashMap<ExternalEndpoint, PortUse>,
+    /// External ports in use. pcpd picks external ports (at random, RFC
+    /// 6888 REQ-13), so subscribers cannot aim at a bucket: foldhash,
+    /// randomly seeded, which a create probes several times.
+    ports: HashMap<ExternalEndpoint, PortUse, PortHasher>,
     /// External port of each outbound (PEER) internal endpoint (RFC 4787
     /// EIM), and how many PEER mappings of it there are.
     outbound: HashMap<InternalEndpoint, (u16, u32)>,
@@ -66,7 +71,7 @@ impl MappingTable {
             free: Vec::new(),
             by_key: hashbrown::HashTable::new(),
             hasher: RandomState::new(),
-            ports: HashMap::new(),
+            ports: HashMap::default(),
             outbound: HashMap::new(),
             live: 0,
         }
