@@ -23,6 +23,48 @@ struct Slot {
 /// The hasher of tables keyed by external endpoints (see `MappingTable::ports`).
 pub(super) type PortHasher = foldhash::fast::RandomState;
 
+/// Slots per chunk of [`Slots`]: 512 KiB of them.
+const CHUNK: usize = 4096;
+
+/// The slots, in chunks of [`CHUNK`] that never move: growing a `Vec` of
+/// them copied every slot at each doubling (64 MB and tens of ms of a
+/// shard's time at half a million mappings), and left up to half of its
+/// capacity unused.
+#[derive(Default)]
+struct Slots {
+    chunks: Vec<Vec<Slot>>,
+}
+
+impl Slots {
+    fn get(&self, slot: u32) -> Option<&Slot> {
+        let i = slot as usize;
+        self.chunks.get(i / CHUNK)?.get(i % CHUNK)
+    }
+
+    fn get_mut(&mut self, slot: u32) -> Option<&mut Slot> {
+        let i = slot as usize;
+        self.chunks.get_mut(i / CHUNK)?.get_mut(i % CHUNK)
+    }
+
+    /// Adds a slot; returns its number.
+    fn push(&mut self, slot: Slot) -> u32 {
+        match self.chunks.last_mut() {
+            Some(chunk) if chunk.len() < CHUNK => chunk.push(slot),
+            _ => {
+                let mut chunk = Vec::with_capacity(CHUNK);
+                chunk.push(slot);
+                self.chunks.push(chunk);
+            }
+        }
+        let full = self.chunks.len().saturating_sub(1) * CHUNK;
+        (full + self.chunks.last().map_or(0, Vec::len) - 1) as u32
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Slot> {
+        self.chunks.iter().flatten()
+    }
+}
+
 /// Who holds one external port, and for which internal port.
 #[derive(Debug, Clone, Copy)]
 struct PortUse {
@@ -41,7 +83,7 @@ pub(super) struct ReleasedPort {
 /// Every mapping of a shard, by slot, with its indexes.
 pub(super) struct MappingTable {
     shard: u16,
-    slots: Vec<Slot>,
+    slots: Slots,
     free: Vec<u32>,
     /// Every mapping's slot, found by its key: MAP and static by internal
     /// endpoint (§11.3: one per endpoint), PEER by the full key (§12.3).
@@ -67,7 +109,7 @@ impl MappingTable {
     pub(super) fn new(shard: u16) -> Self {
         MappingTable {
             shard,
-            slots: Vec::new(),
+            slots: Slots::default(),
             free: Vec::new(),
             by_key: hashbrown::HashTable::new(),
             hasher: RandomState::new(),
@@ -82,22 +124,18 @@ impl MappingTable {
     }
 
     pub(super) fn get(&self, slot: u32) -> Option<&Mapping> {
-        self.slots
-            .get(slot as usize)
-            .and_then(|s| s.mapping.as_ref())
+        self.slots.get(slot).and_then(|s| s.mapping.as_ref())
     }
 
     /// The mapping in `slot`, to change anything but its key (the index
     /// finds it by the key it holds).
     pub(super) fn get_mut(&mut self, slot: u32) -> Option<&mut Mapping> {
-        self.slots
-            .get_mut(slot as usize)
-            .and_then(|s| s.mapping.as_mut())
+        self.slots.get_mut(slot).and_then(|s| s.mapping.as_mut())
     }
 
     /// The mapping behind `id`, if that slot still holds that generation.
     pub(super) fn by_id(&self, id: MappingId) -> Option<&Mapping> {
-        let s = self.slots.get(id.slot as usize)?;
+        let s = self.slots.get(id.slot)?;
         (s.generation == id.generation).then_some(())?;
         s.mapping.as_ref()
     }
@@ -141,7 +179,7 @@ impl MappingTable {
 
     /// A client refreshed the mapping in `slot` at `now` (§14.2 stops).
     pub(super) fn refreshed(&mut self, slot: u32, now: Millis) {
-        if let Some(s) = self.slots.get_mut(slot as usize) {
+        if let Some(s) = self.slots.get_mut(slot) {
             s.refreshed_ms = now;
         }
     }
@@ -149,27 +187,27 @@ impl MappingTable {
     /// Whether `slot` still holds `generation`, not refreshed after `stamp`.
     pub(super) fn unrefreshed_since(&self, slot: u32, generation: u32, stamp: Millis) -> bool {
         self.slots
-            .get(slot as usize)
+            .get(slot)
             .is_some_and(|s| s.generation == generation && s.refreshed_ms <= stamp)
     }
 
     /// The second the expiry timer of `slot` is armed for, if it holds
     /// `generation` (0: none armed).
     pub(super) fn expiry_armed(&self, slot: u32, generation: u32) -> Option<u32> {
-        let s = self.slots.get(slot as usize)?;
+        let s = self.slots.get(slot)?;
         (s.generation == generation && s.mapping.is_some()).then_some(s.expiry_armed_s)
     }
 
     /// Notes the second the expiry timer of `slot` is armed for.
     pub(super) fn set_expiry_armed(&mut self, slot: u32, second: u32) {
-        if let Some(s) = self.slots.get_mut(slot as usize) {
+        if let Some(s) = self.slots.get_mut(slot) {
             s.expiry_armed_s = second;
         }
     }
 
     /// Whether `slot` holds `generation` and that mapping has expired at `now`.
     pub(super) fn expired(&self, slot: u32, generation: u32, now: Millis) -> bool {
-        self.slots.get(slot as usize).is_some_and(|s| {
+        self.slots.get(slot).is_some_and(|s| {
             s.generation == generation
                 && s.mapping
                     .as_ref()
@@ -181,20 +219,17 @@ impl MappingTable {
     pub(super) fn insert(&mut self, now: Millis, mut mapping: Mapping) -> MappingId {
         let slot = match self.free.pop() {
             Some(s) => s,
-            None => {
-                self.slots.push(Slot {
-                    generation: 0,
-                    expiry_armed_s: 0,
-                    mapping: None,
-                    refreshed_ms: now,
-                });
-                (self.slots.len() - 1) as u32
-            }
+            None => self.slots.push(Slot {
+                generation: 0,
+                expiry_armed_s: 0,
+                mapping: None,
+                refreshed_ms: now,
+            }),
         };
         let id = MappingId {
             shard: self.shard,
             slot,
-            generation: self.slots[slot as usize].generation,
+            generation: self.slots.get(slot).map_or(0, |s| s.generation),
         };
         mapping.id = id;
         let key = mapping.key();
@@ -212,6 +247,19 @@ impl MappingTable {
         } else {
             mapping.port_count
         };
+        // Each table here (and the dataplane's) takes an entry per mapping,
+        // so left alone they would all double on the same insert and stall
+        // the shard for the sum of their rehashes (~14 ms at 230 k mappings
+        // a shard). They double at different fills instead: `ports` at 3/4
+        // of its capacity, `by_key` at 7/8, the dataplane's when full.
+        if self.ports.len() + usize::from(held) > self.ports.capacity() / 4 * 3 {
+            self.ports
+                .reserve(self.ports.capacity() / 4 + 1 + usize::from(held));
+        }
+        if self.by_key.len() >= self.by_key.capacity() / 8 * 7 {
+            self.by_key
+                .reserve(self.by_key.capacity() / 8 + 1, |&(_, h)| widen(h));
+        }
         for i in 0..held {
             let use_ = self.ports.entry(mapping.external(i)).or_insert(PortUse {
                 internal_port: mapping.internal_port.wrapping_add(i),
@@ -219,10 +267,11 @@ impl MappingTable {
             });
             use_.refs += 1;
         }
-        let s = &mut self.slots[slot as usize];
-        s.refreshed_ms = now;
-        s.expiry_armed_s = 0;
-        s.mapping = Some(mapping);
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.refreshed_ms = now;
+            s.expiry_armed_s = 0;
+            s.mapping = Some(mapping);
+        }
         self.live += 1;
         let h = self.short_hash(&key);
         self.by_key
@@ -238,7 +287,7 @@ impl MappingTable {
         if let Ok(found) = self.by_key.find_entry(widen(h), |&(s, _)| s == slot) {
             found.remove();
         }
-        let entry = self.slots.get_mut(slot as usize)?;
+        let entry = self.slots.get_mut(slot)?;
         let mapping = entry.mapping.take()?;
         entry.generation = entry.generation.wrapping_add(1);
         self.free.push(slot);
