@@ -131,7 +131,14 @@ impl Effects {
         if compact {
             // Every change made so far is in a batch before it in the
             // queue; if one of them fails, the writer skips the snapshot.
+            let started = std::time::Instant::now();
             let state = super::super::restore::state_records(engine, offset);
+            tracing::info!(
+                shard = self.index,
+                records = state.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "journal compaction: state taken (the snapshot is written beside the journal)"
+            );
             writer.compact(crate::clock::wall_ms(), state);
         }
         self.inflight.push_back(Pending::Batch {
