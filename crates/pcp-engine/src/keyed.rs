@@ -23,12 +23,7 @@ pub trait Keyed {
 /// Records by key, at most one per key.
 pub struct KeyedTable<T, S = std::collections::hash_map::RandomState> {
     values: Vec<T>,
-    /// (position in `values`, 32 bits of the key's hash). The stored hash
-    /// spares a visit to a record on a probe that does not match, and
-    /// growing the index rehashes from what it holds, never from the
-    /// records (at a million records a visit to each would stall the
-    /// owner for tens of ms).
-    index: hashbrown::HashTable<(u32, u32)>,
+    index: PositionIndex,
     hasher: S,
 }
 
@@ -36,10 +31,21 @@ impl<T, S: Default> Default for KeyedTable<T, S> {
     fn default() -> Self {
         KeyedTable {
             values: Vec::new(),
-            index: hashbrown::HashTable::new(),
+            index: PositionIndex::default(),
             hasher: S::default(),
         }
     }
+}
+
+/// Positions of records, found by 32 bits of their key's hash: the index
+/// of a [`KeyedTable`], and of the engine's mapping slots. A position is
+/// 4 bytes where a copy of the key would be tens. The stored hash spares a
+/// visit to a record on a probe that does not match, and growing the index
+/// rehashes from what it holds, never from the records (at a million
+/// records a visit to each would stall the owner for tens of ms).
+#[derive(Default)]
+pub(crate) struct PositionIndex {
+    table: hashbrown::HashTable<(u32, u32)>,
 }
 
 /// The index's hash from the 32 bits it keeps: the table places entries by
@@ -50,6 +56,44 @@ fn widen(h: u32) -> u64 {
 
 fn rehash(&(_, h): &(u32, u32)) -> u64 {
     widen(h)
+}
+
+impl PositionIndex {
+    /// The position with short hash `h` whose record `is` accepts.
+    pub(crate) fn find(&self, h: u32, mut is: impl FnMut(u32) -> bool) -> Option<u32> {
+        self.table
+            .find(widen(h), |&(at, hs)| hs == h && is(at))
+            .map(|&(at, _)| at)
+    }
+
+    /// Adds position `at` under short hash `h`.
+    pub(crate) fn insert(&mut self, h: u32, at: u32) {
+        self.table.insert_unique(widen(h), (at, h), rehash);
+    }
+
+    /// Takes position `at` (short hash `h`) out.
+    pub(crate) fn remove(&mut self, h: u32, at: u32) {
+        if let Ok(e) = self.table.find_entry(widen(h), |&(p, _)| p == at) {
+            e.remove();
+        }
+    }
+
+    /// The record with short hash `h` moved from position `from` to `to`.
+    pub(crate) fn moved(&mut self, h: u32, from: u32, to: u32) {
+        if let Some(e) = self.table.find_mut(widen(h), |&(p, _)| p == from) {
+            e.0 = to;
+        }
+    }
+
+    /// Doubles now if the next insert would fill it past `num / den` of
+    /// its capacity: tables that each take an entry per mapping then
+    /// double at different inserts, not all on the same one.
+    pub(crate) fn grow_at(&mut self, num: usize, den: usize) {
+        let cap = self.table.capacity();
+        if self.table.len() >= cap / den * num {
+            self.table.reserve(cap - cap / den * num + 1, rehash);
+        }
+    }
 }
 
 impl<T: Keyed, S: BuildHasher> KeyedTable<T, S> {
@@ -71,10 +115,10 @@ impl<T: Keyed, S: BuildHasher> KeyedTable<T, S> {
     fn position(&self, key: &T::Key) -> (Option<u32>, u32) {
         let h = self.short_hash(key);
         let values = &self.values;
-        let found = self.index.find(widen(h), |&(at, hs)| {
-            hs == h && values.get(at as usize).is_some_and(|v| v.key() == *key)
+        let found = self.index.find(h, |at| {
+            values.get(at as usize).is_some_and(|v| v.key() == *key)
         });
-        (found.map(|&(at, _)| at), h)
+        (found, h)
     }
 
     /// The record under `key`.
@@ -129,24 +173,20 @@ impl<T: Keyed, S: BuildHasher> KeyedTable<T, S> {
         // shard's memory holds.
         let at = self.values.len() as u32;
         self.values.push(value);
-        self.index.insert_unique(widen(h), (at, h), rehash);
+        self.index.insert(h, at);
     }
 
     /// Takes out the record under `key`.
     pub fn remove(&mut self, key: &T::Key) -> Option<T> {
         let (at, h) = self.position(key);
         let at = at?;
-        if let Ok(e) = self.index.find_entry(widen(h), |&(p, _)| p == at) {
-            e.remove();
-        }
+        self.index.remove(h, at);
         let last = (self.values.len() - 1) as u32;
         let value = self.values.swap_remove(at as usize);
         if at != last {
             // The last record moved into the hole: point its entry there.
             let moved = self.short_hash(&self.values[at as usize].key());
-            if let Some(e) = self.index.find_mut(widen(moved), |&(p, _)| p == last) {
-                e.0 = at;
-            }
+            self.index.moved(moved, last, at);
         }
         Some(value)
     }
@@ -229,5 +269,35 @@ mod tests {
             assert_eq!(t.get(&p).is_some(), !gone(p), "record {p}");
         }
         assert_eq!(t.len(), (0..500u16).filter(|p| !gone(*p)).count());
+    }
+
+    #[test]
+    fn an_index_doubles_at_the_fill_it_is_told() {
+        let mut at_3_4 = PositionIndex::default();
+        let mut when_full = PositionIndex::default();
+        let mut doubled = (Vec::new(), Vec::new());
+        for p in 0..10_000u32 {
+            let before = (at_3_4.table.capacity(), when_full.table.capacity());
+            at_3_4.grow_at(3, 4);
+            at_3_4.insert(p.wrapping_mul(2_654_435_761), p);
+            when_full.insert(p.wrapping_mul(2_654_435_761), p);
+            if at_3_4.table.capacity() != before.0 {
+                doubled.0.push(p);
+            }
+            if when_full.table.capacity() != before.1 {
+                doubled.1.push(p);
+            }
+            assert!(at_3_4.table.len() <= at_3_4.table.capacity() / 4 * 3 + 1);
+        }
+        // Both double as often, never on the same insert past the first few.
+        assert_eq!(doubled.0.len(), doubled.1.len());
+        let late = |d: &Vec<u32>| d.iter().copied().filter(|p| *p > 64).collect::<Vec<_>>();
+        assert!(late(&doubled.0)
+            .iter()
+            .all(|p| !late(&doubled.1).contains(p)));
+        assert_eq!(
+            at_3_4.find(4_u32.wrapping_mul(2_654_435_761), |p| p == 4),
+            Some(4)
+        );
     }
 }

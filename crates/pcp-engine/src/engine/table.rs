@@ -6,6 +6,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher as _;
 
+use crate::keyed::PositionIndex;
 use crate::types::{ExternalEndpoint, InternalEndpoint, Mapping, MappingId, MappingKey, Millis};
 
 struct Slot {
@@ -87,12 +88,9 @@ pub(super) struct MappingTable {
     free: Vec<u32>,
     /// Every mapping's slot, found by its key: MAP and static by internal
     /// endpoint (§11.3: one per endpoint), PEER by the full key (§12.3).
-    /// The index holds a slot number and 32 bits of the key's hash, and
-    /// compares against the mapping in the slot: a million mappings cost
-    /// 8 bytes each here instead of a copy of their key, and growing the
-    /// index rehashes from what it holds (no visit to every slot, which
-    /// at a million mappings would stall the shard for tens of ms).
-    by_key: hashbrown::HashTable<(u32, u32)>,
+    /// Slot numbers with 32 bits of the key's hash, compared against the
+    /// mapping in the slot (no copy of the key).
+    by_key: PositionIndex,
     /// Keys are chosen by subscribers: SipHash, randomly keyed.
     hasher: RandomState,
     /// External ports in use. pcpd picks external ports (at random, RFC
@@ -111,7 +109,7 @@ impl MappingTable {
             shard,
             slots: Slots::default(),
             free: Vec::new(),
-            by_key: hashbrown::HashTable::new(),
+            by_key: PositionIndex::default(),
             hasher: RandomState::new(),
             ports: HashMap::default(),
             outbound: HashMap::new(),
@@ -143,9 +141,7 @@ impl MappingTable {
     /// The slot of the mapping with `key`.
     pub(super) fn find(&self, key: &MappingKey) -> Option<u32> {
         let h = self.short_hash(key);
-        self.by_key
-            .find(widen(h), |&(s, hs)| hs == h && self.key_at(s) == Some(*key))
-            .map(|&(s, _)| s)
+        self.by_key.find(h, |s| self.key_at(s) == Some(*key))
     }
 
     /// The 32 bits of a key's hash the index keeps.
@@ -256,10 +252,7 @@ impl MappingTable {
             self.ports
                 .reserve(self.ports.capacity() / 4 + 1 + usize::from(held));
         }
-        if self.by_key.len() >= self.by_key.capacity() / 8 * 7 {
-            self.by_key
-                .reserve(self.by_key.capacity() / 8 + 1, |&(_, h)| widen(h));
-        }
+        self.by_key.grow_at(7, 8);
         for i in 0..held {
             let use_ = self.ports.entry(mapping.external(i)).or_insert(PortUse {
                 internal_port: mapping.internal_port.wrapping_add(i),
@@ -274,8 +267,7 @@ impl MappingTable {
         }
         self.live += 1;
         let h = self.short_hash(&key);
-        self.by_key
-            .insert_unique(widen(h), (slot, h), |&(_, h)| widen(h));
+        self.by_key.insert(h, slot);
         id
     }
 
@@ -284,9 +276,7 @@ impl MappingTable {
     pub(super) fn detach(&mut self, slot: u32) -> Option<(Mapping, Vec<ReleasedPort>)> {
         let key = self.key_at(slot)?;
         let h = self.short_hash(&key);
-        if let Ok(found) = self.by_key.find_entry(widen(h), |&(s, _)| s == slot) {
-            found.remove();
-        }
+        self.by_key.remove(h, slot);
         let entry = self.slots.get_mut(slot)?;
         let mapping = entry.mapping.take()?;
         entry.generation = entry.generation.wrapping_add(1);
@@ -326,13 +316,6 @@ impl MappingTable {
         }
         Some((mapping, released))
     }
-}
-
-/// The index's hash of a key from the 32 bits it keeps: the table places
-/// entries by the low bits and tags them with the top seven, so both
-/// halves carry the short hash.
-fn widen(h: u32) -> u64 {
-    u64::from(h) << 32 | u64::from(h)
 }
 
 /// A placeholder id: [`MappingTable::insert`] assigns the real one.
