@@ -122,7 +122,7 @@ pub struct Engine {
 
     // What is due later.
     timers: TimerWheel,
-    /// Subscribers given a block since the last [`Engine::settle`]: those
+    /// Subscribers given a block since the last [`Engine::start_idle_holds`]: those
     /// that still hold no mapping then start their idle hold. Arming it
     /// at the block would cost a timer per subscriber, when nearly every
     /// block is taken for the mapping made right after it.

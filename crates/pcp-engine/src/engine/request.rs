@@ -110,7 +110,7 @@ impl Engine {
         out: &mut [u8],
     ) -> Option<usize> {
         let n = self.answer(now, src, datagram, out);
-        self.settle(now);
+        self.start_idle_holds(now);
         n
     }
 

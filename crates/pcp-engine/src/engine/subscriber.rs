@@ -139,7 +139,7 @@ impl Engine {
 
     /// Starts the idle hold of each subscriber given a block since the last
     /// call that holds no mapping now.
-    pub(super) fn settle(&mut self, now: Millis) {
+    pub(super) fn start_idle_holds(&mut self, now: Millis) {
         let mut unsettled = std::mem::take(&mut self.unsettled);
         for subscriber in unsettled.drain(..) {
             self.arm_idle(now, subscriber);

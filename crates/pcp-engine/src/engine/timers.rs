@@ -8,11 +8,9 @@ use std::net::IpAddr;
 use super::Engine;
 use crate::types::{DeleteReason, ExternalEndpoint, Millis};
 
-/// What a timer does when it fires.
+/// What a timer other than a mapping's expiry does when it fires.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Timer {
-    /// A mapping's lifetime may have run out (§15).
-    Expire { slot: u32, generation: u32 },
     /// An external port's reuse delay may have ended (§15).
     Cool { port: ExternalEndpoint },
     /// A subscriber may have been idle long enough to give back its blocks.
@@ -33,36 +31,28 @@ pub(super) struct TimerWheel {
 }
 
 /// The timers of one second. Mapping expiries, one per mapping, are most
-/// of them and are kept apart at 8 bytes each (a [`Timer`] takes 20, for
-/// the subscriber address of [`Timer::Idle`]).
+/// of them and are kept apart at 8 bytes each, as (slot, generation) (a
+/// [`Timer`] takes 20, for the subscriber address of [`Timer::Idle`]).
 #[derive(Default)]
 pub(super) struct Bucket {
     expiries: Vec<(u32, u32)>,
     others: Vec<Timer>,
 }
 
-impl IntoIterator for Bucket {
-    type Item = Timer;
-    type IntoIter = std::iter::Chain<
-        std::iter::Map<std::vec::IntoIter<(u32, u32)>, fn((u32, u32)) -> Timer>,
-        std::vec::IntoIter<Timer>,
-    >;
-
-    fn into_iter(self) -> Self::IntoIter {
-        let expire: fn((u32, u32)) -> Timer =
-            |(slot, generation)| Timer::Expire { slot, generation };
-        self.expiries.into_iter().map(expire).chain(self.others)
-    }
-}
-
 impl TimerWheel {
-    /// Arms `timer` for `at` (rounded up to the next second).
+    fn bucket(&mut self, at: Millis) -> &mut Bucket {
+        // Rounded up to the next second.
+        self.buckets.entry(at.div_ceil(1000)).or_default()
+    }
+
+    /// Arms `timer` for `at`.
     pub(super) fn schedule(&mut self, at: Millis, timer: Timer) {
-        let bucket = self.buckets.entry(at.div_ceil(1000)).or_default();
-        match timer {
-            Timer::Expire { slot, generation } => bucket.expiries.push((slot, generation)),
-            other => bucket.others.push(other),
-        }
+        self.bucket(at).others.push(timer);
+    }
+
+    /// Arms the expiry of the mapping in `slot` (of `generation`) for `at`.
+    fn schedule_expiry(&mut self, at: Millis, slot: u32, generation: u32) {
+        self.bucket(at).expiries.push((slot, generation));
     }
 
     /// When the earliest bucket is due.
@@ -81,7 +71,7 @@ impl Engine {
     /// The next instant [`Engine::handle_timeout`] has work to do.
     pub fn poll_timeout(&self) -> Option<Millis> {
         if !self.unsettled.is_empty() {
-            return Some(0); // idle holds to start (see `settle`)
+            return Some(0); // idle holds to start (see `start_idle_holds`)
         }
         match (self.timers.next_deadline(), self.outbox.next_deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -92,10 +82,13 @@ impl Engine {
     /// Expires mappings, ends reuse delays, releases idle blocks, and queues
     /// due unsolicited messages.
     pub fn handle_timeout(&mut self, now: Millis) {
-        self.settle(now);
+        self.start_idle_holds(now);
         while let Some((second, due)) = self.timers.pop_due(now) {
-            for timer in due {
-                self.fire(now, second, timer);
+            for (slot, generation) in due.expiries {
+                self.expire(now, second, slot, generation);
+            }
+            for timer in due.others {
+                self.fire(now, timer);
             }
         }
         while let Some(pending) = self.outbox.pop_due(now) {
@@ -110,33 +103,35 @@ impl Engine {
         let second = armed_second(expires_ms.div_ceil(1000));
         let armed = self.table.expiry_armed(slot, generation);
         if armed.is_some_and(|a| a == 0 || a > second) {
-            self.timers
-                .schedule(expires_ms, Timer::Expire { slot, generation });
+            self.timers.schedule_expiry(expires_ms, slot, generation);
             self.table.set_expiry_armed(slot, second);
         }
     }
 
-    /// Runs a timer of bucket `second`.
-    fn fire(&mut self, now: Millis, second: u64, timer: Timer) {
-        match timer {
-            Timer::Expire { slot, generation } => {
-                // Only the timer the slot is armed for counts: another one
-                // was superseded by an earlier expiry.
-                let armed = self.table.expiry_armed(slot, generation);
-                if armed.is_none_or(|a| a != armed_second(second)) {
-                    return;
-                }
-                self.table.set_expiry_armed(slot, 0);
-                if self.table.expired(slot, generation, now) {
-                    self.remove(now, slot, DeleteReason::Expired);
-                } else if let Some(m) = self.table.get(slot) {
-                    // Renewed since: the expiry moved later.
-                    if m.counts_against_quota() {
-                        let expires = m.expires_ms;
-                        self.arm_expiry(slot, generation, expires);
-                    }
-                }
+    /// Runs the expiry timer of bucket `second` for the mapping in `slot`
+    /// (§15).
+    fn expire(&mut self, now: Millis, second: u64, slot: u32, generation: u32) {
+        // Only the timer the slot is armed for counts: another one was
+        // superseded by an earlier expiry.
+        let armed = self.table.expiry_armed(slot, generation);
+        if armed.is_none_or(|a| a != armed_second(second)) {
+            return;
+        }
+        self.table.set_expiry_armed(slot, 0);
+        if self.table.expired(slot, generation, now) {
+            self.remove(now, slot, DeleteReason::Expired);
+        } else if let Some(m) = self.table.get(slot) {
+            // Renewed since: the expiry moved later.
+            if m.counts_against_quota() {
+                let expires = m.expires_ms;
+                self.arm_expiry(slot, generation, expires);
             }
+        }
+    }
+
+    /// Runs one of the other timers.
+    fn fire(&mut self, now: Millis, timer: Timer) {
+        match timer {
             Timer::Cool { port } => self.end_reuse_delay(now, port),
             Timer::Idle { subscriber } => self.release_if_idle(now, subscriber),
         }
