@@ -114,17 +114,14 @@ fn pinhole(time: Millis, event: &Event) -> Option<Record> {
         }
         _ => return None,
     };
+    // A pinhole translates nothing: its range is the internal ports.
     Some(Record {
-        event: name,
-        time,
-        source: Some(m.internal_addr),
-        source_port: Some(m.internal_port),
-        protocol: Some(m.protocol),
+        post_addr: None,
+        post_port: None,
         port_first: Some(m.internal_port),
         port_last: Some(u32::from(m.internal_port) + u32::from(m.port_count) - 1),
-        kind: Some(m.kind),
         reason,
-        ..Record::default()
+        ..mapping(time, name, m)
     })
 }
 
@@ -290,6 +287,8 @@ mod tests {
         let pinhole = Record::of(7, &events[3]).unwrap().to_value();
         assert_eq!(pinhole["event"], "pinhole_open");
         assert!(pinhole.get("natEvent").is_none());
+        assert!(pinhole.get("postNATSourceIPv4Address").is_none());
+        assert!(pinhole.get("postNAPTSourceTransportPort").is_none());
         let block = Record::of(7, &events[4]).unwrap().to_value();
         assert_eq!(block["natEvent"], 16);
         assert_eq!(block["portRangeEnd"], 1535);
