@@ -140,6 +140,9 @@ impl Engine {
     /// Starts the idle hold of each subscriber given a block since the last
     /// call that holds no mapping now.
     pub(super) fn start_idle_holds(&mut self, now: Millis) {
+        if self.unsettled.is_empty() {
+            return; // nearly every request: no block was taken
+        }
         let mut unsettled = std::mem::take(&mut self.unsettled);
         for subscriber in unsettled.drain(..) {
             self.arm_idle(now, subscriber);
