@@ -191,6 +191,12 @@ impl<T: Keyed, S: BuildHasher> KeyedTable<T, S> {
         Some(value)
     }
 
+    /// The record at position `at` (0 to `len() - 1`). Positions change
+    /// only by removal, which moves the last record into the hole.
+    pub fn at(&self, at: usize) -> Option<&T> {
+        self.values.get(at)
+    }
+
     /// Every record, in no particular order.
     pub fn iter(&self) -> std::slice::Iter<'_, T> {
         self.values.iter()

@@ -39,5 +39,5 @@ mod validate;
 pub use alloc::{Block, BlockAllocator, PoolUsage};
 pub use compiled::Compiled;
 pub use config::{ConfigProblem, EngineConfig};
-pub use engine::{shard_of, subscriber_key, Engine, Forgotten};
+pub use engine::{shard_of, subscriber_key, Engine, Forgotten, StateCursor, StateItem};
 pub use types::*;

@@ -10,11 +10,11 @@
 
 mod harness;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use harness::*;
-use pcp_engine::{Event, MappingKind};
+use pcp_engine::{Event, MappingKind, StateItem};
 use pcp_wire::{natpmp, PcpOption, PortSet};
 use proptest::prelude::*;
 
@@ -147,6 +147,68 @@ fn check(h: &H, released: &Released, events: &[Event]) -> Result<(), TestCaseErr
     Ok(())
 }
 
+/// Runs one step on the engine.
+fn apply(h: &mut H, op: Op) {
+    match op {
+        Op::Map {
+            s,
+            port,
+            nonce: n,
+            lifetime,
+            suggested,
+            set,
+        } => {
+            let opts = [PcpOption::PortSet(PortSet {
+                size: set,
+                first_internal_port: port,
+                parity: false,
+            })];
+            let o: &[PcpOption<'_>] = if set > 1 { &opts } else { &[] };
+            h.map_opts(sub(s), nonce(n), 6, port, suggested, lifetime, o);
+        }
+        Op::Peer {
+            s,
+            port,
+            remote,
+            nonce: n,
+            lifetime,
+        } => {
+            h.peer(
+                sub(s),
+                nonce(n),
+                port,
+                IpAddr::V4(Ipv4Addr::new(203, 0, 113, remote)),
+                443,
+                0,
+                lifetime,
+            );
+        }
+        Op::NatPmp { s, port, lifetime } => {
+            h.natpmp(
+                sub(s),
+                natpmp::Request::Map(natpmp::Mapping {
+                    protocol: natpmp::Protocol::Tcp,
+                    internal_port: port,
+                    external_port: 0,
+                    lifetime,
+                }),
+            );
+        }
+        Op::Delete { s, port, nonce: n } => {
+            h.map(sub(s), nonce(n), port, 0, 0);
+        }
+        Op::Drain { addr } => {
+            let a = Ipv4Addr::new(192, 0, 2, addr);
+            h.shared.set_draining(a, true);
+            h.engine.drain(h.now, a);
+            h.shared.set_draining(a, false);
+        }
+        Op::Advance { ms } => {
+            h.advance(ms);
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
@@ -155,31 +217,7 @@ proptest! {
         let mut h = H::new(small_config());
         let mut released: Released = HashMap::new();
         for op in ops {
-            match op {
-                Op::Map { s, port, nonce: n, lifetime, suggested, set } => {
-                    let opts = [PcpOption::PortSet(PortSet { size: set, first_internal_port: port, parity: false })];
-                    let o: &[PcpOption<'_>] = if set > 1 { &opts } else { &[] };
-                    h.map_opts(sub(s), nonce(n), 6, port, suggested, lifetime, o);
-                }
-                Op::Peer { s, port, remote, nonce: n, lifetime } => {
-                    h.peer(sub(s), nonce(n), port, IpAddr::V4(Ipv4Addr::new(203, 0, 113, remote)), 443, 0, lifetime);
-                }
-                Op::NatPmp { s, port, lifetime } => {
-                    h.natpmp(sub(s), natpmp::Request::Map(natpmp::Mapping {
-                        protocol: natpmp::Protocol::Tcp, internal_port: port, external_port: 0, lifetime,
-                    }));
-                }
-                Op::Delete { s, port, nonce: n } => {
-                    h.map(sub(s), nonce(n), port, 0, 0);
-                }
-                Op::Drain { addr } => {
-                    let a = Ipv4Addr::new(192, 0, 2, addr);
-                    h.shared.set_draining(a, true);
-                    h.engine.drain(h.now, a);
-                    h.shared.set_draining(a, false);
-                }
-                Op::Advance { ms } => { h.advance(ms); }
-            }
+            apply(&mut h, op);
             let events = h.take_events();
             check(&h, &released, &events)?;
             // A port held again is no longer "released" (later sharers of the
@@ -213,5 +251,117 @@ proptest! {
                 }
             }
         }
+    }
+}
+
+/// What a replay of a snapshot and the journal after it holds: mappings
+/// by key (with their external endpoint), blocks by (address, first
+/// port), and the history in order.
+#[derive(Default, Debug, PartialEq)]
+struct Replayed {
+    mappings: BTreeMap<String, (Ipv4Addr, u16, u16)>,
+    blocks: BTreeMap<(Ipv4Addr, u16), IpAddr>,
+    history: Vec<(IpAddr, Ipv4Addr, u16)>,
+}
+
+impl Replayed {
+    fn mapping(&mut self, m: &pcp_engine::Mapping) {
+        self.mappings.insert(
+            m.key().to_string(),
+            (m.external_addr, m.external_port, m.port_count),
+        );
+    }
+
+    fn visit(&mut self, item: StateItem<'_>) {
+        match item {
+            StateItem::Mapping(m) => self.mapping(m),
+            StateItem::Block(s, b, _) => {
+                self.blocks.insert((b.addr, b.first), s);
+            }
+            StateItem::History(h) => {
+                self.history
+                    .push((h.internal_addr, h.block.addr, h.block.first));
+            }
+        }
+    }
+
+    /// Applies what the daemon journals for `e` (pcp-store's records).
+    fn journal(&mut self, e: &Event) {
+        match e {
+            Event::MappingCreated(m) | Event::MappingRenewed(m) | Event::MappingRefreshed(m) => {
+                self.mapping(m)
+            }
+            Event::MappingDeleted { mapping, .. } => {
+                self.mappings.remove(&mapping.key().to_string());
+            }
+            Event::MappingMoved { old, new } => {
+                self.mappings.remove(&old.key().to_string());
+                self.mapping(new);
+            }
+            Event::BlockAllocated { subscriber, block } => {
+                self.blocks.insert((block.addr, block.first), *subscriber);
+            }
+            Event::BlockReleased {
+                subscriber, block, ..
+            } => {
+                self.blocks.remove(&(block.addr, block.first));
+                self.history.push((*subscriber, block.addr, block.first));
+            }
+            _ => {}
+        }
+    }
+
+    /// The engine's state now, as whole.
+    fn of(engine: &pcp_engine::Engine) -> Self {
+        let mut r = Replayed::default();
+        let mut cursor = engine.state_cursor();
+        while engine.state_slice(&mut cursor, usize::MAX, |i| r.visit(i)) {}
+        r
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// A snapshot taken in slices between steps, replayed with the events
+    /// journaled after it began, is the engine's state: every record
+    /// present when it began and not removed since is visited, whatever
+    /// the steps in between move (issue 15 item 2; `slices.rs`).
+    #[test]
+    fn a_snapshot_taken_in_slices_replays_to_the_state(
+        before in prop::collection::vec(op(), 0..60),
+        during in prop::collection::vec((op(), 1usize..4), 1..60),
+    ) {
+        // History short enough that records age out while the cursor goes.
+        let mut cfg = small_config();
+        cfg.history_max_records = 3;
+        let mut h = H::new(cfg);
+        for op in before {
+            apply(&mut h, op);
+        }
+        h.take_events();
+        let mut snapshot = Replayed::default();
+        let mut cursor = h.engine.state_cursor();
+        let mut journal = Vec::new();
+        let mut more = true;
+        for (op, budget) in during {
+            if more {
+                more = h.engine.state_slice(&mut cursor, budget, |i| snapshot.visit(i));
+            }
+            apply(&mut h, op);
+            journal.extend(h.take_events());
+        }
+        while h.engine.state_slice(&mut cursor, 1, |i| snapshot.visit(i)) {}
+        for e in &journal {
+            snapshot.journal(e);
+        }
+        let now = Replayed::of(&h.engine);
+        prop_assert_eq!(&snapshot.mappings, &now.mappings);
+        prop_assert_eq!(&snapshot.blocks, &now.blocks);
+        // History is a list: what is kept now ends the replayed one.
+        prop_assert!(
+            snapshot.history.ends_with(&now.history),
+            "history {:?} does not end with {:?}", snapshot.history, now.history
+        );
     }
 }

@@ -516,6 +516,7 @@ fn snapshot_files(
     jtmp: &Path,
 ) -> Result<PathBuf, StoreError> {
     let final_path = snap_path(dir, shard);
+    let state = state.into_iter().map(Ok);
     rotation::write_snapshot_file(tmp, generation, state, faults)?;
     // The new journal must exist (empty) before the snapshot that it follows
     // becomes visible, so a crash never pairs a new snapshot with old records.

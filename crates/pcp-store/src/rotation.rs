@@ -103,11 +103,13 @@ impl Journal {
 impl SnapshotTarget {
     /// Writes `state` as generation `generation`'s snapshot to a temporary
     /// file and fsyncs it; returns the file for
-    /// [`Journal::complete_rotation`]. Removes it again on failure.
+    /// [`Journal::complete_rotation`]. Removes it again on failure. An
+    /// `Err` among the records abandons the snapshot (the shard handing
+    /// its state over in slices stopped before the end).
     pub fn write(
         &self,
         generation: u64,
-        state: impl IntoIterator<Item = Record>,
+        state: impl IntoIterator<Item = std::io::Result<Record>>,
     ) -> Result<PathBuf, StoreError> {
         let tmp = snap_tmp_path(&self.dir, self.shard);
         let r = write_snapshot_file(&tmp, generation, state, self.faults.as_deref());
@@ -122,7 +124,7 @@ impl SnapshotTarget {
 pub(crate) fn write_snapshot_file(
     path: &Path,
     generation: u64,
-    state: impl IntoIterator<Item = Record>,
+    state: impl IntoIterator<Item = std::io::Result<Record>>,
     faults: Option<&Faults>,
 ) -> Result<(), StoreError> {
     let injected = |r: std::io::Result<()>| r.map_err(io_err(path));
@@ -130,7 +132,7 @@ pub(crate) fn write_snapshot_file(
     buf.extend_from_slice(&header(crate::SNAP_MAGIC, generation));
     let mut f = File::create(path).map_err(io_err(path))?;
     for rec in state {
-        crate::frame(&rec, &mut buf);
+        crate::frame(&rec.map_err(io_err(path))?, &mut buf);
         if buf.len() > 8 << 20 {
             f.write_all(&buf).map_err(io_err(path))?;
             buf.clear();

@@ -366,7 +366,7 @@ fn a_rotation_loses_nothing_at_any_step() {
     // Crash before the snapshot is written: old snapshot, old journal,
     // then the next journal.
     assert_eq!(loaded_ports(&d), vec![4, 6]);
-    let tmp = target.write(2, state).unwrap();
+    let tmp = target.write(2, state.into_iter().map(Ok)).unwrap();
     // Crash with the snapshot written but not in place: the same.
     assert_eq!(loaded_ports(&d), vec![4, 6]);
     // Crash between the renames: the old journal is older than the new
@@ -382,10 +382,11 @@ fn a_rotation_loses_nothing_at_any_step() {
     let tmp = target
         .write(
             2,
-            vec![
+            [
                 Record::Mapping(mapping(2, false)),
                 Record::Mapping(mapping(4, false)),
-            ],
+            ]
+            .map(Ok),
         )
         .unwrap();
     j.complete_rotation(&tmp).unwrap();
@@ -409,8 +410,15 @@ fn a_failed_background_snapshot_leaves_the_next_journal_until_a_compaction() {
     let target = j.rotate(2).unwrap();
     faults.fail_writes(1);
     assert!(target
-        .write(2, vec![Record::Mapping(mapping(2, false))])
+        .write(2, [Ok(Record::Mapping(mapping(2, false)))])
         .is_err());
+    // A snapshot whose records end in an error (the shard stopped handing
+    // them over) is abandoned the same way.
+    let abandoned = [
+        Ok(Record::Mapping(mapping(2, false))),
+        Err(std::io::Error::other("abandoned")),
+    ];
+    assert!(target.write(2, abandoned).is_err());
     assert!(
         !d.join("shard-0.snap.tmp").exists(),
         "the half-written copy is removed"

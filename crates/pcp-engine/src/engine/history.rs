@@ -13,6 +13,10 @@ use crate::types::{Holder, Millis};
 #[derive(Default)]
 pub(super) struct History {
     records: VecDeque<Holder>,
+    /// Records ever pushed: the last record is number `pushed - 1`, the
+    /// first `pushed - len` (a snapshot's cursor counts this way, since
+    /// old records leave from the front while it goes; `slices.rs`).
+    pushed: u64,
 }
 
 impl History {
@@ -41,11 +45,30 @@ impl History {
             from_ms: Some(since),
             to_ms: Some(now),
         });
+        self.pushed += 1;
     }
 
     /// Puts back a record read from durable state.
     pub(super) fn restore(&mut self, holder: Holder) {
         self.records.push_back(holder);
+        self.pushed += 1;
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Records ever pushed.
+    pub(super) fn pushed(&self) -> u64 {
+        self.pushed
+    }
+
+    /// Record number `n` (counted as [`History::pushed`] counts), if it is
+    /// still kept.
+    pub(super) fn get_pushed(&self, n: u64) -> Option<&Holder> {
+        let first = self.pushed - self.records.len() as u64;
+        self.records
+            .get(usize::try_from(n.checked_sub(first)?).ok()?)
     }
 
     pub(super) fn iter(&self) -> impl DoubleEndedIterator<Item = &Holder> {

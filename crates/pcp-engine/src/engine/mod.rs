@@ -20,6 +20,7 @@
 //! | `firewall.rs` | firewall classes: identity mappings, pinholes (§3) |
 //! | `operator.rs` | static mappings, deletes and take-backs |
 //! | `restore.rs` | state recovery after a restart |
+//! | `slices.rs` | the state read in slices, for a snapshot that does not stall the shard |
 //! | `queries.rs` | read-only answers for the admin API |
 //! | `history.rs` | who held which block until when |
 
@@ -46,6 +47,7 @@ mod ports;
 mod queries;
 mod request;
 mod restore;
+mod slices;
 mod subscriber;
 mod table;
 mod timers;
@@ -54,6 +56,7 @@ mod unsolicited;
 use history::History;
 pub use partition::Forgotten;
 use ports::ReuseDelay;
+pub use slices::{StateCursor, StateItem};
 use subscriber::Subscriber;
 use table::MappingTable;
 use timers::TimerWheel;

@@ -57,8 +57,11 @@ impl Slots {
                 self.chunks.push(chunk);
             }
         }
-        let full = self.chunks.len().saturating_sub(1) * CHUNK;
-        (full + self.chunks.last().map_or(0, Vec::len) - 1) as u32
+        (self.len() - 1) as u32
+    }
+
+    fn len(&self) -> usize {
+        self.chunks.len().saturating_sub(1) * CHUNK + self.chunks.last().map_or(0, Vec::len)
     }
 
     fn iter(&self) -> impl Iterator<Item = &Slot> {
@@ -167,6 +170,11 @@ impl MappingTable {
     /// The internal port an external port forwards to, if held.
     pub(super) fn port_holder(&self, external: &ExternalEndpoint) -> Option<u16> {
         self.ports.get(external).map(|u| u.internal_port)
+    }
+
+    /// Slots ever made (live or free): slot numbers run below this.
+    pub(super) fn slot_count(&self) -> u32 {
+        self.slots.len() as u32
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = &Mapping> {

@@ -143,7 +143,7 @@ pub(super) fn control(st: &mut State, ctl: Control) -> bool {
             let _ = reply.send(());
         }
         Control::ClockStep => {
-            st.effects.compact(&mut st.engine);
+            st.effects.snapshot_now(&mut st.engine);
         }
         Control::Shutdown(reply) => {
             let _ = reply.send(());
@@ -289,9 +289,21 @@ pub(in crate::shard) mod tests {
     /// client listens on port 40000), nonce bytes `nonce`, answered by the
     /// engine alone; returns the answer's result code.
     pub(in crate::shard) fn map(st: &mut State, port: u16, protocol: u8, nonce: u8) -> ResultCode {
+        map_from(st, Ipv4Addr::LOCALHOST, (port, protocol), nonce, 3600)
+    }
+
+    /// A MAP from subscriber `from` for internal (port, protocol), with
+    /// `lifetime` (0: delete), answered by the engine alone.
+    pub(in crate::shard) fn map_from(
+        st: &mut State,
+        from: Ipv4Addr,
+        (port, protocol): (u16, u8),
+        nonce: u8,
+        lifetime: u32,
+    ) -> ResultCode {
         let req = pcp_wire::Request {
-            lifetime: 3600,
-            client_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            lifetime,
+            client_addr: IpAddr::V4(from),
             data: pcp_wire::OpData::Map(pcp_wire::MapData {
                 nonce: pcp_wire::Nonce([nonce; 12]),
                 protocol,
@@ -303,7 +315,7 @@ pub(in crate::shard) mod tests {
         };
         let mut buf = [0u8; 1100];
         let n = req.emit(&mut buf).unwrap();
-        let src = SocketAddr::from((Ipv4Addr::LOCALHOST, 40000));
+        let src = SocketAddr::from((from, 40000));
         let mut reply = [0u8; 1100];
         let len = st
             .engine

@@ -23,8 +23,11 @@
     allow(clippy::infallible_destructuring_match)
 )]
 
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use pcp_dataplane::Dataplane;
 
@@ -117,6 +120,7 @@ impl Settled {
     }
 }
 
+mod compaction;
 mod install;
 mod pipeline;
 
@@ -154,6 +158,12 @@ pub(super) struct Effects {
     finished: std::collections::VecDeque<Settled>,
     /// A compaction is in the writer's queue.
     compacting: bool,
+    /// A compaction's state being handed over in slices.
+    slicing: Option<compaction::Slicing>,
+    /// The last compaction failed: the next takes the state whole.
+    whole_next: bool,
+    /// Wakes the task that takes the slices (`shard::slice_loop`).
+    slicer: Rc<Notify>,
 }
 
 impl Effects {
@@ -191,6 +201,9 @@ impl Effects {
             applying: std::collections::VecDeque::new(),
             finished: std::collections::VecDeque::new(),
             compacting: false,
+            slicing: None,
+            whole_next: false,
+            slicer: Rc::new(Notify::new()),
         })
     }
 
@@ -256,9 +269,8 @@ impl Effects {
         self.natlog.flush();
         self.background_compaction();
         settled.durable = !self.poisoned();
-        let full = matches!(&self.store, Store::Journal(w) if w.len() > self.journal_max_bytes);
-        if settled.durable && full {
-            self.compact(engine);
+        if settled.durable {
+            self.start_compaction(engine);
         }
         settled
     }
@@ -373,7 +385,7 @@ impl Effects {
             return false;
         }
         self.last_repair = Some(Instant::now());
-        if self.compact(engine) {
+        if self.snapshot_now(engine) {
             tracing::warn!(
                 shard = self.index,
                 "state directory writable again: state rewritten as a snapshot; answering again"
@@ -414,37 +426,6 @@ impl Effects {
         self.last_complaint = None;
         self.health.set_ok(self.index);
         self.metrics.state_writable(self.index, true);
-    }
-
-    /// Replaces journal and snapshot with a snapshot of the engine's state
-    /// (in wall time, like every record).
-    pub(super) fn compact(&mut self, engine: &mut Engine) -> bool {
-        if matches!(self.store, Store::Journal(_)) {
-            self.settle_outstanding(engine);
-        }
-        let writer = match &mut self.store {
-            Store::Journal(w) => w,
-            #[cfg(feature = "cluster")]
-            Store::Etcd(_) => return true, // each record is its own key in etcd
-        };
-        let started = Instant::now();
-        let records = super::restore::state_records(engine, crate::clock::wall_offset_ms());
-        writer.repair(crate::clock::wall_ms(), records);
-        let outcome = writer.wait_done().map_or_else(
-            || Err("snapshot: the writer stopped".to_string()),
-            |d| d.outcome,
-        );
-        if let Err(e) = outcome {
-            self.metrics.journal_errors.inc();
-            self.broken(e);
-            return false;
-        }
-        tracing::info!(
-            shard = self.index,
-            ms = started.elapsed().as_millis() as u64,
-            "journal compacted into a snapshot"
-        );
-        true
     }
 
     /// Records that the state is not durable: readiness, gauge, and one

@@ -372,6 +372,8 @@ async fn run(
         timer.clone(),
     ));
     tokio::task::spawn_local(publish_stats(state.clone(), index));
+    let slicer = state.borrow().effects.slicer();
+    tokio::task::spawn_local(slice_loop(state.clone(), slicer));
     let wake = state.borrow().effects.wake();
     if let Some(wake) = wake {
         tokio::task::spawn_local(recv::commit_loop(
@@ -399,6 +401,26 @@ async fn run(
         }
     }
     tracing::debug!(shard = index, "stopped");
+}
+
+/// Hands a compaction's state to the writer a slice at a time
+/// (effects/compaction.rs), letting the shard's other tasks receive and
+/// answer between slices.
+async fn slice_loop(state: Rc<RefCell<State>>, wake: Rc<Notify>) {
+    loop {
+        wake.notified().await;
+        loop {
+            let more = {
+                let mut st = state.borrow_mut();
+                let st = &mut *st;
+                st.effects.take_slice(&st.engine)
+            };
+            if !more {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
 }
 
 /// Publishes the engine's counters every half second.

@@ -7,7 +7,7 @@ use std::ops::AddAssign;
 use std::path::Path;
 
 use pcp_dataplane::{Change, Dataplane};
-use pcp_engine::{shard_of, Block, Engine, Event, Holder, Mapping, Millis};
+use pcp_engine::{shard_of, Block, Engine, Event, Holder, Mapping, Millis, StateItem};
 use pcp_store::{Journal, Record, StoreError};
 
 use super::now_ms;
@@ -74,24 +74,29 @@ impl AddAssign for RestoreReport {
     }
 }
 
-/// The engine's whole state as records (for snapshots), moved by `offset`
-/// ms into wall time (see clock.rs).
+/// One record of the engine's state, as a snapshot holds it.
+pub(super) fn record_of(item: StateItem<'_>) -> Record {
+    match item {
+        StateItem::Block(subscriber, block, since) => Record::Block {
+            subscriber,
+            block,
+            since,
+        },
+        StateItem::Mapping(m) => Record::Mapping(m.as_stored()),
+        StateItem::History(h) => Record::History(h.clone()),
+    }
+}
+
+/// The engine's whole state as records, taken at once (at start, and
+/// for a snapshot the shard waits for), moved by `offset` ms into wall
+/// time (see clock.rs).
 pub(super) fn state_records(engine: &Engine, offset: i64) -> Vec<Record> {
-    // Sized once: the shard waits while this runs (a million records).
+    // Sized once: a million records.
     let mut v: Vec<Record> = Vec::with_capacity(
         engine.mapping_count() + engine.subscriber_count() + engine.history().count(),
     );
-    v.extend(
-        engine
-            .blocks()
-            .map(|(subscriber, block, since)| Record::Block {
-                subscriber,
-                block,
-                since,
-            }),
-    );
-    v.extend(engine.mappings().map(|m| Record::Mapping(m.as_stored())));
-    v.extend(engine.history().map(|h| Record::History(h.clone())));
+    let mut cursor = engine.state_cursor();
+    while engine.state_slice(&mut cursor, usize::MAX, |item| v.push(record_of(item))) {}
     if offset != 0 {
         v.iter_mut().for_each(|r| r.shift(offset));
     }

@@ -8,14 +8,23 @@
 //! * **Order**: jobs complete in the order they were submitted; a failed
 //!   commit poisons the journal (pcp-store's rule), so every later batch
 //!   fails too until a snapshot replaces it.
-//! * **Compaction** is a job in its place in the queue: the state (taken by
-//!   the shard right after submitting a batch) is everything before it, so
-//!   the writer starts the next generation's journal for the commits after
-//!   it, and a thread of its own writes the snapshot beside it (pcp-store's
-//!   `rotation.rs`): no commit, and so no reply, waits for a snapshot. A
-//!   compaction is skipped when a commit before it failed, since the
-//!   snapshot may then hold changes that are taken back; it is written
-//!   synchronously when the previous one could not be put in place.
+//! * **Compaction** is a job in its place in the queue: the writer starts
+//!   the next generation's journal for the commits after it, and a thread
+//!   of its own writes the snapshot beside it (pcp-store's `rotation.rs`):
+//!   no commit, and so no reply, waits for a snapshot.
+//! * **Sliced**, the usual way: the shard hands the state over a few
+//!   thousand records at a time between its batches (`Job::Slice`, through
+//!   the writer to the snapshot thread), so no batch waits while a large
+//!   shard's state is copied either. Records taken late may hold changes
+//!   made after the rotation; those are in the next journal too, and a
+//!   replay ends in the same state (pcp-engine's `slices.rs`). The end
+//!   (`Job::SliceEnd`) comes after every batch whose changes a slice could
+//!   hold; if one of their commits failed, the snapshot is abandoned, since
+//!   it may hold changes that are taken back.
+//! * **Whole**, after a compaction failed: the shard takes the state at
+//!   once, and it is written synchronously when the previous one could not
+//!   be put in place. A whole compaction is skipped when a commit before it
+//!   failed.
 //!
 //! The writer wakes the shard through a [`Notify`]; the shard reads the
 //! completions from a plain channel, so it can also wait for them
@@ -35,8 +44,17 @@ enum Job {
     /// Make these records durable.
     Commit(Vec<Record>),
     /// Replace snapshot and journal with this state (a new generation),
-    /// unless the journal is poisoned.
-    Compact { generation: u64, state: Vec<Record> },
+    /// unless the journal is poisoned. Sliced: the state goes on in
+    /// `Slice` jobs until `SliceEnd`.
+    Compact {
+        generation: u64,
+        state: Vec<Record>,
+        sliced: bool,
+    },
+    /// More of a sliced compaction's state.
+    Slice(Vec<Record>),
+    /// The last of it.
+    SliceEnd,
     /// Replace them even when poisoned (the way out of a poisoned
     /// journal; the state was taken with nothing in flight).
     Repair { generation: u64, state: Vec<Record> },
@@ -128,9 +146,26 @@ impl JournalWriter {
         self.send(Job::Commit(records))
     }
 
-    /// Hands a snapshot to the writer (skipped if a commit before it fails).
-    pub(super) fn compact(&mut self, generation: u64, state: Vec<Record>) -> u64 {
-        self.send(Job::Compact { generation, state })
+    /// Hands a snapshot to the writer (skipped if a commit before it
+    /// fails). `sliced`: `state` is the first part, the rest follows with
+    /// [`JournalWriter::slice`].
+    pub(super) fn compact(&mut self, generation: u64, state: Vec<Record>, sliced: bool) -> u64 {
+        self.send(Job::Compact {
+            generation,
+            state,
+            sliced,
+        })
+    }
+
+    /// Hands over more of a sliced compaction's state; `last` ends it.
+    /// No completion follows (a failure is told as the snapshot's).
+    pub(super) fn slice(&mut self, records: Vec<Record>, last: bool) {
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send((self.next_seq, Job::Slice(records)));
+            if last {
+                let _ = jobs.send((self.next_seq, Job::SliceEnd));
+            }
+        }
     }
 
     /// Hands a repair snapshot to the writer (written even when poisoned).
@@ -218,6 +253,7 @@ fn write_loop(
     let mut side = Side {
         done,
         background: None,
+        slices: None,
         ended: None,
     };
     loop {
@@ -244,10 +280,30 @@ fn write_loop(
                     }
                     group.push((seq, records));
                 }
-                Job::Compact { generation, state } => {
+                Job::Compact {
+                    generation,
+                    state,
+                    sliced,
+                } => {
                     commit_group(&mut journal, &mut group, &mut side);
                     side.settle(&mut journal, true);
-                    compact(&mut journal, (seq, generation), state, &mut side);
+                    compact(&mut journal, (seq, generation), (state, sliced), &mut side);
+                }
+                Job::Slice(records) => {
+                    if let Some(tx) = &side.slices {
+                        let _ = tx.send(Some(records));
+                    }
+                }
+                Job::SliceEnd => {
+                    // Every batch a slice could hold changes of is before
+                    // this in the queue: committed now, or the journal is
+                    // poisoned and the snapshot abandoned.
+                    commit_group(&mut journal, &mut group, &mut side);
+                    if let Some(tx) = side.slices.take() {
+                        if !journal.is_poisoned() {
+                            let _ = tx.send(None);
+                        }
+                    }
                 }
                 Job::Repair { generation, state } => {
                     commit_group(&mut journal, &mut group, &mut side);
@@ -274,6 +330,9 @@ type Background = std::thread::JoinHandle<Result<std::path::PathBuf, pcp_store::
 struct Side<'a> {
     done: &'a Sender<Done>,
     background: Option<Background>,
+    /// Where a sliced compaction's records go, until its end: `None`
+    /// ends it, dropping the sender abandons it.
+    slices: Option<Sender<Option<Vec<Record>>>>,
     /// How the last background snapshot ended, told with the next
     /// completion (the shard reports a failure as it does a failed
     /// synchronous compaction).
@@ -305,6 +364,9 @@ impl Side<'_> {
     /// next compaction is written synchronously; nothing is lost either
     /// way.
     fn settle(&mut self, journal: &mut Journal, wait: bool) {
+        // Never wait for slices the shard may not send: abandoned, and not
+        // a failure (a snapshot taken whole follows, or the writer closes).
+        let abandoned = wait && self.slices.take().is_some();
         if !self
             .background
             .as_ref()
@@ -324,39 +386,96 @@ impl Side<'_> {
             Ok(()) => {
                 tracing::info!(journal = %journal.path().display(), "journal compacted into a snapshot")
             }
+            Err(_) if abandoned => {
+                tracing::info!(journal = %journal.path().display(), "compaction: a snapshot taken in slices was abandoned")
+            }
             Err(e) => tracing::error!(
                 journal = %journal.path().display(),
                 "compaction: {e}; the journal keeps growing until the next compaction, which is written synchronously"
             ),
         }
-        self.ended = Some(put.map_err(|e| format!("compaction: {e}")));
+        if !(abandoned && put.is_err()) {
+            self.ended = Some(put.map_err(|e| format!("compaction: {e}")));
+        }
     }
 }
 
 /// A compaction: commits go on in the next generation's journal at once,
 /// and a thread of its own writes the snapshot (so no reply waits for
-/// it). Synchronous when a rotation is still not completed, or when the
-/// next journal cannot be made.
-fn compact(journal: &mut Journal, job: (u64, u64), state: Vec<Record>, side: &mut Side<'_>) {
+/// it). A whole one is written synchronously when a rotation is still not
+/// completed, or when the next journal cannot be made; a sliced one is
+/// then refused (the shard takes the next one whole).
+fn compact(
+    journal: &mut Journal,
+    job: (u64, u64),
+    (state, sliced): (Vec<Record>, bool),
+    side: &mut Side<'_>,
+) {
+    let (seq, generation) = job;
+    let refuse = |side: &mut Side<'_>, journal: &Journal, why: String| {
+        side.send(journal, seq, Err(why), (Duration::ZERO, Vec::new()));
+    };
     if journal.is_poisoned() || journal.is_rotated() {
+        if sliced {
+            let why = "compaction: the previous snapshot is not in place".to_string();
+            return refuse(side, journal, why);
+        }
         return snapshot(journal, job, state, false, side);
     }
-    let (seq, generation) = job;
     let target = match journal.rotate(generation) {
         Ok(t) => t,
+        Err(e) if sliced => return refuse(side, journal, format!("compaction: {e}")),
         Err(e) => {
             tracing::warn!("compaction: {e}; writing the snapshot synchronously");
             return snapshot(journal, job, state, false, side);
         }
     };
+    let (tx, rx) = channel();
+    let state = Slices {
+        now: state.into_iter(),
+        rest: sliced.then_some(rx),
+    };
     let spawned = std::thread::Builder::new()
         .name("pcpd-snapshot".into())
         .spawn(move || target.write(generation, state));
     match spawned {
-        Ok(t) => side.background = Some(t),
+        Ok(t) => {
+            side.background = Some(t);
+            side.slices = sliced.then_some(tx);
+        }
         Err(e) => tracing::error!("compaction: cannot start the snapshot thread: {e}"),
     }
     side.send(journal, seq, Ok(()), (Duration::ZERO, Vec::new()));
+}
+
+/// A compaction's records as the snapshot thread reads them: those handed
+/// over with the job, then (sliced) those that follow until the end. An
+/// end that never comes abandons the snapshot.
+struct Slices {
+    now: std::vec::IntoIter<Record>,
+    rest: Option<Receiver<Option<Vec<Record>>>>,
+}
+
+impl Iterator for Slices {
+    type Item = std::io::Result<Record>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(r) = self.now.next() {
+                return Some(Ok(r));
+            }
+            match self.rest.as_ref()?.recv() {
+                Ok(Some(more)) => self.now = more.into_iter(),
+                Ok(None) => self.rest = None,
+                Err(_) => {
+                    self.rest = None;
+                    return Some(Err(std::io::Error::other(
+                        "abandoned before the shard handed over all of its state",
+                    )));
+                }
+            }
+        }
+    }
 }
 
 /// Replaces snapshot and journal with `state`; a compaction (not a
@@ -440,7 +559,7 @@ mod tests {
         assert!(w.wait_done().unwrap().outcome.is_ok());
         faults.slow_snapshot(600);
         let started = Instant::now();
-        w.compact(2, Vec::new());
+        w.compact(2, Vec::new(), false);
         w.commit(vec![gone(2)]);
         assert!(
             w.wait_done().unwrap().outcome.is_ok(),
@@ -482,7 +601,7 @@ mod tests {
     fn a_failed_background_snapshot_is_told_and_the_next_compaction_is_synchronous() {
         let (dir, faults, mut w) = writer("fail");
         faults.fail_writes(1);
-        w.compact(2, Vec::new());
+        w.compact(2, Vec::new(), false);
         assert!(w.wait_done().unwrap().outcome.is_ok(), "handed over");
         // The writer looks at the snapshot thread every 100 ms.
         std::thread::sleep(Duration::from_millis(300));
@@ -497,7 +616,7 @@ mod tests {
             dir.join("shard-0.journal.next").exists(),
             "commits stay in the next journal"
         );
-        w.compact(3, vec![gone(1)]);
+        w.compact(3, vec![gone(1)], false);
         assert!(w.wait_done().unwrap().outcome.is_ok());
         assert!(
             !dir.join("shard-0.journal.next").exists(),
@@ -505,6 +624,98 @@ mod tests {
         );
         drop(w);
         assert_eq!(pcp_store::load(&dir).unwrap().records, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Waits until the writer has put a snapshot in place (it looks every
+    /// 100 ms); false when it has not after 5 s.
+    fn rotation_completed(dir: &std::path::Path) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while dir.join("shard-0.journal.next").exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        !dir.join("shard-0.journal.next").exists()
+    }
+
+    /// A sliced compaction's snapshot holds the state handed over with it
+    /// and every slice after it, commits go on meanwhile, and it is put in
+    /// place at its end.
+    #[test]
+    fn a_sliced_snapshot_is_written_from_its_slices() {
+        let (dir, _faults, mut w) = writer("sliced");
+        w.compact(2, vec![gone(1)], true);
+        assert!(w.wait_done().unwrap().outcome.is_ok(), "handed over");
+        w.slice(vec![gone(2), gone(3)], false);
+        w.commit(vec![gone(10)]);
+        assert!(w.wait_done().unwrap().outcome.is_ok(), "commit");
+        assert!(
+            dir.join("shard-0.journal.next").exists(),
+            "no end yet: the snapshot waits for its slices"
+        );
+        w.slice(vec![gone(4)], true);
+        assert!(rotation_completed(&dir), "put in place at its end");
+        drop(w);
+        let loaded = pcp_store::load(&dir).unwrap();
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        assert_eq!(loaded.records, 5, "four in the snapshot, one after it");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A commit that fails before a sliced compaction's end abandons the
+    /// snapshot (a slice may hold what that batch changed, which is taken
+    /// back): the rotation is not completed and the failure is told.
+    #[test]
+    fn a_sliced_snapshot_is_abandoned_when_a_commit_before_its_end_fails() {
+        let (dir, faults, mut w) = writer("abandoned");
+        w.compact(2, vec![gone(1)], true);
+        assert!(w.wait_done().unwrap().outcome.is_ok(), "handed over");
+        faults.fail_syncs(1);
+        w.commit(vec![gone(10)]);
+        assert!(w.wait_done().unwrap().outcome.is_err(), "the commit fails");
+        w.slice(vec![gone(2)], true);
+        std::thread::sleep(Duration::from_millis(300));
+        w.commit(Vec::new());
+        w.wait_done().unwrap();
+        assert!(
+            matches!(w.take_compacted(), Some(Err(ref e)) if e.contains("abandoned")),
+            "the abandoned snapshot is told"
+        );
+        assert!(
+            dir.join("shard-0.journal.next").exists(),
+            "not put in place"
+        );
+        assert!(!dir.join("shard-0.snap.tmp").exists(), "its file removed");
+        drop(w);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A writer closed while a sliced compaction waits for slices does not
+    /// wait for them; a sliced compaction is refused while the previous
+    /// snapshot is not in place (the shard takes the next one whole).
+    #[test]
+    fn an_unfinished_sliced_snapshot_holds_nothing_up() {
+        let (dir, _faults, mut w) = writer("unfinished");
+        w.compact(2, vec![gone(1)], true);
+        assert!(w.wait_done().unwrap().outcome.is_ok(), "handed over");
+        w.compact(3, Vec::new(), true);
+        let refused = w.wait_done().unwrap().outcome;
+        assert!(
+            matches!(refused, Err(ref e) if e.contains("not in place")),
+            "{refused:?}"
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(w);
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "closing the writer waited for slices that never come"
+        );
+        assert!(
+            dir.join("shard-0.journal.next").exists(),
+            "not put in place"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -77,7 +77,7 @@ impl Effects {
     }
 
     /// The journal writer (not in cluster mode).
-    fn writer(&mut self) -> Option<&mut JournalWriter> {
+    pub(super) fn writer(&mut self) -> Option<&mut JournalWriter> {
         match &mut self.store {
             Store::Journal(w) => Some(w),
             #[cfg(feature = "cluster")]
@@ -97,15 +97,14 @@ impl Effects {
 
     /// Hands the queued events to the journal writer as one batch (the
     /// caller holds the batch's replies until [`Effects::complete`]
-    /// returns it). When the journal has grown past its limit, a snapshot
-    /// of the state follows it in the writer's queue.
+    /// returns it). When the journal has grown past its limit, a
+    /// compaction follows it in the writer's queue (`compaction.rs`).
     ///
     /// A batch with nothing to write (renewals within the stored expiry,
     /// refusals, queries) skips the writer when no batch before it waits
     /// there: it goes straight to the dataplane, behind the durable batches
     /// already there, and is answered as soon as those are.
     pub(in crate::shard) fn submit(&mut self, engine: &Engine) {
-        let (compacting, max) = (self.compacting, self.journal_max_bytes);
         let batch = std::mem::take(&mut self.events);
         let writing = self
             .inflight
@@ -116,7 +115,7 @@ impl Effects {
             return;
         };
         let mut records = writer.buffer();
-        let (with_records, offset) = records_of(&batch, now_ms(), &mut records);
+        let (with_records, _) = records_of(&batch, now_ms(), &mut records);
         if records.is_empty() && !writing {
             writer.recycle(records);
             let settled = Settled {
@@ -127,28 +126,11 @@ impl Effects {
             return;
         }
         writer.commit(records);
-        let compact = !compacting && writer.len() > max;
-        if compact {
-            // Every change made so far is in a batch before it in the
-            // queue; if one of them fails, the writer skips the snapshot.
-            let started = std::time::Instant::now();
-            let state = super::super::restore::state_records(engine, offset);
-            tracing::info!(
-                shard = self.index,
-                records = state.len(),
-                ms = started.elapsed().as_millis() as u64,
-                "journal compaction: state taken (the snapshot is written beside the journal)"
-            );
-            writer.compact(crate::clock::wall_ms(), state);
-        }
         self.inflight.push_back(Pending::Batch {
             batch,
             with_records,
         });
-        if compact {
-            self.inflight.push_back(Pending::Snapshot);
-            self.compacting = true;
-        }
+        self.start_compaction(engine);
     }
 
     /// Finishes the oldest job that is complete: a batch once its records
@@ -257,51 +239,6 @@ impl Effects {
             origins,
             settled,
         });
-    }
-
-    /// A compaction's snapshot written beside the journal ended: a failure
-    /// is reported as a failed synchronous compaction is (not ready, the
-    /// gauge, one log line per interval); a success clears that.
-    pub(super) fn background_compaction(&mut self) {
-        let Some(ended) = self.writer().and_then(JournalWriter::take_compacted) else {
-            return;
-        };
-        match ended {
-            Ok(()) => {
-                if !self.poisoned() && self.last_complaint.take().is_some() {
-                    self.health.set_ok(self.index);
-                    self.metrics.state_writable(self.index, true);
-                }
-            }
-            Err(e) => {
-                self.metrics.journal_errors.inc();
-                self.broken(e);
-            }
-        }
-    }
-
-    fn snapshot_done(&mut self, done: Done) {
-        self.compacting = false;
-        match done.outcome {
-            Ok(()) => {
-                tracing::debug!(
-                    shard = self.index,
-                    "journal compaction under way (the snapshot is written beside the journal)"
-                );
-                // An earlier compaction that failed said so: the
-                // state is durable again.
-                if self.last_complaint.take().is_some() && !done.poisoned {
-                    self.health.set_ok(self.index);
-                    self.metrics.state_writable(self.index, true);
-                }
-            }
-            // A commit before it failed: that failure is reported.
-            Err(_) if done.poisoned => {}
-            Err(e) => {
-                self.metrics.journal_errors.inc();
-                self.broken(e);
-            }
-        }
     }
 
     /// A batch whose changes are applied: mappings the dataplane refused
