@@ -8,8 +8,8 @@ use pcp_engine::{InternalEndpoint, MappingKind, Millis};
 
 use crate::{key_of, ApplyError, Change, Dataplane, Entry, Key, KeyedTable};
 
-/// What the memory dataplane keeps of an [`Entry`]: 64 bytes where an
-/// entry takes 80 (at a million mappings, 16 MB). The pinhole flag sits in
+/// What the memory dataplane keeps of an [`Entry`] that cannot be kept
+/// [`Narrow`]: 64 bytes where an entry takes 80. The pinhole flag sits in
 /// the kind's padding, and the rare filters behind one pointer.
 #[derive(Debug)]
 struct Kept {
@@ -126,14 +126,121 @@ impl Keyed for Kept {
     }
 }
 
+/// An entry of IPv4 addresses without filters, as nearly every CGNAT
+/// mapping is: 32 bytes where [`Kept`] takes 64 (at a million mappings,
+/// 32 MB). Others are kept as [`Kept`].
+#[derive(Debug)]
+struct Narrow {
+    expires_ms: Millis,
+    internal_addr: Ipv4Addr,
+    external_addr: Ipv4Addr,
+    /// The remote peer of a PEER entry (unspecified otherwise).
+    remote_addr: Ipv4Addr,
+    internal_port: u16,
+    external_port: u16,
+    port_count: u16,
+    remote_port: u16,
+    protocol: u8,
+    /// [`Narrow::MAP`], [`Narrow::STATIC`] or [`Narrow::PEER`], with
+    /// [`Narrow::FIREWALL`].
+    flags: u8,
+}
+
+const _: () = assert!(std::mem::size_of::<Narrow>() <= 32);
+
+impl Narrow {
+    const MAP: u8 = 0;
+    const STATIC: u8 = 1;
+    const PEER: u8 = 2;
+    const KIND: u8 = 3;
+    const FIREWALL: u8 = 4;
+
+    /// `e` kept narrow, if it can be.
+    fn of(e: &Entry) -> Option<Self> {
+        let (IpAddr::V4(internal_addr), true) = (e.internal_addr, e.filters.is_empty()) else {
+            return None;
+        };
+        let (kind, remote_addr, remote_port) = match e.kind {
+            MappingKind::Map => (Self::MAP, Ipv4Addr::UNSPECIFIED, 0),
+            MappingKind::Static => (Self::STATIC, Ipv4Addr::UNSPECIFIED, 0),
+            MappingKind::Peer {
+                remote_addr: IpAddr::V4(a),
+                remote_port,
+            } => (Self::PEER, a, remote_port),
+            MappingKind::Peer { .. } => return None,
+        };
+        Some(Narrow {
+            expires_ms: e.expires_ms,
+            internal_addr,
+            external_addr: e.external_addr,
+            remote_addr,
+            internal_port: e.internal_port,
+            external_port: e.external_port,
+            port_count: e.port_count,
+            remote_port,
+            protocol: e.protocol,
+            flags: kind | if e.firewall { Self::FIREWALL } else { 0 },
+        })
+    }
+
+    fn kind(&self) -> MappingKind {
+        match self.flags & Self::KIND {
+            Self::PEER => MappingKind::Peer {
+                remote_addr: IpAddr::V4(self.remote_addr),
+                remote_port: self.remote_port,
+            },
+            Self::STATIC => MappingKind::Static,
+            _ => MappingKind::Map,
+        }
+    }
+
+    fn firewall(&self) -> bool {
+        self.flags & Self::FIREWALL != 0
+    }
+
+    fn internal(&self) -> InternalEndpoint {
+        InternalEndpoint {
+            addr: IpAddr::V4(self.internal_addr),
+            protocol: self.protocol,
+            port: self.internal_port,
+        }
+    }
+
+    fn entry(&self) -> Entry {
+        Entry {
+            kind: self.kind(),
+            external_addr: self.external_addr,
+            external_port: self.external_port,
+            port_count: self.port_count,
+            protocol: self.protocol,
+            firewall: self.firewall(),
+            internal_addr: IpAddr::V4(self.internal_addr),
+            internal_port: self.internal_port,
+            filters: Box::new([]),
+            expires_ms: self.expires_ms,
+        }
+    }
+}
+
+impl Keyed for Narrow {
+    type Key = Key;
+    fn key(&self) -> Key {
+        let (kind, firewall) = (self.kind(), self.firewall());
+        key_of(kind, firewall, self.internal(), self.external_addr, self.external_port)
+    }
+}
+
 /// The in-memory backend: keeps what would be installed (a renewal that
 /// only moves the expiry updates it in place). It is the embedded
 /// default's dataplane, so its memory counts in the daemon's bytes per
-/// mapping: each entry is stored once, compactly ([`Kept`]), and found
-/// by the key it implies ([`Entry::key`], not stored beside it).
+/// mapping: each entry is stored once, compactly ([`Narrow`], else
+/// [`Kept`]), and found by the key it implies ([`Entry::key`], not stored
+/// beside it).
 #[derive(Default)]
 pub struct MemoryDataplane {
-    entries: KeyedTable<Kept>,
+    entries: KeyedTable<Narrow>,
+    /// Entries that cannot be kept narrow (IPv6, filters).
+    wide: KeyedTable<Kept>,
     /// Port blocks by external address: (first port, subscriber), sorted.
     /// ~20 bytes a block, where a set of (subscriber, address, port)
     /// took ~50 at a million blocks.
@@ -143,7 +250,7 @@ pub struct MemoryDataplane {
 impl std::fmt::Debug for MemoryDataplane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryDataplane")
-            .field("entries", &self.entries.len())
+            .field("entries", &self.len())
             .field("blocks", &self.blocks.values().map(Vec::len).sum::<usize>())
             .finish()
     }
@@ -157,24 +264,40 @@ impl MemoryDataplane {
 
     /// Installed entries (mappings only).
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.len() + self.wide.len()
     }
 
     /// True when no mapping is installed.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 
     /// One installed entry.
     pub fn get(&self, key: &Key) -> Option<Entry> {
-        self.entries.get(key).map(Kept::entry)
+        match self.entries.get(key) {
+            Some(n) => Some(n.entry()),
+            None => self.wide.get(key).map(Kept::entry),
+        }
     }
 
     fn upsert(&mut self, e: &Entry) {
-        // A renewal replaces the record in place: its key is the same.
-        match self.entries.get_mut(&e.key()) {
-            Some(have) => *have = Kept::of(e),
-            None => self.entries.insert_new(Kept::of(e)),
+        // A renewal replaces the record in place: its key is the same. An
+        // entry that changes form (filters added) leaves the other table.
+        let key = e.key();
+        match Narrow::of(e) {
+            Some(narrow) => match self.entries.get_mut(&key) {
+                Some(have) => *have = narrow,
+                None => {
+                    if !self.wide.is_empty() {
+                        self.wide.remove(&key);
+                    }
+                    self.entries.insert_new(narrow);
+                }
+            },
+            None => {
+                self.entries.remove(&key);
+                self.wide.insert(Kept::of(e));
+            }
         }
     }
 
@@ -197,8 +320,8 @@ impl MemoryDataplane {
         } = *key
         {
             self.remove_block(subscriber, external_addr, first_port);
-        } else {
-            self.entries.remove(key);
+        } else if self.entries.remove(key).is_none() {
+            self.wide.remove(key);
         }
     }
 }
@@ -228,6 +351,7 @@ impl Dataplane for MemoryDataplane {
             .entries
             .iter()
             .map(|e| (e.key(), Some(e.entry())))
+            .chain(self.wide.iter().map(|e| (e.key(), Some(e.entry()))))
             .chain(self.blocks.iter().flat_map(|(&external_addr, held)| {
                 held.iter().map(move |&(first_port, subscriber)| {
                     let key = Key::SubscriberBlock {
@@ -288,23 +412,50 @@ mod tests {
             expires_ms: Millis::MAX,
             ..base.clone()
         };
-        let all = [base, peer, pinhole];
+        let peer4 = Entry {
+            kind: MappingKind::Peer {
+                remote_addr: "203.0.113.9".parse().unwrap(),
+                remote_port: 443,
+            },
+            internal_port: 81,
+            ..base.clone()
+        };
+        let v6 = Entry {
+            internal_addr: "2001:db8::2".parse().unwrap(),
+            firewall: true,
+            ..base.clone()
+        };
+        let all = [base, peer, pinhole, peer4, v6];
         let changes: Vec<Change> = all.iter().cloned().map(Change::Upsert).collect();
         dp.apply(&changes);
         for e in &all {
             assert_eq!(dp.get(&e.key()).as_ref(), Some(e));
         }
         let installed: Vec<Entry> = dp.installed().into_iter().filter_map(|(_, e)| e).collect();
-        assert_eq!(installed.len(), 3);
+        assert_eq!(installed.len(), 5);
         assert!(all.iter().all(|e| installed.contains(e)));
+        assert_eq!((dp.entries.len(), dp.wide.len()), (2, 3), "IPv4 without filters narrow");
         // A renewal moves the expiry in place.
         let renewed = Entry {
             expires_ms: 5000,
             ..all[0].clone()
         };
         dp.apply(&[Change::Upsert(renewed.clone())]);
-        assert_eq!(dp.get(&renewed.key()), Some(renewed));
-        assert_eq!(dp.len(), 3);
+        assert_eq!(dp.get(&renewed.key()), Some(renewed.clone()));
+        assert_eq!(dp.len(), 5);
+        // Filters added, then taken away: the entry changes form, once.
+        let filtered = Entry {
+            filters: Box::new([("198.51.100.0".parse().unwrap(), 24, 0)]),
+            ..renewed.clone()
+        };
+        dp.apply(&[Change::Upsert(filtered.clone())]);
+        assert_eq!(dp.get(&filtered.key()), Some(filtered));
+        assert_eq!((dp.entries.len(), dp.wide.len()), (1, 4));
+        dp.apply(&[Change::Upsert(renewed.clone())]);
+        assert_eq!(dp.get(&renewed.key()), Some(renewed.clone()));
+        assert_eq!((dp.entries.len(), dp.wide.len()), (2, 3));
+        dp.apply(&[Change::Remove(renewed.key()), Change::Remove(all[4].key())]);
+        assert_eq!((dp.entries.len(), dp.wide.len()), (1, 2));
     }
 
     #[test]
