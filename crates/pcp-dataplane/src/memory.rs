@@ -226,7 +226,13 @@ impl Keyed for Narrow {
     type Key = Key;
     fn key(&self) -> Key {
         let (kind, firewall) = (self.kind(), self.firewall());
-        key_of(kind, firewall, self.internal(), self.external_addr, self.external_port)
+        key_of(
+            kind,
+            firewall,
+            self.internal(),
+            self.external_addr,
+            self.external_port,
+        )
     }
 }
 
@@ -434,7 +440,11 @@ mod tests {
         let installed: Vec<Entry> = dp.installed().into_iter().filter_map(|(_, e)| e).collect();
         assert_eq!(installed.len(), 5);
         assert!(all.iter().all(|e| installed.contains(e)));
-        assert_eq!((dp.entries.len(), dp.wide.len()), (2, 3), "IPv4 without filters narrow");
+        assert_eq!(
+            (dp.entries.len(), dp.wide.len()),
+            (2, 3),
+            "IPv4 without filters narrow"
+        );
         // A renewal moves the expiry in place.
         let renewed = Entry {
             expires_ms: 5000,

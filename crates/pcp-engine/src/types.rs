@@ -264,12 +264,14 @@ impl Mapping {
     /// expiry later than the stored one, and renewals within it need no
     /// write. After a crash the mapping lives until that stored expiry.
     pub fn as_stored(&self) -> Mapping {
-        let expires_ms = self.expires_ms.max(self.durable_ms);
-        Mapping {
-            expires_ms,
-            durable_ms: expires_ms,
-            ..self.clone()
-        }
+        self.clone().into_stored()
+    }
+
+    /// [`Mapping::as_stored`], taking the mapping.
+    pub fn into_stored(mut self) -> Mapping {
+        self.expires_ms = self.expires_ms.max(self.durable_ms);
+        self.durable_ms = self.expires_ms;
+        self
     }
 
     /// The mapping's identity.

@@ -237,7 +237,7 @@ fn pinholes_survive_a_restart_and_only_in_a_firewall_class() {
     let mut h = H::new(firewall_config());
     h.map(v6(1), nonce(1), 8080, 0, 3600);
     h.peer(v6(1), nonce(1), 5000, v6(0x99), 9, 0, 3600);
-    let saved: Vec<_> = h.engine.mappings().cloned().collect();
+    let saved: Vec<_> = h.engine.mappings().collect();
     assert_eq!(saved.len(), 2);
 
     let mut fresh = H::new(firewall_config());

@@ -274,7 +274,7 @@ impl Replayed {
 
     fn visit(&mut self, item: StateItem<'_>) {
         match item {
-            StateItem::Mapping(m) => self.mapping(m),
+            StateItem::Mapping(m) => self.mapping(&m),
             StateItem::Block(s, b, _) => {
                 self.blocks.insert((b.addr, b.first), s);
             }

@@ -51,16 +51,20 @@ impl Engine {
     ) -> Result<Granted, Refusal> {
         let expires = now + u64::from(lifetime) * 1000;
         let durable = self.durable_for(now, expires);
-        let mapping = self.table.get_mut(slot).ok_or(ResultCode::NoResources)?;
-        let old_expires = mapping.expires_ms;
-        mapping.expires_ms = expires;
-        mapping.client_port = client.port();
-        let changed = update(mapping);
-        let refreshed = !changed && expires <= mapping.durable_ms;
-        if !refreshed {
-            mapping.durable_ms = durable;
-        }
-        let snapshot = mapping.clone();
+        let (snapshot, (old_expires, refreshed)) = self
+            .table
+            .update(slot, |mapping| {
+                let old_expires = mapping.expires_ms;
+                mapping.expires_ms = expires;
+                mapping.client_port = client.port();
+                let changed = update(mapping);
+                let refreshed = !changed && expires <= mapping.durable_ms;
+                if !refreshed {
+                    mapping.durable_ms = durable;
+                }
+                (old_expires, refreshed)
+            })
+            .ok_or(ResultCode::NoResources)?;
         self.table.refreshed(slot, now);
         if snapshot.counts_against_quota() && snapshot.expires_ms != old_expires {
             // Later: the armed timer re-arms when it fires; earlier (a

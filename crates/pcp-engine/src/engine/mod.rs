@@ -14,6 +14,7 @@
 //! | `subscriber.rs` | subscriber records, the rate limiter's token bucket, idle release |
 //! | `ports.rs` | quota, port blocks, port choice, the reuse delay (§15) |
 //! | `table.rs` | [`MappingTable`](table::MappingTable): slots and every index |
+//! | `packed.rs` | a mapping as its slot keeps it (72 bytes for IPv4) |
 //! | `timers.rs` | the timer wheel |
 //! | `unsolicited.rs` | the §14 outbox: restart ANNOUNCE, mapping updates |
 //! | `drain.rs` | moving subscribers off a drained address (§14.2) |
@@ -41,6 +42,7 @@ mod lifetime;
 mod map;
 mod natpmp;
 mod operator;
+mod packed;
 mod partition;
 mod peer;
 mod ports;

@@ -72,10 +72,7 @@ impl Engine {
             extra: None,
         };
         let id = self.insert(now, mapping);
-        self.table
-            .get(id.slot)
-            .cloned()
-            .ok_or(ResultCode::NoResources)
+        self.table.get(id.slot).ok_or(ResultCode::NoResources)
     }
 
     /// Deletes a mapping by id (operator action).

@@ -12,8 +12,8 @@ use crate::types::{
 };
 
 impl Engine {
-    /// Every live mapping of this shard.
-    pub fn mappings(&self) -> impl Iterator<Item = &Mapping> {
+    /// Every live mapping of this shard (copies: slots keep them packed).
+    pub fn mappings(&self) -> impl Iterator<Item = Mapping> + '_ {
         self.table.iter()
     }
 
@@ -24,17 +24,17 @@ impl Engine {
     }
 
     /// A mapping by id.
-    pub fn mapping(&self, id: MappingId) -> Option<&Mapping> {
+    pub fn mapping(&self, id: MappingId) -> Option<Mapping> {
         self.table.by_id(id)
     }
 
     /// The live mapping `key` names.
-    pub fn mapping_by_key(&self, key: &MappingKey) -> Option<&Mapping> {
+    pub fn mapping_by_key(&self, key: &MappingKey) -> Option<Mapping> {
         self.table.find(key).and_then(|slot| self.table.get(slot))
     }
 
     /// The mappings of one subscriber.
-    pub fn mappings_of(&self, subscriber: IpAddr) -> Vec<&Mapping> {
+    pub fn mappings_of(&self, subscriber: IpAddr) -> Vec<Mapping> {
         self.subscribers
             .get(&subscriber)
             .map(|s| {
@@ -47,7 +47,7 @@ impl Engine {
     }
 
     /// The mapping that holds external `addr:port` for `protocol`, if any.
-    pub fn mapping_at(&self, addr: Ipv4Addr, protocol: u8, port: u16) -> Option<&Mapping> {
+    pub fn mapping_at(&self, addr: Ipv4Addr, protocol: u8, port: u16) -> Option<Mapping> {
         let external = ExternalEndpoint {
             addr,
             protocol,

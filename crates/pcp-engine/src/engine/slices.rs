@@ -45,7 +45,7 @@ pub enum StateItem<'a> {
     /// A subscriber holds a block since a time.
     Block(IpAddr, Block, Millis),
     /// A live mapping.
-    Mapping(&'a Mapping),
+    Mapping(Mapping),
     /// A past holding.
     History(&'a Holder),
 }

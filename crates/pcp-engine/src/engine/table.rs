@@ -6,9 +6,11 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher as _;
 
+use super::packed::Packed;
 use crate::keyed::PositionIndex;
 use crate::types::{ExternalEndpoint, InternalEndpoint, Mapping, MappingId, MappingKey, Millis};
 
+/// 88 bytes: at a million mappings the daemon's largest table.
 struct Slot {
     generation: u32,
     /// The second the mapping's expiry timer is armed for (0: none). One
@@ -16,15 +18,18 @@ struct Slot {
     /// and it re-arms when it fires early; one that moves it earlier arms
     /// another, and the later one is then stale.
     expiry_armed_s: u32,
-    mapping: Option<Mapping>,
+    /// The mapping, packed (`packed.rs`); its id is the slot's.
+    mapping: Option<Packed>,
     /// When the client last refreshed it (to cancel §14.2 retransmissions).
     refreshed_ms: Millis,
 }
 
+const _: () = assert!(std::mem::size_of::<Slot>() <= 88);
+
 /// The hasher of tables keyed by external endpoints (see `MappingTable::ports`).
 pub(super) type PortHasher = foldhash::fast::RandomState;
 
-/// Slots per chunk of [`Slots`]: 512 KiB of them.
+/// Slots per chunk of [`Slots`]: 352 KiB of them.
 const CHUNK: usize = 4096;
 
 /// The slots, in chunks of [`CHUNK`] that never move: growing a `Vec` of
@@ -64,8 +69,13 @@ impl Slots {
         self.chunks.len().saturating_sub(1) * CHUNK + self.chunks.last().map_or(0, Vec::len)
     }
 
-    fn iter(&self) -> impl Iterator<Item = &Slot> {
-        self.chunks.iter().flatten()
+    /// Every slot with its number.
+    fn iter(&self) -> impl Iterator<Item = (u32, &Slot)> {
+        self.chunks
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, s)| (i as u32, s))
     }
 }
 
@@ -124,21 +134,41 @@ impl MappingTable {
         self.live
     }
 
-    pub(super) fn get(&self, slot: u32) -> Option<&Mapping> {
-        self.slots.get(slot).and_then(|s| s.mapping.as_ref())
+    /// The id of whatever `slot` holds now.
+    fn id(&self, slot: u32, s: &Slot) -> MappingId {
+        MappingId {
+            shard: self.shard,
+            slot,
+            generation: s.generation,
+        }
     }
 
-    /// The mapping in `slot`, to change anything but its key (the index
-    /// finds it by the key it holds).
-    pub(super) fn get_mut(&mut self, slot: u32) -> Option<&mut Mapping> {
-        self.slots.get_mut(slot).and_then(|s| s.mapping.as_mut())
+    /// The mapping in `slot` (a copy: slots keep it packed).
+    pub(super) fn get(&self, slot: u32) -> Option<Mapping> {
+        let s = self.slots.get(slot)?;
+        Some(s.mapping.as_ref()?.unpack(self.id(slot, s)))
+    }
+
+    /// Changes the mapping in `slot` (anything but its key: the index finds
+    /// it by the key it holds) by `change`; returns the mapping after it.
+    pub(super) fn update<R>(
+        &mut self,
+        slot: u32,
+        change: impl FnOnce(&mut Mapping) -> R,
+    ) -> Option<(Mapping, R)> {
+        let mut m = self.get(slot)?;
+        let r = change(&mut m);
+        debug_assert_eq!(self.key_at(slot), Some(m.key()), "an update moved the key");
+        let kept = self.slots.get_mut(slot)?;
+        kept.mapping = Some(Packed::of(m.clone()));
+        Some((m, r))
     }
 
     /// The mapping behind `id`, if that slot still holds that generation.
-    pub(super) fn by_id(&self, id: MappingId) -> Option<&Mapping> {
+    pub(super) fn by_id(&self, id: MappingId) -> Option<Mapping> {
         let s = self.slots.get(id.slot)?;
         (s.generation == id.generation).then_some(())?;
-        s.mapping.as_ref()
+        Some(s.mapping.as_ref()?.unpack(id))
     }
 
     /// The slot of the mapping with `key`.
@@ -154,7 +184,7 @@ impl MappingTable {
 
     /// The key of the mapping in `slot`.
     fn key_at(&self, slot: u32) -> Option<MappingKey> {
-        self.get(slot).map(Mapping::key)
+        Some(self.slots.get(slot)?.mapping.as_ref()?.key())
     }
 
     /// The external port an outbound (PEER) mapping of `internal` uses.
@@ -177,8 +207,11 @@ impl MappingTable {
         self.slots.len() as u32
     }
 
-    pub(super) fn iter(&self) -> impl Iterator<Item = &Mapping> {
-        self.slots.iter().filter_map(|s| s.mapping.as_ref())
+    /// Every mapping (copies).
+    pub(super) fn iter(&self) -> impl Iterator<Item = Mapping> + '_ {
+        self.slots
+            .iter()
+            .filter_map(|(slot, s)| Some(s.mapping.as_ref()?.unpack(self.id(slot, s))))
     }
 
     /// A client refreshed the mapping in `slot` at `now` (§14.2 stops).
@@ -212,10 +245,7 @@ impl MappingTable {
     /// Whether `slot` holds `generation` and that mapping has expired at `now`.
     pub(super) fn expired(&self, slot: u32, generation: u32, now: Millis) -> bool {
         self.slots.get(slot).is_some_and(|s| {
-            s.generation == generation
-                && s.mapping
-                    .as_ref()
-                    .is_some_and(|m| m.counts_against_quota() && m.expires_ms <= now)
+            s.generation == generation && s.mapping.as_ref().is_some_and(|m| m.expired(now))
         })
     }
 
@@ -271,7 +301,7 @@ impl MappingTable {
         if let Some(s) = self.slots.get_mut(slot) {
             s.refreshed_ms = now;
             s.expiry_armed_s = 0;
-            s.mapping = Some(mapping);
+            s.mapping = Some(Packed::of(mapping));
         }
         self.live += 1;
         let h = self.short_hash(&key);
@@ -285,8 +315,9 @@ impl MappingTable {
         let key = self.key_at(slot)?;
         let h = self.short_hash(&key);
         self.by_key.remove(h, slot);
+        let mapping = self.get(slot)?;
         let entry = self.slots.get_mut(slot)?;
-        let mapping = entry.mapping.take()?;
+        entry.mapping = None;
         entry.generation = entry.generation.wrapping_add(1);
         self.free.push(slot);
         self.live -= 1;
@@ -371,8 +402,8 @@ mod tests {
         let a = t.insert(0, mapping(MappingKind::Map, 2000));
         let b = t.insert(0, mapping(peer, 2000));
         assert_eq!(a.shard, 3);
-        let ma = t.by_id(a).cloned().unwrap();
-        let mb = t.by_id(b).cloned().unwrap();
+        let ma = t.by_id(a).unwrap();
+        let mb = t.by_id(b).unwrap();
         assert_eq!(t.find(&ma.key()), Some(a.slot));
         assert_eq!(t.find(&mb.key()), Some(b.slot));
         assert_eq!(t.outbound_port(&mb.internal()), Some(2000));

@@ -107,12 +107,11 @@ pub(super) fn control(st: &mut State, ctl: Control) -> bool {
                 .filter(|m| f.subscriber.is_none_or(|s| m.internal_addr == s))
                 .filter(|m| f.external.is_none_or(|e| m.external_addr == e))
                 .filter(|m| f.protocol.is_none_or(|p| m.protocol == p))
-                .cloned()
                 .collect();
             let _ = reply.send(list);
         }
         Control::Mapping(key, reply) => {
-            let _ = reply.send(st.engine.mapping_by_key(&key).cloned());
+            let _ = reply.send(st.engine.mapping_by_key(&key));
         }
         Control::Subscriber(ip, reply) => {
             let _ = reply.send(st.engine.subscriber(ip));

@@ -82,7 +82,7 @@ pub(super) fn record_of(item: StateItem<'_>) -> Record {
             block,
             since,
         },
-        StateItem::Mapping(m) => Record::Mapping(m.as_stored()),
+        StateItem::Mapping(m) => Record::Mapping(m.into_stored()),
         StateItem::History(h) => Record::History(h.clone()),
     }
 }
