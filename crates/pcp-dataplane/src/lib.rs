@@ -29,6 +29,7 @@ use pcp_engine::{
     RemoteEndpoint,
 };
 
+mod compact;
 mod conntrack;
 mod memory;
 mod nfnetlink;

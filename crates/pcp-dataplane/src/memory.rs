@@ -4,249 +4,19 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use pcp_engine::keyed::Keyed;
-use pcp_engine::{InternalEndpoint, MappingKind, Millis};
 
-use crate::{key_of, ApplyError, Change, Dataplane, Entry, Key, KeyedTable};
-
-/// What the memory dataplane keeps of an [`Entry`] that cannot be kept
-/// [`Narrow`]: 64 bytes where an entry takes 80. The pinhole flag sits in
-/// the kind's padding, and the rare filters behind one pointer.
-#[derive(Debug)]
-struct Kept {
-    kind: Kind,
-    internal_addr: IpAddr,
-    external_addr: Ipv4Addr,
-    external_port: u16,
-    port_count: u16,
-    internal_port: u16,
-    protocol: u8,
-    filters: Option<Box<Filters>>,
-    expires_ms: Millis,
-}
-
-const _: () = assert!(std::mem::size_of::<Kept>() <= 64);
-
-/// An entry's remote-peer filters ([`Entry::filters`]).
-type Filters = Box<[(IpAddr, u8, u16)]>;
-
-/// [`MappingKind`] with the entry's pinhole flag.
-#[derive(Debug, Clone, Copy)]
-enum Kind {
-    Map {
-        firewall: bool,
-    },
-    Static {
-        firewall: bool,
-    },
-    Peer {
-        remote_addr: IpAddr,
-        remote_port: u16,
-        firewall: bool,
-    },
-}
-
-impl Kept {
-    fn of(e: &Entry) -> Self {
-        let firewall = e.firewall;
-        Kept {
-            kind: match e.kind {
-                MappingKind::Map => Kind::Map { firewall },
-                MappingKind::Static => Kind::Static { firewall },
-                MappingKind::Peer {
-                    remote_addr,
-                    remote_port,
-                } => Kind::Peer {
-                    remote_addr,
-                    remote_port,
-                    firewall,
-                },
-            },
-            internal_addr: e.internal_addr,
-            external_addr: e.external_addr,
-            external_port: e.external_port,
-            port_count: e.port_count,
-            internal_port: e.internal_port,
-            protocol: e.protocol,
-            filters: (!e.filters.is_empty()).then(|| Box::new(e.filters.clone())),
-            expires_ms: e.expires_ms,
-        }
-    }
-
-    fn kind(&self) -> (MappingKind, bool) {
-        match self.kind {
-            Kind::Map { firewall } => (MappingKind::Map, firewall),
-            Kind::Static { firewall } => (MappingKind::Static, firewall),
-            Kind::Peer {
-                remote_addr,
-                remote_port,
-                firewall,
-            } => (
-                MappingKind::Peer {
-                    remote_addr,
-                    remote_port,
-                },
-                firewall,
-            ),
-        }
-    }
-
-    fn entry(&self) -> Entry {
-        let (kind, firewall) = self.kind();
-        Entry {
-            kind,
-            external_addr: self.external_addr,
-            external_port: self.external_port,
-            port_count: self.port_count,
-            protocol: self.protocol,
-            firewall,
-            internal_addr: self.internal_addr,
-            internal_port: self.internal_port,
-            filters: self.filters.as_deref().cloned().unwrap_or_default(),
-            expires_ms: self.expires_ms,
-        }
-    }
-}
-
-impl Keyed for Kept {
-    type Key = Key;
-    fn key(&self) -> Key {
-        let (kind, firewall) = self.kind();
-        let internal = InternalEndpoint {
-            addr: self.internal_addr,
-            protocol: self.protocol,
-            port: self.internal_port,
-        };
-        key_of(
-            kind,
-            firewall,
-            internal,
-            self.external_addr,
-            self.external_port,
-        )
-    }
-}
-
-/// An entry of IPv4 addresses without filters, as nearly every CGNAT
-/// mapping is: 32 bytes where [`Kept`] takes 64 (at a million mappings,
-/// 32 MB). Others are kept as [`Kept`].
-#[derive(Debug)]
-struct Narrow {
-    expires_ms: Millis,
-    internal_addr: Ipv4Addr,
-    external_addr: Ipv4Addr,
-    /// The remote peer of a PEER entry (unspecified otherwise).
-    remote_addr: Ipv4Addr,
-    internal_port: u16,
-    external_port: u16,
-    port_count: u16,
-    remote_port: u16,
-    protocol: u8,
-    /// [`Narrow::MAP`], [`Narrow::STATIC`] or [`Narrow::PEER`], with
-    /// [`Narrow::FIREWALL`].
-    flags: u8,
-}
-
-const _: () = assert!(std::mem::size_of::<Narrow>() <= 32);
-
-impl Narrow {
-    const MAP: u8 = 0;
-    const STATIC: u8 = 1;
-    const PEER: u8 = 2;
-    const KIND: u8 = 3;
-    const FIREWALL: u8 = 4;
-
-    /// `e` kept narrow, if it can be.
-    fn of(e: &Entry) -> Option<Self> {
-        let (IpAddr::V4(internal_addr), true) = (e.internal_addr, e.filters.is_empty()) else {
-            return None;
-        };
-        let (kind, remote_addr, remote_port) = match e.kind {
-            MappingKind::Map => (Self::MAP, Ipv4Addr::UNSPECIFIED, 0),
-            MappingKind::Static => (Self::STATIC, Ipv4Addr::UNSPECIFIED, 0),
-            MappingKind::Peer {
-                remote_addr: IpAddr::V4(a),
-                remote_port,
-            } => (Self::PEER, a, remote_port),
-            MappingKind::Peer { .. } => return None,
-        };
-        Some(Narrow {
-            expires_ms: e.expires_ms,
-            internal_addr,
-            external_addr: e.external_addr,
-            remote_addr,
-            internal_port: e.internal_port,
-            external_port: e.external_port,
-            port_count: e.port_count,
-            remote_port,
-            protocol: e.protocol,
-            flags: kind | if e.firewall { Self::FIREWALL } else { 0 },
-        })
-    }
-
-    fn kind(&self) -> MappingKind {
-        match self.flags & Self::KIND {
-            Self::PEER => MappingKind::Peer {
-                remote_addr: IpAddr::V4(self.remote_addr),
-                remote_port: self.remote_port,
-            },
-            Self::STATIC => MappingKind::Static,
-            _ => MappingKind::Map,
-        }
-    }
-
-    fn firewall(&self) -> bool {
-        self.flags & Self::FIREWALL != 0
-    }
-
-    fn internal(&self) -> InternalEndpoint {
-        InternalEndpoint {
-            addr: IpAddr::V4(self.internal_addr),
-            protocol: self.protocol,
-            port: self.internal_port,
-        }
-    }
-
-    fn entry(&self) -> Entry {
-        Entry {
-            kind: self.kind(),
-            external_addr: self.external_addr,
-            external_port: self.external_port,
-            port_count: self.port_count,
-            protocol: self.protocol,
-            firewall: self.firewall(),
-            internal_addr: IpAddr::V4(self.internal_addr),
-            internal_port: self.internal_port,
-            filters: Box::new([]),
-            expires_ms: self.expires_ms,
-        }
-    }
-}
-
-impl Keyed for Narrow {
-    type Key = Key;
-    fn key(&self) -> Key {
-        let (kind, firewall) = (self.kind(), self.firewall());
-        key_of(
-            kind,
-            firewall,
-            self.internal(),
-            self.external_addr,
-            self.external_port,
-        )
-    }
-}
+use crate::compact::Compact;
+use crate::{ApplyError, Change, Dataplane, Entry, Key, KeyedTable};
 
 /// The in-memory backend: keeps what would be installed (a renewal that
 /// only moves the expiry updates it in place). It is the embedded
 /// default's dataplane, so its memory counts in the daemon's bytes per
-/// mapping: each entry is stored once, compactly ([`Narrow`], else
-/// [`Kept`]), and found by the key it implies ([`Entry::key`], not stored
+/// mapping: each entry is stored once, compactly (`compact.rs`: 32 bytes
+/// for IPv4), and found by the key it implies ([`Entry::key`], not stored
 /// beside it).
 #[derive(Default)]
 pub struct MemoryDataplane {
-    entries: KeyedTable<Narrow>,
-    /// Entries that cannot be kept narrow (IPv6, filters).
-    wide: KeyedTable<Kept>,
+    entries: KeyedTable<Compact>,
     /// Port blocks by external address: (first port, subscriber), sorted.
     /// ~20 bytes a block, where a set of (subscriber, address, port)
     /// took ~50 at a million blocks.
@@ -270,7 +40,7 @@ impl MemoryDataplane {
 
     /// Installed entries (mappings only).
     pub fn len(&self) -> usize {
-        self.entries.len() + self.wide.len()
+        self.entries.len()
     }
 
     /// True when no mapping is installed.
@@ -280,30 +50,14 @@ impl MemoryDataplane {
 
     /// One installed entry.
     pub fn get(&self, key: &Key) -> Option<Entry> {
-        match self.entries.get(key) {
-            Some(n) => Some(n.entry()),
-            None => self.wide.get(key).map(Kept::entry),
-        }
+        self.entries.get(key).map(Compact::entry)
     }
 
     fn upsert(&mut self, e: &Entry) {
-        // A renewal replaces the record in place: its key is the same. An
-        // entry that changes form (filters added) leaves the other table.
-        let key = e.key();
-        match Narrow::of(e) {
-            Some(narrow) => match self.entries.get_mut(&key) {
-                Some(have) => *have = narrow,
-                None => {
-                    if !self.wide.is_empty() {
-                        self.wide.remove(&key);
-                    }
-                    self.entries.insert_new(narrow);
-                }
-            },
-            None => {
-                self.entries.remove(&key);
-                self.wide.insert(Kept::of(e));
-            }
+        // A renewal replaces the record in place: its key is the same.
+        match self.entries.get_mut(&e.key()) {
+            Some(have) => *have = Compact::of(e),
+            None => self.entries.insert_new(Compact::of(e)),
         }
     }
 
@@ -326,8 +80,8 @@ impl MemoryDataplane {
         } = *key
         {
             self.remove_block(subscriber, external_addr, first_port);
-        } else if self.entries.remove(key).is_none() {
-            self.wide.remove(key);
+        } else {
+            self.entries.remove(key);
         }
     }
 }
@@ -357,7 +111,6 @@ impl Dataplane for MemoryDataplane {
             .entries
             .iter()
             .map(|e| (e.key(), Some(e.entry())))
-            .chain(self.wide.iter().map(|e| (e.key(), Some(e.entry()))))
             .chain(self.blocks.iter().flat_map(|(&external_addr, held)| {
                 held.iter().map(move |&(first_port, subscriber)| {
                     let key = Key::SubscriberBlock {
@@ -386,7 +139,7 @@ impl Dataplane for MemoryDataplane {
 mod tests {
     use super::*;
     use crate::port_set_key;
-    use pcp_engine::Block;
+    use pcp_engine::{Block, MappingKind, Millis};
 
     #[test]
     fn entries_come_back_as_they_went_in() {
@@ -440,11 +193,6 @@ mod tests {
         let installed: Vec<Entry> = dp.installed().into_iter().filter_map(|(_, e)| e).collect();
         assert_eq!(installed.len(), 5);
         assert!(all.iter().all(|e| installed.contains(e)));
-        assert_eq!(
-            (dp.entries.len(), dp.wide.len()),
-            (2, 3),
-            "IPv4 without filters narrow"
-        );
         // A renewal moves the expiry in place.
         let renewed = Entry {
             expires_ms: 5000,
@@ -453,19 +201,18 @@ mod tests {
         dp.apply(&[Change::Upsert(renewed.clone())]);
         assert_eq!(dp.get(&renewed.key()), Some(renewed.clone()));
         assert_eq!(dp.len(), 5);
-        // Filters added, then taken away: the entry changes form, once.
+        // Filters added, then taken away: the entry changes form in place.
         let filtered = Entry {
             filters: Box::new([("198.51.100.0".parse().unwrap(), 24, 0)]),
             ..renewed.clone()
         };
         dp.apply(&[Change::Upsert(filtered.clone())]);
         assert_eq!(dp.get(&filtered.key()), Some(filtered));
-        assert_eq!((dp.entries.len(), dp.wide.len()), (1, 4));
         dp.apply(&[Change::Upsert(renewed.clone())]);
         assert_eq!(dp.get(&renewed.key()), Some(renewed.clone()));
-        assert_eq!((dp.entries.len(), dp.wide.len()), (2, 3));
+        assert_eq!(dp.len(), 5);
         dp.apply(&[Change::Remove(renewed.key()), Change::Remove(all[4].key())]);
-        assert_eq!((dp.entries.len(), dp.wide.len()), (1, 2));
+        assert_eq!(dp.len(), 3);
     }
 
     #[test]

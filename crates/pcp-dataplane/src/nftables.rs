@@ -47,6 +47,7 @@ use pcp_engine::{
 };
 use serde_json::Value;
 
+use crate::compact::Compact;
 use crate::conntrack::{Conntrack, Endpoint, Forget};
 use crate::nfnetlink::NftLink;
 use crate::KeyedTable;
@@ -135,14 +136,15 @@ pub(crate) struct Elem {
 }
 
 /// The elements of one mapping. One of these per mapping is most of the
-/// backend's memory, so an entry pcpd installed keeps only the entry: its
-/// elements follow from it ([`Installed::elements`]).
+/// backend's memory, so an entry pcpd installed keeps only the entry, kept
+/// compactly (`compact.rs`): its elements follow from it
+/// ([`Installed::elements`]).
 #[derive(Debug, Clone)]
 enum Installed {
     /// An entry pcpd installed, and when the kernel drops its elements by
     /// itself.
     Ours {
-        entry: Entry,
+        entry: Compact,
         kernel_expires_ms: Millis,
     },
     /// Elements read back from the kernel (after a restart of pcpd).
@@ -174,7 +176,7 @@ impl Installed {
     /// The mapping's elements in the kernel.
     fn elements(&self) -> std::borrow::Cow<'_, [Elem]> {
         match self {
-            Installed::Ours { entry, .. } => NftablesDataplane::elems_for(entry)
+            Installed::Ours { entry, .. } => NftablesDataplane::elems_for(&entry.entry())
                 .map(|(v, _, _)| std::borrow::Cow::Owned(v))
                 .unwrap_or_default(),
             Installed::ReadBack(r) => std::borrow::Cow::Borrowed(&r.elems),
@@ -182,9 +184,9 @@ impl Installed {
     }
 
     /// The entry, when pcpd installed it.
-    fn entry(&self) -> Option<&Entry> {
+    fn entry(&self) -> Option<Entry> {
         match self {
-            Installed::Ours { entry, .. } => Some(entry),
+            Installed::Ours { entry, .. } => Some(entry.entry()),
             Installed::ReadBack(_) => None,
         }
     }
@@ -192,7 +194,7 @@ impl Installed {
     /// The subscriber the elements belong to.
     fn owner(&self) -> Option<IpAddr> {
         match self {
-            Installed::Ours { entry, .. } => Some(entry.internal_addr),
+            Installed::Ours { entry, .. } => Some(entry.internal_addr()),
             Installed::ReadBack(r) => r.owner,
         }
     }
@@ -579,7 +581,7 @@ impl NftablesDataplane {
     /// The installed entry under `key`, if `entry` differs from it only by
     /// an expiry the installed elements still outlive (by the grace): a
     /// renewal that needs no kernel operation.
-    fn expiry_only(&mut self, key: &Key, entry: &Entry) -> Option<&mut Entry> {
+    fn expiry_only(&mut self, key: &Key, entry: &Entry) -> Option<&mut Compact> {
         let Some(Installed::Ours {
             entry: prev,
             kernel_expires_ms,
@@ -605,12 +607,12 @@ impl NftablesDataplane {
             Change::Upsert(entry) => {
                 let key = entry.key();
                 if let Some(prev) = self.expiry_only(&key, entry) {
-                    let old = std::mem::replace(&mut prev.expires_ms, entry.expires_ms);
+                    let old = prev.set_expires_ms(entry.expires_ms);
                     return Ok(vec![Undo::Expiry(key, old)]);
                 }
                 let (elems, timeout, kernel_expires_ms) = Self::elems_for(entry)?;
                 let prev = self.installed.insert(Installed::Ours {
-                    entry: entry.clone(),
+                    entry: Compact::of(entry),
                     kernel_expires_ms,
                 });
                 if let Some(old) = &prev {
@@ -790,7 +792,7 @@ impl NftablesDataplane {
                 }
                 Undo::Expiry(k, ms) => {
                     if let Some(Installed::Ours { entry, .. }) = self.installed.get_mut(&k) {
-                        entry.expires_ms = ms;
+                        entry.set_expires_ms(ms);
                     }
                 }
                 Undo::PortSets(s, Some(p)) => {
@@ -812,7 +814,7 @@ impl NftablesDataplane {
                 let Some(have) = self.installed.get(&e.key()) else {
                     return false;
                 };
-                if have.entry() == Some(e) {
+                if have.entry().as_ref() == Some(e) {
                     return true;
                 }
                 let Ok((mut want, _, _)) = Self::elems_for(e) else {
@@ -985,7 +987,7 @@ impl Dataplane for NftablesDataplane {
         let mut v: Vec<(Key, Option<Entry>)> = self
             .installed
             .iter()
-            .map(|i| (i.key(), i.entry().cloned()))
+            .map(|i| (i.key(), i.entry()))
             .collect();
         for (sub, p) in &self.ports {
             for b in &p.blocks {

@@ -1769,3 +1769,45 @@ fn a_block_taken_by_a_refused_request_goes_back_after_the_idle_hold() {
         .any(|e| matches!(e, Event::BlockReleased { .. })));
     assert_eq!(h.shared.block_owner(block.addr, block.first), None);
 }
+
+/// After a restart, a mapping whose external port another internal port
+/// of the subscriber already holds is not restored; one that shares it as
+/// the same internal endpoint (a PEER beside a MAP, RFC 4787 EIM, RFC 6887
+/// §12) is.
+#[test]
+fn a_restore_refuses_an_external_port_held_for_another_internal_port() {
+    let mut h = H::default();
+    let remote = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7));
+    assert_eq!(
+        h.map(sub(1), nonce(1), 8080, 0, 3600).result,
+        ResultCode::Success
+    );
+    assert_eq!(
+        h.peer(sub(1), nonce(1), 8080, remote, 443, 0, 3600).result,
+        ResultCode::Success
+    );
+    let saved: Vec<_> = h.engine.mappings().collect();
+    assert_eq!(saved.len(), 2);
+    assert_eq!(
+        saved[0].external(0),
+        saved[1].external(0),
+        "EIM: one external port"
+    );
+
+    let mut fresh = H::default();
+    for (s, block, since) in h.engine.blocks() {
+        assert!(fresh.engine.restore_block(fresh.now, s, block, since));
+    }
+    let mut clash = saved[0].clone();
+    clash.internal_port = 9090;
+    assert!(fresh.engine.restore_mapping(fresh.now, saved[0].clone()));
+    assert!(
+        !fresh.engine.restore_mapping(fresh.now, clash),
+        "held for 8080"
+    );
+    assert!(
+        fresh.engine.restore_mapping(fresh.now, saved[1].clone()),
+        "shared by the same endpoint"
+    );
+    assert_eq!(fresh.engine.mapping_count(), 2);
+}

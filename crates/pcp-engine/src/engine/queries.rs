@@ -53,7 +53,9 @@ impl Engine {
             protocol,
             port,
         };
-        self.table.port_holder(&external)?;
+        if !self.table.port_in_use(&external) {
+            return None;
+        }
         self.mappings().find(|m| {
             m.external_addr == addr
                 && m.protocol == protocol

@@ -93,10 +93,22 @@ impl Engine {
                     .iter()
                     .any(|(b, _)| b.contains(mapping.external(i).port))
         });
+        // A port of the subscriber's block held for another internal port
+        // (by one of its mappings: the block is its own; by anything else,
+        // taken too).
         let taken_by_other = (0..mapping.port_count).any(|i| {
-            self.table
-                .port_holder(&mapping.external(i))
-                .is_some_and(|p| p != mapping.internal_port.wrapping_add(i))
+            let external = mapping.external(i);
+            let internal = mapping.internal_port.wrapping_add(i);
+            self.table.port_in_use(&external)
+                && !sub
+                    .slots
+                    .iter()
+                    .filter_map(|s| self.table.get(*s))
+                    .any(|m| {
+                        (0..m.port_count).any(|j| {
+                            m.external(j) == external && m.internal_port.wrapping_add(j) == internal
+                        })
+                    })
         });
         let duplicate = self.table.find(&mapping.key()).is_some();
         if !inside || taken_by_other || duplicate {

@@ -79,13 +79,6 @@ impl Slots {
     }
 }
 
-/// Who holds one external port, and for which internal port.
-#[derive(Debug, Clone, Copy)]
-struct PortUse {
-    internal_port: u16,
-    refs: u32,
-}
-
 /// An external port that a detached mapping gave back.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct ReleasedPort {
@@ -106,10 +99,12 @@ pub(super) struct MappingTable {
     by_key: PositionIndex,
     /// Keys are chosen by subscribers: SipHash, randomly keyed.
     hasher: RandomState,
-    /// External ports in use. pcpd picks external ports (at random, RFC
-    /// 6888 REQ-13), so subscribers cannot aim at a bucket: foldhash,
-    /// randomly seeded, which a create probes several times.
-    ports: HashMap<ExternalEndpoint, PortUse, PortHasher>,
+    /// External ports in use, with how many mappings hold each (those of
+    /// one internal endpoint share its port, RFC 4787 EIM; which internal
+    /// port it forwards to is theirs). pcpd picks external ports (at
+    /// random, RFC 6888 REQ-13), so subscribers cannot aim at a bucket:
+    /// foldhash, randomly seeded, which a create probes several times.
+    ports: HashMap<ExternalEndpoint, u32, PortHasher>,
     /// External port of each outbound (PEER) internal endpoint (RFC 4787
     /// EIM), and how many PEER mappings of it there are.
     outbound: HashMap<InternalEndpoint, (u16, u32)>,
@@ -195,11 +190,6 @@ impl MappingTable {
     /// Whether an external port is held by a mapping.
     pub(super) fn port_in_use(&self, external: &ExternalEndpoint) -> bool {
         self.ports.contains_key(external)
-    }
-
-    /// The internal port an external port forwards to, if held.
-    pub(super) fn port_holder(&self, external: &ExternalEndpoint) -> Option<u16> {
-        self.ports.get(external).map(|u| u.internal_port)
     }
 
     /// Slots ever made (live or free): slot numbers run below this.
@@ -292,11 +282,7 @@ impl MappingTable {
         }
         self.by_key.grow_at(7, 8);
         for i in 0..held {
-            let use_ = self.ports.entry(mapping.external(i)).or_insert(PortUse {
-                internal_port: mapping.internal_port.wrapping_add(i),
-                refs: 0,
-            });
-            use_.refs += 1;
+            *self.ports.entry(mapping.external(i)).or_insert(0) += 1;
         }
         if let Some(s) = self.slots.get_mut(slot) {
             s.refreshed_ms = now;
@@ -339,12 +325,12 @@ impl MappingTable {
         };
         for i in 0..held {
             let external = mapping.external(i);
-            if let Some(u) = self.ports.get_mut(&external) {
-                u.refs -= 1;
-                if u.refs == 0 {
+            if let Some(refs) = self.ports.get_mut(&external) {
+                *refs -= 1;
+                if *refs == 0 {
                     released.push(ReleasedPort {
                         external,
-                        internal_port: u.internal_port,
+                        internal_port: mapping.internal_port.wrapping_add(i),
                     });
                     self.ports.remove(&external);
                 }
