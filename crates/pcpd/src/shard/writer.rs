@@ -77,6 +77,8 @@ pub(super) struct Done {
     /// How a compaction's snapshot written beside the journal ended, if
     /// one ended since the last completion (`Err`: the reason).
     pub(super) compacted: Option<Result<(), String>>,
+    /// Whether a snapshot is still being written beside the journal.
+    snapshot_writing: bool,
 }
 
 /// The shard's side of its journal writer.
@@ -92,6 +94,9 @@ pub(super) struct JournalWriter {
     len: u64,
     spare: Vec<Vec<Record>>,
     compacted: Option<Result<(), String>>,
+    /// A compaction's snapshot was still being written beside the journal
+    /// as of the last completion.
+    snapshot_writing: bool,
 }
 
 impl JournalWriter {
@@ -117,6 +122,7 @@ impl JournalWriter {
             len,
             spare: Vec::new(),
             compacted: None,
+            snapshot_writing: false,
         })
     }
 
@@ -200,6 +206,7 @@ impl JournalWriter {
         self.poisoned = d.poisoned;
         self.len = d.len;
         self.recycle(std::mem::take(&mut d.buffer));
+        self.snapshot_writing = d.snapshot_writing;
         if let Some(c) = d.compacted.take() {
             self.compacted = Some(c);
         }
@@ -218,6 +225,13 @@ impl JournalWriter {
         if buf.capacity() > 0 && self.spare.len() < 4 {
             self.spare.push(buf);
         }
+    }
+
+    /// Whether a compaction's snapshot was still being written beside the
+    /// journal as of the last completion: a compaction asked for meanwhile
+    /// would make the writer wait for it, and every commit behind it.
+    pub(super) fn snapshot_writing(&self) -> bool {
+        self.snapshot_writing
     }
 
     /// Whether the journal was poisoned as of the last completion.
@@ -356,6 +370,7 @@ impl Side<'_> {
             latency,
             buffer,
             compacted: self.ended.take(),
+            snapshot_writing: self.background.is_some(),
         });
     }
 
@@ -566,6 +581,7 @@ mod tests {
             "compaction handed over"
         );
         assert!(w.wait_done().unwrap().outcome.is_ok(), "commit");
+        assert!(w.snapshot_writing(), "told while it is written");
         assert!(
             started.elapsed() < Duration::from_millis(400),
             "the commit behind the compaction waited {:?}",
@@ -584,6 +600,9 @@ mod tests {
             !dir.join("shard-0.journal.next").exists(),
             "rotation completed"
         );
+        w.commit(Vec::new());
+        w.wait_done().unwrap();
+        assert!(!w.snapshot_writing(), "told once it is in place");
         drop(w);
         let loaded = pcp_store::load(&dir).unwrap();
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);

@@ -51,12 +51,15 @@ fn thread_cpu() -> Duration {
 
 impl Effects {
     /// Starts a compaction when the journal has grown past its limit and
-    /// none is under way.
+    /// none is under way: not while the last one's state is handed over,
+    /// nor while its snapshot is written (the writer would wait for it,
+    /// and every commit behind it).
     pub(super) fn start_compaction(&mut self, engine: &Engine) {
         let Store::Journal(writer) = &mut self.store else {
             return;
         };
-        if self.compacting || self.slicing.is_some() || writer.len() <= self.journal_max_bytes {
+        let busy = self.compacting || self.slicing.is_some() || writer.snapshot_writing();
+        if busy || writer.len() <= self.journal_max_bytes {
             return;
         }
         if self.whole_next {
