@@ -158,7 +158,7 @@ impl Engine {
         }
         if report == Report::Created {
             if let Some(m) = self.table.get(id.slot) {
-                self.events.push_back(Event::MappingCreated(m.clone()));
+                self.events.push_back(Event::MappingCreated(m));
             }
         }
         id
