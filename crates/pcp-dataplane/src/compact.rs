@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use pcp_engine::keyed::Keyed;
-use pcp_engine::{InternalEndpoint, MappingKind, Millis};
+use pcp_engine::{InternalEndpoint, KindV4, Millis};
 
 use crate::{key_of, Entry, Key};
 
@@ -20,31 +20,20 @@ pub(crate) enum Compact {
     Wide(Box<Entry>),
 }
 
-// The kind's spare values tell the two forms apart.
+// The kind's spare values (`KindV4`) tell the two forms apart.
 const _: () = assert!(std::mem::size_of::<Compact>() <= 32);
 
-/// [`MappingKind`] without the peer (kept beside it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Map,
-    Static,
-    Peer,
-}
-
 /// An entry of IPv4 addresses without filters.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Narrow {
     expires_ms: Millis,
     internal_addr: Ipv4Addr,
     external_addr: Ipv4Addr,
-    /// The remote peer of a PEER entry (unspecified otherwise).
-    remote_addr: Ipv4Addr,
+    kind: KindV4,
     internal_port: u16,
     external_port: u16,
     port_count: u16,
-    remote_port: u16,
     protocol: u8,
-    kind: Kind,
     firewall: bool,
 }
 
@@ -55,26 +44,18 @@ impl Compact {
         let (IpAddr::V4(internal_addr), true) = (e.internal_addr, e.filters.is_empty()) else {
             return wide();
         };
-        let (kind, remote_addr, remote_port) = match e.kind {
-            MappingKind::Map => (Kind::Map, Ipv4Addr::UNSPECIFIED, 0),
-            MappingKind::Static => (Kind::Static, Ipv4Addr::UNSPECIFIED, 0),
-            MappingKind::Peer {
-                remote_addr: IpAddr::V4(a),
-                remote_port,
-            } => (Kind::Peer, a, remote_port),
-            MappingKind::Peer { .. } => return wide(),
+        let Some(kind) = KindV4::of(e.kind) else {
+            return wide();
         };
         Compact::Narrow(Narrow {
             expires_ms: e.expires_ms,
             internal_addr,
             external_addr: e.external_addr,
-            remote_addr,
+            kind,
             internal_port: e.internal_port,
             external_port: e.external_port,
             port_count: e.port_count,
-            remote_port,
             protocol: e.protocol,
-            kind,
             firewall: e.firewall,
         })
     }
@@ -86,7 +67,7 @@ impl Compact {
             Compact::Narrow(n) => n,
         };
         Entry {
-            kind: n.kind(),
+            kind: n.kind.kind(),
             external_addr: n.external_addr,
             external_port: n.external_port,
             port_count: n.port_count,
@@ -120,39 +101,16 @@ impl Compact {
     pub(crate) fn same_but_expiry(&self, other: &Entry) -> bool {
         match self {
             Compact::Wide(e) => e.same_but_expiry(other),
-            Compact::Narrow(n) => {
-                matches!(Compact::of(other), Compact::Narrow(o) if o.fields() == n.fields())
-            }
-        }
-    }
-}
-
-/// Every field of a [`Narrow`] entry but its expiry.
-type NarrowFields = ([Ipv4Addr; 3], [u16; 4], (u8, Kind, bool));
-
-impl Narrow {
-    fn kind(&self) -> MappingKind {
-        match self.kind {
-            Kind::Map => MappingKind::Map,
-            Kind::Static => MappingKind::Static,
-            Kind::Peer => MappingKind::Peer {
-                remote_addr: IpAddr::V4(self.remote_addr),
-                remote_port: self.remote_port,
+            Compact::Narrow(n) => match Compact::of(other) {
+                Compact::Narrow(o) => {
+                    Narrow {
+                        expires_ms: n.expires_ms,
+                        ..o
+                    } == *n
+                }
+                Compact::Wide(_) => false,
             },
         }
-    }
-
-    fn fields(&self) -> NarrowFields {
-        (
-            [self.internal_addr, self.external_addr, self.remote_addr],
-            [
-                self.internal_port,
-                self.external_port,
-                self.port_count,
-                self.remote_port,
-            ],
-            (self.protocol, self.kind, self.firewall),
-        )
     }
 }
 
@@ -169,7 +127,7 @@ impl Keyed for Compact {
             port: n.internal_port,
         };
         key_of(
-            n.kind(),
+            n.kind.kind(),
             n.firewall,
             internal,
             n.external_addr,
@@ -179,15 +137,14 @@ impl Keyed for Compact {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use pcp_engine::MappingKind;
 
-    /// Every kind of entry comes back as it went in, IPv4 ones without
-    /// filters kept narrow; an expiry moves in place, and anything else
-    /// that differs is told.
-    #[test]
-    fn entries_come_back_as_they_went_in() {
-        let base = Entry {
+    /// A MAP entry of IPv4 addresses without filters (the other tests of
+    /// the crate's backends start from it too).
+    pub(crate) fn sample() -> Entry {
+        Entry {
             kind: MappingKind::Map,
             external_addr: Ipv4Addr::new(192, 0, 2, 1),
             external_port: 2000,
@@ -198,7 +155,15 @@ mod tests {
             internal_port: 80,
             filters: Box::new([]),
             expires_ms: 1000,
-        };
+        }
+    }
+
+    /// Every kind of entry comes back as it went in, IPv4 ones without
+    /// filters kept narrow; an expiry moves in place, and anything else
+    /// that differs is told.
+    #[test]
+    fn entries_come_back_as_they_went_in() {
+        let base = sample();
         let peer = |a: &str| MappingKind::Peer {
             remote_addr: a.parse().unwrap(),
             remote_port: 443,

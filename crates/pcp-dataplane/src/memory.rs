@@ -144,18 +144,7 @@ mod tests {
     #[test]
     fn entries_come_back_as_they_went_in() {
         let mut dp = MemoryDataplane::new();
-        let base = Entry {
-            kind: MappingKind::Map,
-            external_addr: Ipv4Addr::new(192, 0, 2, 1),
-            external_port: 2000,
-            port_count: 1,
-            protocol: 6,
-            firewall: false,
-            internal_addr: "100.64.0.1".parse().unwrap(),
-            internal_port: 80,
-            filters: Box::new([]),
-            expires_ms: 1000,
-        };
+        let base = crate::compact::tests::sample();
         let peer = Entry {
             kind: MappingKind::Peer {
                 remote_addr: "2001:db8::1".parse().unwrap(),

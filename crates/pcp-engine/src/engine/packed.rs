@@ -11,8 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use pcp_wire::Nonce;
 
 use crate::types::{
-    InternalEndpoint, Mapping, MappingExtra, MappingId, MappingKey, MappingKind, Millis,
-    RemoteEndpoint,
+    InternalEndpoint, KindV4, Mapping, MappingExtra, MappingId, MappingKey, Millis,
 };
 
 /// A kept mapping.
@@ -27,14 +26,6 @@ pub(super) enum Packed {
 // The kind's spare values tell the two forms (and a free slot) apart.
 const _: () = assert!(std::mem::size_of::<Option<Packed>>() <= 72);
 
-/// [`MappingKind`] without the peer (kept beside it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Map,
-    Static,
-    Peer,
-}
-
 /// A mapping of IPv4 addresses, every field of [`Mapping`] but its id.
 #[derive(Debug)]
 pub(super) struct Narrow {
@@ -45,14 +36,12 @@ pub(super) struct Narrow {
     nonce: [u8; 12],
     internal_addr: Ipv4Addr,
     external_addr: Ipv4Addr,
-    remote_addr: Ipv4Addr,
+    kind: KindV4,
     internal_port: u16,
     external_port: u16,
     port_count: u16,
-    remote_port: u16,
     client_port: u16,
     protocol: u8,
-    kind: Kind,
     firewall: bool,
     natpmp: bool,
 }
@@ -63,14 +52,8 @@ impl Packed {
         let IpAddr::V4(internal_addr) = m.internal_addr else {
             return Packed::Wide(Box::new(m));
         };
-        let (kind, remote_addr, remote_port) = match m.kind {
-            MappingKind::Map => (Kind::Map, Ipv4Addr::UNSPECIFIED, 0),
-            MappingKind::Static => (Kind::Static, Ipv4Addr::UNSPECIFIED, 0),
-            MappingKind::Peer {
-                remote_addr: IpAddr::V4(a),
-                remote_port,
-            } => (Kind::Peer, a, remote_port),
-            MappingKind::Peer { .. } => return Packed::Wide(Box::new(m)),
+        let Some(kind) = KindV4::of(m.kind) else {
+            return Packed::Wide(Box::new(m));
         };
         Packed::Narrow(Narrow {
             created_ms: m.created_ms,
@@ -80,14 +63,12 @@ impl Packed {
             nonce: m.nonce.0,
             internal_addr,
             external_addr: m.external_addr,
-            remote_addr,
+            kind,
             internal_port: m.internal_port,
             external_port: m.external_port,
             port_count: m.port_count,
-            remote_port,
             client_port: m.client_port,
             protocol: m.protocol,
-            kind,
             firewall: m.firewall,
             natpmp: m.natpmp,
         })
@@ -106,7 +87,7 @@ impl Packed {
         };
         Mapping {
             id,
-            kind: n.kind(),
+            kind: n.kind.kind(),
             internal_addr: IpAddr::V4(n.internal_addr),
             internal_port: n.internal_port,
             protocol: n.protocol,
@@ -136,10 +117,7 @@ impl Packed {
                 protocol: n.protocol,
                 port: n.internal_port,
             },
-            remote: (n.kind == Kind::Peer).then_some(RemoteEndpoint {
-                addr: IpAddr::V4(n.remote_addr),
-                port: n.remote_port,
-            }),
+            remote: n.kind.remote(),
         }
     }
 
@@ -147,20 +125,7 @@ impl Packed {
     pub(super) fn expired(&self, now: Millis) -> bool {
         match self {
             Packed::Wide(m) => m.counts_against_quota() && m.expires_ms <= now,
-            Packed::Narrow(n) => n.kind != Kind::Static && n.expires_ms <= now,
-        }
-    }
-}
-
-impl Narrow {
-    fn kind(&self) -> MappingKind {
-        match self.kind {
-            Kind::Map => MappingKind::Map,
-            Kind::Static => MappingKind::Static,
-            Kind::Peer => MappingKind::Peer {
-                remote_addr: IpAddr::V4(self.remote_addr),
-                remote_port: self.remote_port,
-            },
+            Packed::Narrow(n) => n.kind.counts_against_quota() && n.expires_ms <= now,
         }
     }
 }
@@ -168,6 +133,7 @@ impl Narrow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::MappingKind;
     use pcp_wire::Filter;
 
     fn mapping(internal: &str, kind: MappingKind) -> Mapping {
