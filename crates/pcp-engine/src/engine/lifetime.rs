@@ -26,10 +26,10 @@ impl Engine {
     /// §11.3 / §12.3: a request whose nonce differs from the existing
     /// mapping's is NOT_AUTHORIZED, with that mapping's remaining lifetime.
     pub(super) fn check_nonce(&self, now: Millis, slot: u32, nonce: Nonce) -> Result<(), Refusal> {
-        let mapping = self.table.get(slot).ok_or(ResultCode::NoResources)?;
-        if mapping.nonce == nonce {
+        if self.table.nonce(slot).ok_or(ResultCode::NoResources)? == nonce {
             return Ok(());
         }
+        let mapping = self.table.get(slot).ok_or(ResultCode::NoResources)?;
         Err(Refusal {
             code: ResultCode::NotAuthorized,
             lifetime: Some(mapping.remaining_secs(now)),
@@ -170,11 +170,7 @@ impl Engine {
     /// on whole seconds) reaps it: it is removed here, as expired.
     pub(super) fn find_live(&mut self, now: Millis, key: &MappingKey) -> Option<u32> {
         let slot = self.table.find(key)?;
-        let expired = self
-            .table
-            .get(slot)
-            .is_some_and(|m| m.counts_against_quota() && m.expires_ms <= now);
-        if expired {
+        if self.table.expired_at(slot, now) {
             self.remove(now, slot, DeleteReason::Expired);
             return None;
         }

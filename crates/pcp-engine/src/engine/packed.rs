@@ -121,6 +121,14 @@ impl Packed {
         }
     }
 
+    /// The mapping's nonce.
+    pub(super) fn nonce(&self) -> Nonce {
+        match self {
+            Packed::Wide(m) => m.nonce,
+            Packed::Narrow(n) => Nonce(n.nonce),
+        }
+    }
+
     /// Whether the mapping counts against a quota and has expired at `now`.
     pub(super) fn expired(&self, now: Millis) -> bool {
         match self {
@@ -195,6 +203,7 @@ mod tests {
             assert_eq!(matches!(p, Packed::Narrow(_)), narrow, "{m:?}");
             assert_eq!(p.unpack(m.id), m);
             assert_eq!(p.key(), m.key());
+            assert_eq!(p.nonce(), m.nonce);
             assert_eq!(p.expired(2), m.counts_against_quota());
             assert!(!p.expired(1));
         }

@@ -8,6 +8,8 @@ use std::hash::BuildHasher as _;
 
 use super::packed::Packed;
 use crate::keyed::PositionIndex;
+use pcp_wire::Nonce;
+
 use crate::types::{ExternalEndpoint, InternalEndpoint, Mapping, MappingId, MappingKey, Millis};
 
 /// 88 bytes: at a million mappings the daemon's largest table.
@@ -232,11 +234,24 @@ impl MappingTable {
         }
     }
 
-    /// Whether `slot` holds `generation` and that mapping has expired at `now`.
+    /// Whether the mapping in `slot` counts against a quota and has
+    /// expired at `now` (read in place: no copy).
+    pub(super) fn expired_at(&self, slot: u32, now: Millis) -> bool {
+        let kept = self.slots.get(slot).and_then(|s| s.mapping.as_ref());
+        kept.is_some_and(|m| m.expired(now))
+    }
+
+    /// [`MappingTable::expired_at`], if `slot` still holds `generation`.
     pub(super) fn expired(&self, slot: u32, generation: u32, now: Millis) -> bool {
-        self.slots.get(slot).is_some_and(|s| {
-            s.generation == generation && s.mapping.as_ref().is_some_and(|m| m.expired(now))
-        })
+        self.slots
+            .get(slot)
+            .is_some_and(|s| s.generation == generation)
+            && self.expired_at(slot, now)
+    }
+
+    /// The nonce of the mapping in `slot` (read in place: no copy).
+    pub(super) fn nonce(&self, slot: u32) -> Option<Nonce> {
+        Some(self.slots.get(slot)?.mapping.as_ref()?.nonce())
     }
 
     /// Puts a mapping in a free slot and in every index; returns its id.
