@@ -530,7 +530,7 @@ fn commit_group(journal: &mut Journal, group: &mut Vec<(u64, Vec<Record>)>, side
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::shard) mod tests {
     //! Compaction beside the journal, through pcp-store's fault seam.
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -591,15 +591,8 @@ mod tests {
             dir.join("shard-0.journal.next").exists(),
             "snapshot still being written"
         );
-        // Put in place by the writer once written (it looks every 100 ms).
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while dir.join("shard-0.journal.next").exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(
-            !dir.join("shard-0.journal.next").exists(),
-            "rotation completed"
-        );
+        // Put in place by the writer once written.
+        assert!(rotation_completed(&dir), "rotation completed");
         w.commit(Vec::new());
         w.wait_done().unwrap();
         assert!(!w.snapshot_writing(), "told once it is in place");
@@ -646,9 +639,18 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A writer that has taken a sliced compaction with `gone(1)` as its
+    /// first part, waiting for more.
+    fn sliced(name: &str) -> (std::path::PathBuf, Arc<Faults>, JournalWriter) {
+        let (dir, faults, mut w) = writer(name);
+        w.compact(2, vec![gone(1)], true);
+        assert!(w.wait_done().unwrap().outcome.is_ok(), "handed over");
+        (dir, faults, w)
+    }
+
     /// Waits until the writer has put a snapshot in place (it looks every
     /// 100 ms); false when it has not after 5 s.
-    fn rotation_completed(dir: &std::path::Path) -> bool {
+    pub(in crate::shard) fn rotation_completed(dir: &std::path::Path) -> bool {
         let deadline = Instant::now() + Duration::from_secs(5);
         while dir.join("shard-0.journal.next").exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -661,9 +663,7 @@ mod tests {
     /// place at its end.
     #[test]
     fn a_sliced_snapshot_is_written_from_its_slices() {
-        let (dir, _faults, mut w) = writer("sliced");
-        w.compact(2, vec![gone(1)], true);
-        assert!(w.wait_done().unwrap().outcome.is_ok(), "handed over");
+        let (dir, _faults, mut w) = sliced("sliced");
         w.slice(vec![gone(2), gone(3)], false);
         w.commit(vec![gone(10)]);
         assert!(w.wait_done().unwrap().outcome.is_ok(), "commit");
@@ -685,9 +685,7 @@ mod tests {
     /// back): the rotation is not completed and the failure is told.
     #[test]
     fn a_sliced_snapshot_is_abandoned_when_a_commit_before_its_end_fails() {
-        let (dir, faults, mut w) = writer("abandoned");
-        w.compact(2, vec![gone(1)], true);
-        assert!(w.wait_done().unwrap().outcome.is_ok(), "handed over");
+        let (dir, faults, mut w) = sliced("abandoned");
         faults.fail_syncs(1);
         w.commit(vec![gone(10)]);
         assert!(w.wait_done().unwrap().outcome.is_err(), "the commit fails");
@@ -713,9 +711,7 @@ mod tests {
     /// snapshot is not in place (the shard takes the next one whole).
     #[test]
     fn an_unfinished_sliced_snapshot_holds_nothing_up() {
-        let (dir, _faults, mut w) = writer("unfinished");
-        w.compact(2, vec![gone(1)], true);
-        assert!(w.wait_done().unwrap().outcome.is_ok(), "handed over");
+        let (dir, _faults, mut w) = sliced("unfinished");
         w.compact(3, Vec::new(), true);
         let refused = w.wait_done().unwrap().outcome;
         assert!(

@@ -236,6 +236,7 @@ mod tests {
     use pcp_wire::ResultCode;
 
     use super::super::super::control::tests::{dir, map_from, state};
+    use super::super::super::writer::tests::rotation_completed;
     use super::super::super::State;
     use super::super::Origin;
 
@@ -349,15 +350,9 @@ mod tests {
         }
         assert!(crashed_midway && slices >= 2, "{slices} slices");
         // The end went through the writer behind the last batch; the
-        // snapshot is put in place once written (the writer looks every
-        // 100 ms).
+        // snapshot is put in place once written.
         submit_all(&mut st);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while dir.join("shard-0.journal.next").exists() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            submit_all(&mut st);
-        }
-        assert!(!dir.join("shard-0.journal.next").exists(), "put in place");
+        assert!(rotation_completed(&dir), "put in place");
         same(loaded(&dir), held(&st), "crash after it");
         let _ = std::fs::remove_dir_all(&dir);
     }
