@@ -374,6 +374,17 @@ impl Mapping {
         }
     }
 
+    /// The internal port this mapping forwards `external` to, if it holds
+    /// that external port (a pinhole holds none: §3).
+    pub fn forwards(&self, external: &ExternalEndpoint) -> Option<u16> {
+        let i = external.port.wrapping_sub(self.external_port);
+        let held = !self.firewall
+            && external.addr == self.external_addr
+            && external.protocol == self.protocol
+            && i < self.port_count;
+        held.then(|| self.internal_port.wrapping_add(i))
+    }
+
     /// The external address as a client is told it: the pool address of a
     /// NAT mapping, the internal address of a pinhole (§3, §11.1).
     pub fn external_ip(&self) -> IpAddr {

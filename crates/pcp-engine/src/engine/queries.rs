@@ -56,12 +56,7 @@ impl Engine {
         if !self.table.port_in_use(&external) {
             return None;
         }
-        self.mappings().find(|m| {
-            m.external_addr == addr
-                && m.protocol == protocol
-                && port >= m.external_port
-                && u32::from(port) < u32::from(m.external_port) + u32::from(m.port_count)
-        })
+        self.mappings().find(|m| m.forwards(&external).is_some())
     }
 
     /// A subscriber's usage, if it is known to this shard.

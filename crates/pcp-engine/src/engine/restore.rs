@@ -99,16 +99,9 @@ impl Engine {
         let taken_by_other = (0..mapping.port_count).any(|i| {
             let external = mapping.external(i);
             let internal = mapping.internal_port.wrapping_add(i);
+            let mut mine = sub.slots.iter().filter_map(|s| self.table.get(*s));
             self.table.port_in_use(&external)
-                && !sub
-                    .slots
-                    .iter()
-                    .filter_map(|s| self.table.get(*s))
-                    .any(|m| {
-                        (0..m.port_count).any(|j| {
-                            m.external(j) == external && m.internal_port.wrapping_add(j) == internal
-                        })
-                    })
+                && !mine.any(|m| m.forwards(&external) == Some(internal))
         });
         let duplicate = self.table.find(&mapping.key()).is_some();
         if !inside || taken_by_other || duplicate {
