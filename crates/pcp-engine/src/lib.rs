@@ -33,6 +33,7 @@ mod compiled;
 pub mod config;
 mod engine;
 pub mod keyed;
+mod kind_v4;
 pub mod types;
 mod validate;
 
@@ -40,4 +41,5 @@ pub use alloc::{Block, BlockAllocator, PoolUsage};
 pub use compiled::Compiled;
 pub use config::{ConfigProblem, EngineConfig};
 pub use engine::{shard_of, subscriber_key, Engine, Forgotten, StateCursor, StateItem};
+pub use kind_v4::KindV4;
 pub use types::*;

@@ -10,9 +10,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use pcp_wire::Nonce;
 
-use crate::types::{
-    InternalEndpoint, KindV4, Mapping, MappingExtra, MappingId, MappingKey, Millis,
-};
+use crate::kind_v4::KindV4;
+use crate::types::{InternalEndpoint, Mapping, MappingExtra, MappingId, MappingKey, Millis};
 
 /// A kept mapping.
 #[derive(Debug)]

@@ -529,15 +529,26 @@ fn commit_group(journal: &mut Journal, group: &mut Vec<(u64, Vec<Record>)>, side
     }
 }
 
+/// Waits until the writer has put a snapshot in place (it looks every
+/// 100 ms); false when it has not after 5 s (tests).
 #[cfg(test)]
-pub(in crate::shard) mod tests {
+pub(super) fn rotation_completed(dir: &std::path::Path) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while dir.join("shard-0.journal.next").exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    !dir.join("shard-0.journal.next").exists()
+}
+
+#[cfg(test)]
+mod tests {
     //! Compaction beside the journal, through pcp-store's fault seam.
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use pcp_store::{Faults, Record};
 
-    use super::JournalWriter;
+    use super::{rotation_completed, JournalWriter};
 
     fn gone(port: u16) -> Record {
         Record::Gone(pcp_engine::MappingKey::inbound(
@@ -646,16 +657,6 @@ pub(in crate::shard) mod tests {
         w.compact(2, vec![gone(1)], true);
         assert!(w.wait_done().unwrap().outcome.is_ok(), "handed over");
         (dir, faults, w)
-    }
-
-    /// Waits until the writer has put a snapshot in place (it looks every
-    /// 100 ms); false when it has not after 5 s.
-    pub(in crate::shard) fn rotation_completed(dir: &std::path::Path) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while dir.join("shard-0.journal.next").exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        !dir.join("shard-0.journal.next").exists()
     }
 
     /// A sliced compaction's snapshot holds the state handed over with it

@@ -236,7 +236,7 @@ mod tests {
     use pcp_wire::ResultCode;
 
     use super::super::super::control::tests::{dir, map_from, state};
-    use super::super::super::writer::tests::rotation_completed;
+    use super::super::super::writer::rotation_completed;
     use super::super::super::State;
     use super::super::Origin;
 
