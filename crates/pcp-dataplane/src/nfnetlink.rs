@@ -17,7 +17,6 @@
 //! with `netlink-sys`; nothing links libnftnl or libnftables.
 
 use std::io;
-use std::net::IpAddr;
 
 use netlink_packet_core::{
     DefaultNla, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLA_F_NESTED, NLA_HEADER_SIZE,
@@ -51,11 +50,11 @@ pub(crate) struct ElemOp {
     /// delete.
     pub(crate) add: bool,
     /// The key, in register layout.
-    pub(crate) key: Vec<u8>,
+    pub(crate) key: Reg,
     /// The last key of an interval set's element.
-    pub(crate) key_end: Option<Vec<u8>>,
+    pub(crate) key_end: Option<Reg>,
     /// A map element's value, in register layout.
-    pub(crate) data: Option<Vec<u8>>,
+    pub(crate) data: Option<Reg>,
     /// The element's kernel timeout (adds only).
     pub(crate) timeout_ms: Option<u64>,
     /// The element's expiration, when an add only moves it (an element
@@ -63,9 +62,72 @@ pub(crate) struct ElemOp {
     pub(crate) expiration_ms: Option<u64>,
 }
 
+/// A key or value in register layout, kept inline: nf_tables' data is at
+/// most 64 bytes (`NFT_DATA_VALUE_MAXLEN`), and a batch of a thousand
+/// changes would otherwise allocate a few thousand small vectors.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reg {
+    len: u8,
+    bytes: [u8; REG_MAX],
+}
+
+/// `NFT_DATA_VALUE_MAXLEN`.
+const REG_MAX: usize = 64;
+
+impl Reg {
+    /// Appends `part`; `None` when the register would overflow.
+    fn push(&mut self, part: &[u8]) -> Option<()> {
+        let at = usize::from(self.len);
+        self.bytes
+            .get_mut(at..at + part.len())?
+            .copy_from_slice(part);
+        self.len += part.len() as u8;
+        Some(())
+    }
+
+    /// `self` followed by `more` (a range map's first and last value).
+    pub(crate) fn concat(mut self, more: &Reg) -> Option<Reg> {
+        self.push(more)?;
+        Some(self)
+    }
+}
+
+impl Default for Reg {
+    fn default() -> Self {
+        Reg {
+            len: 0,
+            bytes: [0; REG_MAX],
+        }
+    }
+}
+
+impl std::ops::Deref for Reg {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for Reg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:02x?}", &**self)
+    }
+}
+
+impl From<&[u8]> for Reg {
+    /// Test values; anything past 64 bytes is cut off.
+    fn from(b: &[u8]) -> Self {
+        let mut r = Reg::default();
+        let n = b.len().min(REG_MAX);
+        r.bytes[..n].copy_from_slice(&b[..n]);
+        r.len = n as u8;
+        r
+    }
+}
+
 /// The register layout of a key or value as nft's text writes it
 /// (`192.0.2.1 . tcp . 80`); `None` for anything else (a prefix, a range).
-pub(crate) fn encode(text: &str) -> Option<Vec<u8>> {
+pub(crate) fn encode(text: &str) -> Option<Reg> {
     match encode_range(text)? {
         (start, end) if start == end => Some(start),
         _ => None,
@@ -77,41 +139,34 @@ pub(crate) fn encode(text: &str) -> Option<Vec<u8>> {
 /// layout: what an interval set's element holds as its key and key end,
 /// and what a map with `interval` values holds as its data (both, one
 /// after the other).
-pub(crate) fn encode_range(text: &str) -> Option<(Vec<u8>, Vec<u8>)> {
-    let (mut lo, mut hi) = (Vec::with_capacity(24), Vec::with_capacity(24));
-    for part in text.split(" . ") {
+pub(crate) fn encode_range(text: &str) -> Option<(Reg, Reg)> {
+    let (mut lo, mut hi) = (Reg::default(), Reg::default());
+    // Parts are joined by " . " and hold no space themselves.
+    for part in crate::nftables::parts(text) {
+        let mut both = |l: &[u8], h: &[u8]| {
+            lo.push(l)?;
+            hi.push(h)
+        };
         match part {
-            "tcp" | "udp" => {
-                let p = if part == "tcp" { 6 } else { 17 };
-                lo.extend_from_slice(&[p, 0, 0, 0]);
-                hi.extend_from_slice(&[p, 0, 0, 0]);
-            }
+            "tcp" => both(&[6, 0, 0, 0], &[6, 0, 0, 0])?,
+            "udp" => both(&[17, 0, 0, 0], &[17, 0, 0, 0])?,
             _ if part.contains('/') => match part.parse::<ipnet::IpNet>().ok()? {
-                ipnet::IpNet::V4(n) => {
-                    lo.extend_from_slice(&n.network().octets());
-                    hi.extend_from_slice(&n.broadcast().octets());
-                }
-                ipnet::IpNet::V6(n) => {
-                    lo.extend_from_slice(&n.network().octets());
-                    hi.extend_from_slice(&n.broadcast().octets());
-                }
+                ipnet::IpNet::V4(n) => both(&n.network().octets(), &n.broadcast().octets())?,
+                ipnet::IpNet::V6(n) => both(&n.network().octets(), &n.broadcast().octets())?,
             },
+            _ if part.contains(':') => {
+                let a = part.parse::<std::net::Ipv6Addr>().ok()?.octets();
+                both(&a, &a)?;
+            }
+            _ if part.contains('.') => {
+                let a = part.parse::<std::net::Ipv4Addr>().ok()?.octets();
+                both(&a, &a)?;
+            }
             _ => {
-                if let Ok(a) = part.parse::<IpAddr>() {
-                    let octets = match a {
-                        IpAddr::V4(a) => a.octets().to_vec(),
-                        IpAddr::V6(a) => a.octets().to_vec(),
-                    };
-                    lo.extend_from_slice(&octets);
-                    hi.extend_from_slice(&octets);
-                    continue;
-                }
                 let (a, b) = part.split_once('-').unwrap_or((part, part));
                 let (a, b) = (a.parse::<u16>().ok()?, b.parse::<u16>().ok()?);
-                lo.extend_from_slice(&a.to_be_bytes());
-                lo.extend_from_slice(&[0, 0]);
-                hi.extend_from_slice(&b.to_be_bytes());
-                hi.extend_from_slice(&[0, 0]);
+                let (a, b) = (a.to_be_bytes(), b.to_be_bytes());
+                both(&[a[0], a[1], 0, 0], &[b[0], b[1], 0, 0])?;
             }
         }
     }
@@ -153,17 +208,15 @@ impl NftLink {
     /// Applies `ops` to table `table`: one transaction per
     /// [`OPS_PER_TRANSACTION`] operations, in order. `Err` when the kernel
     /// refused one (that transaction changed nothing; earlier ones hold).
-    /// Keys and values move into the messages (no copy).
-    pub(crate) fn apply(&mut self, table: &str, ops: Vec<ElemOp>) -> io::Result<()> {
-        let mut ops = ops.into_iter().peekable();
-        while ops.peek().is_some() {
-            self.transaction(table, ops.by_ref().take(OPS_PER_TRANSACTION))?;
+    pub(crate) fn apply(&mut self, table: &str, ops: &[ElemOp]) -> io::Result<()> {
+        for chunk in ops.chunks(OPS_PER_TRANSACTION) {
+            self.transaction(table, chunk)?;
         }
         Ok(())
     }
 
-    fn transaction(&mut self, table: &str, ops: impl Iterator<Item = ElemOp>) -> io::Result<()> {
-        let mut ops = ops.peekable();
+    fn transaction(&mut self, table: &str, ops: &[ElemOp]) -> io::Result<()> {
+        let mut ops = ops.iter().peekable();
         let mut out = std::mem::take(&mut self.out);
         out.clear();
         self.push(&mut out, 0, batch(ControlMessage::BatchBegin));
@@ -173,11 +226,11 @@ impl NftLink {
         while let Some(head) = ops.next() {
             let (ipv6, set, add) = (head.ipv6, head.set, head.add);
             elements.clear();
-            put_element(&mut elements, &head);
+            put_element(&mut elements, head);
             let mut n = 1;
             while n < ELEMS_PER_MESSAGE {
                 match ops.next_if(|o| o.ipv6 == ipv6 && o.set == set && o.add == add) {
-                    Some(o) => put_element(&mut elements, &o),
+                    Some(o) => put_element(&mut elements, o),
                     None => break,
                 }
                 n += 1;
@@ -340,16 +393,16 @@ mod tests {
     /// The element as `netlink-packet-netfilter` writes it.
     fn crate_element(op: &ElemOp) -> Vec<u8> {
         let mut attrs = vec![SetElementAttribute::Key(DataAttribute::Value(
-            op.key.clone(),
+            op.key.to_vec(),
         ))];
         if let Some(end) = &op.key_end {
             attrs.push(SetElementAttribute::KeyEnd(vec![DefaultNla::new(
                 NFTA_DATA_VALUE,
-                end.clone(),
+                end.to_vec(),
             )]));
         }
         if let Some(d) = &op.data {
-            attrs.push(SetElementAttribute::Data(DataAttribute::Value(d.clone())));
+            attrs.push(SetElementAttribute::Data(DataAttribute::Value(d.to_vec())));
         }
         if let Some(t) = op.timeout_ms {
             attrs.push(SetElementAttribute::Timeout(t));
@@ -392,9 +445,9 @@ mod tests {
                 set: "pinhole6",
                 add: true,
                 // 25 bytes: the value needs padding.
-                key: vec![7; 25],
+                key: Reg::from(&[7u8; 25][..]),
                 key_end: None,
-                data: Some(vec![1, 2, 3]),
+                data: Some(Reg::from(&[1u8, 2, 3][..])),
                 timeout_ms: None,
                 expiration_ms: None,
             },
@@ -412,11 +465,11 @@ mod tests {
         // : 10.0.0.1 . 8080 }` prints: 04030201 00000006 00005000 :
         // 0100000a 0000901f (little-endian words).
         assert_eq!(
-            encode("1.2.3.4 . tcp . 80").unwrap(),
+            *encode("1.2.3.4 . tcp . 80").unwrap(),
             [1, 2, 3, 4, 6, 0, 0, 0, 0, 80, 0, 0]
         );
         assert_eq!(
-            encode("10.0.0.1 . 8080").unwrap(),
+            *encode("10.0.0.1 . 8080").unwrap(),
             [10, 0, 0, 1, 0x1f, 0x90, 0, 0]
         );
         let v6 = encode("2001:db8::1 . udp . 443").unwrap();
@@ -430,19 +483,22 @@ mod tests {
         assert_eq!(encode("192.0.2.0/24 . tcp . 80"), None);
         let (lo, hi) = encode_range("192.0.2.1 . tcp . 80 . 203.0.113.0/24 . 0-65535").unwrap();
         assert_eq!(
-            lo,
+            *lo,
             [192, 0, 2, 1, 6, 0, 0, 0, 0, 80, 0, 0, 203, 0, 113, 0, 0, 0, 0, 0]
         );
         assert_eq!(
-            hi,
+            *hi,
             [192, 0, 2, 1, 6, 0, 0, 0, 0, 80, 0, 0, 203, 0, 113, 255, 255, 255, 0, 0]
         );
         // The port-block SNAT map's value `192.0.2.1 . 1024-1535`: 010200c0
         // 00000004 010200c0 0000ff05.
         let (lo, hi) = encode_range("192.0.2.1 . 1024-1535").unwrap();
         assert_eq!(
-            [lo, hi].concat(),
+            *lo.concat(&hi).unwrap(),
             [192, 0, 2, 1, 4, 0, 0, 0, 192, 0, 2, 1, 5, 255, 0, 0]
         );
+        // Nothing past nf_tables' 64 bytes.
+        let long = ["2001:db8::1"; 5].join(" . ");
+        assert_eq!(encode(&long), None);
     }
 }

@@ -49,16 +49,19 @@ use serde_json::Value;
 
 use crate::compact::Compact;
 use crate::conntrack::{Conntrack, Endpoint, Forget};
-use crate::nfnetlink::NftLink;
+use crate::nfnetlink::{ElemOp, NftLink};
 use crate::KeyedTable;
 use pcp_engine::keyed::Keyed;
 
 mod listing;
 mod script;
+mod text;
 use crate::pinholes::{self, FirewallRules};
 use crate::{ApplyError, Change, Dataplane, Entry, Key, ReconcilePlan, Reconciled};
 use listing::parse_listing;
 use script::Script;
+use text::{concat, Part};
+pub(crate) use text::{parts, Text};
 
 /// How long an element removed by expiring it (netlink, `script.rs`) may
 /// still be in the kernel's set: its expiration is one jiffy (10 ms at
@@ -130,9 +133,9 @@ const SAFETY_SECS: u64 = 6 * 3600;
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Elem {
     pub(crate) set: &'static str,
-    pub(crate) key: String,
+    pub(crate) key: Text,
     /// The value of a map element, without its timeout.
-    pub(crate) value: Option<String>,
+    pub(crate) value: Option<Text>,
 }
 
 /// The elements of one mapping. One of these per mapping is most of the
@@ -240,6 +243,10 @@ pub struct NftablesDataplane {
     /// `netlink` false: every batch goes through `nft -f`.
     link: Option<NftLink>,
     netlink: bool,
+    /// A transaction's element operations (kept: a thousand changes make
+    /// a few hundred kB, which a fresh allocation would map and fault in
+    /// every time).
+    ops: Vec<ElemOp>,
     /// Transactions committed over netlink and through `nft -f`.
     transactions: (u64, u64),
     /// Elements removed over netlink by expiring them, until when the
@@ -315,6 +322,7 @@ impl NftablesDataplane {
             netlink: true,
             transactions: (0, 0),
             expiring: HashMap::default(),
+            ops: Vec::new(),
             removing: Default::default(),
             jiffy: kernel_tick(),
             expire_in_place: kernel_at_least(6, 12),
@@ -340,6 +348,7 @@ impl NftablesDataplane {
             netlink: self.netlink,
             transactions: (0, 0),
             expiring: HashMap::default(),
+            ops: Vec::new(),
             removing: Default::default(),
             jiffy: self.jiffy,
             expire_in_place: self.expire_in_place,
@@ -440,16 +449,18 @@ impl NftablesDataplane {
     /// of plain concatenations, else as nft text. `Ok(true)`: it removed
     /// elements by expiring them (see [`NftablesDataplane::removals`]).
     fn commit(&mut self, script: &Script) -> Result<bool, ApplyError> {
-        let ops = if self.netlink { script.ops() } else { None };
-        let Some(ops) = ops else {
+        let mut ops = std::mem::take(&mut self.ops);
+        if !self.netlink || script.ops(&mut ops).is_none() {
+            self.ops = ops;
             self.transactions.1 += 1;
             return self.run(&script.render(&self.table)).map(|()| false);
-        };
+        }
         self.transactions.0 += 1;
         if self.link.is_none() {
             match NftLink::open() {
                 Ok(l) => self.link = Some(l),
                 Err(e) => {
+                    self.ops = ops;
                     tracing::warn!(
                         "nf_tables netlink: {e}; element changes go through {}",
                         self.nft
@@ -466,7 +477,9 @@ impl NftablesDataplane {
             std::thread::sleep(until.saturating_duration_since(now));
         }
         let table = &self.table;
-        let result = self.link.as_mut().map_or(Ok(()), |l| l.apply(table, ops));
+        let result = self.link.as_mut().map_or(Ok(()), |l| l.apply(table, &ops));
+        ops.clear();
+        self.ops = ops;
         if let Err(e) = result {
             // A socket in an unknown state is not reused.
             self.link = None;
@@ -533,11 +546,17 @@ impl NftablesDataplane {
                 let remote = v4(remote_addr)?;
                 elems.push(Elem {
                     set: "peer4",
-                    key: format!(
-                        "{internal} . {proto} . {} . {remote} . {remote_port}",
-                        e.internal_port
-                    ),
-                    value: Some(format!("{} . {}", e.external_addr, e.external_port)),
+                    key: concat(&[
+                        Part::V4(internal),
+                        Part::Word(proto),
+                        Part::Port(e.internal_port),
+                        Part::V4(remote),
+                        Part::Port(remote_port),
+                    ]),
+                    value: Some(concat(&[
+                        Part::V4(e.external_addr),
+                        Part::Port(e.external_port),
+                    ])),
                 });
             }
             MappingKind::Map | MappingKind::Static => {
@@ -545,18 +564,22 @@ impl NftablesDataplane {
                 for i in 0..e.port_count {
                     let ext_port = e.external_port.wrapping_add(i);
                     let int_port = e.internal_port.wrapping_add(i);
-                    let ext = format!("{} . {proto} . {ext_port}", e.external_addr);
+                    let ext = concat(&[
+                        Part::V4(e.external_addr),
+                        Part::Word(proto),
+                        Part::Port(ext_port),
+                    ]);
                     elems.push(Elem {
                         set: "dnat4",
                         key: ext.clone(),
-                        value: Some(format!("{internal} . {int_port}")),
+                        value: Some(concat(&[Part::V4(internal), Part::Port(int_port)])),
                     });
                     // §11.1: outbound traffic from the mapped endpoint
                     // leaves from the mapping's external endpoint.
                     elems.push(Elem {
                         set: "snat4",
-                        key: format!("{internal} . {proto} . {int_port}"),
-                        value: Some(format!("{} . {ext_port}", e.external_addr)),
+                        key: concat(&[Part::V4(internal), Part::Word(proto), Part::Port(int_port)]),
+                        value: Some(concat(&[Part::V4(e.external_addr), Part::Port(ext_port)])),
                     });
                     if !filters.is_empty() {
                         elems.push(Elem {
@@ -567,7 +590,7 @@ impl NftablesDataplane {
                         for f in &filters {
                             elems.push(Elem {
                                 set: "filter4",
-                                key: format!("{ext} . {f}"),
+                                key: format!("{ext} . {f}").into(),
                                 value: None,
                             });
                         }
@@ -624,8 +647,8 @@ impl NftablesDataplane {
                         }
                     }
                 }
-                for el in &elems {
-                    out.add(el.clone(), timeout);
+                for el in elems {
+                    out.add(el, timeout);
                 }
                 Ok(vec![Undo::Mapping(key, prev)])
             }
@@ -680,8 +703,8 @@ impl NftablesDataplane {
                 out.delete(
                     &Elem {
                         set: "subs",
-                        key: sub.to_string(),
-                        value: Some(old.clone()),
+                        key: sub.to_string().into(),
+                        value: Some(old.as_str().into()),
                     },
                     false,
                 );
@@ -690,8 +713,8 @@ impl NftablesDataplane {
                 out.add(
                     Elem {
                         set: "subs",
-                        key: sub.to_string(),
-                        value: Some(v.clone()),
+                        key: sub.to_string().into(),
+                        value: Some(v.as_str().into()),
                     },
                     None,
                 );
@@ -863,17 +886,19 @@ fn mapped(
 /// external endpoint, a PEER's five-tuple (see [`crate::conntrack`]).
 /// Pinholes need nothing: their flows are checked on every packet.
 fn gone_flows(el: &Elem, flows: &mut Forget) {
-    let parts: Vec<&str> = el.key.split(" . ").collect();
     let endpoint = |a: &str, p: &str, port: &str| -> Option<(IpAddr, u8, u16)> {
         Some((a.parse().ok()?, proto_number(p)?, port.parse().ok()?))
     };
-    match (el.set, parts.as_slice()) {
-        ("dnat4", [a, p, port]) => {
-            if let Some(e) = endpoint(a, p, port) {
+    let mut parts = text::parts(&el.key);
+    let mut next = || parts.next().unwrap_or_default();
+    match el.set {
+        "dnat4" => {
+            if let Some(e) = endpoint(next(), next(), next()) {
                 flows.external.insert(e);
             }
         }
-        ("peer4", [int, p, iport, r, rport]) => {
+        "peer4" => {
+            let (int, p, iport, r, rport) = (next(), next(), next(), next(), next());
             if let (Some(i), Some(r)) = (endpoint(int, p, iport), endpoint(r, p, rport)) {
                 flows.peers.insert((i, r));
             }
@@ -1044,7 +1069,7 @@ mod tests {
         assert!(g
             .elems
             .iter()
-            .any(|e| e.key == "192.0.2.1 . tcp . 80 . 10.0.0.0/8 . 0-65535"));
+            .any(|e| &*e.key == "192.0.2.1 . tcp . 80 . 10.0.0.0/8 . 0-65535"));
         // A filter without its mapping is an orphan.
         let orphan = Key::Inbound(ExternalEndpoint {
             addr: Ipv4Addr::new(192, 0, 2, 1),

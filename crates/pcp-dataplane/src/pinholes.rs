@@ -162,7 +162,8 @@ pub(crate) fn elems(e: &Entry, proto: &str) -> Result<Vec<Elem>, ApplyError> {
             key: format!(
                 "{internal} . {proto} . {} . {remote} . {remote_port}",
                 e.internal_port
-            ),
+            )
+            .into(),
             value: None,
         });
         return Ok(out);
@@ -170,7 +171,7 @@ pub(crate) fn elems(e: &Entry, proto: &str) -> Result<Vec<Elem>, ApplyError> {
     let filters = filter_texts(&e.filters, internal.is_ipv6());
     for i in 0..e.port_count {
         let port = e.internal_port.wrapping_add(i);
-        let hole = format!("{internal} . {proto} . {port}");
+        let hole: crate::nftables::Text = format!("{internal} . {proto} . {port}").into();
         if filters.is_empty() {
             out.push(Elem {
                 set: pin,
@@ -187,7 +188,7 @@ pub(crate) fn elems(e: &Entry, proto: &str) -> Result<Vec<Elem>, ApplyError> {
         for f in &filters {
             out.push(Elem {
                 set: pinfilter,
-                key: format!("{hole} . {f}"),
+                key: format!("{hole} . {f}").into(),
                 value: None,
             });
         }
@@ -369,7 +370,7 @@ mod tests {
         let got: Vec<(&str, String)> = elems(&e, "udp")
             .unwrap()
             .into_iter()
-            .map(|e| (e.set, e.key))
+            .map(|e| (e.set, e.key.to_string()))
             .collect();
         assert_eq!(
             got,

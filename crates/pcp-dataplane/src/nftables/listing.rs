@@ -129,7 +129,11 @@ pub(super) fn parse_listing(json: &Value) -> (KeyedTable<Installed>, HashMap<Ipv
                 elems: Vec::new(),
             });
             r.owner = r.owner.or(owner);
-            r.elems.push(Elem { set, key, value });
+            r.elems.push(Elem {
+                set,
+                key: key.into(),
+                value: value.map(Into::into),
+            });
         }
     }
     let installed = installed

@@ -5,7 +5,8 @@
 
 // Keys here are pcpd's own elements and mappings, hashed per element
 // per batch: foldhash (randomly seeded) rather than SipHash.
-use foldhash::{HashMap, HashSet};
+use foldhash::HashMap;
+use std::collections::hash_map::Entry;
 use std::fmt::Write as _;
 
 use super::Elem;
@@ -28,20 +29,24 @@ const RANGE_VALUES: [&str; 1] = ["subs"];
 /// per element).
 #[derive(Default)]
 pub(super) struct Script {
-    order: Vec<ElemId>,
     touched: HashMap<ElemId, Touched>,
-    /// Elements in `touched` whose kernel copy carries a timeout: over
-    /// netlink, removing one only moves its expiration to now (see
-    /// [`Script::ops`]).
-    timed: HashSet<ElemId>,
 }
 
-/// An element before the batch, and after it with its kernel timeout in
-/// seconds (`None`: none).
-type Touched = (Option<Elem>, Option<(Elem, Option<u64>)>);
+/// An element touched by the batch.
+struct Touched {
+    /// When it was first touched (elements are written in that order).
+    seq: usize,
+    /// Its kernel copy carries a timeout: over netlink, removing it only
+    /// moves its expiration to now (see [`Script::ops`]).
+    timed: bool,
+    /// The element before the batch.
+    before: Option<Elem>,
+    /// After it, with its kernel timeout in seconds (`None`: none).
+    after: Option<(Elem, Option<u64>)>,
+}
 
 /// An element's set and key.
-pub(super) type ElemId = (&'static str, String);
+pub(super) type ElemId = (&'static str, super::Text);
 
 /// The expiration given to an element that is removed by expiring it: the
 /// kernel's smallest (it rounds up to one jiffy).
@@ -53,60 +58,67 @@ impl Script {
     /// Removes an element that is installed now; `timed`: its kernel copy
     /// carries a timeout.
     pub(super) fn delete(&mut self, el: &Elem, timed: bool) {
-        let k = (el.set, el.key.clone());
-        if timed && !INTERVAL_SETS.contains(&el.set) {
-            self.timed.insert(k.clone());
-        }
-        match self.touched.get_mut(&k) {
-            Some(t) => t.1 = None,
-            None => {
-                self.order.push(k.clone());
-                self.touched.insert(k, (Some(el.clone()), None));
-            }
-        }
+        let timed = timed && !INTERVAL_SETS.contains(&el.set);
+        let seq = self.touched.len();
+        self.touched
+            .entry((el.set, el.key.clone()))
+            .and_modify(|t| {
+                t.after = None;
+                t.timed |= timed;
+            })
+            .or_insert_with(|| Touched {
+                seq,
+                timed,
+                before: Some(el.clone()),
+                after: None,
+            });
     }
 
-    /// Installs an element with a kernel timeout in seconds (`None`: none).
     pub(super) fn add(&mut self, el: Elem, timeout: Option<u64>) {
-        let k = (el.set, el.key.clone());
-        match self.touched.get_mut(&k) {
-            Some(t) => t.1 = Some((el, timeout)),
-            None => {
-                self.order.push(k.clone());
-                self.touched.insert(k, (None, Some((el, timeout))));
+        let seq = self.touched.len();
+        match self.touched.entry((el.set, el.key.clone())) {
+            Entry::Occupied(mut t) => t.get_mut().after = Some((el, timeout)),
+            Entry::Vacant(v) => {
+                v.insert(Touched {
+                    seq,
+                    timed: false,
+                    before: None,
+                    after: Some((el, timeout)),
+                });
             }
         }
     }
 
-    /// The phases of the transaction, in order: elements that go away
-    /// added as they are, then deleted, then the new ones added (see
-    /// [`Script::render`]); with `expire`, timed elements that go away
-    /// are in a fourth list instead (expired), and timed elements added
-    /// again as they were, with a timeout, are only added (updated).
+    /// The touched elements in the order they were first touched.
+    fn in_order(&self) -> Vec<&Touched> {
+        let mut all: Vec<&Touched> = self.touched.values().collect();
+        all.sort_unstable_by_key(|t| t.seq);
+        all
+    }
+
+    /// The phases of the transaction: elements to put back as they were
+    /// (text only), to delete, to add, and to expire (netlink only).
     fn phases(&self, expire: bool) -> [Vec<(&Elem, Option<u64>)>; 4] {
         let (mut old, mut gone, mut new) = (Vec::new(), Vec::new(), Vec::new());
         let mut expiring = Vec::new();
-        for k in &self.order {
-            let Some((before, after)) = self.touched.get(k) else {
-                continue;
-            };
-            match before {
-                Some(b) if expire && after.is_none() && self.timed.contains(k) => {
+        for t in self.in_order() {
+            match &t.before {
+                Some(b) if expire && t.after.is_none() && t.timed => {
                     expiring.push((b, None));
                 }
-                // The same element with a new timeout: the add updates it
-                // in place (kernel 6.12 and later; see `NftablesDataplane::expire_in_place`).
                 Some(b)
                     if expire
-                        && self.timed.contains(k)
-                        && after.as_ref().is_some_and(|(a, t)| a == b && t.is_some()) => {}
+                        && t.timed
+                        && t.after
+                            .as_ref()
+                            .is_some_and(|(a, to)| a == b && to.is_some()) => {}
                 Some(b) => {
                     old.push((b, None));
                     gone.push((b, None));
                 }
                 None => {}
             }
-            if let Some((a, timeout)) = after {
+            if let Some((a, timeout)) = &t.after {
                 new.push((a, *timeout));
             }
         }
@@ -115,16 +127,18 @@ impl Script {
 
     /// The elements this transaction adds.
     pub(super) fn added(&self) -> impl Iterator<Item = &ElemId> {
-        self.order
+        self.touched
             .iter()
-            .filter(|k| self.touched.get(*k).is_some_and(|t| t.1.is_some()))
+            .filter(|(_, t)| t.after.is_some())
+            .map(|(k, _)| k)
     }
 
     /// The elements this transaction removes by expiring them (netlink).
     pub(super) fn expired(&self) -> impl Iterator<Item = &ElemId> {
-        self.order.iter().filter(|k| {
-            self.timed.contains(*k) && self.touched.get(*k).is_some_and(|t| t.1.is_none())
-        })
+        self.touched
+            .iter()
+            .filter(|(_, t)| t.timed && t.after.is_none())
+            .map(|(k, _)| k)
     }
 
     /// The transaction as netlink element operations, grouped per set
@@ -139,10 +153,11 @@ impl Script {
     /// for an RCU grace period (~10 ms here, whatever its size). Adding
     /// "as it is" first is not needed: an update of an element the kernel
     /// has already dropped adds one that is expired.
-    pub(super) fn ops(&self) -> Option<Vec<ElemOp>> {
-        let mut ops = Vec::new();
-        for (phase, list) in self.phases(true).into_iter().enumerate() {
-            let at = ops.len();
+    pub(super) fn ops(&self, ops: &mut Vec<ElemOp>) -> Option<()> {
+        ops.clear();
+        for (phase, mut list) in self.phases(true).into_iter().enumerate() {
+            // One message per set: grouped (stably) before encoding.
+            list.sort_by_key(|(el, _)| (pinholes::family(el.set) == "ip6", el.set));
             for (el, timeout) in list {
                 let add = phase != 1;
                 let (key, key_end) = if INTERVAL_SETS.contains(&el.set) {
@@ -155,7 +170,7 @@ impl Script {
                 let data = match (&el.value, add) {
                     (Some(v), true) if RANGE_VALUES.contains(&el.set) => {
                         let (lo, hi) = nfnetlink::encode_range(v)?;
-                        Some([lo, hi].concat())
+                        Some(lo.concat(&hi)?)
                     }
                     (Some(v), true) => Some(nfnetlink::encode(v)?),
                     _ => None,
@@ -175,13 +190,12 @@ impl Script {
                     expiration_ms,
                 });
             }
-            ops[at..].sort_by_key(|o| (o.ipv6, o.set));
         }
-        Some(ops)
+        Some(())
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.touched.is_empty()
     }
 
     /// The nft text: elements that go away are first added as they are
@@ -199,7 +213,7 @@ impl Script {
         let old = old
             .into_iter()
             .map(|(b, _)| (b.set, format!("{}{}", b.key, value(b))));
-        let gone = gone.into_iter().map(|(b, _)| (b.set, b.key.clone()));
+        let gone = gone.into_iter().map(|(b, _)| (b.set, b.key.to_string()));
         let new = new.into_iter().map(|(a, timeout)| {
             let t = timeout
                 .map(|s| format!(" timeout {s}s"))
