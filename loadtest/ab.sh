@@ -21,13 +21,13 @@ for round in 1 2 3; do
   for which in old new; do
     bin=$1; [ "$which" = new ] && bin=$2
     rm -rf target/loadtest-report/state && mkdir -p target/loadtest-report/state
-    "$bin" --config loadtest/pcpd-load.yaml 2>>"$OUT/$which.log" &
+    "${SERVER_PIN[@]}" "$bin" --config loadtest/pcpd-load.yaml 2>>"$OUT/$which.log" &
     PID=$!
     wait_ready
     for spec in create:256 renew:256 renew:8 renew:1; do
       w=${spec%:*}; c=${spec#*:}
       maps=4; [ "$w" = create ] && maps=0
-      timeout 900 "$LT" run --json --concurrency "$c" --seconds "$SECONDS_PER_RUN" \
+      "${GEN_PIN[@]}" timeout 900 "$LT" run --json --concurrency "$c" --seconds "$SECONDS_PER_RUN" \
         --target "$IP:5351" --mix "$w" --subscribers 10000 --mappings "$maps" \
         --server-pid "$PID" >"$OUT/$which-$w-$c-$round.json"
     done

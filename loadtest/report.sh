@@ -33,7 +33,7 @@ start_pcpd() {
   launch_pcpd
 }
 launch_pcpd() {
-  "$PCPD" --config loadtest/pcpd-load.yaml 2>>"$OUT/pcpd.log" &
+  "${SERVER_PIN[@]}" "$PCPD" --config loadtest/pcpd-load.yaml 2>>"$OUT/pcpd.log" &
   PCPD_PID=$!
   PIDS+=("$PCPD_PID")
   wait_ready || { cat "$OUT/pcpd.log" >&2; exit 1; }
@@ -42,16 +42,16 @@ stop_pcpd() { kill "$PCPD_PID"; wait "$PCPD_PID" 2>/dev/null || true; }
 
 run() { # name, then loadtest arguments
   local name=$1; shift
-  timeout 900 "$LT" run --json --concurrency "$CONC" --seconds "$SECONDS_PER_RUN" "$@" >"$OUT/$name.json"
+  "${GEN_PIN[@]}" timeout 900 "$LT" run --json --concurrency "$CONC" --seconds "$SECONDS_PER_RUN" "$@" >"$OUT/$name.json"
 }
 
-"$LT" reflect --listen "$IP:5399" --threads 2 --seconds 900 2>/dev/null &
+"${SERVER_PIN[@]}" "$LT" reflect --listen "$IP:5399" --threads "$SERVER_CPUS" --seconds 900 2>/dev/null &
 REFLECT_PID=$!
 PIDS+=("$REFLECT_PID")
 # The independent check of the baseline: a plain C recvmmsg/sendmmsg
 # reflector, driven by the same generator in the same rounds.
 cc -O2 -pthread -o target/reflect-c loadtest/baseline/reflect.c
-target/reflect-c "$IP" 5398 2 900 &
+"${SERVER_PIN[@]}" target/reflect-c "$IP" 5398 "$SERVER_CPUS" 900 &
 CREFLECT_PID=$!
 PIDS+=("$CREFLECT_PID")
 sleep 0.5

@@ -48,14 +48,14 @@ NFT
 for round in 1 2 3; do
   rm -rf "$OUT/state" && mkdir -p "$OUT/state"
   # Not through in_ns: $! must be pcpd itself (ip netns exec execs it).
-  ip netns exec "$NS" "$PCPD" --config "$OUT/pcpd-load-nft.yaml" 2>>"$OUT/pcpd-nft.log" &
+  ip netns exec "$NS" "${SERVER_PIN[@]}" "$PCPD" --config "$OUT/pcpd-load-nft.yaml" 2>>"$OUT/pcpd-nft.log" &
   NPID=$!
   wait_ready ip netns exec "$NS"
   for w in create renew mixed; do
     # Each workload on ports of its own, as in report.sh (mixed creates
     # must not meet the create run's mappings).
     case $w in create) maps=0 port=10000 ;; renew) maps=4 port=20000 ;; *) maps=4 port=40000 ;; esac
-    in_ns timeout 900 "$LT" run --json --concurrency "$CONC" --seconds "$SECONDS_PER_RUN" \
+    in_ns "${GEN_PIN[@]}" timeout 900 "$LT" run --json --concurrency "$CONC" --seconds "$SECONDS_PER_RUN" \
       --target "$IP:5351" --mix "$w" --subscribers 10000 --mappings "$maps" --first-port "$port" \
       --server-pid "$NPID" >"$OUT/nft-$w-$round.json"
   done

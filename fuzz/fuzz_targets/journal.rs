@@ -14,7 +14,11 @@ fuzz_target!(|data: &[u8]| {
     // reached; the other half test the header checks.
     let mut file = Vec::new();
     if kind & 2 == 2 {
-        file.extend_from_slice(if journal { b"PCPJRNL1" } else { b"PCPSNAP1" });
+        file.extend_from_slice(match (journal, kind & 4 == 4) {
+            (true, false) => b"PCPJRNL1",
+            (true, true) => b"PCPJRNL2",
+            (false, _) => b"PCPSNAP1",
+        });
         file.extend_from_slice(&7u64.to_be_bytes());
     }
     file.extend_from_slice(bytes);

@@ -24,6 +24,7 @@
 )]
 
 mod codec;
+mod commits;
 mod rotation;
 
 pub use rotation::SnapshotTarget;
@@ -38,7 +39,11 @@ pub use pcp_engine::MappingKey;
 use pcp_engine::{Block, Event, Holder, Mapping, Millis};
 
 const SNAP_MAGIC: &[u8; 8] = b"PCPSNAP1";
+/// Journals written before commits went over preallocated zeros: records
+/// appended one after the other (still read).
 const JOURNAL_MAGIC: &[u8; 8] = b"PCPJRNL1";
+/// Journals of commits written over preallocated zeros (`commits.rs`).
+const JOURNAL2_MAGIC: &[u8; 8] = b"PCPJRNL2";
 const EPOCH_MAGIC: &[u8; 8] = b"PCPEPOC1";
 /// Header: magic + generation.
 const HEADER_LEN: usize = 16;
@@ -348,6 +353,10 @@ pub struct Journal {
     /// Bytes of whole, synced records (the file is cut back to this on a
     /// failed write).
     len: u64,
+    /// Bytes in the file: the records, then zeros (`commits.rs`).
+    allocated: u64,
+    /// The last commit's pieces, as written (kept for its capacity).
+    out: Vec<u8>,
     poisoned: bool,
     faults: Option<std::sync::Arc<Faults>>,
 }
@@ -369,7 +378,8 @@ impl Journal {
         if self.buf.is_empty() {
             return Ok(false);
         }
-        let path = || self.path.display().to_string();
+        let path = self.path.display().to_string();
+        let path = || path.clone();
         if self.poisoned {
             self.buf.clear();
             return Err(CommitError::Poisoned { path: path() });
@@ -378,7 +388,7 @@ impl Journal {
         let written = faults
             .as_ref()
             .map_or(Ok(()), |f| f.write())
-            .and_then(|_| self.file.write_all(&self.buf));
+            .and_then(|_| self.write_pieces());
         let result = match written {
             Err(source) => Err(CommitError::Write {
                 path: path(),
@@ -395,7 +405,7 @@ impl Journal {
         };
         match result {
             Ok(()) => {
-                self.len += self.buf.len() as u64;
+                self.len += self.written();
                 self.buf.clear();
                 Ok(true)
             }
@@ -407,6 +417,7 @@ impl Journal {
                 // that fails, the torn tail is still the last thing in the
                 // file, which load() cuts off with a warning.
                 let _ = self.file.set_len(self.len);
+                self.allocated = self.len;
                 Err(e)
             }
         }
@@ -490,8 +501,9 @@ pub fn write_snapshot_with(
         let _ = fs::remove_file(&jtmp);
     }
     let jpath = r?;
+    // Written at offsets (`write_pieces`): not O_APPEND, which would ignore them.
     let file = OpenOptions::new()
-        .append(true)
+        .write(true)
         .open(&jpath)
         .map_err(io_err(&jpath))?;
     Ok(Journal {
@@ -501,6 +513,8 @@ pub fn write_snapshot_with(
         shard,
         buf: Vec::new(),
         len: HEADER_LEN as u64,
+        allocated: HEADER_LEN as u64,
+        out: Vec::new(),
         poisoned: false,
         faults,
     })
@@ -522,7 +536,7 @@ fn snapshot_files(
     // becomes visible, so a crash never pairs a new snapshot with old records.
     let jpath = journal_path(dir, shard);
     let mut jf = File::create(jtmp).map_err(io_err(jtmp))?;
-    jf.write_all(&header(JOURNAL_MAGIC, generation))
+    jf.write_all(&header(JOURNAL2_MAGIC, generation))
         .map_err(io_err(jtmp))?;
     jf.sync_all().map_err(io_err(jtmp))?;
     drop(jf);
@@ -784,7 +798,12 @@ pub fn load(dir: &Path) -> Result<Loaded, StoreError> {
             } else {
                 generation
             };
-            check_header(&p, &b, JOURNAL_MAGIC, own).map_err(|r| corrupt(&p, 0, &r))?;
+            let magic = if b.get(..8) == Some(&JOURNAL_MAGIC[..]) {
+                JOURNAL_MAGIC
+            } else {
+                JOURNAL2_MAGIC
+            };
+            check_header(&p, &b, magic, own).map_err(|r| corrupt(&p, 0, &r))?;
             apply_file(&p, &b, true, &mut state).map_err(|(off, r)| corrupt(&p, off, &r))?;
         }
     }
@@ -800,7 +819,11 @@ pub fn load(dir: &Path) -> Result<Loaded, StoreError> {
 
 /// Whether a journal's header names a generation older than `generation`.
 fn older_generation(b: &[u8], generation: u64) -> bool {
-    &b[..8.min(b.len())] == JOURNAL_MAGIC && header_generation(b).is_some_and(|g| g < generation)
+    let magic = b.get(..8);
+    [JOURNAL_MAGIC, JOURNAL2_MAGIC]
+        .iter()
+        .any(|m| magic == Some(&m[..]))
+        && header_generation(b).is_some_and(|g| g < generation)
 }
 
 /// The generation a state file's header names.
@@ -828,12 +851,28 @@ struct Torn {
 /// Applies the records of one file. In a journal, a damaged *last* record
 /// is a torn write (the commit never finished, so no reply was sent): it is
 /// returned for the caller to cut off. Anywhere else, damage is an error.
+/// A journal of pieces (`commits.rs`) is read piece by piece.
 fn read_records(
     b: &[u8],
     journal: bool,
     state: &mut Loaded,
 ) -> Result<Option<Torn>, (u64, String)> {
-    let mut at = HEADER_LEN;
+    if journal && b.get(..8) == Some(&JOURNAL2_MAGIC[..]) {
+        return commits::read_pieces(b, state);
+    }
+    read_frames(b, HEADER_LEN..b.len(), journal, state)
+}
+
+/// Applies the records framed in `b[range]`; with `journal`, a damaged
+/// record that reaches the end of `b` is a torn write.
+fn read_frames(
+    b: &[u8],
+    range: std::ops::Range<usize>,
+    journal: bool,
+    state: &mut Loaded,
+) -> Result<Option<Torn>, (u64, String)> {
+    let mut at = range.start;
+    let b = &b[..range.end];
     while at < b.len() {
         let rest = &b[at..];
         // Torn tail: nothing valid could follow.
@@ -887,8 +926,12 @@ pub struct Decoded {
 /// as [`load`] does, without touching any file: the records, or the offset
 /// of the damage and what it is.
 pub fn decode_file(b: &[u8], journal: bool) -> Result<Decoded, (u64, String)> {
-    let magic = if journal { JOURNAL_MAGIC } else { SNAP_MAGIC };
-    if b.len() < HEADER_LEN || &b[..8] != magic {
+    let magics: &[&[u8; 8]] = if journal {
+        &[JOURNAL_MAGIC, JOURNAL2_MAGIC]
+    } else {
+        &[SNAP_MAGIC]
+    };
+    if b.len() < HEADER_LEN || !magics.iter().any(|m| b[..8] == m[..]) {
         return Err((0, "not a pcpd state file (bad header)".into()));
     }
     let mut d = Decoded::default();

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use crate::{
     header, io_err, journal_path, snap_path, sync_dir, Faults, Journal, Record, StoreError,
-    HEADER_LEN, JOURNAL_MAGIC,
+    HEADER_LEN, JOURNAL2_MAGIC,
 };
 
 /// The journal of the generation a background compaction is writing the
@@ -53,10 +53,10 @@ impl Journal {
         let path = next_journal_path(&self.dir, self.shard);
         let written = (|| {
             let mut f = OpenOptions::new()
-                .append(true)
+                .write(true)
                 .create_new(true)
                 .open(&path)?;
-            f.write_all(&header(JOURNAL_MAGIC, generation))?;
+            f.write_all(&header(JOURNAL2_MAGIC, generation))?;
             f.sync_all()?;
             sync_dir(&self.dir)?;
             Ok(f)
@@ -71,6 +71,7 @@ impl Journal {
         self.file = file;
         self.path = path;
         self.len = HEADER_LEN as u64;
+        self.allocated = HEADER_LEN as u64;
         Ok(SnapshotTarget {
             dir: self.dir.clone(),
             shard: self.shard,

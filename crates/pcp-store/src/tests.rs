@@ -3,6 +3,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use pcp_engine::{Block, Event, Mapping, MappingExtra, MappingId, MappingKind};
 use pcp_wire::{Filter, Nonce};
 
+use super::commits::{COMMIT_MAX, PREALLOC};
 use super::*;
 
 fn dir(name: &str) -> PathBuf {
@@ -150,13 +151,16 @@ fn torn_last_record_is_cut_with_a_warning() {
     let mut j = write_snapshot(&d, 0, 1, Vec::new()).unwrap();
     for p in 0..3 {
         j.append(&Record::Mapping(mapping(p * 2, false)));
+        j.commit().unwrap();
     }
-    j.commit().unwrap();
     let path = j.path().to_path_buf();
-    let full = fs::metadata(&path).unwrap().len();
-    // A crash mid-write leaves half of the last record.
+    // A crash mid-write leaves half of the last commit: the rest of it is
+    // still the preallocated zeros.
     let f = OpenOptions::new().write(true).open(&path).unwrap();
-    f.set_len(full - 10).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[0; 10], j.len() - 10).unwrap();
+    }
     let st = load(&d).unwrap();
     assert_eq!(
         st.mappings.len(),
@@ -172,6 +176,85 @@ fn torn_last_record_is_cut_with_a_warning() {
     // The file was cut back to the last good record: loading again is clean.
     let st = load(&d).unwrap();
     assert_eq!((st.mappings.len(), st.warnings.len()), (2, 0));
+    // Damage to an earlier commit, even its header, with a whole commit
+    // after it, is not a torn write.
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[HEADER_LEN + 9] ^= 0x55;
+    fs::write(&path, &bytes).unwrap();
+    let err = load(&d).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("damaged at byte {HEADER_LEN}")),
+        "{err}"
+    );
+    let _ = fs::remove_dir_all(&d);
+}
+
+#[test]
+fn commits_write_over_preallocated_zeros_and_a_torn_commit_may_be_any_of_its_pages() {
+    let d = dir("prealloc");
+    write_epoch(&d, 1).unwrap();
+    let mut j = write_snapshot(&d, 0, 1, Vec::new()).unwrap();
+    let size = |j: &Journal| fs::metadata(j.path()).unwrap().len();
+    j.append(&Record::Mapping(mapping(2, false)));
+    j.commit().unwrap();
+    let grown = size(&j);
+    assert!(grown >= j.len() + PREALLOC, "{grown}");
+    // Small commits land in the zeros: the file keeps its size, so their
+    // fdatasync has no metadata to write.
+    for p in 2..50 {
+        j.append(&Record::Mapping(mapping(p * 2, false)));
+        j.commit().unwrap();
+    }
+    assert_eq!(size(&j), grown);
+    // One commit larger than a piece, and than the zeros left: written in
+    // pieces, the file grown first.
+    for p in 50..20_000u16 {
+        j.append(&Record::Mapping(mapping(p * 2, false)));
+    }
+    assert!(j.buf.len() > 2 * COMMIT_MAX);
+    j.commit().unwrap();
+    assert!(size(&j) >= j.len() + PREALLOC);
+    let st = load(&d).unwrap();
+    assert_eq!((st.mappings.len(), st.warnings.len()), (19_999, 0));
+    // A crash mid-commit where a later page was written and an earlier one
+    // not: a zero frame, then some of the commit, then zeros. Torn.
+    let end = j.len();
+    j.append(&Record::Mapping(mapping(40_002, false)));
+    j.commit().unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = OpenOptions::new().write(true).open(j.path()).unwrap();
+        f.write_all_at(&[0; 8], end).unwrap();
+        f.write_all_at(&[0xab; 100], end + 5000).unwrap();
+    }
+    let st = load(&d).unwrap();
+    assert_eq!(st.mappings.len(), 19_999, "{:?}", st.warnings);
+    assert!(
+        st.warnings[0].contains("never written whole"),
+        "{:?}",
+        st.warnings
+    );
+    let _ = fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_journal_of_the_first_format_still_loads() {
+    // Records appended one after the other, as pcpd wrote them before
+    // commits went over preallocated zeros: an upgrade reads them.
+    let d = dir("format1");
+    write_epoch(&d, 1).unwrap();
+    write_snapshot(&d, 0, 1, Vec::new()).unwrap();
+    let mut b = header(JOURNAL_MAGIC, 1).to_vec();
+    for p in 0..3 {
+        frame(&Record::Mapping(mapping(p * 2, false)), &mut b);
+    }
+    fs::write(journal_path(&d, 0), &b).unwrap();
+    let st = load(&d).unwrap();
+    assert_eq!((st.mappings.len(), st.warnings.len()), (3, 0));
+    // Its torn last record is cut as it always was.
+    fs::write(journal_path(&d, 0), &b[..b.len() - 5]).unwrap();
+    let st = load(&d).unwrap();
+    assert_eq!((st.mappings.len(), st.warnings.len()), (2, 1));
     let _ = fs::remove_dir_all(&d);
 }
 
@@ -180,12 +263,15 @@ fn damage_before_the_end_is_an_error_with_offset_and_remedies() {
     let d = dir("corrupt");
     write_epoch(&d, 1).unwrap();
     let mut j = write_snapshot(&d, 0, 1, Vec::new()).unwrap();
-    for p in 0..3 {
+    // More committed after the damage than a torn commit could leave.
+    for p in 0..10_000u16 {
         j.append(&Record::Mapping(mapping(p * 2, false)));
     }
     j.commit().unwrap();
+    assert!(j.len() > 2 * COMMIT_MAX as u64 + 1000);
     let path = j.path().to_path_buf();
-    let mut bytes = fs::read(&path).unwrap();
+    let good = fs::read(&path).unwrap();
+    let mut bytes = good.clone();
     bytes[HEADER_LEN + 12] ^= 0xff; // inside the first record's body
     fs::write(&path, &bytes).unwrap();
     let err = load(&d).unwrap_err().to_string();
@@ -197,6 +283,12 @@ fn damage_before_the_end_is_an_error_with_offset_and_remedies() {
         err.contains("--discard-state") && err.contains("truncate -s 16"),
         "{err}"
     );
+    // A zeroed frame with records after it is damage too, not the end.
+    let mut bytes = good;
+    bytes[HEADER_LEN..HEADER_LEN + 8].fill(0);
+    fs::write(&path, &bytes).unwrap();
+    let err = load(&d).unwrap_err().to_string();
+    assert!(err.contains("damaged commit before more records"), "{err}");
     // A damaged snapshot is never a torn write.
     let d2 = dir("corrupt-snap");
     write_epoch(&d2, 1).unwrap();

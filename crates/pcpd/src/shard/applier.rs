@@ -94,6 +94,12 @@ impl Applier {
         })
     }
 
+    /// Whether the dataplane is driven from a thread of its own (it waits
+    /// on the kernel).
+    pub(super) fn threaded(&self) -> bool {
+        matches!(self.mode, Mode::Thread { .. })
+    }
+
     /// A buffer for the next batch's changes (reused).
     pub(super) fn buffer(&mut self) -> Vec<Change> {
         self.spare.pop().unwrap_or_default()

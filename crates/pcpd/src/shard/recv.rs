@@ -60,6 +60,11 @@ pub(super) fn handle_one(st: &mut State, sockets: &Sockets, peer: Peer, datagram
 /// (their replies are held; past this the shard stops receiving until the
 /// oldest is answered, and datagrams wait in the socket's buffer).
 const IN_FLIGHT: usize = 4;
+/// The same with a dataplane that waits on the kernel (nftables): a batch
+/// whose removals hold only from the kernel's next tick is answered a few
+/// ms after its transaction, and the batches behind it with it (answers
+/// leave in order), so more are held while the shard goes on receiving.
+const IN_FLIGHT_KERNEL: usize = 16;
 
 /// Ends a batch. With the journal store, its records go to the writer
 /// thread and its replies are parked until their own commit completes and
@@ -85,14 +90,24 @@ pub(super) fn flush(st: &mut State, sockets: &Sockets) {
     answer_finished(st, sockets);
 }
 
-/// Waits (without blocking the shard's thread) until fewer than
-/// [`IN_FLIGHT`] batches are held; woken each time a held batch is
-/// answered (`Parked::recycle`).
+/// Whether fewer batches than the shard may hold are held.
+fn has_room(st: &State) -> bool {
+    let cap = if st.effects.dataplane_waits() {
+        IN_FLIGHT_KERNEL
+    } else {
+        IN_FLIGHT
+    };
+    st.effects.in_flight() < cap
+}
+
+/// Waits (without blocking the shard's thread) until there is room
+/// ([`has_room`]); woken each time a held batch is answered
+/// (`Parked::recycle`).
 async fn until_room(state: &Rc<RefCell<State>>, room: &Notify) {
     loop {
         // Created before the check, so an answer in between is not missed.
         let answered = room.notified();
-        if state.borrow().effects.in_flight() < IN_FLIGHT {
+        if has_room(&state.borrow()) {
             return;
         }
         // Re-checked now and then too: a wake-up that never comes must not

@@ -71,6 +71,12 @@ impl Effects {
         }
     }
 
+    /// Whether the dataplane waits on the kernel (from a thread of its
+    /// own): batches are then answered later, and more may be held.
+    pub(in crate::shard) fn dataplane_waits(&self) -> bool {
+        self.applier.threaded()
+    }
+
     /// Whether events wait to be settled.
     pub(in crate::shard) fn has_events(&self) -> bool {
         !self.events.is_empty()
