@@ -43,56 +43,78 @@ impl<T, S: Default> Default for KeyedTable<T, S> {
 /// visit to a record on a probe that does not match, and growing the index
 /// rehashes from what it holds, never from the records (at a million
 /// records a visit to each would stall the owner for tens of ms).
-#[derive(Default)]
+///
+/// The index is [`SEGMENTS`] tables, chosen by the hash's low bits, each
+/// growing on its own: a table that doubles rehashes a 32nd of the index,
+/// a fraction of a ms at a million records where one table stalled its
+/// shard for several (the longest waits of a flood of creates), and the
+/// memory grows in 32 steps instead of doubling at once.
 pub(crate) struct PositionIndex {
-    table: hashbrown::HashTable<(u32, u32)>,
+    segments: Box<[hashbrown::HashTable<(u32, u32)>; SEGMENTS]>,
 }
 
-/// The index's hash from the 32 bits it keeps: the table places entries by
-/// the low bits and tags them with the top seven, so both halves carry it.
-fn widen(h: u32) -> u64 {
-    u64::from(h) << 32 | u64::from(h)
+/// Tables of a [`PositionIndex`].
+pub(crate) const SEGMENTS: usize = 32;
+
+impl Default for PositionIndex {
+    fn default() -> Self {
+        PositionIndex {
+            segments: Box::new(std::array::from_fn(|_| hashbrown::HashTable::new())),
+        }
+    }
+}
+
+/// A segment's hash from the 32 bits the index keeps, past the bits that
+/// chose the segment: spread over 64 (the table places entries by the low
+/// bits and tags them with the top seven).
+fn spread(h: u32) -> u64 {
+    u64::from(h >> SEGMENTS.trailing_zeros()).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 fn rehash(&(_, h): &(u32, u32)) -> u64 {
-    widen(h)
+    spread(h)
 }
 
 impl PositionIndex {
+    fn segment(&self, h: u32) -> &hashbrown::HashTable<(u32, u32)> {
+        &self.segments[h as usize % SEGMENTS]
+    }
+
+    fn segment_mut(&mut self, h: u32) -> &mut hashbrown::HashTable<(u32, u32)> {
+        &mut self.segments[h as usize % SEGMENTS]
+    }
+
     /// The position with short hash `h` whose record `is` accepts.
     pub(crate) fn find(&self, h: u32, mut is: impl FnMut(u32) -> bool) -> Option<u32> {
-        self.table
-            .find(widen(h), |&(at, hs)| hs == h && is(at))
+        self.segment(h)
+            .find(spread(h), |&(at, hs)| hs == h && is(at))
             .map(|&(at, _)| at)
     }
 
     /// Adds position `at` under short hash `h`.
     pub(crate) fn insert(&mut self, h: u32, at: u32) {
-        self.table.insert_unique(widen(h), (at, h), rehash);
+        self.segment_mut(h)
+            .insert_unique(spread(h), (at, h), rehash);
     }
 
     /// Takes position `at` (short hash `h`) out.
     pub(crate) fn remove(&mut self, h: u32, at: u32) {
-        if let Ok(e) = self.table.find_entry(widen(h), |&(p, _)| p == at) {
+        if let Ok(e) = self.segment_mut(h).find_entry(spread(h), |&(p, _)| p == at) {
             e.remove();
         }
     }
 
     /// The record with short hash `h` moved from position `from` to `to`.
     pub(crate) fn moved(&mut self, h: u32, from: u32, to: u32) {
-        if let Some(e) = self.table.find_mut(widen(h), |&(p, _)| p == from) {
+        if let Some(e) = self.segment_mut(h).find_mut(spread(h), |&(p, _)| p == from) {
             e.0 = to;
         }
     }
 
-    /// Doubles now if the next insert would fill it past `num / den` of
-    /// its capacity: tables that each take an entry per mapping then
-    /// double at different inserts, not all on the same one.
-    pub(crate) fn grow_at(&mut self, num: usize, den: usize) {
-        let cap = self.table.capacity();
-        if self.table.len() >= cap / den * num {
-            self.table.reserve(cap - cap / den * num + 1, rehash);
-        }
+    /// Positions the index could hold before its tables grow.
+    #[cfg(test)]
+    fn capacities(&self) -> Vec<usize> {
+        self.segments.iter().map(|t| t.capacity()).collect()
     }
 }
 
@@ -278,32 +300,30 @@ mod tests {
     }
 
     #[test]
-    fn an_index_doubles_at_the_fill_it_is_told() {
-        let mut at_3_4 = PositionIndex::default();
-        let mut when_full = PositionIndex::default();
-        let mut doubled = (Vec::new(), Vec::new());
-        for p in 0..10_000u32 {
-            let before = (at_3_4.table.capacity(), when_full.table.capacity());
-            at_3_4.grow_at(3, 4);
-            at_3_4.insert(p.wrapping_mul(2_654_435_761), p);
-            when_full.insert(p.wrapping_mul(2_654_435_761), p);
-            if at_3_4.table.capacity() != before.0 {
-                doubled.0.push(p);
+    fn an_index_grows_a_32nd_at_a_time() {
+        let mut index = PositionIndex::default();
+        let mut before = index.capacities();
+        for p in 0..200_000u32 {
+            let h = p.wrapping_mul(2_654_435_761);
+            index.insert(h, p);
+            let now = index.capacities();
+            // One insert grows one table at most, holding about a 32nd.
+            let grown: Vec<usize> = (0..SEGMENTS).filter(|&i| now[i] != before[i]).collect();
+            assert!(grown.len() <= 1, "insert {p} grew {grown:?}");
+            if let (Some(&i), true) = (grown.first(), p > 10_000) {
+                assert!(now[i] < 4 * 200_000 / SEGMENTS, "{}", now[i]);
             }
-            if when_full.table.capacity() != before.1 {
-                doubled.1.push(p);
-            }
-            assert!(at_3_4.table.len() <= at_3_4.table.capacity() / 4 * 3 + 1);
+            before = now;
         }
-        // Both double as often, never on the same insert past the first few.
-        assert_eq!(doubled.0.len(), doubled.1.len());
-        let late = |d: &Vec<u32>| d.iter().copied().filter(|p| *p > 64).collect::<Vec<_>>();
-        assert!(late(&doubled.0)
-            .iter()
-            .all(|p| !late(&doubled.1).contains(p)));
-        assert_eq!(
-            at_3_4.find(4_u32.wrapping_mul(2_654_435_761), |p| p == 4),
-            Some(4)
-        );
+        // Every position is found again, and taken out.
+        for p in (0..200_000u32).step_by(997) {
+            let h = p.wrapping_mul(2_654_435_761);
+            assert_eq!(index.find(h, |at| at == p), Some(p));
+            index.remove(h, p);
+            assert_eq!(index.find(h, |at| at == p), None);
+        }
+        // The tables fill evenly: none holds twice its share.
+        let held: Vec<usize> = index.segments.iter().map(|t| t.len()).collect();
+        assert!(held.iter().all(|&n| n < 2 * 200_000 / SEGMENTS), "{held:?}");
     }
 }

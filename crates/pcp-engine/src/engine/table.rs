@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::hash::BuildHasher as _;
 
 use super::packed::Packed;
-use crate::keyed::PositionIndex;
+use crate::keyed::{PositionIndex, SEGMENTS};
 use pcp_wire::Nonce;
 
 use crate::types::{ExternalEndpoint, InternalEndpoint, Mapping, MappingId, MappingKey, Millis};
@@ -106,7 +106,9 @@ pub(super) struct MappingTable {
     /// port it forwards to is theirs). pcpd picks external ports (at
     /// random, RFC 6888 REQ-13), so subscribers cannot aim at a bucket:
     /// foldhash, randomly seeded, which a create probes several times.
-    ports: HashMap<ExternalEndpoint, u32, PortHasher>,
+    /// In [`SEGMENTS`] tables by port, each growing on its own (as
+    /// `PositionIndex` does): no insert rehashes more than a 32nd of them.
+    ports: Box<[HashMap<ExternalEndpoint, u32, PortHasher>; SEGMENTS]>,
     /// External port of each outbound (PEER) internal endpoint (RFC 4787
     /// EIM), and how many PEER mappings of it there are.
     outbound: HashMap<InternalEndpoint, (u16, u32)>,
@@ -121,7 +123,7 @@ impl MappingTable {
             free: Vec::new(),
             by_key: PositionIndex::default(),
             hasher: RandomState::new(),
-            ports: HashMap::default(),
+            ports: Box::new(std::array::from_fn(|_| HashMap::default())),
             outbound: HashMap::new(),
             live: 0,
         }
@@ -129,6 +131,18 @@ impl MappingTable {
 
     pub(super) fn len(&self) -> usize {
         self.live
+    }
+
+    /// The table of `ports` that holds `external`.
+    fn ports_of(&self, external: &ExternalEndpoint) -> &HashMap<ExternalEndpoint, u32, PortHasher> {
+        &self.ports[usize::from(external.port) % SEGMENTS]
+    }
+
+    fn ports_of_mut(
+        &mut self,
+        external: &ExternalEndpoint,
+    ) -> &mut HashMap<ExternalEndpoint, u32, PortHasher> {
+        &mut self.ports[usize::from(external.port) % SEGMENTS]
     }
 
     /// The id of whatever `slot` holds now.
@@ -191,7 +205,7 @@ impl MappingTable {
 
     /// Whether an external port is held by a mapping.
     pub(super) fn port_in_use(&self, external: &ExternalEndpoint) -> bool {
-        self.ports.contains_key(external)
+        self.ports_of(external).contains_key(external)
     }
 
     /// Slots ever made (live or free): slot numbers run below this.
@@ -286,18 +300,9 @@ impl MappingTable {
         } else {
             mapping.port_count
         };
-        // Each table here (and the dataplane's) takes an entry per mapping,
-        // so left alone they would all double on the same insert and stall
-        // the shard for the sum of their rehashes (~14 ms at 230 k mappings
-        // a shard). They double at different fills instead: `ports` at 3/4
-        // of its capacity, `by_key` at 7/8, the dataplane's when full.
-        if self.ports.len() + usize::from(held) > self.ports.capacity() / 4 * 3 {
-            self.ports
-                .reserve(self.ports.capacity() / 4 + 1 + usize::from(held));
-        }
-        self.by_key.grow_at(7, 8);
         for i in 0..held {
-            *self.ports.entry(mapping.external(i)).or_insert(0) += 1;
+            let external = mapping.external(i);
+            *self.ports_of_mut(&external).entry(external).or_insert(0) += 1;
         }
         if let Some(s) = self.slots.get_mut(slot) {
             s.refreshed_ms = now;
@@ -340,14 +345,15 @@ impl MappingTable {
         };
         for i in 0..held {
             let external = mapping.external(i);
-            if let Some(refs) = self.ports.get_mut(&external) {
+            let ports = self.ports_of_mut(&external);
+            if let Some(refs) = ports.get_mut(&external) {
                 *refs -= 1;
                 if *refs == 0 {
                     released.push(ReleasedPort {
                         external,
                         internal_port: mapping.internal_port.wrapping_add(i),
                     });
-                    self.ports.remove(&external);
+                    ports.remove(&external);
                 }
             }
         }
