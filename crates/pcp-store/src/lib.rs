@@ -378,11 +378,11 @@ impl Journal {
         if self.buf.is_empty() {
             return Ok(false);
         }
-        let path = self.path.display().to_string();
-        let path = || path.clone();
         if self.poisoned {
             self.buf.clear();
-            return Err(CommitError::Poisoned { path: path() });
+            return Err(CommitError::Poisoned {
+                path: self.path_text(),
+            });
         }
         let faults = self.faults.clone();
         let written = faults
@@ -391,7 +391,7 @@ impl Journal {
             .and_then(|_| self.write_pieces());
         let result = match written {
             Err(source) => Err(CommitError::Write {
-                path: path(),
+                path: self.path_text(),
                 source,
             }),
             Ok(()) => faults
@@ -399,7 +399,7 @@ impl Journal {
                 .map_or(Ok(()), |f| f.sync())
                 .and_then(|_| self.file.sync_data())
                 .map_err(|source| CommitError::Sync {
-                    path: path(),
+                    path: self.path_text(),
                     source,
                 }),
         };
@@ -421,6 +421,10 @@ impl Journal {
                 Err(e)
             }
         }
+    }
+
+    fn path_text(&self) -> String {
+        self.path.display().to_string()
     }
 
     /// Whether an earlier commit failed and a snapshot must come first.
@@ -848,10 +852,11 @@ struct Torn {
     reason: &'static str,
 }
 
-/// Applies the records of one file. In a journal, a damaged *last* record
-/// is a torn write (the commit never finished, so no reply was sent): it is
-/// returned for the caller to cut off. Anywhere else, damage is an error.
-/// A journal of pieces (`commits.rs`) is read piece by piece.
+/// Applies the records of one file. In a journal of the first format, a
+/// damaged *last* record is a torn write (the commit never finished, so no
+/// reply was sent): it is returned for the caller to cut off. Anywhere
+/// else, damage is an error. A journal of pieces (format 2, `commits.rs`)
+/// is read piece by piece, with the same rule for its last piece.
 fn read_records(
     b: &[u8],
     journal: bool,
