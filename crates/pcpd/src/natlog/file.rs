@@ -144,8 +144,11 @@ impl Writer for FileWriter {
         self.maintain();
         self.buf.clear();
         for e in events {
-            if serde_json::to_writer(&mut self.buf, e).is_ok() {
+            let at = self.buf.len();
+            if e.write_json(&mut self.buf).is_ok() {
                 self.buf.push(b'\n');
+            } else {
+                self.buf.truncate(at);
             }
         }
         let result = match &mut self.out {
