@@ -182,22 +182,33 @@ impl Record {
             serde_json::to_writer(&mut *out, value)
         }
         let first = &mut true;
-        field(out, first, "event", Some(self.event))?;
-        field(out, first, "kind", self.kind.as_ref())?;
-        field(out, first, "natEvent", self.nat_event.as_ref())?;
-        field(out, first, "natPoolName", self.pool.as_ref())?;
-        field(out, first, "natQuotaExceededEvent", self.quota_exceeded.as_ref())?;
-        field(out, first, "portRangeEnd", self.port_last.as_ref())?;
-        field(out, first, "portRangeStart", self.port_first.as_ref())?;
-        field(out, first, "postNAPTSourceTransportPort", self.post_port.as_ref())?;
-        field(out, first, "postNATSourceIPv4Address", self.post_addr.as_ref())?;
-        field(out, first, "previousPostNAPTSourceTransportPort", self.previous_port.as_ref())?;
-        field(out, first, "previousPostNATSourceIPv4Address", self.previous_addr.as_ref())?;
-        field(out, first, "protocolIdentifier", self.protocol.as_ref())?;
-        field(out, first, "reason", self.reason.as_ref())?;
-        field(out, first, "sourceAddress", self.source.as_ref())?;
-        field(out, first, "sourceTransportPort", self.source_port.as_ref())?;
-        field(out, first, "timeStamp", Some(&self.time))?;
+        macro_rules! put {
+            ($name:literal, $value:expr) => {
+                field(out, first, $name, $value)?
+            };
+        }
+        put!("event", Some(self.event));
+        put!("kind", self.kind.as_ref());
+        put!("natEvent", self.nat_event.as_ref());
+        put!("natPoolName", self.pool.as_ref());
+        put!("natQuotaExceededEvent", self.quota_exceeded.as_ref());
+        put!("portRangeEnd", self.port_last.as_ref());
+        put!("portRangeStart", self.port_first.as_ref());
+        put!("postNAPTSourceTransportPort", self.post_port.as_ref());
+        put!("postNATSourceIPv4Address", self.post_addr.as_ref());
+        put!(
+            "previousPostNAPTSourceTransportPort",
+            self.previous_port.as_ref()
+        );
+        put!(
+            "previousPostNATSourceIPv4Address",
+            self.previous_addr.as_ref()
+        );
+        put!("protocolIdentifier", self.protocol.as_ref());
+        put!("reason", self.reason.as_ref());
+        put!("sourceAddress", self.source.as_ref());
+        put!("sourceTransportPort", self.source_port.as_ref());
+        put!("timeStamp", Some(&self.time));
         out.push(b'}');
         Ok(())
     }
