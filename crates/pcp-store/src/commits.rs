@@ -21,10 +21,11 @@
 //!
 //! The records end at the first zero piece header when nothing but zeros
 //! follows. A piece that is damaged, or a zero header with data after it,
-//! is a torn commit (never acknowledged) when nothing but zeros lies past
-//! the longest piece it could be: the caller cuts it off with a warning.
-//! Anywhere else it is damage to acknowledged records, and an error, as a
-//! damaged record before the end of a format-1 journal is.
+//! is a torn commit (never acknowledged) when no whole piece follows it and
+//! nothing but zeros lies past the longest piece it could be: the caller
+//! cuts it off with a warning. Otherwise it is damage to acknowledged
+//! records, and an error, as a damaged record before the end of a
+//! format-1 journal is.
 
 use std::io;
 use std::ops::Range;
