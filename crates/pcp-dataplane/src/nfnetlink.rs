@@ -114,13 +114,13 @@ impl std::fmt::Debug for Reg {
     }
 }
 
+/// Test values only: anything past 64 bytes would be cut off silently,
+/// so nothing else builds a register this way.
+#[cfg(test)]
 impl From<&[u8]> for Reg {
-    /// Test values; anything past 64 bytes is cut off.
     fn from(b: &[u8]) -> Self {
         let mut r = Reg::default();
-        let n = b.len().min(REG_MAX);
-        r.bytes[..n].copy_from_slice(&b[..n]);
-        r.len = n as u8;
+        r.push(&b[..b.len().min(REG_MAX)]);
         r
     }
 }
