@@ -177,7 +177,33 @@ fn open_socket(addr: SocketAddr) -> io::Result<(UdpSocket, UdpSocketState)> {
     sock.bind(&addr.into())?;
     let std_sock: std::net::UdpSocket = sock.into();
     let state = UdpSocketState::new((&std_sock).into())?;
+    quiet_socket(&std_sock, addr)?;
     Ok((UdpSocket::from_std(std_sock)?, state))
+}
+
+/// Turns off the control messages quinn-udp asks for that pcpd never
+/// reads: each costs the kernel a `put_cmsg` per datagram received.
+/// Receive timestamps and the TOS byte (ECN) are never used; the
+/// destination address (IP_PKTINFO) is kept only on a wildcard socket,
+/// where it tells which address a reply must leave from (RFC 6887 §8.3).
+/// A socket bound to one address replies from that address without it.
+fn quiet_socket(sock: &std::net::UdpSocket, addr: SocketAddr) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let specific = !addr.ip().is_unspecified();
+    setsockopt(sock, sockopt::ReceiveTimestampns, &false)?;
+    let s = socket2::SockRef::from(sock);
+    if addr.is_ipv4() {
+        s.set_recv_tos_v4(false)?;
+        if specific {
+            setsockopt(sock, sockopt::Ipv4PacketInfo, &false)?;
+        }
+    } else {
+        s.set_recv_tclass_v6(false)?;
+        if specific {
+            setsockopt(sock, sockopt::Ipv6RecvPacketInfo, &false)?;
+        }
+    }
+    Ok(())
 }
 
 /// Binds every shard's sockets, then starts the shard threads. Sockets are
