@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 . loadtest/common.sh
 [ $# = 2 ] || { echo "usage: $0 OLD_PCPD NEW_PCPD" >&2; exit 2; }
 cargo build --release -q -p pcp-loadtest
+settle_disk
 LT=target/release/pcp-loadtest
 IP=127.0.0.20
 OUT=target/loadtest-ab

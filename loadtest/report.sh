@@ -54,6 +54,7 @@ cc -O2 -pthread -o target/reflect-c loadtest/baseline/reflect.c
 "${SERVER_PIN[@]}" target/reflect-c "$IP" 5398 "$SERVER_CPUS" 900 &
 CREFLECT_PID=$!
 PIDS+=("$CREFLECT_PID")
+settle_disk
 sleep 0.5
 
 for round in 1 2 3; do

@@ -22,6 +22,7 @@ if [ "$(id -u)" != 0 ] || ! command -v nft >/dev/null || ! command -v ip >/dev/n
   exit 1
 fi
 [ -x "$PCPD" ] || cargo build --release -q -p pcpd -p pcp-loadtest
+settle_disk
 mkdir -p "$OUT"
 NS=pcpd-report-$$
 ip netns add "$NS"

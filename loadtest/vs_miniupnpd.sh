@@ -44,6 +44,7 @@ miniupnpd --version 2>&1 | grep -q nftables || {
   exit 1
 }
 cargo build --release -q -p pcpd -p pcp-loadtest
+settle_disk
 rm -rf "$OUT" && mkdir -p "$OUT/state"
 
 MU_NS=vs-miniupnpd-$$

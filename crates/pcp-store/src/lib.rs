@@ -17,16 +17,19 @@
 //! decide which state is valid for the current configuration (the engine's
 //! restore does that).
 
-#![forbid(unsafe_code)]
+// Unsafe only in behind.rs: two system calls std does not wrap.
+#![deny(unsafe_code)]
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+mod behind;
 mod codec;
 mod commits;
 mod rotation;
 
+pub use behind::{WriteBehind, WRITE_BEHIND};
 pub use rotation::SnapshotTarget;
 
 use std::collections::HashMap;

@@ -132,10 +132,16 @@ pub(crate) fn write_snapshot_file(
     let mut buf = Vec::with_capacity(1 << 20);
     buf.extend_from_slice(&header(crate::SNAP_MAGIC, generation));
     let mut f = File::create(path).map_err(io_err(path))?;
+    // Written back a MiB at a time, so the fsync below (and the journal
+    // commits meanwhile) never wait behind the whole file (behind.rs).
+    let mut behind = crate::WriteBehind::new(0);
+    let mut len = 0u64;
     for rec in state {
         crate::frame(&rec.map_err(io_err(path))?, &mut buf);
-        if buf.len() > 8 << 20 {
+        if buf.len() as u64 >= crate::WRITE_BEHIND {
             f.write_all(&buf).map_err(io_err(path))?;
+            len += buf.len() as u64;
+            behind.wrote(&f, len);
             buf.clear();
         }
     }

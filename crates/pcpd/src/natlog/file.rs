@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use pcp_store::WriteBehind;
+
 use super::{Writer, REOPEN};
 
 /// `type: file` in `log.nat_sinks`.
@@ -53,6 +55,9 @@ enum Out {
         file: File,
         len: u64,
         opened: Instant,
+        /// Written back a MiB at a time, so the journal's commits never
+        /// wait behind a burst of log pages (pcp-store's `behind.rs`).
+        behind: WriteBehind,
     },
 }
 
@@ -73,6 +78,7 @@ fn open_append(path: &Path) -> io::Result<Out> {
         file,
         len,
         opened: Instant::now(),
+        behind: WriteBehind::new(len),
     })
 }
 
@@ -156,9 +162,12 @@ impl Writer for FileWriter {
                 let mut out = io::stdout().lock();
                 out.write_all(&self.buf).and_then(|_| out.flush())
             }
-            Out::File { file, len, .. } => match file.write_all(&self.buf) {
+            Out::File {
+                file, len, behind, ..
+            } => match file.write_all(&self.buf) {
                 Ok(()) => {
                     *len += self.buf.len() as u64;
+                    behind.wrote(file, *len);
                     Ok(())
                 }
                 Err(e) => {

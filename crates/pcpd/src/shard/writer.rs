@@ -269,6 +269,7 @@ fn write_loop(
         background: None,
         slices: None,
         ended: None,
+        slow: SlowCommits::default(),
     };
     loop {
         // While a snapshot is written beside the journal, look at it now
@@ -351,6 +352,46 @@ struct Side<'a> {
     /// completion (the shard reports a failure as it does a failed
     /// synchronous compaction).
     ended: Option<Result<(), String>>,
+    slow: SlowCommits,
+}
+
+/// A commit at least this long is reported: every reply of its batches
+/// waited that long.
+const SLOW_COMMIT: Duration = Duration::from_millis(25);
+/// At most one warning about slow commits per this long.
+const SLOW_EVERY: Duration = Duration::from_secs(10);
+
+/// Slow commits since the last warning (the latency histogram,
+/// `pcpd_journal_commit_seconds`, counts them all; the log says when).
+#[derive(Default)]
+struct SlowCommits {
+    since: u32,
+    longest: Duration,
+    warned: Option<Instant>,
+}
+
+impl SlowCommits {
+    fn saw(&mut self, latency: Duration, journal: &Journal) {
+        if latency < SLOW_COMMIT {
+            return;
+        }
+        self.since += 1;
+        self.longest = self.longest.max(latency);
+        if self.warned.is_some_and(|t| t.elapsed() < SLOW_EVERY) {
+            return;
+        }
+        tracing::warn!(
+            journal = %journal.path().display(),
+            commits = self.since,
+            longest_ms = self.longest.as_millis() as u64,
+            "journal commits over {} ms: their replies waited for the disk",
+            SLOW_COMMIT.as_millis()
+        );
+        *self = SlowCommits {
+            warned: Some(Instant::now()),
+            ..SlowCommits::default()
+        };
+    }
 }
 
 impl Side<'_> {
@@ -523,6 +564,7 @@ fn commit_group(journal: &mut Journal, group: &mut Vec<(u64, Vec<Record>)>, side
         .map(|_| ())
         .map_err(|e| format!("journal: {e}"));
     let latency = started.elapsed();
+    side.slow.saw(latency, journal);
     for (seq, mut records) in group.drain(..) {
         records.clear();
         side.send(journal, seq, outcome.clone(), (latency, records));
