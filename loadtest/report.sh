@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Reproduces the daemon figures of docs/performance.md, on loopback only,
-# bounded in time (about 5 minutes on a 2-core machine):
+# bounded in time (about 10 minutes on a 2-core machine):
 #   1. three rounds of: reflector baseline, then pcpd with create, renew
 #      and mixed workloads (same load generator, same settings);
-#   2. scale: renewals with 1 k, 100 k and 1 M live mappings (1 M both over
-#      100 k subscribers and over 1 M, one each: the two memory goals), and
-#      pcpd's resident memory per mapping;
+#   2. scale, three rounds: renewals with 1 k, 100 k and 1 M live mappings
+#      (1 M both over 100 k subscribers and over 1 M, one each: the two
+#      memory goals), and pcpd's resident memory per mapping;
 #   3. restart: with the 1 M mappings, kill -9 and time until ready (journal
 #      replay), then a clean restart (from the snapshots written at start);
 #   4. the workloads of 1 with the nftables dataplane (loadtest/report_nft.sh,
@@ -67,13 +67,17 @@ for round in 1 2 3; do
   stop_pcpd
 done
 
+# Three rounds of every size, like the workloads above: the ratio against
+# 1 k is the median of the rounds' own ratios (one 5 s run alone swung by
+# 0.85-0.95 between reports on this shared machine).
+for round in 1 2 3; do
 for spec in 1000:1 10000:10 100000:10 1000000:1; do
   subs=${spec%:*}; maps=${spec#*:}
   start_pcpd
   idle=$(awk '/VmRSS/ {print $2 * 1024}' "/proc/$PCPD_PID/status")
-  echo "$idle" >"$OUT/idle-rss-$subs.txt"
-  run "scale-$subs" --target "$IP:5351" --mix renew --subscribers "$subs" --mappings "$maps" --server-pid "$PCPD_PID"
-  if [ "$subs" = 1000000 ]; then
+  echo "$idle" >"$OUT/idle-rss-$subs-$round.txt"
+  run "scale-$subs-$round" --target "$IP:5351" --mix renew --subscribers "$subs" --mappings "$maps" --server-pid "$PCPD_PID"
+  if [ "$subs" = 1000000 ] && [ "$round" = 3 ]; then
     # Restart with 1 M mappings: after kill -9 (journal replay), then clean.
     for how in KILL TERM; do
       kill -"$how" "$PCPD_PID"; wait "$PCPD_PID" 2>/dev/null || true
@@ -84,6 +88,7 @@ for spec in 1000:1 10000:10 100000:10 1000000:1; do
     done
   fi
   stop_pcpd
+done
 done
 
 # The same workloads with the kernel dataplane (in a namespace of its own).
@@ -112,15 +117,19 @@ crefl = [load(f"reflect-c-{r}") for r in (1, 2, 3)]
 cr = [a["replies_per_sec"] / b["replies_per_sec"] for a, b in zip(refl, crefl)]
 print(f"Baseline check: pcp-loadtest reflect {statistics.median(r['replies_per_sec'] for r in refl):,.0f}/s, C reflector (loadtest/baseline/reflect.c) {statistics.median(r['replies_per_sec'] for r in crefl):,.0f}/s, ratio {statistics.median(cr):.2f} (median of paired rounds).")
 print()
-print("| live mappings | subscribers | renew replies/s | p99 µs | pcpd RSS | bytes per mapping (RSS growth) |")
-print("|---|---|---|---|---|---|")
+print("| live mappings | subscribers | renew replies/s (median of 3) | against 1 k (median of paired rounds) | p99 µs | pcpd RSS | bytes per mapping (RSS growth, median) |")
+print("|---|---|---|---|---|---|---|")
 scale = {}
+rounds = (1, 2, 3)
+base = [load(f"scale-1000-{r}")["replies_per_sec"] for r in rounds]
 for subs in (1000, 10000, 100000, 1000000):
-    r = load(f"scale-{subs}")
-    idle = int(open(os.path.join(out, f"idle-rss-{subs}.txt")).read())
-    grown = (r["server_rss_bytes"] - idle) / max(r["prefilled"], 1)
-    scale[subs] = (r["prefilled"], r["replies_per_sec"])
-    print(f"| {r['prefilled']:,} | {subs:,} | {r['replies_per_sec']:,.0f} | {r['latency_us']['p99']} | {r['server_rss_bytes']/1048576:.0f} MiB | {grown:.0f} |")
+    rs = [load(f"scale-{subs}-{r}") for r in rounds]
+    idle = [int(open(os.path.join(out, f"idle-rss-{subs}-{r}.txt")).read()) for r in rounds]
+    grown = statistics.median((x["server_rss_bytes"] - i) / max(x["prefilled"], 1) for x, i in zip(rs, idle))
+    med = sorted(rs, key=lambda x: x["replies_per_sec"])[1]
+    against = statistics.median(x["replies_per_sec"] / b for x, b in zip(rs, base))
+    scale[subs] = (med["prefilled"], med["replies_per_sec"])
+    print(f"| {med['prefilled']:,} | {subs:,} | {med['replies_per_sec']:,.0f} | {against:.2f} | {med['latency_us']['p99']} | {med['server_rss_bytes']/1048576:.0f} MiB | {grown:.0f} |")
 
 # Plots, plain SVG: renewals per second against live mappings, and the
 # latency percentiles of each workload.
@@ -173,5 +182,5 @@ svg("docs/perf-latency.svg", W, H, body)
 print()
 kill = open(os.path.join(out, "restart-KILL.txt")).read().strip()
 term = open(os.path.join(out, "restart-TERM.txt")).read().strip()
-print(f"Restart with {load('scale-1000000')['prefilled']:,} mappings, time until /readyz: {kill} ms after kill -9 (journal replay), {term} ms after a clean stop (snapshots).")
+print(f"Restart with {load('scale-1000000-3')['prefilled']:,} mappings, time until /readyz: {kill} ms after kill -9 (journal replay), {term} ms after a clean stop (snapshots).")
 PY

@@ -40,6 +40,8 @@ mod validate;
 pub use alloc::{Block, BlockAllocator, PoolUsage};
 pub use compiled::Compiled;
 pub use config::{ConfigProblem, EngineConfig};
-pub use engine::{shard_of, subscriber_key, Engine, Forgotten, StateCursor, StateItem};
+pub use engine::{
+    shard_of, subscriber_key, Engine, Forgotten, StateCursor, StateItem, TIMER_BUDGET,
+};
 pub use kind_v4::KindV4;
 pub use types::*;

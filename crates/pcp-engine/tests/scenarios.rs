@@ -6,7 +6,7 @@ mod harness;
 use std::net::{IpAddr, Ipv4Addr};
 
 use harness::*;
-use pcp_engine::{DeleteReason, Event, MappingKind};
+use pcp_engine::{DeleteReason, Event, MappingKind, TIMER_BUDGET};
 use pcp_wire::{
     natpmp, Filter, MapData, NatPmpResult, OpData, Options, PcpOption, PeerData, PortSet, Prefix64,
     Request, Response, ResultCode,
@@ -961,6 +961,47 @@ fn error_response_is_a_copy_of_the_request_section_7_2() {
         &req[24..n],
         "opcode data and options copied"
     );
+}
+
+/// An expiry storm is worked off TIMER_BUDGET timers a call, the engine
+/// saying "due now" until it is done, so a shard answers requests between
+/// slices instead of stalling for the whole storm; every mapping expires.
+#[test]
+fn an_expiry_storm_is_worked_off_a_slice_at_a_time() {
+    let mut cfg = test_config();
+    cfg.profiles.get_mut("home").unwrap().max_mappings = 500;
+    let mut h = H::new(cfg);
+    let n = 2 * TIMER_BUDGET + 100;
+    // 420 mappings per subscriber: each within its one block of 512.
+    for i in 0..n {
+        let (who, port) = (sub(1 + (i / 420) as u8), 10_000 + (i % 420) as u16);
+        let r = h.map(who, nonce(1), port, 0, 120);
+        assert_eq!(r.result, ResultCode::Success, "mapping {i}");
+    }
+    h.take_events();
+    let due = T0 + 121_000;
+    let mut calls = Vec::new();
+    while h.engine.poll_timeout().is_some_and(|t| t <= due) && calls.len() < 10 {
+        let before = h.engine.mapping_count();
+        h.engine.handle_timeout(due);
+        calls.push(before - h.engine.mapping_count());
+    }
+    assert_eq!(calls, [TIMER_BUDGET, TIMER_BUDGET, 100]);
+    assert_eq!(h.engine.mapping_count(), 0);
+    let expired = h
+        .take_events()
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::MappingDeleted {
+                    reason: DeleteReason::Expired,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(expired, n);
 }
 
 #[test]

@@ -46,7 +46,12 @@ impl WriteBehind {
             return;
         }
         let fd = file.as_raw_fd();
-        sync_range(fd, self.started, end - self.started, libc::SYNC_FILE_RANGE_WRITE);
+        sync_range(
+            fd,
+            self.started,
+            end - self.started,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
         if self.started > self.waited {
             let (at, len) = (self.waited, self.started - self.waited);
             sync_range(
@@ -113,7 +118,10 @@ mod tests {
         assert_eq!(behind.started, 4 * WRITE_BEHIND);
         assert_eq!(behind.waited, 3 * WRITE_BEHIND);
         let cached = resident_pages(&path, 3 * WRITE_BEHIND);
-        assert!(cached < 16, "{cached} pages of the first 3 MiB still cached");
+        assert!(
+            cached < 16,
+            "{cached} pages of the first 3 MiB still cached"
+        );
         let back = std::fs::read(&path).unwrap();
         assert_eq!(back.len() as u64, len);
         assert!(back.iter().all(|b| *b == 7));

@@ -62,6 +62,7 @@ pub use slices::{StateCursor, StateItem};
 use subscriber::Subscriber;
 use table::MappingTable;
 use timers::TimerWheel;
+pub use timers::TIMER_BUDGET;
 use unsolicited::Outbox;
 
 /// Which shard owns a subscriber: a pure function of its internal address,

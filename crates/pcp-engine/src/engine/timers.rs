@@ -60,12 +60,34 @@ impl TimerWheel {
         self.buckets.keys().next().map(|s| s * 1000)
     }
 
-    /// Takes the earliest bucket if it is due at `now`, with its second.
-    pub(super) fn pop_due(&mut self, now: Millis) -> Option<(u64, Bucket)> {
-        let entry = self.buckets.first_entry()?;
-        (entry.key() * 1000 <= now).then(|| entry.remove_entry())
+    /// Takes up to `budget` timers of the earliest bucket if it is due at
+    /// `now`, with its second: the whole bucket when it holds no more, else
+    /// a part, the rest staying due.
+    pub(super) fn pop_due(&mut self, now: Millis, budget: usize) -> Option<(u64, Bucket)> {
+        let mut entry = self.buckets.first_entry()?;
+        if entry.key() * 1000 > now {
+            return None;
+        }
+        let second = *entry.key();
+        let b = entry.get_mut();
+        if b.expiries.len() + b.others.len() <= budget {
+            return Some(entry.remove_entry());
+        }
+        let n = budget.min(b.expiries.len());
+        let expiries = b.expiries.split_off(b.expiries.len() - n);
+        let m = (budget - n).min(b.others.len());
+        let others = b.others.split_off(b.others.len() - m);
+        Some((second, Bucket { expiries, others }))
     }
 }
+
+/// Timers run by one [`Engine::handle_timeout`] at most. A storm of them
+/// (a million mappings made or renewed in the same few seconds, as clients
+/// do after a restart's ANNOUNCE, all expiring or re-arming together) is
+/// worked off a slice at a time, and the shard answers requests between
+/// slices instead of stalling for the whole storm: a timer costs a µs or
+/// two, so a slice is a few ms.
+pub const TIMER_BUDGET: usize = 2048;
 
 impl Engine {
     /// The next instant [`Engine::handle_timeout`] has work to do.
@@ -80,10 +102,17 @@ impl Engine {
     }
 
     /// Expires mappings, ends reuse delays, releases idle blocks, and queues
-    /// due unsolicited messages.
+    /// due unsolicited messages: at most [`TIMER_BUDGET`] timers a call;
+    /// when more are due, [`Engine::poll_timeout`] says so (a deadline
+    /// already past), and the caller comes back after other work.
     pub fn handle_timeout(&mut self, now: Millis) {
         self.start_idle_holds(now);
-        while let Some((second, due)) = self.timers.pop_due(now) {
+        let mut budget = TIMER_BUDGET;
+        while budget > 0 {
+            let Some((second, due)) = self.timers.pop_due(now, budget) else {
+                break;
+            };
+            budget -= due.expiries.len() + due.others.len();
             for (slot, generation) in due.expiries {
                 self.expire(now, second, slot, generation);
             }

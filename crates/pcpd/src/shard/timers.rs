@@ -38,6 +38,9 @@ pub(super) async fn timer_loop(state: Rc<RefCell<State>>, sockets: Sockets, noti
             _ = notify.notified() => continue,
         }
         fire(&mut state.borrow_mut(), &sockets);
+        // A storm of timers is worked off a slice at a time
+        // (`pcp_engine::TIMER_BUDGET`): let the receive loops in between.
+        tokio::task::yield_now().await;
     }
 }
 
