@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Reproduces the daemon figures of docs/performance.md, on loopback only,
 # bounded in time (about 10 minutes on a 2-core machine):
-#   1. three rounds of: reflector baseline, then pcpd with create, renew
-#      and mixed workloads (same load generator, same settings);
+#   1. three rounds of: pcpd with create, renew and mixed workloads, each
+#      right after a run of the reflector baseline (same load generator,
+#      same settings);
 #   2. scale, three rounds: renewals with 1 k, 100 k and 1 M live mappings
 #      (1 M both over 100 k subscribers and over 1 M, one each: the two
 #      memory goals), and pcpd's resident memory per mapping;
@@ -62,7 +63,12 @@ for round in 1 2 3; do
   run "reflect-c-$round" --target "$IP:5398" --echo --mix create --subscribers 10000 --server-pid "$CREFLECT_PID"
   start_pcpd
   run "create-$round" --target "$IP:5351" --mix create --subscribers 10000 --mappings 0 --first-port 10000 --server-pid "$PCPD_PID"
+  # Each workload is paired with a reflector run just before it (pcpd
+  # idles meanwhile): this shared machine's speed drifts by a third within
+  # a minute, so a baseline measured 15 s earlier is not the same machine.
+  run "reflect-renew-$round" --target "$IP:5399" --echo --mix create --subscribers 10000 --server-pid "$REFLECT_PID"
   run "renew-$round" --target "$IP:5351" --mix renew --subscribers 10000 --mappings 4 --server-pid "$PCPD_PID"
+  run "reflect-mixed-$round" --target "$IP:5399" --echo --mix create --subscribers 10000 --server-pid "$REFLECT_PID"
   run "mixed-$round" --target "$IP:5351" --mix mixed --subscribers 10000 --mappings 4 --first-port 40000 --server-pid "$PCPD_PID"
   stop_pcpd
 done
@@ -98,20 +104,26 @@ python3 - "$OUT" <<'PY'
 import json, statistics, sys, os
 out = sys.argv[1]
 load = lambda n: json.load(open(os.path.join(out, n + ".json")))
-print("| workload | dataplane | pcpd replies/s (median of 3) | reflector replies/s (same rounds) | ratio (median of paired) | p50 / p99 / p99.9 µs | pcpd CPU µs per reply |")
+print("| workload | dataplane | pcpd replies/s (median of 3) | reflector replies/s (paired runs) | ratio (median of paired) | p50 / p99 / p99.9 µs | pcpd CPU µs per reply |")
 print("|---|---|---|---|---|---|---|")
 refl = [load(f"reflect-{r}") for r in (1, 2, 3)]
+# The memory rows' reflector run just before each workload; the nftables
+# rows (report_nft.sh, minutes later) the round's first.
+paired = {"create": refl,
+          "renew": [load(f"reflect-renew-{r}") for r in (1, 2, 3)],
+          "mixed": [load(f"reflect-mixed-{r}") for r in (1, 2, 3)]}
 lat_rows = []
 for dp, prefix in (("memory", ""), ("nftables", "nft-")):
     for w in ("create", "renew", "mixed"):
         runs = [load(f"{prefix}{w}-{r}") for r in (1, 2, 3)]
-        ratios = [a["replies_per_sec"] / b["replies_per_sec"] for a, b in zip(runs, refl)]
+        base = paired[w] if dp == "memory" else refl
+        ratios = [a["replies_per_sec"] / b["replies_per_sec"] for a, b in zip(runs, base)]
         med = sorted(runs, key=lambda x: x["replies_per_sec"])[1]
         cpu = med["server_cpu_seconds"] * 1e6 / max(med["replies"], 1)
         lat = med["latency_us"]
         lat_rows.append((f"{w} ({dp})", lat))
         bad = sum(x["invalid"] + x["lost"] for x in runs)
-        print(f"| {w} | {dp} | {statistics.median(r['replies_per_sec'] for r in runs):,.0f} | {statistics.median(r['replies_per_sec'] for r in refl):,.0f} | {statistics.median(ratios):.0%} | {lat['p50']} / {lat['p99']} / {lat['p999']} | {cpu:.1f} |" + ("" if bad == 0 else f" ({bad} lost or invalid)"))
+        print(f"| {w} | {dp} | {statistics.median(r['replies_per_sec'] for r in runs):,.0f} | {statistics.median(r['replies_per_sec'] for r in base):,.0f} | {statistics.median(ratios):.0%} | {lat['p50']} / {lat['p99']} / {lat['p999']} | {cpu:.1f} |" + ("" if bad == 0 else f" ({bad} lost or invalid)"))
 print()
 crefl = [load(f"reflect-c-{r}") for r in (1, 2, 3)]
 cr = [a["replies_per_sec"] / b["replies_per_sec"] for a, b in zip(refl, crefl)]

@@ -465,3 +465,29 @@ async fn publish_stats(state: Rc<RefCell<State>>, index: usize) {
         prev = now;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use nix::sys::socket::{getsockopt, sockopt};
+
+    use super::open_socket;
+
+    /// A socket bound to one address asks the kernel for no control
+    /// message pcpd does not read; a wildcard one keeps the destination
+    /// address, which a reply must leave from (RFC 6887 §8.3).
+    #[test]
+    fn sockets_ask_only_for_the_control_messages_pcpd_reads() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let _in = rt.enter();
+        let (bound, _) = open_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (wild, _) = open_socket("0.0.0.0:0".parse().unwrap()).unwrap();
+        for sock in [&bound, &wild] {
+            assert!(!getsockopt(sock, sockopt::ReceiveTimestampns).unwrap());
+        }
+        assert!(!getsockopt(&bound, sockopt::Ipv4PacketInfo).unwrap());
+        assert!(getsockopt(&wild, sockopt::Ipv4PacketInfo).unwrap());
+    }
+}

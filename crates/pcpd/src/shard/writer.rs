@@ -371,26 +371,38 @@ struct SlowCommits {
 }
 
 impl SlowCommits {
-    fn saw(&mut self, latency: Duration, journal: &Journal) {
+    /// A commit took `latency`, at `now`: the slow commits (count and
+    /// longest) to warn about, if it is time to.
+    fn saw(&mut self, latency: Duration, now: Instant) -> Option<(u32, Duration)> {
         if latency < SLOW_COMMIT {
-            return;
+            return None;
         }
         self.since += 1;
         self.longest = self.longest.max(latency);
-        if self.warned.is_some_and(|t| t.elapsed() < SLOW_EVERY) {
-            return;
+        if self
+            .warned
+            .is_some_and(|t| now.duration_since(t) < SLOW_EVERY)
+        {
+            return None;
         }
-        tracing::warn!(
-            journal = %journal.path().display(),
-            commits = self.since,
-            longest_ms = self.longest.as_millis() as u64,
-            "journal commits over {} ms: their replies waited for the disk",
-            SLOW_COMMIT.as_millis()
-        );
+        let told = (self.since, self.longest);
         *self = SlowCommits {
-            warned: Some(Instant::now()),
+            warned: Some(now),
             ..SlowCommits::default()
         };
+        Some(told)
+    }
+
+    fn warn(&mut self, latency: Duration, journal: &Journal) {
+        if let Some((commits, longest)) = self.saw(latency, Instant::now()) {
+            tracing::warn!(
+                journal = %journal.path().display(),
+                commits,
+                longest_ms = longest.as_millis() as u64,
+                "journal commits over {} ms: their replies waited for the disk",
+                SLOW_COMMIT.as_millis()
+            );
+        }
     }
 }
 
@@ -564,7 +576,7 @@ fn commit_group(journal: &mut Journal, group: &mut Vec<(u64, Vec<Record>)>, side
         .map(|_| ())
         .map_err(|e| format!("journal: {e}"));
     let latency = started.elapsed();
-    side.slow.saw(latency, journal);
+    side.slow.warn(latency, journal);
     for (seq, mut records) in group.drain(..) {
         records.clear();
         side.send(journal, seq, outcome.clone(), (latency, records));
@@ -775,5 +787,21 @@ mod tests {
             "not put in place"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Slow commits are told at once, then at most every 10 s with how
+    /// many there were since and the longest; fast ones never.
+    #[test]
+    fn slow_commits_are_told_at_most_every_ten_seconds() {
+        let mut slow = super::SlowCommits::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(slow.saw(ms(24), t0), None);
+        assert_eq!(slow.saw(ms(30), t0), Some((1, ms(30))));
+        assert_eq!(slow.saw(ms(90), t0 + ms(1000)), None);
+        assert_eq!(slow.saw(ms(5), t0 + ms(2000)), None);
+        assert_eq!(slow.saw(ms(40), t0 + ms(9000)), None);
+        assert_eq!(slow.saw(ms(26), t0 + ms(10_000)), Some((3, ms(90))));
+        assert_eq!(slow.saw(ms(26), t0 + ms(11_000)), None);
     }
 }
