@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the daemon figures of docs/performance.md, on loopback only,
-# bounded in time (about 10 minutes on a 2-core machine):
+# bounded in time (about 8 minutes on a 2-core machine):
 #   1. three rounds of: pcpd with create, renew and mixed workloads, each
 #      right after a run of the reflector baseline (same load generator,
 #      same settings);
