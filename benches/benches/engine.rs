@@ -1,13 +1,17 @@
 //! Engine benches: MAP create+delete and renew per second on one core, with
-//! 1 k, 100 k and 1 M live mappings, and resident bytes per mapping.
+//! 1 k, 100 k and 1 M live mappings, and resident bytes per mapping; then
+//! an expiry storm: the 1 M mappings, all due in the same second, expired
+//! by `handle_timeout` a slice at a time (the longest call is what a shard
+//! stalls for).
 //!
-//! Run: `cargo bench -p pcp-benches --bench engine`. Bytes per mapping are
-//! printed (from /proc/self/statm) as the table is filled.
+//! Run: `cargo bench -p pcp-benches --bench engine`. Bytes per mapping and
+//! the storm are printed (bytes from /proc/self/statm) as they happen.
 #![allow(missing_docs)]
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use pcp_engine::{BlockAllocator, Compiled, Engine, EngineConfig};
@@ -151,9 +155,35 @@ fn bench(c: &mut Criterion) {
             )
         });
         group.throughput(Throughput::Elements(1));
+        if n == 1_000_000 {
+            storm(&mut f.engine);
+        }
         drop(f);
     }
     group.finish();
+}
+
+/// Every mapping `fill` made has the same lifetime from the same instant:
+/// all expire in one second. Times each `handle_timeout` call until none
+/// is due.
+fn storm(engine: &mut Engine) {
+    let due = T0 + 86_401_000;
+    let before = engine.mapping_count();
+    let (mut calls, mut longest, started) = (0u32, Duration::ZERO, Instant::now());
+    while engine.poll_timeout().is_some_and(|t| t <= due) {
+        let t = Instant::now();
+        engine.handle_timeout(due);
+        while engine.poll_event().is_some() {}
+        longest = longest.max(t.elapsed());
+        calls += 1;
+    }
+    eprintln!(
+        "engine: expiry storm: {} of {before} mappings expired in {calls} calls of at most {} timers; longest call {:.2} ms, all {:.0} ms",
+        before - engine.mapping_count(),
+        pcp_engine::TIMER_BUDGET,
+        longest.as_secs_f64() * 1e3,
+        started.elapsed().as_secs_f64() * 1e3
+    );
 }
 
 criterion_group!(benches, bench);

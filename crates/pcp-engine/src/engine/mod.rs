@@ -45,6 +45,7 @@ mod operator;
 mod packed;
 mod partition;
 mod peer;
+mod portmap;
 mod ports;
 mod queries;
 mod request;

@@ -4,7 +4,6 @@
 //! REQ-13..15), and the reuse delay that keeps a freed port from going to
 //! someone else too soon (RFC 6887 §15).
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use pcp_wire::{Nonce, ResultCode};
@@ -59,7 +58,7 @@ struct Cooling {
 /// was last reported.
 #[derive(Default)]
 pub(super) struct ReuseDelay {
-    ports: HashMap<ExternalEndpoint, Cooling, super::table::PortHasher>,
+    ports: super::portmap::PortMap<Cooling>,
     exhausted_logged: Vec<Option<Millis>>,
 }
 

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::hash::BuildHasher as _;
 
 use super::packed::Packed;
-use crate::keyed::{PositionIndex, SEGMENTS};
+use super::portmap::PortMap;
+use crate::keyed::PositionIndex;
 use pcp_wire::Nonce;
 
 use crate::types::{ExternalEndpoint, InternalEndpoint, Mapping, MappingId, MappingKey, Millis};
@@ -27,9 +28,6 @@ struct Slot {
 }
 
 const _: () = assert!(std::mem::size_of::<Slot>() <= 88);
-
-/// The hasher of tables keyed by external endpoints (see `MappingTable::ports`).
-pub(super) type PortHasher = foldhash::fast::RandomState;
 
 /// Slots per chunk of [`Slots`]: 352 KiB of them.
 const CHUNK: usize = 4096;
@@ -103,12 +101,8 @@ pub(super) struct MappingTable {
     hasher: RandomState,
     /// External ports in use, with how many mappings hold each (those of
     /// one internal endpoint share its port, RFC 4787 EIM; which internal
-    /// port it forwards to is theirs). pcpd picks external ports (at
-    /// random, RFC 6888 REQ-13), so subscribers cannot aim at a bucket:
-    /// foldhash, randomly seeded, which a create probes several times.
-    /// In [`SEGMENTS`] tables by port, each growing on its own (as
-    /// `PositionIndex` does): no insert rehashes more than a 32nd of them.
-    ports: Box<[HashMap<ExternalEndpoint, u32, PortHasher>; SEGMENTS]>,
+    /// port it forwards to is theirs). A create probes it several times.
+    ports: PortMap<u32>,
     /// External port of each outbound (PEER) internal endpoint (RFC 4787
     /// EIM), and how many PEER mappings of it there are.
     outbound: HashMap<InternalEndpoint, (u16, u32)>,
@@ -123,7 +117,7 @@ impl MappingTable {
             free: Vec::new(),
             by_key: PositionIndex::default(),
             hasher: RandomState::new(),
-            ports: Box::new(std::array::from_fn(|_| HashMap::default())),
+            ports: PortMap::default(),
             outbound: HashMap::new(),
             live: 0,
         }
@@ -131,18 +125,6 @@ impl MappingTable {
 
     pub(super) fn len(&self) -> usize {
         self.live
-    }
-
-    /// The table of `ports` that holds `external`.
-    fn ports_of(&self, external: &ExternalEndpoint) -> &HashMap<ExternalEndpoint, u32, PortHasher> {
-        &self.ports[usize::from(external.port) % SEGMENTS]
-    }
-
-    fn ports_of_mut(
-        &mut self,
-        external: &ExternalEndpoint,
-    ) -> &mut HashMap<ExternalEndpoint, u32, PortHasher> {
-        &mut self.ports[usize::from(external.port) % SEGMENTS]
     }
 
     /// The id of whatever `slot` holds now.
@@ -205,7 +187,7 @@ impl MappingTable {
 
     /// Whether an external port is held by a mapping.
     pub(super) fn port_in_use(&self, external: &ExternalEndpoint) -> bool {
-        self.ports_of(external).contains_key(external)
+        self.ports.contains_key(external)
     }
 
     /// Slots ever made (live or free): slot numbers run below this.
@@ -302,7 +284,7 @@ impl MappingTable {
         };
         for i in 0..held {
             let external = mapping.external(i);
-            *self.ports_of_mut(&external).entry(external).or_insert(0) += 1;
+            *self.ports.entry(external).or_insert(0) += 1;
         }
         if let Some(s) = self.slots.get_mut(slot) {
             s.refreshed_ms = now;
@@ -345,7 +327,7 @@ impl MappingTable {
         };
         for i in 0..held {
             let external = mapping.external(i);
-            let ports = self.ports_of_mut(&external);
+            let ports = &mut self.ports;
             if let Some(refs) = ports.get_mut(&external) {
                 *refs -= 1;
                 if *refs == 0 {
