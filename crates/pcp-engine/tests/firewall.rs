@@ -120,20 +120,7 @@ fn nonce_renewal_delete_and_quota_as_for_nat_section_11_3_and_15() {
     // Expiry removes a pinhole like a mapping.
     h.take_events();
     h.advance(3_601_000);
-    let gone = h
-        .take_events()
-        .iter()
-        .filter(|e| {
-            matches!(
-                e,
-                Event::MappingDeleted {
-                    reason: DeleteReason::Expired,
-                    ..
-                }
-            )
-        })
-        .count();
-    assert_eq!(gone, 8);
+    assert_eq!(expired_count(&h.take_events()), 8);
     assert_eq!(h.engine.mapping_count(), 0);
 }
 

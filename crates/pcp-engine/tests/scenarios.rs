@@ -988,20 +988,7 @@ fn an_expiry_storm_is_worked_off_a_slice_at_a_time() {
     }
     assert_eq!(calls, [TIMER_BUDGET, TIMER_BUDGET, 100]);
     assert_eq!(h.engine.mapping_count(), 0);
-    let expired = h
-        .take_events()
-        .iter()
-        .filter(|e| {
-            matches!(
-                e,
-                Event::MappingDeleted {
-                    reason: DeleteReason::Expired,
-                    ..
-                }
-            )
-        })
-        .count();
-    assert_eq!(expired, n);
+    assert_eq!(expired_count(&h.take_events()), n);
 }
 
 #[test]
@@ -1746,15 +1733,7 @@ fn natpmp_address_announcements_rfc6886_section_3_2_1() {
 }
 
 fn expired(events: &[Event]) -> bool {
-    events.iter().any(|e| {
-        matches!(
-            e,
-            Event::MappingDeleted {
-                reason: DeleteReason::Expired,
-                ..
-            }
-        )
-    })
+    expired_count(events) > 0
 }
 
 /// §15: a renewal may ask for a shorter lifetime, and the mapping then

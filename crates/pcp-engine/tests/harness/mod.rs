@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use pcp_engine::{BlockAllocator, Compiled, Engine, EngineConfig, Event, Millis};
+use pcp_engine::{BlockAllocator, Compiled, DeleteReason, Engine, EngineConfig, Event, Millis};
 use pcp_wire::{
     natpmp, MapData, Nonce, OpData, Options, PcpOption, PeerData, Request, Response, ResultCode,
 };
@@ -65,6 +65,22 @@ options:
   prefix64: 64:ff9b::/96
 "#;
     serde_yaml::from_str(yaml).expect("test config parses")
+}
+
+/// How many of `events` are mappings deleted by expiry.
+pub fn expired_count(events: &[Event]) -> usize {
+    events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::MappingDeleted {
+                    reason: DeleteReason::Expired,
+                    ..
+                }
+            )
+        })
+        .count()
 }
 
 pub fn sub(n: u8) -> IpAddr {
