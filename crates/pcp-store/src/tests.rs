@@ -13,6 +13,12 @@ fn dir(name: &str) -> PathBuf {
     d
 }
 
+/// An epoch and an empty snapshot in `d`: the journal that follows it.
+fn empty_state(d: &Path) -> Journal {
+    write_epoch(d, 1).unwrap();
+    write_snapshot(d, 0, 1, Vec::new()).unwrap()
+}
+
 fn mapping(port: u16, extra: bool) -> Mapping {
     Mapping {
         id: MappingId {
@@ -147,8 +153,7 @@ fn snapshot_and_journal_round_trip() {
 #[test]
 fn torn_last_record_is_cut_with_a_warning() {
     let d = dir("torn");
-    write_epoch(&d, 1).unwrap();
-    let mut j = write_snapshot(&d, 0, 1, Vec::new()).unwrap();
+    let mut j = empty_state(&d);
     for p in 0..3 {
         j.append(&Record::Mapping(mapping(p * 2, false)));
         j.commit().unwrap();
@@ -192,8 +197,7 @@ fn torn_last_record_is_cut_with_a_warning() {
 #[test]
 fn commits_write_over_preallocated_zeros_and_a_torn_commit_may_be_any_of_its_pages() {
     let d = dir("prealloc");
-    write_epoch(&d, 1).unwrap();
-    let mut j = write_snapshot(&d, 0, 1, Vec::new()).unwrap();
+    let mut j = empty_state(&d);
     let size = |j: &Journal| fs::metadata(j.path()).unwrap().len();
     j.append(&Record::Mapping(mapping(2, false)));
     j.commit().unwrap();
@@ -242,8 +246,7 @@ fn a_journal_of_the_first_format_still_loads() {
     // Records appended one after the other, as pcpd wrote them before
     // commits went over preallocated zeros: an upgrade reads them.
     let d = dir("format1");
-    write_epoch(&d, 1).unwrap();
-    write_snapshot(&d, 0, 1, Vec::new()).unwrap();
+    empty_state(&d);
     let mut b = header(JOURNAL_MAGIC, 1).to_vec();
     for p in 0..3 {
         frame(&Record::Mapping(mapping(p * 2, false)), &mut b);
@@ -261,8 +264,7 @@ fn a_journal_of_the_first_format_still_loads() {
 #[test]
 fn damage_before_the_end_is_an_error_with_offset_and_remedies() {
     let d = dir("corrupt");
-    write_epoch(&d, 1).unwrap();
-    let mut j = write_snapshot(&d, 0, 1, Vec::new()).unwrap();
+    let mut j = empty_state(&d);
     // More committed after the damage than a torn commit could leave.
     for p in 0..10_000u16 {
         j.append(&Record::Mapping(mapping(p * 2, false)));
@@ -410,8 +412,7 @@ fn a_failed_fsync_is_never_retried_as_if_safe() {
 fn a_journal_older_than_its_snapshot_is_ignored() {
     // A crash between the snapshot's rename and the journal's.
     let d = dir("interrupted");
-    write_epoch(&d, 1).unwrap();
-    let mut j = write_snapshot(&d, 0, 1, Vec::new()).unwrap();
+    let mut j = empty_state(&d);
     j.append(&Record::Mapping(mapping(2, false)));
     j.commit().unwrap();
     let old_journal = fs::read(j.path()).unwrap();
