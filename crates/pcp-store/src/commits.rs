@@ -43,22 +43,20 @@ const PIECE_HEADER: usize = 12;
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// Frames the records in `records` (each framed as in format 1) as pieces
-/// into `out`; returns where each piece ends in `out`.
-pub(crate) fn pieces(records: &[u8], out: &mut Vec<u8>) -> Vec<usize> {
+/// into `out`, and where each piece ends in `out` into `ends`.
+pub(crate) fn pieces(records: &[u8], out: &mut Vec<u8>, ends: &mut Vec<usize>) {
     out.clear();
-    let mut ends = Vec::new();
+    ends.clear();
     let mut start = 0;
     while start < records.len() {
         // Whole records, up to COMMIT_MAX bytes (a record is far smaller).
         let mut end = start;
         while end < records.len() {
-            let len = u32::from_be_bytes([
-                records[end],
-                records[end + 1],
-                records[end + 2],
-                records[end + 3],
-            ]) as usize;
-            let next = end + 8 + len;
+            let Some(&[a, b, c, d]) = records.get(end..end + 4) else {
+                end = records.len(); // never: records are framed whole
+                break;
+            };
+            let next = end + 8 + u32::from_be_bytes([a, b, c, d]) as usize;
             if next - start > COMMIT_MAX && end > start {
                 break;
             }
@@ -75,7 +73,6 @@ pub(crate) fn pieces(records: &[u8], out: &mut Vec<u8>) -> Vec<usize> {
         ends.push(out.len());
         start = end;
     }
-    ends
 }
 
 impl Journal {
@@ -83,7 +80,15 @@ impl Journal {
     /// first where they run out; every piece but the last is made durable
     /// before the next is written (the caller syncs the last).
     pub(crate) fn write_pieces(&mut self) -> io::Result<()> {
-        let ends = pieces(&self.buf, &mut self.out);
+        let mut ends = std::mem::take(&mut self.ends);
+        pieces(&self.buf, &mut self.out, &mut ends);
+        let written = self.write_out(&ends);
+        self.ends = ends;
+        written
+    }
+
+    /// Writes `self.out`, pieces ending at `ends`.
+    fn write_out(&mut self, ends: &[usize]) -> io::Result<()> {
         let mut from = 0;
         for (i, &end) in ends.iter().enumerate() {
             let at = self.len + from as u64;
@@ -144,7 +149,7 @@ pub(crate) fn read_pieces(b: &[u8], state: &mut Loaded) -> Result<Option<Torn>, 
     let mut at = HEADER_LEN;
     while at < b.len() {
         let rest = &b[at..];
-        if rest.iter().take(PIECE_HEADER).all(|&x| x == 0) && rest.iter().all(|&x| x == 0) {
+        if rest.iter().all(|&x| x == 0) {
             return Ok(None); // the end: zeros not written yet
         }
         let Some(body) = piece_at(b, at) else {

@@ -358,8 +358,10 @@ pub struct Journal {
     len: u64,
     /// Bytes in the file: the records, then zeros (`commits.rs`).
     allocated: u64,
-    /// The last commit's pieces, as written (kept for its capacity).
+    /// The last commit's pieces, as written, and where each ends (both
+    /// kept for their capacity).
     out: Vec<u8>,
+    ends: Vec<usize>,
     poisoned: bool,
     faults: Option<std::sync::Arc<Faults>>,
 }
@@ -522,6 +524,7 @@ pub fn write_snapshot_with(
         len: HEADER_LEN as u64,
         allocated: HEADER_LEN as u64,
         out: Vec::new(),
+        ends: Vec::new(),
         poisoned: false,
         faults,
     })
