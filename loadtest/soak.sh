@@ -12,7 +12,11 @@
 #
 # Exit 1 on any lost or invalid reply, on pcpd exiting, or on RSS growth
 # after warm-up (the first third; half of a short soak) above
-# SOAK_RSS_GROWTH_PCT percent.
+# SOAK_RSS_GROWTH_PCT percent. A reply is lost when it has not come within
+# 2.7 s: the earliest a PCP client retransmits (RFC 6887 §8.1.1, IRT 3 s
+# less its 10 % jitter), so a reply later than that is one a client would
+# not wait for. On failure, pcpd's warnings and errors are printed (a slow
+# disk shows there as journal commits over 25 ms).
 #
 #   loadtest/soak.sh                         # the hour, release build
 #   SOAK_SECONDS=120 PROFILE=debug loadtest/soak.sh   # CI's two minutes
@@ -30,6 +34,9 @@ if [ "$PROFILE" = release ]; then
 else
   cargo build -q -p pcpd -p pcp-loadtest
 fi
+# A build (or CI's test run before it) leaves gigabytes dirty; written back
+# 30 s later, they held journal commits for up to a second in CI.
+settle_disk
 LT=target/$PROFILE/pcp-loadtest
 PCPD=target/$PROFILE/pcpd
 IP=127.0.0.21
@@ -88,12 +95,12 @@ for i in $(seq 1 "$steps"); do
   fi
   timeout $(( STEP + 120 )) "$LT" run --json --target "$IP:5351" \
     --mix create=2,renew=5,delete=1,peer=1,natpmp=1 --subscribers "$SOAK_SUBSCRIBERS" --mappings 1 \
-    --rate "$SOAK_RATE" --seconds "$(( STEP > 8 ? STEP - 3 : STEP ))" --server-pid "$PCPD_PID" >"$OUT/step-$i.json"
+    --rate "$SOAK_RATE" --timeout-ms 2700 --seconds "$(( STEP > 8 ? STEP - 3 : STEP ))" --server-pid "$PCPD_PID" >"$OUT/step-$i.json"
   echo "$(ls "/proc/$PCPD_PID/fd" | wc -l)" >"$OUT/fds-$i.txt"
 done
 kill -0 "$PCPD_PID" 2>/dev/null || { echo "pcpd exited" >&2; exit 1; }
 
-python3 - "$OUT" "$steps" "$STEP" "$SOAK_RSS_GROWTH_PCT" <<'PY'
+if ! python3 - "$OUT" "$steps" "$STEP" "$SOAK_RSS_GROWTH_PCT" <<'PY'
 import json, os, sys
 out, steps, step, growth_pct = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 rows, failures = [], []
@@ -129,3 +136,8 @@ for f in failures:
     print("FAIL: " + f, file=sys.stderr)
 sys.exit(1 if failures else 0)
 PY
+then
+  echo "pcpd's warnings and errors ($OUT/pcpd.log):" >&2
+  grep -E ' (WARN|ERROR) ' "$OUT/pcpd.log" | tail -n 40 >&2 || true
+  exit 1
+fi

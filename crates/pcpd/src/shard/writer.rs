@@ -372,16 +372,18 @@ struct SlowCommits {
 
 impl SlowCommits {
     /// A commit took `latency`, at `now`: the slow commits (count and
-    /// longest) to warn about, if it is time to.
+    /// longest) to warn about, if it is time to. Slow commits held back
+    /// are told at the first commit, slow or not, 10 s after the last
+    /// warning: a stall that ends is still told.
     fn saw(&mut self, latency: Duration, now: Instant) -> Option<(u32, Duration)> {
-        if latency < SLOW_COMMIT {
-            return None;
+        if latency >= SLOW_COMMIT {
+            self.since += 1;
+            self.longest = self.longest.max(latency);
         }
-        self.since += 1;
-        self.longest = self.longest.max(latency);
-        if self
-            .warned
-            .is_some_and(|t| now.duration_since(t) < SLOW_EVERY)
+        if self.since == 0
+            || self
+                .warned
+                .is_some_and(|t| now.duration_since(t) < SLOW_EVERY)
         {
             return None;
         }
@@ -792,7 +794,7 @@ mod tests {
     /// Slow commits are told at once, then at most every 10 s with how
     /// many there were since and the longest; fast ones never.
     #[test]
-    fn slow_commits_are_told_at_most_every_ten_seconds() {
+    fn slow_commits_are_told_at_most_every_ten_seconds_and_none_is_left_untold() {
         let mut slow = super::SlowCommits::default();
         let t0 = Instant::now();
         let ms = Duration::from_millis;
@@ -803,5 +805,9 @@ mod tests {
         assert_eq!(slow.saw(ms(40), t0 + ms(9000)), None);
         assert_eq!(slow.saw(ms(26), t0 + ms(10_000)), Some((3, ms(90))));
         assert_eq!(slow.saw(ms(26), t0 + ms(11_000)), None);
+        // The last slow ones are told by the first fast commit after 10 s.
+        assert_eq!(slow.saw(ms(3), t0 + ms(19_000)), None);
+        assert_eq!(slow.saw(ms(3), t0 + ms(20_000)), Some((1, ms(26))));
+        assert_eq!(slow.saw(ms(3), t0 + ms(40_000)), None);
     }
 }
