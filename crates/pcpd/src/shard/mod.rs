@@ -52,6 +52,7 @@ mod recv;
 mod replies;
 mod restore;
 mod send;
+mod slow_commits;
 mod stage;
 mod timers;
 mod writer;
