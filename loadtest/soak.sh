@@ -114,13 +114,13 @@ for i in range(1, steps + 1):
     rows.append((i, r, fds, codes))
     if r["lost"] or r["invalid"]:
         failures.append(f"step {i}: {r['lost']} lost, {r['invalid']} invalid replies")
-print(f"| minute | replies/s | p50 / p99 / p99.9 µs | lost | invalid | RSS MiB | open files | answers |")
+print(f"| minute | replies/s | p50 / p99 / p99.9 / max µs | lost | invalid | RSS MiB | open files | answers |")
 print("|---|---|---|---|---|---|---|---|")
 for i, r, fds, codes in rows:
     lat = r["latency_us"]
     at = i * step / 60
     answers = ", ".join(f"{k} {v}" for k, v in sorted(codes.items()))
-    print(f"| {at:.1f} | {r['replies_per_sec']:,.0f} | {lat['p50']} / {lat['p99']} / {lat['p999']} | {r['lost']} | {r['invalid']} | {r['server_rss_bytes']/1048576:.1f} | {fds} | {answers} |")
+    print(f"| {at:.1f} | {r['replies_per_sec']:,.0f} | {lat['p50']} / {lat['p99']} / {lat['p999']} / {lat['max']} | {r['lost']} | {r['invalid']} | {r['server_rss_bytes']/1048576:.1f} | {fds} | {answers} |")
 # Warm-up: until mappings have lived and expired a few times (a third of
 # the hour; half of a short soak).
 warm = max(1, steps // 3 if steps >= 10 else steps // 2)
