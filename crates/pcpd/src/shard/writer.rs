@@ -37,9 +37,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pcp_store::{Journal, Record};
+use tokio::sync::Notify;
 
 use super::slow_commits::SlowCommits;
-use tokio::sync::Notify;
 
 /// Work for the writer.
 enum Job {
