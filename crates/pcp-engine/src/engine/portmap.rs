@@ -44,10 +44,6 @@ impl<V> PortMap<V> {
         self.segment(k).get(k)
     }
 
-    pub(super) fn get_mut(&mut self, k: &ExternalEndpoint) -> Option<&mut V> {
-        self.segment_mut(k).get_mut(k)
-    }
-
     pub(super) fn contains_key(&self, k: &ExternalEndpoint) -> bool {
         self.segment(k).contains_key(k)
     }
@@ -59,14 +55,12 @@ impl<V> PortMap<V> {
     pub(super) fn entry(&mut self, k: ExternalEndpoint) -> Entry<'_, ExternalEndpoint, V> {
         self.segment_mut(&k).entry(k)
     }
-
-    pub(super) fn remove(&mut self, k: &ExternalEndpoint) -> Option<V> {
-        self.segment_mut(k).remove(k)
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::hash_map::Entry;
+
     use super::PortMap;
     use crate::types::ExternalEndpoint;
 
@@ -85,8 +79,12 @@ mod tests {
         *m.entry(at(7)).or_insert(0) += 100;
         assert_eq!(m.get(&at(7)), Some(&107));
         assert!(m.contains_key(&at(999)) && !m.contains_key(&at(1000)));
-        assert_eq!(m.remove(&at(999)), Some(999));
-        assert!(m.get_mut(&at(999)).is_none());
+        let removed = match m.entry(at(999)) {
+            Entry::Occupied(e) => Some(e.remove()),
+            Entry::Vacant(_) => None,
+        };
+        assert_eq!(removed, Some(999));
+        assert!(m.get(&at(999)).is_none());
         let sizes: Vec<usize> = m.segments.iter().map(|s| s.len()).collect();
         assert!(sizes.iter().all(|n| (30..=32).contains(n)), "{sizes:?}");
     }

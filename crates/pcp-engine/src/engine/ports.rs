@@ -4,6 +4,7 @@
 //! REQ-13..15), and the reuse delay that keeps a freed port from going to
 //! someone else too soon (RFC 6887 §15).
 
+use std::collections::hash_map::Entry;
 use std::net::{IpAddr, Ipv4Addr};
 
 use pcp_wire::{Nonce, ResultCode};
@@ -385,8 +386,11 @@ impl Engine {
 
     /// Ends a reuse delay that is over.
     pub(super) fn end_reuse_delay(&mut self, now: Millis, port: ExternalEndpoint) {
-        if self.reuse.ports.get(&port).is_some_and(|c| c.until <= now) {
-            self.reuse.ports.remove(&port);
+        // One search (an expiry storm ends a million of them).
+        if let Entry::Occupied(c) = self.reuse.ports.entry(port) {
+            if c.get().until <= now {
+                c.remove();
+            }
         }
     }
 }

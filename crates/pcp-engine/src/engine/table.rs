@@ -2,6 +2,7 @@
 //! over them, kept in step by the only two functions that change them,
 //! [`MappingTable::insert`] and [`MappingTable::detach`].
 
+use std::collections::hash_map::Entry;
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher as _;
@@ -327,15 +328,15 @@ impl MappingTable {
         };
         for i in 0..held {
             let external = mapping.external(i);
-            let ports = &mut self.ports;
-            if let Some(refs) = ports.get_mut(&external) {
-                *refs -= 1;
-                if *refs == 0 {
+            // One search: the count goes down, and the port with it at 0.
+            if let Entry::Occupied(mut refs) = self.ports.entry(external) {
+                *refs.get_mut() -= 1;
+                if *refs.get() == 0 {
+                    refs.remove();
                     released.push(ReleasedPort {
                         external,
                         internal_port: mapping.internal_port.wrapping_add(i),
                     });
-                    ports.remove(&external);
                 }
             }
         }
